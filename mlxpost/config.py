@@ -1,0 +1,363 @@
+"""Typed run configuration: defaults < recipe YAML < command line.
+
+A run is described by one :class:`RunConfig` made of sections (``model``,
+``lora``, ``data``, ``train``, ``output``). Recipes are YAML files with the
+same nesting; ``--set section.key=value`` overrides any field. Unknown keys
+and wrongly typed values are errors that name the key (and, for recipes, the
+file and line)::
+
+    recipes/x.yaml:7: train.lr: expected a number, got 'fast'
+    --set lora.rnk=8: unknown key 'lora.rnk' (did you mean 'lora.rank'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"  # HF repo id, local HF directory, .gguf file, or "default" (SmolLM2-135M-Instruct)
+    revision: str | None = None
+    dtype: str = "auto"  # auto: float32 on MLX's CPU backend, else bfloat16
+    quantize: int | None = None  # 4 or 8: quantize the block linears after loading (QLoRA)
+    quantize_group_size: int = 64
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    type: str = "lora"  # lora | dora
+    rank: int = 8
+    alpha: float | None = None  # scale = alpha / rank; default alpha = 2 * rank
+    scale: float | None = None  # mlx-lm's convention; give alpha or scale, not both
+    dropout: float = 0.0
+    targets: Any = "all-linear"  # all-linear | attention | mlp | [names]
+    num_layers: int = -1  # adapt the last N blocks; -1 = all
+    init: str | None = None  # start from this adapter directory (mlx-lm layout)
+
+    def resolved_scale(self) -> float:
+        if self.scale is not None and self.alpha is not None:
+            raise ConfigError("lora: give alpha or scale, not both")
+        if self.scale is not None:
+            return float(self.scale)
+        alpha = self.alpha if self.alpha is not None else 2.0 * self.rank
+        return float(alpha) / self.rank
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # .jsonl file or directory with train.jsonl / valid.jsonl; None = bundled example
+    valid: str | None = None  # separate validation file
+    valid_fraction: float = 0.05  # held out of train when no validation file exists (0 = none)
+    max_seq_len: int = 1024
+    overflow: str = "truncate"  # truncate | drop
+    skip_bad_rows: bool = False
+    chat_template: str = "auto"  # auto | none (plain text for prompt/completion rows)
+    add_eos: bool = True
+    batching: str = "auto"  # auto | pack | pad
+    max_examples: int | None = None  # use only the first N training examples
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; None: derived from epochs
+    epochs: float = 1.0
+    batch_size: int = 4  # rows per micro-batch (pad: examples; pack: packed rows)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    bias_correction: bool = True  # MLX's Adam defaults to False; we say it explicitly
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    grad_checkpoint: bool = False
+    compile: bool = True
+    eval_every: int = 50  # optimizer steps; 0 = only at the end
+    eval_batches: int = -1  # -1 = the whole validation set
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
+    early_stopping_min_delta: float = 0.0
+    save_every: int = 100  # optimizer steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    report_every: int = 10
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None  # run directory name; default: method-timestamp
+    overwrite: bool = False
+
+
+@dataclass
+class SampleConfig:
+    prompts: list = field(default_factory=list)  # generated before and after training
+    max_tokens: int = 64
+    temperature: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    method: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Type checking of values
+# ---------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
+            type(None): "null", Any: "any value"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp) -> Any:
+    """Return ``value`` as type ``tp`` or raise ValueError."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except ValueError:
+                pass
+        raise ValueError
+    if origin is list or tp is list:
+        if isinstance(value, list):
+            return value
+        raise ValueError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    raise ValueError
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for f in dataclasses.fields(obj):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def known_keys(cfg: RunConfig | None = None) -> list[str]:
+    cfg = cfg or RunConfig()
+    keys = []
+    for name, f in _fields(cfg).items():
+        sub = getattr(cfg, name)
+        if dataclasses.is_dataclass(sub):
+            keys += [f"{name}.{k}" for k in _fields(sub)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown(key: str, where: str, cfg: RunConfig) -> ConfigError:
+    close = difflib.get_close_matches(key, known_keys(cfg), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def set_value(cfg: RunConfig, key: str, value: Any, where: str) -> None:
+    """Set ``section.field`` (or a top-level field) with type checking."""
+    parts = key.split(".")
+    target = cfg
+    for i, part in enumerate(parts):
+        fields = _fields(target)
+        if part not in fields:
+            raise _unknown(key, where, cfg)
+        if i == len(parts) - 1:
+            tp = fields[part].type
+            sub = getattr(target, part)
+            if dataclasses.is_dataclass(sub):
+                raise ConfigError(f"{where}: '{key}' is a section; set its keys ({key}.<name>)")
+            try:
+                setattr(target, part, _coerce(value, tp))
+            except ValueError:
+                raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}") from None
+            return
+        target = getattr(target, part)
+        if not dataclasses.is_dataclass(target):
+            raise _unknown(key, where, cfg)
+
+
+# ---------------------------------------------------------------------------
+# YAML recipes (with line numbers) and --set overrides
+# ---------------------------------------------------------------------------
+
+
+def _yaml_items(node, prefix: str = ""):
+    """Flatten a YAML mapping node into (dotted key, python value, line)."""
+    for k_node, v_node in node.value:
+        key = f"{prefix}{k_node.value}"
+        if isinstance(v_node, yaml.MappingNode) and prefix == "":
+            yield from _yaml_items(v_node, key + ".")
+        else:
+            yield key, _construct(v_node), k_node.start_mark.line + 1
+
+
+def _construct(node):
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def load_recipe(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
+    """Apply a YAML recipe on top of ``cfg`` (defaults when None)."""
+    cfg = cfg or RunConfig()
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe not found: {path}")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if root is None:
+        return cfg
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, lora:, data:, train:, ...)")
+    for key, value, line in _yaml_items(root):
+        set_value(cfg, key, value, f"{path}:{line}")
+    return cfg
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict,)):
+        value = raw
+    return key, value
+
+
+def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: dict[str, Any] | None = None,
+                 method: str = "sft") -> RunConfig:
+    """Defaults < recipe < command-line options (``cli``: dotted key -> value) < ``--set``."""
+    cfg = RunConfig(method=method)
+    if recipe:
+        cfg = load_recipe(recipe, cfg)
+        if cfg.method != method:
+            raise ConfigError(f"{recipe}: this recipe is for '{cfg.method}', not '{method}'")
+    for key, value in (cli or {}).items():
+        if value is not None:
+            set_value(cfg, key, value, f"--{key.split('.')[-1].replace('_', '-')}")
+    for item in sets:
+        key, value = parse_set(item)
+        set_value(cfg, key, value, f"--set {item}")
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    "lora.type": ("lora", "dora"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.overflow": ("truncate", "drop"),
+    "data.chat_template": ("auto", "none"),
+    "data.batching": ("auto", "pack", "pad"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.optimizer": ("adamw", "adam", "sgd"),
+}
+
+POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr")
+
+
+def _get(cfg: RunConfig, key: str):
+    obj = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, choices in CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {v!r}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if cfg.model.quantize not in (None, 2, 3, 4, 6, 8):
+        raise ConfigError(f"model.quantize: expected 2, 3, 4, 6 or 8 bits, got {cfg.model.quantize}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0 <= cfg.data.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {cfg.data.valid_fraction}")
+    if cfg.train.steps is not None and cfg.train.steps <= 0:
+        raise ConfigError(f"train.steps: must be positive, got {cfg.train.steps}")
+    if cfg.train.epochs <= 0:
+        raise ConfigError(f"train.epochs: must be positive, got {cfg.train.epochs}")
+    t = cfg.lora.targets
+    if not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
+        raise ConfigError(f"lora.targets: expected all-linear, attention, mlp or a list of names, got {t!r}")
+    cfg.lora.resolved_scale()
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

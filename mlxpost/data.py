@@ -1,0 +1,474 @@
+"""Row formats, validation with file:line errors, and rendering with loss masks.
+
+Supported JSONL rows (one JSON object per line):
+
+* ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}`` —
+  multi-turn chat. Optional leading ``system`` message, optional ``tools``
+  (passed to the chat template) and ``tool`` turns after an assistant turn
+  with ``tool_calls``. Every assistant turn is trained on.
+* ``{"prompt": ..., "completion": ...}`` — strings (rendered as one user turn
+  and one assistant turn when the tokenizer has a chat template, otherwise as
+  plain text) or message lists. Only the completion is trained on.
+* ``{"text": ...}`` — plain text; every token is trained on.
+
+Rendering produces an :class:`Example`: ``tokens`` (T,) and ``mask`` (T,),
+where ``mask[t]`` is True when token ``t`` is a training target (the model is
+scored on predicting it from the tokens before it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import DataError, MlxpostError, RowIssue
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Example:
+    tokens: np.ndarray  # (T,) int32
+    mask: np.ndarray  # (T,) bool: token t is a training target
+    source: str = ""  # "file:line", for messages about this example
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_targets(self) -> int:
+        # Token 0 is never predicted (nothing comes before it).
+        return int(self.mask[1:].sum())
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    bad_rows: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_targets: int = 0
+    prefix_fallback: int = 0
+    formats: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    targets: int = 0
+
+    @property
+    def examples(self) -> int:
+        return len(self.lengths)
+
+    def summary(self) -> dict[str, Any]:
+        lens = np.array(self.lengths or [0])
+        return {
+            "rows": self.rows,
+            "examples": self.examples,
+            "bad_rows_skipped": self.bad_rows,
+            "truncated": self.truncated,
+            "dropped_too_long": self.dropped_too_long,
+            "dropped_no_targets": self.dropped_no_targets,
+            "formats": dict(self.formats),
+            "tokens": int(lens.sum()),
+            "target_tokens": self.targets,
+            "length_p50": int(np.percentile(lens, 50)),
+            "length_p95": int(np.percentile(lens, 95)),
+            "length_max": int(lens.max()),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Reading and validation
+# ---------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
+    """Yield ``(line_number, row, issue)`` for each non-blank line (1-based)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, None, RowIssue(str(path), i, "", f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield i, None, RowIssue(str(path), i, "", f"expected a JSON object, got {type(row).__name__}")
+                continue
+            yield i, row, None
+
+
+def row_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _is_blank(s: Any) -> bool:
+    return s is None or (isinstance(s, str) and not s.strip())
+
+
+def validate_messages(messages: Any, prefix: str = "messages", *, require_assistant: bool = True,
+                      allow_leading_assistant: bool = False) -> list[tuple[str, str]]:
+    """Check a message list; return ``[(field, problem), ...]`` (empty when valid).
+
+    Order rules: an optional system message first; then a user turn; a user
+    turn is answered by an assistant turn; an assistant turn that calls tools
+    is followed by one or more ``tool`` turns and then an assistant turn.
+    """
+    if not isinstance(messages, list):
+        return [(prefix, f"expected a list of messages, got {type(messages).__name__}")]
+    if not messages:
+        return [(prefix, "is empty")]
+    problems: list[tuple[str, str]] = []
+    prev = None  # role of the previous message
+    prev_calls = False
+    for i, m in enumerate(messages):
+        f = f"{prefix}[{i}]"
+        if not isinstance(m, dict):
+            problems.append((f, f"expected an object with 'role' and 'content', got {type(m).__name__}"))
+            return problems
+        role = m.get("role")
+        if role is None:
+            problems.append((f"{f}.role", "missing"))
+            return problems
+        if role not in ROLES:
+            problems.append((f"{f}.role", f"expected one of {', '.join(ROLES)}, got {role!r}"))
+            return problems
+        content = m.get("content")
+        calls = m.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+            problems.append((f"{f}.tool_calls", "only assistant messages may have tool_calls, as a list"))
+        if content is not None and not isinstance(content, str):
+            problems.append((f"{f}.content", f"expected a string, got {type(content).__name__}"))
+        elif role == "assistant" and _is_blank(content) and not calls:
+            problems.append((f"{f}.content", "empty assistant turn"))
+        elif role in ("user", "system") and content is None:
+            problems.append((f"{f}.content", "missing"))
+
+        # Role order.
+        if role == "system" and i != 0:
+            problems.append((f"{f}.role", "a system message may only come first"))
+        elif role == "user" and prev == "user":
+            problems.append((f"{f}.role", "two user turns in a row (expected an assistant turn between them)"))
+        elif role == "assistant" and prev in (None, "system") and not allow_leading_assistant:
+            problems.append((f"{f}.role", "the conversation must start with a user turn (after an optional system message)"))
+        elif role == "assistant" and prev == "assistant" and not prev_calls:
+            problems.append((f"{f}.role", "two assistant turns in a row"))
+        elif role == "tool" and not (prev == "tool" or (prev == "assistant" and prev_calls)):
+            problems.append((f"{f}.role", "a tool turn must follow an assistant turn with tool_calls"))
+        elif role == "user" and prev == "assistant" and prev_calls:
+            problems.append((f"{f}.role", "an assistant turn with tool_calls must be followed by tool turns"))
+        prev, prev_calls = role, bool(calls) if role == "assistant" else False
+
+    if require_assistant:
+        if not any(m.get("role") == "assistant" for m in messages if isinstance(m, dict)):
+            problems.append((prefix, "has no assistant turn to train on"))
+        elif messages[-1].get("role") != "assistant":
+            problems.append((f"{prefix}[{len(messages) - 1}].role",
+                             "the conversation must end with an assistant turn"))
+    return problems
+
+
+def validate_sft_row(row: dict) -> list[tuple[str, str]]:
+    fmt = row_format(row)
+    if fmt is None:
+        keys = ", ".join(sorted(row)) or "none"
+        return [("", f"unknown row format (keys: {keys}); expected 'messages', 'prompt'/'completion' or 'text'")]
+    if fmt == "messages":
+        problems = validate_messages(row["messages"])
+        tools = row.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            problems.append(("tools", f"expected a list, got {type(tools).__name__}"))
+        return problems
+    if fmt == "text":
+        t = row["text"]
+        if not isinstance(t, str):
+            return [("text", f"expected a string, got {type(t).__name__}")]
+        if not t.strip():
+            return [("text", "is empty")]
+        return []
+    # prompt / completion
+    problems = []
+    for key in ("prompt", "completion"):
+        if key not in row:
+            problems.append((key, "missing"))
+    if problems:
+        return problems
+    p, c = row["prompt"], row["completion"]
+    if isinstance(p, str) and isinstance(c, str):
+        if _is_blank(c):
+            problems.append(("completion", "empty completion"))
+        return problems
+    if isinstance(p, list) and isinstance(c, list):
+        problems += validate_messages(p, "prompt", require_assistant=False)
+        if p and isinstance(p[-1], dict) and p[-1].get("role") == "assistant":
+            problems.append(("prompt", "the prompt must not end with an assistant turn"))
+        problems += validate_messages(c, "completion", allow_leading_assistant=True)
+        if c and isinstance(c[0], dict) and c[0].get("role") != "assistant":
+            problems.append(("completion[0].role", "the completion must start with an assistant turn"))
+        return problems
+    return [("completion", f"prompt and completion must both be strings or both be message lists "
+                           f"(got {type(p).__name__} and {type(c).__name__})")]
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+class Renderer:
+    """Turn validated rows into token ids and a per-token target mask.
+
+    ``chat_template``: ``"auto"`` uses the tokenizer's chat template when it has
+    one (always for ``messages`` rows); ``"none"`` renders prompt/completion
+    rows as plain text. ``add_eos``: end plain-text rows with the EOS token so
+    the model learns to stop (chat templates already end turns themselves).
+    """
+
+    def __init__(self, tokenizer, *, chat_template: str = "auto", add_eos: bool = True):
+        # mlx-lm's TokenizerWrapper forwards to the Hugging Face tokenizer; we
+        # need the real one for offsets and assistant masks.
+        self.hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        self.has_template = getattr(self.hf, "chat_template", None) is not None
+        if chat_template not in ("auto", "none"):
+            raise MlxpostError(f"data.chat_template must be 'auto' or 'none', got {chat_template!r}")
+        self.use_template = chat_template == "auto" and self.has_template
+        self.add_eos = add_eos
+        self.bos_id = self.hf.bos_token_id
+        self.eos_id = self.hf.eos_token_id
+        # Does this tokenizer start sequences with BOS? (Llama: yes; Qwen: no.)
+        probe = self.hf("a", add_special_tokens=True)["input_ids"]
+        self.wants_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+        template = self.hf.chat_template if self.has_template else ""
+        self.generation_markers = isinstance(template, str) and "{% generation %}" in template.replace(
+            "{%- generation %}", "{% generation %}")
+        self.prefix_fallbacks = 0
+
+    # -- small helpers ------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def _fix_bos(self, ids: list[int], mask: list[bool]) -> tuple[list[int], list[bool]]:
+        """Exactly one BOS where the tokenizer wants one, never two."""
+        if self.bos_id is None:
+            return ids, mask
+        while len(ids) >= 2 and ids[0] == self.bos_id and ids[1] == self.bos_id:
+            ids, mask = ids[1:], mask[1:]
+        if self.wants_bos and (not ids or ids[0] != self.bos_id):
+            ids, mask = [self.bos_id] + ids, [False] + mask
+        return ids, mask
+
+    def _template(self, messages, tools, **kw) -> str:
+        return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, **kw)
+
+    # -- chat ---------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict], tools=None, train_from: int = 0) -> tuple[list[int], list[bool]]:
+        """Tokens and mask for a conversation; assistant turns at index >= train_from are targets."""
+        messages = [_normalize_message(m) for m in messages]
+        if self.generation_markers and train_from == 0:
+            out = self.hf.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+            ids = list(out["input_ids"])
+            mask = [bool(x) for x in out["assistant_masks"]]
+            if any(mask):
+                return self._fix_bos(ids, mask)
+        return self._render_by_prefixes(messages, tools, train_from)
+
+    def _render_by_prefixes(self, messages, tools, train_from):
+        """Find assistant spans by rendering growing prefixes of the conversation.
+
+        For assistant turn i the span starts where ``render(messages[:i],
+        add_generation_prompt=True)`` ends and stops where ``render(messages[:i+1])``
+        ends (trailing whitespace after the end-of-turn token excluded). Works
+        for any template whose renders of prefixes are prefixes of the whole.
+        """
+        full = self._template(messages, tools)
+        spans = []
+        skipped = False
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant" or i < train_from:
+                continue
+            before = self._template(messages[:i], tools, add_generation_prompt=True)
+            through = self._template(messages[: i + 1], tools)
+            if not (full.startswith(through) and through.startswith(before)):
+                if i != len(messages) - 1:
+                    # Template rewrites earlier turns (e.g. drops old reasoning):
+                    # only the final turn can be located reliably.
+                    skipped = True
+                    continue
+                raise MlxpostError(
+                    "the chat template does not render conversations prefix by prefix, "
+                    "so assistant turns cannot be located; use a template with {% generation %} markers")
+            end = len(through.rstrip())
+            if end > len(before):
+                spans.append((len(before), end))
+        self.prefix_fallbacks += skipped
+        enc = self.hf(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [False] * len(ids)
+        for t, (s, _e) in enumerate(enc["offset_mapping"]):
+            for a, b in spans:
+                if a <= s < b:
+                    mask[t] = True
+                    break
+        return self._fix_bos(ids, mask)
+
+    # -- rows ---------------------------------------------------------------
+
+    def render(self, row: dict) -> tuple[list[int], list[bool], str]:
+        """Return ``(ids, mask, format)`` for a validated row."""
+        fmt = row_format(row)
+        if fmt == "messages":
+            if not self.has_template:
+                raise MlxpostError("'messages' rows need a tokenizer with a chat template; "
+                                   "this tokenizer has none (use 'text' or 'prompt'/'completion' rows)")
+            ids, mask = self.render_chat(row["messages"], row.get("tools"))
+            return ids, mask, fmt
+        if fmt == "text":
+            ids = self._encode(row["text"])
+            if self.add_eos and self.eos_id is not None:
+                ids = ids + [self.eos_id]
+            ids, mask = self._fix_bos(ids, [True] * len(ids))
+            return ids, mask, fmt
+        p, c = row["prompt"], row["completion"]
+        if isinstance(p, list):
+            if not self.has_template:
+                raise MlxpostError("conversational prompt/completion rows need a tokenizer with a chat template")
+            ids, mask = self.render_chat(list(p) + list(c), row.get("tools"), train_from=len(p))
+            return ids, mask, fmt
+        if self.use_template:
+            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+            ids, mask = self.render_chat(msgs)
+            return ids, mask, fmt
+        # Plain text: prompt and completion are encoded separately so the
+        # boundary is exact; the completion (and EOS) are the targets.
+        pi, ci = self._encode(p), self._encode(c)
+        if self.add_eos and self.eos_id is not None:
+            ci = ci + [self.eos_id]
+        ids, mask = self._fix_bos(pi + ci, [False] * len(pi) + [True] * len(ci))
+        return ids, mask, fmt
+
+
+def _normalize_message(m: dict) -> dict:
+    out = dict(m)
+    if out.get("content") is None:
+        out["content"] = ""
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Loading a dataset
+# ---------------------------------------------------------------------------
+
+SPLIT_NAMES = {
+    "train": ("train.jsonl",),
+    "valid": ("valid.jsonl", "validation.jsonl", "val.jsonl", "dev.jsonl"),
+    "test": ("test.jsonl",),
+}
+
+
+def resolve_data_files(data: str | Path, valid: str | Path | None = None) -> dict[str, Path]:
+    """``data`` is a .jsonl file or a directory with train.jsonl (and valid.jsonl)."""
+    p = Path(data)
+    if not p.exists():
+        raise MlxpostError(f"data not found: {p}")
+    files: dict[str, Path] = {}
+    if p.is_dir():
+        for split, names in SPLIT_NAMES.items():
+            for n in names:
+                if (p / n).exists():
+                    files[split] = p / n
+                    break
+        if "train" not in files:
+            raise MlxpostError(f"{p}: no train.jsonl in this directory")
+    else:
+        if p.suffix not in (".jsonl", ".json"):
+            raise MlxpostError(f"{p}: expected a .jsonl file or a directory")
+        files["train"] = p
+    if valid is not None:
+        v = Path(valid)
+        if not v.exists():
+            raise MlxpostError(f"validation data not found: {v}")
+        files["valid"] = v
+    return files
+
+
+def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, overflow: str = "truncate",
+                  skip_bad_rows: bool = False, stats: DataStats | None = None) -> tuple[list[Example], DataStats]:
+    """Read, validate and render one JSONL file.
+
+    ``overflow``: ``"truncate"`` keeps the first ``max_seq_len`` tokens (and
+    counts it), ``"drop"`` drops the example. Bad rows raise :class:`DataError`
+    listing every problem, unless ``skip_bad_rows`` is set (then counted).
+    """
+    if overflow not in ("truncate", "drop"):
+        raise MlxpostError(f"data.overflow must be 'truncate' or 'drop', got {overflow!r}")
+    stats = stats or DataStats()
+    issues: list[RowIssue] = []
+    examples: list[Example] = []
+    path = Path(path)
+    for line, row, issue in read_jsonl(path):
+        stats.rows += 1
+        if issue is None:
+            problems = validate_sft_row(row)
+            if problems:
+                issue = [RowIssue(str(path), line, f, msg) for f, msg in problems]
+        if issue is not None:
+            issues.extend(issue if isinstance(issue, list) else [issue])
+            continue
+        try:
+            ids, mask, fmt = renderer.render(row)
+        except MlxpostError as e:
+            issues.append(RowIssue(str(path), line, "", str(e)))
+            continue
+        except Exception as e:  # a chat template that raises on this row
+            issues.append(RowIssue(str(path), line, "", f"chat template failed: {type(e).__name__}: {e}"))
+            continue
+        stats.formats[fmt] += 1
+        if len(ids) > max_seq_len:
+            if overflow == "drop":
+                stats.dropped_too_long += 1
+                continue
+            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+            stats.truncated += 1
+        ex = Example(np.asarray(ids, np.int32), np.asarray(mask, bool), f"{path}:{line}")
+        if ex.n_targets == 0:
+            stats.dropped_no_targets += 1
+            continue
+        stats.lengths.append(len(ex))
+        stats.targets += ex.n_targets
+        examples.append(ex)
+    if issues:
+        bad = len({i.line for i in issues})
+        if not skip_bad_rows:
+            raise DataError(issues, stats.rows,
+                            hint="Fix these rows, or pass --skip-bad-rows (data.skip_bad_rows=true) to skip them.")
+        stats.bad_rows += bad
+    stats.prefix_fallback = renderer.prefix_fallbacks
+    return examples, stats
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the examples (at least one) for validation."""
+    if not 0 < fraction < 1:
+        raise MlxpostError(f"data.valid_fraction must be between 0 and 1, got {fraction}")
+    n_valid = max(1, int(math.floor(len(examples) * fraction)))
+    if n_valid >= len(examples):
+        raise MlxpostError(f"only {len(examples)} examples: too few to hold out a validation split")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    valid = [examples[i] for i in sorted(order[:n_valid])]
+    train = [examples[i] for i in sorted(order[n_valid:])]
+    return train, valid

@@ -1,0 +1,291 @@
+"""Load models (mlx-lm), attach LoRA / DoRA, save and load adapters.
+
+A model is named by a Hugging Face repo id, a local Hugging Face directory or
+a ``.gguf`` file (converted once to a Hugging Face directory and cached).
+Adapters are written in mlx-lm's layout (``adapter_config.json`` and
+``adapters.safetensors``), which ``mlx_lm.generate --adapter-path`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import MlxpostError
+from .lora import ADAPTER_LEAVES, DoRALinear, LoRALinear, adapter_modules
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    path: Path  # local Hugging Face directory
+    config: dict  # the model's config.json (as mlx-lm read it)
+    name: str  # what the user asked for
+
+
+# ---------------------------------------------------------------------------
+# Resolving and loading
+# ---------------------------------------------------------------------------
+
+
+def resolve_model_path(spec: str, revision: str | None = None) -> Path:
+    """Local directory for ``spec`` (HF directory, ``.gguf`` file or hub id)."""
+    if spec in (None, "", "default"):
+        from .defaults import default_model_path
+
+        return default_model_path()
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_file() and p.suffix == ".gguf":
+            from .gguf import convert_gguf_cached
+
+            return convert_gguf_cached(p)
+        if p.is_dir():
+            if not (p / "config.json").exists():
+                raise MlxpostError(f"{p}: not a model directory (no config.json)")
+            return p
+        raise MlxpostError(f"{p}: expected a model directory or a .gguf file")
+    if spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise MlxpostError(f"model not found: {spec}")
+    return download_model(spec, revision)
+
+
+def download_model(repo: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, no such repo, gated, ...
+        try:  # already in the local Hugging Face cache?
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            pass
+        raise MlxpostError(
+            f"could not get model {repo!r} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}).\n"
+            "Pass a local Hugging Face model directory or a .gguf file instead, or check the name / your network."
+        ) from None
+
+
+def default_dtype() -> str:
+    """float32 on MLX's CPU backend (bf16/fp16 matmuls there are scalar loops); else bfloat16."""
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
+def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = None,
+               group_size: int = 64, revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer; cast floating weights to ``dtype``.
+
+    ``quantize`` (4 or 8) quantizes the linear layers of the transformer
+    blocks after loading: QLoRA on a base that was not saved quantized.
+    A base saved quantized (e.g. an ``mlx-community/...-4bit`` repo) stays so.
+    """
+    from mlx_lm.utils import load_model as _load_model
+    from mlx_lm.utils import load_tokenizer
+
+    path = resolve_model_path(spec, revision)
+    try:
+        model, config = _load_model(path, lazy=True, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise MlxpostError(f"mlx-lm cannot load {path}: {e}") from None
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+
+    name = dtype if dtype != "auto" else default_dtype()
+    if name not in DTYPES:
+        raise MlxpostError(f"model.dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+    model.set_dtype(DTYPES[name])
+    if quantize:
+        if quantize not in (2, 3, 4, 6, 8):
+            raise MlxpostError(f"model.quantize must be 2, 3, 4, 6 or 8 bits; got {quantize}")
+        quantize_blocks(model, bits=quantize, group_size=group_size)
+    mx.eval(model.parameters())
+    model.eval()
+    return LoadedModel(model, tokenizer, path, config, spec or "default")
+
+
+def quantize_blocks(model: nn.Module, bits: int, group_size: int = 64) -> None:
+    """Quantize the linear layers inside the transformer blocks (QLoRA base)."""
+
+    def pred(path: str, m: nn.Module) -> bool:
+        return (isinstance(m, nn.Linear) and ".layers." in f".{path}"
+                and m.weight.shape[-1] % group_size == 0)
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+# ---------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------
+
+
+def _linear_paths(block: nn.Module) -> list[str]:
+    return [p for p, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and p]
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Module paths inside a transformer block that get adapters.
+
+    ``targets`` is ``"all-linear"``, ``"attention"``, ``"mlp"`` or a list of
+    names; a name matches a path equal to it or ending in ``.name``
+    (``q_proj`` matches ``self_attn.q_proj``).
+    """
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise MlxpostError("this model exposes no transformer blocks (model.layers); LoRA cannot be attached")
+    available = _linear_paths(layers[0])
+    presets = {
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "out_proj", "wqkv", "wo", "c_attn", "c_proj"],
+        "mlp": ["gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "w1", "w2", "w3"],
+    }
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return available
+        if targets not in presets:
+            raise MlxpostError(f"lora.targets: unknown preset {targets!r} (use all-linear, attention, mlp or a list)")
+        names = [n for n in presets[targets]
+                 if any(p == n or p.endswith("." + n) for p in available)]
+        if targets == "attention":  # c_proj in GPT-2 blocks is also the MLP's output
+            names = [n for n in names if n != "c_proj"] + (["attn.c_proj"] if "attn.c_proj" in available else [])
+        targets = names
+    keys: list[str] = []
+    for t in targets:
+        hit = [p for p in available if p == t or p.endswith("." + t)]
+        if not hit:
+            raise MlxpostError(f"lora.targets: {t!r} matches no linear layer in this model's blocks; "
+                               f"available: {', '.join(available)}")
+        keys += [h for h in hit if h not in keys]
+    return keys
+
+
+def attach_adapters(model: nn.Module, *, rank: int, scale: float, dropout: float = 0.0,
+                    keys: list[str], num_layers: int | None = None, dora: bool = False) -> int:
+    """Freeze the model and put adapters on ``keys`` in the last ``num_layers`` blocks.
+
+    Returns the number of trainable parameters.
+    """
+    cls = DoRALinear if dora else LoRALinear
+    layers = model.layers
+    n = len(layers) if num_layers in (None, -1, 0) else num_layers
+    if n > len(layers) or n < 0:
+        raise MlxpostError(f"lora.num_layers is {num_layers} but the model has {len(layers)} blocks")
+    model.freeze()
+    for block in layers[len(layers) - n:]:
+        mods = dict(block.named_modules())
+        new = [(k, cls(mods[k], rank=rank, scale=scale, dropout=dropout)) for k in keys]
+        block.update_modules(tree_unflatten(new))
+    for _, m in adapter_modules(model):
+        m.freeze()
+        m.unfreeze(keys=[k for k in ADAPTER_LEAVES if k in m], recurse=False)
+    return trainable_count(model)
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def adapter_config(*, rank: int, scale: float, dropout: float, keys: list[str], num_layers: int,
+                   dora: bool, extra: dict | None = None) -> dict:
+    """mlx-lm's adapter_config.json (plus an ``mlxpost`` section mlx-lm ignores)."""
+    cfg = {
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys},
+    }
+    if extra:
+        cfg["mlxpost"] = extra
+    return cfg
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapters(model: nn.Module, directory: str | Path, config: dict) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(d / ADAPTER_WEIGHTS, adapter_weights(model))
+    atomic_write_json(d / ADAPTER_CONFIG, config)
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    d = Path(directory)
+    f = d / ADAPTER_CONFIG
+    if not f.exists():
+        raise MlxpostError(f"{d}: no {ADAPTER_CONFIG} (not an adapter or run directory)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise MlxpostError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def load_adapters(model: nn.Module, directory: str | Path, weights_file: str | Path | None = None) -> dict:
+    """Attach adapters as described in ``directory`` and load their weights."""
+    d = Path(directory)
+    cfg = read_adapter_config(d)
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise MlxpostError(f"{d / ADAPTER_CONFIG}: fine_tune_type {kind!r} is not supported (lora or dora)")
+    lp = cfg.get("lora_parameters", {})
+    keys = lp.get("keys") or resolve_targets(model, "all-linear")
+    attach_adapters(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0), dropout=0.0, keys=keys,
+                    num_layers=cfg.get("num_layers"), dora=kind == "dora")
+    wf = Path(weights_file) if weights_file else d / ADAPTER_WEIGHTS
+    if not wf.exists():
+        raise MlxpostError(f"{d}: no {wf.name}")
+    weights = mx.load(str(wf))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    problems = [f"{k}: not an adapter parameter of this model" for k in weights if k not in expected]
+    problems += [f"{k}: shape {tuple(weights[k].shape)} != {tuple(expected[k].shape)}"
+                 for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    problems += [f"{k}: missing from {wf.name}" for k in expected if k not in weights]
+    if problems:
+        raise MlxpostError(f"{wf} does not fit this model:\n  " + "\n  ".join(problems[:10]))
+    model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
+    mx.eval(model.parameters())
+    return cfg
+
+
+def fuse_adapters(model: nn.Module) -> None:
+    """Merge every adapter into its base layer (dequantizing quantized ones)."""
+    fused = [(n, m.fused()) for n, m in adapter_modules(model)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
