@@ -190,13 +190,13 @@ class BatchSource:
 
     ``mode``: ``"pack"`` or ``"pad"``. ``batch_size`` counts rows. With
     ``shuffle=False`` (evaluation) the order is fixed and one pass is made.
-    ``rank``/``world`` select this process's share of every global batch in
-    data-parallel training (each rank builds only its own rows).
+    In data-parallel training each rank gets a source over its own share of
+    the examples.
     """
 
     def __init__(self, examples: list[Example], *, mode: str, batch_size: int, max_len: int, pad_id: int = 0,
-                 seed: int = 0, shuffle: bool = True, pad_multiple: int = 32, rank: int = 0, world: int = 1,
-                 select_bucket: int | None = None):
+                 seed: int = 0, shuffle: bool = True, pad_multiple: int = 32, select_bucket: int | None = None):
+        """``max_len``: tokens per packed row (pack) or the longest allowed example (pad)."""
         if mode not in ("pack", "pad"):
             raise MlxpostError(f"data.batching must be 'pack' or 'pad', got {mode!r}")
         if not examples:
@@ -209,19 +209,19 @@ class BatchSource:
         self.seed = seed
         self.shuffle = shuffle
         self.pad_multiple = pad_multiple
-        self.rank, self.world = rank, world
         self.select_bucket = select_bucket
         self.epoch = 0
         self.index = 0  # next batch within the epoch
+        self.epoch_limit: int | None = None
         self._plan: list[list[list[int]]] | None = None
 
-    # A plan is a list of global batches; a batch is a list of rows; a row is a
+    # A plan is a list of batches; a batch is a list of rows; a row is a
     # list of example indices.
     def _make_plan(self, epoch: int) -> list[list[list[int]]]:
         n = len(self.examples)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        B = self.batch_size * self.world
+        B = self.batch_size
         if self.mode == "pack":
             lengths = [len(self.examples[i]) - 1 for i in order]
             rows = [[int(order[k]) for k in row] for row in pack_rows(lengths, self.row_len)]
@@ -245,17 +245,20 @@ class BatchSource:
 
     def _plan_for_epoch(self) -> list[list[list[int]]]:
         if self._plan is None:
-            self._plan = self._make_plan(self.epoch)
+            self._plan = self._make_plan(self.epoch)[: self.epoch_limit]
         return self._plan
+
+    def limit_epoch(self, n: int) -> None:
+        """Use at most ``n`` batches per epoch (ranks with unequal shares agree on epoch length)."""
+        self.epoch_limit = n
+        self._plan = None
 
     def batches_per_epoch(self) -> int:
         return len(self._plan_for_epoch())
 
-    def _build(self, global_rows: list[list[int]]) -> Batch:
-        B = self.batch_size
-        mine = global_rows[self.rank * B:(self.rank + 1) * B]
-        rows = [[self.examples[i] for i in r] for r in mine]
-        rows += [[] for _ in range(B - len(rows))]  # a short last batch keeps its shape
+    def _build(self, plan_rows: list[list[int]]) -> Batch:
+        rows = [[self.examples[i] for i in r] for r in plan_rows]
+        rows += [[] for _ in range(self.batch_size - len(rows))]  # a short last batch keeps its shape
         if self.mode == "pack":
             width = self.row_len
         else:

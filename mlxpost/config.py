@@ -66,6 +66,7 @@ class DataConfig:
     chat_template: str = "auto"  # auto | none (plain text for prompt/completion rows)
     add_eos: bool = True
     batching: str = "auto"  # auto | pack | pad
+    pack_len: int | None = None  # tokens per packed row; None: the longest example (rounded up to 32)
     max_examples: int | None = None  # use only the first N training examples
 
 
@@ -75,7 +76,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4  # rows per micro-batch (pad: examples; pack: packed rows)
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 2e-4
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
@@ -91,6 +92,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     compile: bool = True
     eval_every: int = 50  # optimizer steps; 0 = only at the end
+    eval_at_start: bool = True  # validation loss of the untrained adapter, as a baseline
     eval_batches: int = -1  # -1 = the whole validation set
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     early_stopping_min_delta: float = 0.0

@@ -407,19 +407,24 @@ def resolve_data_files(data: str | Path, valid: str | Path | None = None) -> dic
 
 
 def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, overflow: str = "truncate",
-                  skip_bad_rows: bool = False, stats: DataStats | None = None) -> tuple[list[Example], DataStats]:
+                  skip_bad_rows: bool = False, shard: tuple[int, int] | None = None,
+                  limit: int | None = None) -> tuple[list[Example], DataStats]:
     """Read, validate and render one JSONL file.
 
     ``overflow``: ``"truncate"`` keeps the first ``max_seq_len`` tokens (and
     counts it), ``"drop"`` drops the example. Bad rows raise :class:`DataError`
     listing every problem, unless ``skip_bad_rows`` is set (then counted).
+    ``shard = (rank, world)``: every row is validated, but only rows number
+    ``rank, rank + world, ...`` are rendered and returned. ``limit``: stop
+    after that many valid rows.
     """
     if overflow not in ("truncate", "drop"):
         raise MlxpostError(f"data.overflow must be 'truncate' or 'drop', got {overflow!r}")
-    stats = stats or DataStats()
+    stats = DataStats()
     issues: list[RowIssue] = []
     examples: list[Example] = []
     path = Path(path)
+    n_valid = 0
     for line, row, issue in read_jsonl(path):
         stats.rows += 1
         if issue is None:
@@ -428,6 +433,11 @@ def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, ove
                 issue = [RowIssue(str(path), line, f, msg) for f, msg in problems]
         if issue is not None:
             issues.extend(issue if isinstance(issue, list) else [issue])
+            continue
+        n_valid += 1
+        if limit is not None and n_valid > limit:
+            break
+        if shard is not None and (n_valid - 1) % shard[1] != shard[0]:
             continue
         try:
             ids, mask, fmt = renderer.render(row)

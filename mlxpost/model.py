@@ -257,7 +257,8 @@ def read_adapter_config(directory: str | Path) -> dict:
         raise MlxpostError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def load_adapters(model: nn.Module, directory: str | Path, weights_file: str | Path | None = None) -> dict:
+def load_adapters(model: nn.Module, directory: str | Path, weights_file: str | Path | None = None,
+                  dropout: float = 0.0) -> dict:
     """Attach adapters as described in ``directory`` and load their weights."""
     d = Path(directory)
     cfg = read_adapter_config(d)
@@ -266,7 +267,7 @@ def load_adapters(model: nn.Module, directory: str | Path, weights_file: str | P
         raise MlxpostError(f"{d / ADAPTER_CONFIG}: fine_tune_type {kind!r} is not supported (lora or dora)")
     lp = cfg.get("lora_parameters", {})
     keys = lp.get("keys") or resolve_targets(model, "all-linear")
-    attach_adapters(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0), dropout=0.0, keys=keys,
+    attach_adapters(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0), dropout=dropout, keys=keys,
                     num_layers=cfg.get("num_layers"), dora=kind == "dora")
     wf = Path(weights_file) if weights_file else d / ADAPTER_WEIGHTS
     if not wf.exists():

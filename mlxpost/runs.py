@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .errors import MlxpostError
 from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, atomic_write_bytes, atomic_write_json,
@@ -141,9 +141,27 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
     model.load_weights(list(weights.items()), strict=False)
     opt = mx.load(str(path / OPTIMIZER_FILE))
-    optimizer.state = tree_unflatten(list(opt.items()))
+    # Assign leaf by leaf, in place: compiled steps hold references to these
+    # containers, and the state tree has non-array leaves a flat file lacks.
+    current = dict(tree_flatten(optimizer.state))
+    missing = sorted(set(current) - set(opt))
+    if missing:
+        raise MlxpostError(f"{path / OPTIMIZER_FILE}: optimizer state does not match this run "
+                           f"(missing {missing[0]}{' and more' if len(missing) > 1 else ''})")
+    for key, value in opt.items():
+        _assign(optimizer.state, key.split("."), value)
     mx.eval(model.parameters(), optimizer.state)
     return state
+
+
+def _assign(tree, parts: list[str], value) -> None:
+    for p in parts[:-1]:
+        tree = tree[int(p)] if isinstance(tree, list) else tree[p]
+    last = parts[-1]
+    if isinstance(tree, list):
+        tree[int(last)] = value
+    else:
+        tree[last] = value
 
 
 def new_run_dir(root: str | Path, name: str | None, method: str, overwrite: bool) -> Path:

@@ -70,21 +70,32 @@ class NonFiniteError(MlxpostError):
 
 
 def build_schedule(cfg: TrainConfig, total_steps: int):
-    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
-    warmup = min(warmup, max(total_steps - 1, 0))
-    decay_steps = max(total_steps - warmup, 1)
-    end = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        main = optim.cosine_decay(cfg.lr, decay_steps, end)
-    elif cfg.schedule == "linear":
-        main = optim.linear_schedule(cfg.lr, end, decay_steps)
-    else:
-        main = lambda step: mx.array(cfg.lr, mx.float32)  # noqa: E731
-    if warmup > 0:
-        # Step 0 uses lr/warmup rather than 0, so no update is wasted.
-        ramp = optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup)
-        return optim.join_schedules([ramp, main], [warmup])
-    return main
+    """Learning rate as a function of the optimizer step (0 for the first update).
+
+    Warmup: ``lr * (s + 1) / W`` for the first W updates (no update is wasted
+    at lr 0). Then cosine or linear decay from ``lr`` to ``lr * min_lr_ratio``,
+    reached at the last update, or a constant.
+    """
+    lr, end = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    W = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    W = min(W, max(total_steps - 1, 0))
+    span = max(total_steps - 1 - W, 1)
+    kind = cfg.schedule
+
+    def schedule(step):
+        s = mx.array(step).astype(mx.float32)
+        t = mx.clip((s - W) / span, 0.0, 1.0)
+        if kind == "cosine":
+            main = end + (lr - end) * 0.5 * (1.0 + mx.cos(math.pi * t))
+        elif kind == "linear":
+            main = lr + (end - lr) * t
+        else:
+            main = mx.full(s.shape, lr, mx.float32)
+        if W == 0:
+            return main
+        return mx.where(s < W, lr * (s + 1.0) / W, main)
+
+    return schedule
 
 
 def build_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
@@ -154,6 +165,7 @@ class Trainer:
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
+        self.patience_ref: float | None = None
         self.bad_evals = 0
         self.tokens = 0
         self.trained_tokens = 0
@@ -253,10 +265,11 @@ class Trainer:
             "step": self.step,
             "total_steps": self.total_steps,
             "data": source.state(),
-            "rng": np.array(mx.random.state[0]).tolist(),
+            "seed": self.cfg.seed,
             "best_val": self.best_val,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
+            "patience_ref": self.patience_ref,
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
             "train_seconds": self.train_seconds,
@@ -274,9 +287,8 @@ class Trainer:
             raise MlxpostError(f"{path}: written by {state.get('world_size')} processes; resume with as many")
         self.step = state["step"]
         source.load_state(state["data"])
-        mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
         self.best_val, self.best_step = state["best_val"], state["best_step"]
-        self.bad_evals = state["bad_evals"]
+        self.bad_evals, self.patience_ref = state["bad_evals"], state["patience_ref"]
         self.tokens, self.trained_tokens = state["tokens"], state["trained_tokens"]
         self.train_seconds = state["train_seconds"]
 
@@ -309,20 +321,28 @@ class Trainer:
             record = {"step": self.step, **val}
             self.history.append({"kind": "eval", **record})
             run.log({"kind": "eval", **record})
-            improved = self.best_val is None or val["val_loss"] < self.best_val - cfg.early_stopping_min_delta
+            # best/ keeps the lowest validation loss; patience counts evaluations
+            # without an improvement of more than min_delta.
+            v = val["val_loss"]
+            improved = self.best_val is None or v < self.best_val
             if improved:
-                self.best_val, self.best_step, self.bad_evals = val["val_loss"], self.step, 0
+                self.best_val, self.best_step = v, self.step
                 run.save_best(model, self.adapter_cfg, {"step": self.step, **val})
+            if self.patience_ref is None or v < self.patience_ref - cfg.early_stopping_min_delta:
+                self.patience_ref, self.bad_evals = v, 0
             else:
                 self.bad_evals += 1
             rep.eval(self.step, val, best=self.best_val, improved=improved)
             return cfg.early_stopping_patience > 0 and self.bad_evals >= cfg.early_stopping_patience
 
-        if self.step == 0 and valid_source is not None and cfg.eval_every > 0:
+        if self.step == 0 and valid_source is not None and cfg.eval_at_start:
             do_eval()
 
         while self.step < self.total_steps:
             t0 = time.perf_counter()
+            # The random stream (LoRA dropout) restarts from (seed, step) at every
+            # step, so a resumed run draws exactly what an uninterrupted one draws.
+            mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
             acc = None
             used: list[Batch] = []
             for _ in range(cfg.grad_accum):
@@ -378,8 +398,9 @@ class Trainer:
                 self.save(train_source)
             if stop:
                 stopped = "early_stopping"
-                rep.event(f"early stopping: validation loss has not improved for {self.bad_evals} evaluations "
-                          f"(best {self.best_val:.4f} at step {self.best_step})", step=self.step)
+                rep.event(f"early stopping: validation loss has not improved by more than "
+                          f"{cfg.early_stopping_min_delta} for {self.bad_evals} evaluations "
+                          f"(best {self.best_val:.4f} at step {self.best_step}, kept in best/)", step=self.step)
                 break
 
         if stopped == "completed" and valid_source is not None:

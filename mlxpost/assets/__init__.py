@@ -1,0 +1,5 @@
+"""Bundled data: the example SFT dataset and the behaviour it teaches (see :mod:`.behaviour`)."""
+
+from pathlib import Path
+
+DEFAULT_SFT_RECIPE = Path(__file__).parent / "default_sft.yaml"

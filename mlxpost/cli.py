@@ -1,0 +1,206 @@
+"""The ``mlxpost`` command line. Each command parses, then calls one library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import MlxpostError
+
+# Options default to None so that only what the user typed overrides a recipe.
+_TRAIN_OPTIONS = [
+    click.option("--model", "model__path", help="HF repo id, local HF directory or .gguf file (default: SmolLM2-135M-Instruct)."),
+    click.option("--data", "data__path", help="A .jsonl file or a directory with train.jsonl / valid.jsonl (default: bundled example)."),
+    click.option("--valid", "data__valid", help="Validation .jsonl (default: valid.jsonl beside the data, else a held-out 5%)."),
+    click.option("--out", "output__dir", help="Parent directory of run directories (default: runs)."),
+    click.option("--name", "output__name", help="Run directory name (default: <method>-<timestamp>)."),
+    click.option("--steps", "train__steps", type=int, help="Optimizer steps (default: one epoch)."),
+    click.option("--epochs", "train__epochs", type=float, help="Epochs, when --steps is not given."),
+    click.option("--batch-size", "train__batch_size", type=int, help="Rows per micro-batch."),
+    click.option("--grad-accum", "train__grad_accum", type=int, help="Micro-batches per optimizer step."),
+    click.option("--lr", "train__lr", type=float, help="Peak learning rate."),
+    click.option("--rank", "lora__rank", type=int, help="LoRA rank."),
+    click.option("--max-seq-len", "data__max_seq_len", type=int, help="Longest sequence in tokens."),
+    click.option("--batching", "data__batching", type=click.Choice(["auto", "pack", "pad"]), help="Pack several examples per row, or pad."),
+    click.option("--quantize", "model__quantize", type=int, help="Quantize the base to 4 or 8 bits (QLoRA)."),
+    click.option("--seed", "train__seed", type=int, help="Random seed."),
+]
+
+
+def _train_options(f):
+    f = click.option("--config", "config", type=click.Path(dir_okay=False), help="A recipe YAML file.")(f)
+    f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, e.g. --set train.lr=2e-4 (repeatable).")(f)
+    f = click.option("--dora", is_flag=True, default=None, help="DoRA instead of LoRA.")(f)
+    f = click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip invalid data rows (counted) instead of failing.")(f)
+    f = click.option("--adapter-init", "lora__init", help="Start from this adapter directory.")(f)
+    f = click.option("--resume", type=click.Path(file_okay=False, exists=True), help="Continue a killed or finished run directory.")(f)
+    f = click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory of the same name.")(f)
+    f = click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display.")(f)
+    for opt in reversed(_TRAIN_OPTIONS):
+        f = opt(f)
+    return f
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MlxpostError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("\ninterrupted. A run directory can be continued with --resume RUN_DIR.", fg="yellow", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="mlxpost")
+def cli():
+    """mlxpost: post-training for MLX (LoRA SFT, with DPO/ORPO and GRPO/RLVR to come).
+
+    \b
+    Quick start (built-in model and example data, a few minutes on a laptop CPU):
+      mlxpost sft
+    """
+
+
+def _training_command(method: str, kwargs: dict):
+    from .config import build_config
+    from .runner import resume_config, run
+    from .ui import make_reporter
+
+    config = kwargs.pop("config")
+    sets = list(kwargs.pop("sets"))
+    resume = kwargs.pop("resume")
+    plain = kwargs.pop("plain")
+    dora = kwargs.pop("dora")
+    if dora:
+        kwargs["lora.type"] = "dora"
+    skip = kwargs.pop("skip_bad_rows")
+    if skip:
+        kwargs["data.skip_bad_rows"] = True
+    if kwargs.pop("overwrite"):
+        kwargs["output.overwrite"] = True
+    kwargs = {k.replace("__", "."): v for k, v in kwargs.items()}
+
+    import mlx.core as mx
+
+    rank = mx.distributed.init().rank()
+    rep = make_reporter(rank, plain=True if plain else None)
+    _blas_advice(rep)
+    if resume:
+        given = [k for k, v in kwargs.items() if v is not None]
+        if config or given:
+            raise MlxpostError("--resume uses the run's saved config.yaml; only --set of train.steps, eval/save "
+                               f"frequencies and early stopping may change (got {', '.join(given) or '--config'})")
+        cfg = resume_config(Path(resume), sets)
+    else:
+        if config is None and kwargs.get("data.path") is None and method == "sft":
+            # No recipe and no data: the built-in default run (bundled data).
+            from .assets import DEFAULT_SFT_RECIPE
+
+            config = DEFAULT_SFT_RECIPE
+            rep.info(f"no --data and no --config: the built-in default run ({Path(config).name})")
+        cfg = build_config(config, sets, cli=kwargs, method=method)
+
+    from .methods import sft
+
+    objectives = {"sft": lambda prep: sft.objective(prep.split)}
+    run_dir, result = run(cfg, objectives[method], reporter=rep, resume=Path(resume) if resume else None)
+    if rank == 0:
+        rep.info(f"\nadapter written to {run_dir}. Try it:\n"
+                 f"  mlxpost generate --adapter {run_dir} --prompt \"...\"\n"
+                 f"  mlx_lm.generate --model {cfg.model.path if cfg.model.path != 'default' else '<model dir>'} "
+                 f"--adapter-path {run_dir} --prompt \"...\"")
+    if result.stopped == "non_finite":
+        sys.exit(3)
+
+
+def _blas_advice(rep) -> None:
+    try:
+        from .system import blas_advice
+    except ImportError:
+        return
+    advice = blas_advice()
+    if advice:
+        rep.warn(advice)
+
+
+@cli.command()
+@_train_options
+def sft(**kwargs):
+    """Fine-tune with LoRA on chat, prompt/completion or text data.
+
+    \b
+    Examples:
+      mlxpost sft                                   # built-in default
+      mlxpost sft --model Qwen/Qwen2.5-0.5B-Instruct --data data/ --steps 500
+      mlxpost sft --config recipes/smollm2-135m-sft.yaml --set train.lr=2e-4
+      mlxpost sft --resume runs/sft-20260101-120000  # continue after a kill
+    """
+    _training_command("sft", kwargs)
+
+
+@cli.command()
+@click.option("--model", help="Base model (default: the one recorded in the adapter, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory.")
+@click.option("--best", is_flag=True, help="Use the run's best/ adapter (lowest validation loss).")
+@click.option("--prompt", "-p", required=True, help="The user message.")
+@click.option("--system", help="An optional system message.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
+    """Generate a reply (chat template applied), optionally with a trained adapter."""
+    from .generate import stream_text
+    from .model import load_adapters, load_model, read_adapter_config
+
+    quantize = group = None
+    dtype = "auto"
+    if adapter:
+        adapter = Path(adapter)
+        if best:
+            adapter = adapter / "best"
+        meta = read_adapter_config(adapter).get("mlxpost", {})
+        model = model or meta.get("base_model")
+        quantize, group = meta.get("quantize"), meta.get("quantize_group_size")
+        dtype = meta.get("dtype") or "auto"
+    loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
+    if adapter:
+        load_adapters(loaded.model, adapter)
+    for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
+                             top_p=top_p, system=system):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command()
+@click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
+def doctor(no_measure):
+    """Report the MLX backend, BLAS, memory and versions."""
+    from .system import doctor_rows
+    from .ui import make_reporter
+
+    rows = doctor_rows(measure=not no_measure)
+    rep = make_reporter()
+    width = max(len(r[0]) for r in rows)
+    marks = {"ok": "ok  ", "warn": "WARN", "info": "    "}
+    for item, value, status in rows:
+        rep.info(f"{marks.get(status, status)} {item.ljust(width)}  {value}")
+
+
+def main():
+    try:
+        from .system import maybe_reexec
+    except ImportError:
+        maybe_reexec = None
+    if maybe_reexec is not None:
+        maybe_reexec()
+    cli(prog_name="mlxpost")
+
+
+if __name__ == "__main__":
+    main()

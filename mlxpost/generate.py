@@ -1,0 +1,51 @@
+"""Text generation with the chat template applied (for samples and `mlxpost generate`)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import mlx.core as mx
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = None) -> list[int]:
+    """Token ids of a prompt: the chat template with a generation prompt when there is one."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    if isinstance(prompt, str):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    else:
+        messages = list(prompt)
+    if getattr(hf, "chat_template", None):
+        return list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    text = "\n".join(m["content"] for m in messages)
+    return hf(text, add_special_tokens=True)["input_ids"]
+
+
+def generate_text(model, tokenizer, prompt: str | list[dict], *, max_tokens: int = 128, temperature: float = 0.0,
+                  top_p: float = 1.0, system: str | None = None, seed: int | None = 0) -> str:
+    from mlx_lm.generate import generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    ids = prompt_ids(tokenizer, prompt, system)
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(model, tokenizer, prompt=ids, max_tokens=max_tokens,
+                       sampler=make_sampler(temp=temperature, top_p=top_p), verbose=False)
+    finally:
+        if was_training:
+            model.train()
+    return out.strip()
+
+
+def stream_text(model, tokenizer, prompt: str | list[dict], *, max_tokens: int = 256, temperature: float = 0.0,
+                top_p: float = 1.0, system: str | None = None) -> Iterable[str]:
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    ids = prompt_ids(tokenizer, prompt, system)
+    model.eval()
+    for resp in stream_generate(model, tokenizer, prompt=ids, max_tokens=max_tokens,
+                                sampler=make_sampler(temp=temperature, top_p=top_p)):
+        yield resp.text

@@ -1,0 +1,367 @@
+"""From a resolved configuration to a finished run: the pipeline every method shares.
+
+load model -> attach adapters -> read and render data -> batch sources ->
+objective -> the training loop -> samples and summary. A method contributes
+only its objective (``methods/<name>.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .batching import BatchSource, _stack
+from .config import RunConfig, dump_yaml, load_recipe, set_value, validate
+from .data import DataStats, Example, Renderer, resolve_data_files, split_examples, tokenize_file
+from .errors import ConfigError, MlxpostError
+from .logprobs import HeadSplit, logprobs
+from .model import (LoadedModel, adapter_config, attach_adapters, is_quantized, load_adapters, load_model,
+                    resolve_targets, trainable_count)
+from .runs import RunDir, new_run_dir
+from .train import Objective, Trainer, TrainResult, steps_for_epochs
+
+# Keys that may change when a run is resumed (everything else must match).
+RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.save_every", "train.report_every",
+                  "train.early_stopping_patience", "train.early_stopping_min_delta", "train.keep_checkpoints",
+                  "train.eval_batches", "sample.max_tokens")
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    loaded: LoadedModel
+    train: BatchSource
+    valid: BatchSource | None
+    stats: dict
+    split: HeadSplit | None
+    adapter_cfg: dict
+    trainable: int
+    batching: str
+
+
+def _world():
+    world = mx.distributed.init()
+    return world if world.size() > 1 else None
+
+
+# ---------------------------------------------------------------------------
+# Checks on the model
+# ---------------------------------------------------------------------------
+
+
+def packing_is_exact(model, atol: float = 1e-4) -> bool:
+    """Do packed rows give the same log-probs as one-by-one rows for this model?
+
+    Two random sequences are run packed (block-diagonal mask through the
+    pass-through cache) and separately. Architectures that do not build their
+    mask from the cache, or whose layers mix positions in other ways, fail
+    this check and are trained with padding instead.
+    """
+    rng = np.random.default_rng(0)
+    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") and hasattr(
+        model.model, "embed_tokens") else 100
+    a = Example(rng.integers(1, min(vocab, 1000), 9).astype(np.int32), np.ones(9, bool))
+    b = Example(rng.integers(1, min(vocab, 1000), 7).astype(np.int32), np.ones(7, bool))
+    try:
+        packed = logprobs(model, _stack([[a, b]], 16, 0, packed=True))
+        one = logprobs(model, _stack([[a]], 8, 0, packed=False))
+        two = logprobs(model, _stack([[b]], 6, 0, packed=False))
+        ref = mx.concatenate([one[0], two[0]])
+        err = mx.abs(packed[0, :14] - ref).max().item()
+    except Exception:
+        return False
+    return err < atol
+
+
+def choose_batching(mode: str, model) -> str:
+    """Resolve ``data.batching``.
+
+    ``auto`` packs on a GPU (Metal, CUDA) and pads (length-sorted batches) on
+    MLX's CPU backend. On the CPU the softmax of attention is costly (MLX's
+    CPU ``exp`` is scalar) and a packed row pays attention over its whole
+    length, while length-sorted padding wastes little; measured with
+    ``benchmarks/bench_sft.py``, padding was the faster of the two there.
+    Packing also needs the model to isolate packed examples: that is checked
+    on the model itself (:func:`packing_is_exact`).
+    """
+    if mode == "pad" or (mode == "auto" and mx.default_device() == mx.cpu):
+        return "pad"
+    ok = packing_is_exact(model)
+    if mode == "pack" and not ok:
+        raise MlxpostError("data.batching=pack: this model architecture does not isolate packed examples "
+                           "(its attention mask is not built from the cache); use data.batching=pad")
+    return "pack" if ok else "pad"
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def default_data_dir() -> Path:
+    from .assets.behaviour import DATASET_DIR
+
+    return DATASET_DIR
+
+
+def load_data(cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
+    """Tokenized train and validation examples of this rank, and data statistics."""
+    d = cfg.data
+    files = resolve_data_files(d.path or default_data_dir(), d.valid)
+    renderer = Renderer(tokenizer, chat_template=d.chat_template, add_eos=d.add_eos)
+    # Every rank validates every row (errors are the same everywhere) but
+    # renders only its own share.
+    shard = (rank, world) if world > 1 else None
+    opts = dict(max_seq_len=d.max_seq_len, overflow=d.overflow, skip_bad_rows=d.skip_bad_rows, shard=shard)
+    train, tstats = tokenize_file(files["train"], renderer, limit=d.max_examples, **opts)
+    valid, vstats = [], None
+    if "valid" in files:
+        valid, vstats = tokenize_file(files["valid"], renderer, **opts)
+    elif d.valid_fraction > 0 and len(train) >= 20:
+        train, valid = split_examples(train, d.valid_fraction, cfg.train.seed)
+    stats = {"files": {k: str(v) for k, v in files.items()}, "train": tstats.summary(),
+             "valid": vstats.summary() if vstats else None, "train_examples": len(train),
+             "valid_examples": len(valid)}
+    return train, valid, stats, tstats
+
+
+def _warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
+    if stats.bad_rows:
+        rep.warn(f"skipped {stats.bad_rows} bad rows (data.skip_bad_rows)")
+    if stats.truncated:
+        rep.warn(f"{stats.truncated} examples were longer than data.max_seq_len={cfg.data.max_seq_len} "
+                 "tokens and were truncated (data.overflow=drop drops them instead)")
+    if stats.dropped_too_long:
+        rep.warn(f"dropped {stats.dropped_too_long} examples longer than data.max_seq_len={cfg.data.max_seq_len}")
+    if stats.dropped_no_targets:
+        rep.warn(f"dropped {stats.dropped_no_targets} examples with no trained tokens left")
+    if stats.prefix_fallback:
+        rep.warn(f"{stats.prefix_fallback} conversations: the chat template rewrites earlier turns, so only "
+                 "their final assistant turn is trained on")
+
+
+# ---------------------------------------------------------------------------
+# Preparation shared by every method
+# ---------------------------------------------------------------------------
+
+
+def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared:
+    mx.random.seed(cfg.train.seed)
+    m = cfg.model
+    with rep.status(f"loading model {m.path}"):
+        loaded = load_model(m.path, dtype=m.dtype, quantize=m.quantize, group_size=m.quantize_group_size,
+                            revision=m.revision, trust_remote_code=m.trust_remote_code)
+    model = loaded.model
+
+    lcfg = cfg.lora
+    if lcfg.init:
+        init_cfg = load_adapters(model, lcfg.init, dropout=lcfg.dropout)
+        lp = init_cfg["lora_parameters"]
+        keys, rank_, scale = lp["keys"], lp["rank"], lp["scale"]
+        num_layers, dora = init_cfg["num_layers"], init_cfg.get("fine_tune_type") == "dora"
+        rep.info(f"starting from adapter {lcfg.init}")
+    else:
+        keys = resolve_targets(model, lcfg.targets)
+        n_layers = len(model.layers)
+        num_layers = n_layers if lcfg.num_layers in (-1, 0) else lcfg.num_layers
+        rank_, scale, dora = lcfg.rank, lcfg.resolved_scale(), lcfg.type == "dora"
+        attach_adapters(model, rank=rank_, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
+                        dora=dora)
+    trainable = trainable_count(model)
+    extra = {"base_model": m.path, "model_dir": str(loaded.path), "method": cfg.method, "alpha": scale * rank_,
+             "quantize": m.quantize, "quantize_group_size": m.quantize_group_size if m.quantize else None,
+             "base_quantized": is_quantized(model), "dtype": m.dtype}
+    acfg = adapter_config(rank=rank_, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
+                          dora=dora, extra=extra)
+
+    with rep.status("reading and tokenizing data"):
+        train, valid, stats, tstats = load_data(cfg, loaded.tokenizer, rank, world_size)
+    _warn_data(tstats, cfg, rep)
+    if not train:
+        raise MlxpostError("no training examples left after reading the data")
+
+    batching = choose_batching(cfg.data.batching, model)
+    if cfg.data.batching == "auto" and batching == "pad" and mx.default_device() != mx.cpu:
+        rep.warn("this model does not isolate packed examples; using padded batches")
+    split = HeadSplit.find(model)
+    B, L = cfg.train.batch_size, pack_length(cfg, train + valid)
+    bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" else 64
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    common = dict(mode=batching, batch_size=B, max_len=L, pad_id=pad_id,
+                  select_bucket=bucket if split else None)
+    train_src = BatchSource(train, seed=cfg.train.seed, shuffle=True, **common)
+    valid_src = BatchSource(valid, seed=cfg.train.seed, shuffle=False, **common) if valid else None
+    return Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
+
+
+def pack_length(cfg: RunConfig, examples: list[Example]) -> int:
+    """Tokens per packed row: ``data.pack_len``, else the longest example rounded up to 32.
+
+    Attention costs O(row length^2) whatever the mask, so rows no longer than
+    the longest example keep packing from paying for attention it discards
+    (this matters most on MLX's CPU backend).
+    """
+    if cfg.data.pack_len:
+        longest = max(len(e) for e in examples)
+        if cfg.data.pack_len < longest:
+            raise MlxpostError(f"data.pack_len={cfg.data.pack_len} is shorter than the longest example ({longest} "
+                               "tokens); raise it or lower data.max_seq_len")
+        return cfg.data.pack_len
+    longest = max(len(e) for e in examples)
+    return min(cfg.data.max_seq_len, -(-longest // 32) * 32)
+
+
+def total_steps(cfg: RunConfig, source: BatchSource) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    return steps_for_epochs(source, cfg.train.epochs, cfg.train.grad_accum)
+
+
+# ---------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------
+
+
+def sample_prompts(cfg: RunConfig) -> list[str]:
+    if cfg.sample.prompts:
+        return [str(p) for p in cfg.sample.prompts]
+    if cfg.data.path is None:
+        from .assets.behaviour import SAMPLE_PROMPTS
+
+        return list(SAMPLE_PROMPTS)
+    return []
+
+
+def run_samples(model, tokenizer, prompts: list[str], cfg: RunConfig) -> list[str]:
+    from .generate import generate_text
+
+    return [generate_text(model, tokenizer, p, max_tokens=cfg.sample.max_tokens,
+                          temperature=cfg.sample.temperature) for p in prompts]
+
+
+# ---------------------------------------------------------------------------
+# A whole run
+# ---------------------------------------------------------------------------
+
+
+def resume_config(run_dir: Path, sets: list[str]) -> RunConfig:
+    f = run_dir / "config.yaml"
+    if not f.exists():
+        raise MlxpostError(f"{run_dir}: no config.yaml (not a run directory)")
+    cfg = load_recipe(f)
+    for item in sets:
+        from .config import parse_set
+
+        key, value = parse_set(item)
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(f"--set {item}: {key} cannot change when resuming (only {', '.join(RESUMABLE_KEYS)})")
+        set_value(cfg, key, value, f"--set {item}")
+    validate(cfg)
+    return cfg
+
+
+def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, reporter, resume: Path | None = None
+        ) -> tuple[Path, TrainResult]:
+    """Run one training job end to end; returns the run directory and the result."""
+    world = _world()
+    rank = world.rank() if world else 0
+    size = world.size() if world else 1
+    rep = reporter
+
+    if world is not None and resume is None and cfg.output.name is None:
+        raise MlxpostError("distributed runs need an explicit run name (--name) so every rank writes the same place")
+    if resume is not None:
+        run_path = Path(resume)
+    elif rank == 0:
+        run_path = new_run_dir(cfg.output.dir, cfg.output.name, cfg.method, cfg.output.overwrite)
+    else:
+        run_path = Path(cfg.output.dir) / cfg.output.name
+    rundir = RunDir(run_path, writer=rank == 0)
+    rundir.write_text("config.yaml", dump_yaml(cfg))
+    rep.info(f"run directory: {run_path}")
+
+    t_start = time.time()
+    prep = prepare(cfg, rep, rank, size)
+    model, tok = prep.loaded.model, prep.loaded.tokenizer
+    if world is not None:
+        # Every rank drops batches beyond the smallest share's epoch, so that
+        # data positions agree and rank 0's checkpoint describes every rank.
+        n = prep.train.batches_per_epoch()
+        n_min = int(mx.distributed.all_gather(mx.array([n]), group=world, stream=mx.cpu).min().item())
+        prep.train.limit_epoch(n_min)
+    steps = total_steps(cfg, prep.train)
+    ckpt = None
+    if resume is not None:
+        ckpt = rundir.latest_checkpoint()
+        if ckpt is None:
+            rep.warn(f"{run_path}: no checkpoint yet; starting this run from the beginning")
+        else:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            if state["step"] >= steps:
+                raise MlxpostError(f"{run_path} already finished {state['step']} of {steps} steps "
+                                   "(raise train.steps with --set train.steps=N to train longer)")
+
+    info = [("model", cfg.model.path), ("model dir", str(prep.loaded.path)),
+            ("trainable params", f"{prep.trainable:,}"), ("adapter", f"{prep.adapter_cfg['fine_tune_type']} "
+                                                                     f"r={prep.adapter_cfg['lora_parameters']['rank']}"),
+            ("train examples", prep.stats["train_examples"] * size), ("valid examples", prep.stats["valid_examples"] * size),
+            ("batching", prep.batching), ("steps", steps), ("processes", size),
+            ("logits", "trained positions only" if prep.split else "all positions")]
+    rep.table("setup", info)
+    rundir.write_json("data_stats.json", prep.stats)
+    rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
+                "world_size": size, "data": prep.stats})
+
+    prompts = sample_prompts(cfg)
+    before = []
+    if prompts and ckpt is None and rank == 0:
+        with rep.status("sampling before training"):
+            before = run_samples(model, tok, prompts, cfg)
+        rundir.write_json("samples_before.json", before)
+
+    objective = objective_for(prep)
+    trainer = Trainer(model, objective, cfg.train, total_steps=steps, run=rundir, reporter=rep,
+                      adapter_cfg=prep.adapter_cfg, world=world)
+    try:
+        result = trainer.fit(prep.train, prep.valid, resume_from=ckpt)
+    finally:
+        rep.end()
+
+    after = []
+    if prompts and rank == 0:
+        with rep.status("sampling after training"):
+            after = run_samples(model, tok, prompts, cfg)
+        prev = run_path / "samples_before.json"
+        if not before and prev.exists():  # a resumed run sampled before training the first time
+            before = json.loads(prev.read_text())
+        rows = [{"prompt": p, **({"before": b} if before else {}), "after": a}
+                for p, b, a in zip(prompts, before or [""] * len(prompts), after)]
+        rundir.write_json("samples.json", rows)
+        rep.samples(rows)
+
+    summary = {
+        "run_dir": str(run_path), "method": cfg.method, "stopped": result.stopped, "steps": result.steps,
+        "final_train_loss": result.final_loss, "val_loss": result.val_loss, "best_val_loss": result.best_val_loss,
+        "best_step": result.best_step, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
+        "train_seconds": round(result.train_seconds, 2),
+        "tokens_per_s": result.tokens / max(result.train_seconds, 1e-9),
+        "trained_tokens_per_s": result.trained_tokens / max(result.train_seconds, 1e-9),
+        "peak_memory_gb": result.peak_memory_gb, "wall_seconds": round(time.time() - t_start, 1),
+    }
+    if cfg.data.path is None and after:
+        from .assets.behaviour import json_answer_rate
+
+        if before:
+            summary["behaviour_before"] = json_answer_rate(before)
+        summary["behaviour_after"] = json_answer_rate(after)
+    rundir.write_json("summary.json", summary)
+    rows = [(k, v) for k, v in summary.items() if k != "run_dir"]
+    rep.table(f"summary: {run_path}", rows)
+    return run_path, result

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models in real Hugging Face layout, built once per session.
+
+On Linux the test process re-executes itself with the system OpenBLAS when
+one is installed (as the ``mlxpost`` command does), so MLX's matmuls do not
+run on the bundled reference BLAS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import mlx.core as mx
+
+from mlxpost.tiny import build_tiny_model
+
+
+def pytest_configure(config):
+    # Re-exec with OpenBLAS preloaded (see mlxpost.system). pytest captures
+    # the standard streams by now; give them back first, or the new process
+    # would write into the capture files.
+    from mlxpost.system import fast_blas_env, maybe_reexec
+
+    if fast_blas_env() and not os.environ.get("MLXPOST_REEXEC"):
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)
+        maybe_reexec()
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir) -> Path:
+    """Llama, tied embeddings, ChatML template without generation markers."""
+    return build_tiny_model(models_dir / "chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_generation(models_dir) -> Path:
+    """Same tokenizer family, ChatML with {% generation %} markers."""
+    return build_tiny_model(models_dir / "chatml-generation", template="chatml-generation")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_bos(models_dir) -> Path:
+    """Llama-3 style: the template writes BOS and the tokenizer adds one too."""
+    return build_tiny_model(models_dir / "llama3", template="llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(models_dir) -> Path:
+    """Qwen2 architecture (q/k/v biases), untied output head."""
+    return build_tiny_model(models_dir / "qwen2", model_type="qwen2", tie_word_embeddings=False)
+
+
+def chat(user: str, reply: str, system: str | None = None) -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return {"messages": msgs}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return path
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        rows.append(chat(f"What is {a} plus {b}?", f"The answer is {a + b}."))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sft_data")
+    write_jsonl(d / "train.jsonl", arithmetic_rows(64, seed=0))
+    write_jsonl(d / "valid.jsonl", arithmetic_rows(12, seed=1))
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    mx.random.seed(0)
+    yield
+
+
+def mlxpost_env() -> dict:
+    """Environment for CLI subprocesses: the repo importable, plain output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env

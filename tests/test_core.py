@@ -1,0 +1,222 @@
+"""The shared core on tiny real models: batching, packing isolation, log-probs, adapters."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import chat
+
+from mlxpost.batching import BatchSource, _stack, pack_rows, selection
+from mlxpost.data import Example, Renderer
+from mlxpost.logprobs import HeadSplit, logprobs
+from mlxpost.lora import DoRALinear, LoRALinear, adapters_off
+from mlxpost.model import attach_adapters, load_model, resolve_targets
+
+
+def make_examples(tokenizer, n: int, seed: int = 0) -> list[Example]:
+    rng = np.random.default_rng(seed)
+    r = Renderer(tokenizer)
+    out = []
+    for i in range(n):
+        user = " ".join(["the cat"] * int(rng.integers(1, 12)))
+        reply = " ".join(["dog sun"] * int(rng.integers(1, 12)))
+        ids, mask, _ = r.render(chat(user, reply, system="be nice" if i % 3 == 0 else None))
+        out.append(Example(np.array(ids, np.int32), np.array(mask), f"x:{i}"))
+    return out
+
+
+def randomize_adapters(model, scale=0.05):
+    """Fresh adapters compute exactly the base model; give them weight so tests can see them."""
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * scale
+            if isinstance(m, DoRALinear):
+                m.m = m.m * (1 + mx.random.normal(m.m.shape) * 0.01)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model):
+    lm = load_model(str(tiny_model))
+    attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"))
+    randomize_adapters(lm.model)
+    return lm
+
+
+def naive_token_logprobs(model, ex: Example) -> np.ndarray:
+    """log p(token t | tokens < t) for one example, straight from the logits."""
+    logits = model(mx.array(ex.tokens[None, :-1]))[0].astype(mx.float32)  # (T-1, V)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = np.array(logp)[np.arange(len(ex) - 1), ex.tokens[1:]]
+    return picked * ex.mask[1:]
+
+
+def test_logprobs_equal_a_naive_computation(llama):
+    exs = make_examples(llama.tokenizer, 5)
+    batch = _stack([[e] for e in exs], max(len(e) for e in exs) - 1, 0, packed=False)
+    tok = np.array(logprobs(llama.model, batch, reduction="none"))
+    for r, e in enumerate(exs):
+        np.testing.assert_allclose(tok[r, : len(e) - 1], naive_token_logprobs(llama.model, e), atol=1e-5)
+        assert np.all(tok[r, len(e) - 1:] == 0)  # padding contributes nothing
+    sums = np.array(logprobs(llama.model, batch, reduction="sum"))
+    means = np.array(logprobs(llama.model, batch, reduction="mean"))
+    for r, e in enumerate(exs):
+        ref = naive_token_logprobs(llama.model, e)
+        assert sums[r] == pytest.approx(ref.sum(), abs=1e-4)
+        assert means[r] == pytest.approx(ref.sum() / e.mask[1:].sum(), abs=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        logprobs(llama.model, batch, reduction="max")
+
+
+@pytest.mark.parametrize("fixture", ["llama", "qwen"])
+def test_packed_rows_equal_one_by_one(request, fixture, tiny_qwen):
+    """No packed example attends to another: packed log-probs equal separate ones to 1e-5."""
+    if fixture == "qwen":
+        lm = load_model(str(tiny_qwen))
+        attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "attention"))
+        randomize_adapters(lm.model)
+    else:
+        lm = request.getfixturevalue("llama")
+    exs = make_examples(lm.tokenizer, 9, seed=1)
+    rows = [exs[:4], exs[4:7], exs[7:]]
+    width = max(sum(len(e) - 1 for e in row) for row in rows) + 3
+    packed = _stack(rows, width, 0, packed=True)
+    got = np.array(logprobs(lm.model, packed))
+    for r, row in enumerate(rows):
+        pos = 0
+        for e in row:
+            n = len(e) - 1
+            np.testing.assert_allclose(got[r, pos:pos + n], naive_token_logprobs(lm.model, e), atol=1e-5)
+            pos += n
+    # Per-sequence sums of a packed batch, one column per segment.
+    sums = np.array(logprobs(lm.model, packed, reduction="sum", num_segments=4))
+    assert sums[0, 3] == pytest.approx(naive_token_logprobs(lm.model, exs[3]).sum(), abs=1e-4)
+    assert sums[2, 2] == 0 and sums[2, 3] == 0  # row 2 has two segments
+    # Without the block-diagonal mask the answer is different: the test can fail.
+    leaky = _stack(rows, width, 0, packed=False)
+    leaky_lp = np.array(logprobs(lm.model, leaky))
+    assert np.abs(leaky_lp - got).max() > 1e-2
+
+
+def test_head_split_on_selected_positions_equals_full_logits(llama, tiny_qwen):
+    for lm in (llama, load_model(str(tiny_qwen))):
+        split = HeadSplit.find(lm.model)
+        assert split is not None
+        exs = make_examples(lm.tokenizer, 6, seed=2)
+        for packed in (False, True):
+            rows = [exs[:3], exs[3:]] if packed else [[e] for e in exs]
+            width = max(sum(len(e) - 1 for e in r) for r in rows)
+            b = _stack(rows, width, 0, packed=packed)
+            b.select = selection(np.array(b.weights), bucket=16)
+            full = logprobs(lm.model, b)
+            part = logprobs(lm.model, b, split=split, select=b.select)
+            assert mx.abs(full - part).max().item() < 1e-5
+
+
+def test_head_split_refuses_models_it_cannot_reproduce(llama):
+    class Capped(nn.Module):  # a soft-capped head: head(body(x)) != model(x)
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner.model
+            self.inner = inner
+
+        @property
+        def layers(self):
+            return self.inner.layers
+
+        def __call__(self, x, cache=None):
+            return 5.0 * mx.tanh(self.inner(x, cache=cache) / 5.0)
+
+    assert HeadSplit.find(Capped(llama.model)) is None
+
+
+def test_adapters_off_is_exactly_the_base_model(tiny_model):
+    base = load_model(str(tiny_model)).model
+    x = mx.array([[1, 5, 9, 14, 3, 7]])
+    ref = base(x)
+    for dora in (False, True):
+        lm = load_model(str(tiny_model))
+        attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"), dora=dora)
+        assert mx.abs(lm.model(x) - ref).max().item() < 1e-5  # fresh adapters start at the base
+        randomize_adapters(lm.model)
+        assert mx.abs(lm.model(x) - ref).max().item() > 1e-3
+        with adapters_off(lm.model):
+            assert mx.abs(lm.model(x) - ref).max().item() == 0.0
+        assert mx.abs(lm.model(x) - ref).max().item() > 1e-3  # switched back on
+
+
+def test_adapters_off_inside_a_compiled_function(llama):
+    """The switch is read while tracing, so both paths live in one compiled graph."""
+    x = mx.array([[1, 5, 9, 14, 3, 7]])
+
+    def both(x):
+        with adapters_off(llama.model):
+            ref = llama.model(x)
+        return ref, llama.model(x)
+
+    ref, pol = mx.compile(both)(x)
+    with adapters_off(llama.model):
+        assert mx.abs(ref - llama.model(x)).max().item() < 1e-6
+    assert mx.abs(pol - llama.model(x)).max().item() < 1e-6
+    assert mx.abs(pol - ref).max().item() > 1e-3
+
+
+def test_fused_adapter_equals_unfused(tiny_model):
+    x = mx.array([[1, 5, 9, 14, 3, 7]])
+    for dora in (False, True):
+        lm = load_model(str(tiny_model))
+        attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"), dora=dora)
+        randomize_adapters(lm.model)
+        before = lm.model(x)
+        from mlxpost.model import fuse_adapters
+
+        fuse_adapters(lm.model)
+        assert not any(isinstance(m, LoRALinear) for _, m in lm.model.named_modules())
+        assert mx.abs(lm.model(x) - before).max().item() < 1e-4
+
+
+def test_pack_rows_best_fit():
+    lengths = [7, 3, 5, 2, 8, 1, 4]
+    rows = pack_rows(lengths, capacity=10)
+    assert sorted(i for r in rows for i in r) == list(range(7))
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert len(rows) == 3  # 30 positions in rows of 10: optimal here
+    with pytest.raises(Exception, match="does not fit"):
+        pack_rows([11], capacity=10)
+
+
+def test_batch_source_is_deterministic_and_resumable(llama):
+    exs = make_examples(llama.tokenizer, 30, seed=3)
+    for mode in ("pack", "pad"):
+        src = BatchSource(exs, mode=mode, batch_size=3, max_len=128, seed=7)
+        it = iter(src)
+        first = [next(it) for _ in range(5)]
+        state = src.state()
+        rest = [next(it) for _ in range(6)]
+        src2 = BatchSource(exs, mode=mode, batch_size=3, max_len=128, seed=7)
+        src2.load_state(state)
+        it2 = iter(src2)
+        again = [next(it2) for _ in range(6)]
+        for a, b in zip(rest, again):
+            assert mx.array_equal(a.inputs, b.inputs) and a.sources == b.sources
+        # Every example appears exactly once per epoch.
+        n = src.batches_per_epoch()
+        src3 = BatchSource(exs, mode=mode, batch_size=3, max_len=128, seed=7)
+        seen = [s for _, b in zip(range(n), src3) for s in b.sources]
+        assert sorted(seen) == sorted(e.source for e in exs)
+        assert first[0].inputs.shape[0] == 3
+        if mode == "pack":
+            assert all(b.inputs.shape == (3, 127) for b in first)
+            assert first[0].segments is not None
+        else:
+            assert first[0].segments is None and first[0].inputs.shape[1] % 32 == 0
+
+
+def test_selection_buckets():
+    w = np.zeros((2, 50), np.float32)
+    w[0, 3:9] = 1
+    w[1, 40:45] = 1
+    index, valid = selection(w, bucket=16)
+    assert index.shape == (16,) and valid.sum().item() == 11
+    assert sorted(np.array(index)[:11].tolist()) == list(range(3, 9)) + list(range(90, 95))

