@@ -12,8 +12,10 @@ Setup (printed with the results):
   only (mlx-lm: ``ChatDataset(mask_prompt=True)``), lengths uniform in 50-600
   tokens ("variable") or all 256 tokens ("fixed");
 * LoRA rank 8, scale 2, on every linear layer of every block; AdamW
-  (bias correction on) at a constant 1e-4, no clipping, batch size 4, one
-  epoch over the same examples; float32 on MLX's CPU backend.
+  (bias correction on) at a constant 1e-3, no clipping, batch size 4, one
+  epoch over the same examples; float32 on MLX's CPU backend. A packed row
+  holds several examples, so with packing the number of rows per batch is
+  chosen to give the same number of optimizer steps as mlx-lm's batches of 4.
 
 Each trainer runs in its own process (fresh peak-memory counter, same BLAS).
 Reported per trainer: trained (loss) tokens per second over the whole epoch
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+
+LR = 1e-3
 
 SYSTEMS = ["You are a helpful assistant.", "Answer carefully.", "You are a concise assistant.",
            "Be friendly and precise."]
@@ -96,7 +99,7 @@ def fix_length(rows: list[dict], model_dir: Path, length: int) -> list[dict]:
     for r in rows:
         msgs = r["messages"]
         words = msgs[2]["content"].rstrip(".").split()
-        while True:
+        for _ in range(4 * length):  # converges in far fewer; the bound only guards a loop
             msgs[2]["content"] = " ".join(words) + "."
             n = len(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
             if n == length:
@@ -159,7 +162,7 @@ def worker_mlx_lm(args) -> dict:
         def on_train_loss_report(self, info):
             reports.append(dict(info, t=time.perf_counter()))
 
-    opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.0, bias_correction=True)
+    opt = optim.AdamW(learning_rate=LR, weight_decay=0.0, bias_correction=True)
     targs = TrainingArgs(batch_size=args.batch_size, iters=iters, steps_per_report=max(1, iters // 20),
                          steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=1024,
                          adapter_file=str(Path(args.tmp) / "mlxlm_adapters.safetensors"))
@@ -192,11 +195,20 @@ def worker_mlxpost(args) -> dict:
     cfg = build_config(None, [
         f"model.path={args.model}", f"data.path={args.data}", "data.valid_fraction=0", "data.max_seq_len=1024",
         f"data.batching={args.batching}", f"train.batch_size={args.batch_size}", "train.epochs=1",
-        "train.lr=1e-4", "train.schedule=constant", "train.max_grad_norm=null", "train.eval_every=0",
+        f"train.lr={LR}", "train.schedule=constant", "train.max_grad_norm=null", "train.eval_every=0",
         "train.save_every=0", "lora.rank=8", "lora.scale=2.0", f"train.report_every={10**9}",
     ])
     rep = NullReporter()
     prep = prepare_run(cfg, rep)
+    if prep.batching == "pack":
+        # Rows hold several examples: pick rows per batch so that one epoch takes
+        # as many optimizer steps as mlx-lm's batches of batch_size examples.
+        import math
+
+        target = len(prep.train.examples) // args.batch_size
+        rows = prep.train.batches_per_epoch() * prep.train.batch_size
+        prep.train.batch_size = max(1, math.ceil(rows / target))
+        prep.train._plan = None
     steps = total_steps(cfg, prep.train)
     run = RunDir(Path(args.tmp) / "mlxpost-run")
     trainer = Trainer(prep.loaded.model, sft.objective(prep.split), cfg.train, total_steps=steps, run=run,
@@ -217,7 +229,7 @@ def worker_mlxpost(args) -> dict:
     skip = max(1, len(marks) // 10)
     steady = (marks[-1][1] - marks[skip - 1][1]) / (marks[-1][0] - marks[skip - 1][0])
     losses = [h["loss"] for h in result.history if h["kind"] == "train"]
-    return {"trainer": f"mlxpost ({prep.batching})", "steps": steps, "trained_tokens": result.trained_tokens,
+    return {"trainer": f"mlxpost ({prep.batching})", "steps": steps, "rows_per_batch": prep.train.batch_size, "trained_tokens": result.trained_tokens,
             "seconds": wall, "trained_tokens_per_s": result.trained_tokens / wall,
             "steady_trained_tokens_per_s": steady, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "final_train_loss": losses[-1] if losses else None,

@@ -38,7 +38,7 @@ class Batch:
     n_tokens: int = 0  # real (non-padding) input positions
     n_targets: int = 0  # trained positions
     n_examples: int = 0
-    select: tuple[mx.array, mx.array] | None = None  # (index (K,), valid (K,)): see logprobs.selection
+    select: tuple[mx.array, mx.array] | None = None  # (index (K,), valid (K,)): see selection()
     sources: list[str] | None = None  # "file:line" of each example, for error messages
 
     def arrays(self) -> dict:
@@ -199,7 +199,7 @@ class BatchSource:
         """``max_len``: tokens per packed row (pack) or the longest allowed example (pad)."""
         if mode not in ("pack", "pad"):
             raise MlxpostError(f"data.batching must be 'pack' or 'pad', got {mode!r}")
-        if not examples:
+        if not examples and shuffle:
             raise MlxpostError("no examples to train on")
         self.examples = examples
         self.mode = mode
@@ -219,6 +219,8 @@ class BatchSource:
     # list of example indices.
     def _make_plan(self, epoch: int) -> list[list[list[int]]]:
         n = len(self.examples)
+        if n == 0:  # a rank whose share of the validation rows is empty
+            return []
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         B = self.batch_size

@@ -49,8 +49,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MlxpostError as e:
+            from .train import NonFiniteError
+
             click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            sys.exit(3 if isinstance(e, NonFiniteError) else 2)
         except KeyboardInterrupt:
             click.secho("\ninterrupted. A run directory can be continued with --resume RUN_DIR.", fg="yellow", err=True)
             sys.exit(130)
@@ -88,7 +90,11 @@ def _training_command(method: str, kwargs: dict):
 
     import mlx.core as mx
 
-    rank = mx.distributed.init().rank()
+    from .runner import agree
+
+    group = mx.distributed.init()
+    rank = group.rank()
+    world = group if group.size() > 1 else None
     rep = make_reporter(rank, plain=True if plain else None)
     _blas_advice(rep)
     if resume:
@@ -96,7 +102,7 @@ def _training_command(method: str, kwargs: dict):
         if config or given:
             raise MlxpostError("--resume uses the run's saved config.yaml; only --set of train.steps, eval/save "
                                f"frequencies and early stopping may change (got {', '.join(given) or '--config'})")
-        cfg = resume_config(Path(resume), sets)
+        cfg = agree(world, lambda: resume_config(Path(resume), sets), "reading the run's config.yaml")
     else:
         if config is None and kwargs.get("data.path") is None and method == "sft":
             # No recipe and no data: the built-in default run (bundled data).
@@ -104,19 +110,19 @@ def _training_command(method: str, kwargs: dict):
 
             config = DEFAULT_SFT_RECIPE
             rep.info(f"no --data and no --config: the built-in default run ({Path(config).name})")
-        cfg = build_config(config, sets, cli=kwargs, method=method)
+        cfg = agree(world, lambda: build_config(config, sets, cli=kwargs, method=method), "reading the configuration")
 
     from .methods import sft
 
     objectives = {"sft": lambda prep: sft.objective(prep.split)}
     run_dir, result = run(cfg, objectives[method], reporter=rep, resume=Path(resume) if resume else None)
     if rank == 0:
+        from .model import read_adapter_config
+
+        model_dir = read_adapter_config(run_dir).get("mlxpost", {}).get("model_dir", "<model dir>")
         rep.info(f"\nadapter written to {run_dir}. Try it:\n"
                  f"  mlxpost generate --adapter {run_dir} --prompt \"...\"\n"
-                 f"  mlx_lm.generate --model {cfg.model.path if cfg.model.path != 'default' else '<model dir>'} "
-                 f"--adapter-path {run_dir} --prompt \"...\"")
-    if result.stopped == "non_finite":
-        sys.exit(3)
+                 f"  mlx_lm.generate --model {model_dir} --adapter-path {run_dir} --prompt \"...\"")
 
 
 def _blas_advice(rep) -> None:
@@ -165,7 +171,8 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
         if best:
             adapter = adapter / "best"
         meta = read_adapter_config(adapter).get("mlxpost", {})
-        model = model or meta.get("base_model")
+        local = meta.get("model_dir")
+        model = model or (local if local and Path(local).exists() else meta.get("base_model"))
         quantize, group = meta.get("quantize"), meta.get("quantize_group_size")
         dtype = meta.get("dtype") or "auto"
     loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)

@@ -216,8 +216,12 @@ def _unknown(key: str, where: str, cfg: RunConfig) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
-def set_value(cfg: RunConfig, key: str, value: Any, where: str) -> None:
-    """Set ``section.field`` (or a top-level field) with type checking."""
+def set_value(cfg: RunConfig, key: str, value: Any, where: str, raw: str | None = None) -> None:
+    """Set ``section.field`` (or a top-level field) with type checking.
+
+    ``raw``: the text as typed on the command line; a string field takes it
+    as is when YAML read something else (``--set output.name=2024-01-01``).
+    """
     parts = key.split(".")
     target = cfg
     for i, part in enumerate(parts):
@@ -232,7 +236,12 @@ def set_value(cfg: RunConfig, key: str, value: Any, where: str) -> None:
             try:
                 setattr(target, part, _coerce(value, tp))
             except ValueError:
-                raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}") from None
+                try:
+                    if raw is None:
+                        raise ValueError
+                    setattr(target, part, _coerce(raw, tp))
+                except ValueError:
+                    raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}") from None
             return
         target = getattr(target, part)
         if not dataclasses.is_dataclass(target):
@@ -312,12 +321,13 @@ def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: di
             set_value(cfg, key, value, f"--{key.split('.')[-1].replace('_', '-')}")
     for item in sets:
         key, value = parse_set(item)
-        set_value(cfg, key, value, f"--set {item}")
+        set_value(cfg, key, value, f"--set {item}", raw=item.split("=", 1)[1])
     validate(cfg)
     return cfg
 
 
 CHOICES = {
+    "method": ("sft",),
     "lora.type": ("lora", "dora"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overflow": ("truncate", "drop"),
@@ -327,7 +337,12 @@ CHOICES = {
     "train.optimizer": ("adamw", "adam", "sgd"),
 }
 
-POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr")
+POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr",
+            "train.report_every", "sample.max_tokens", "model.quantize_group_size")
+NON_NEGATIVE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.warmup_steps",
+                "train.weight_decay", "train.early_stopping_patience", "train.early_stopping_min_delta",
+                "sample.temperature")
+FRACTIONS = ("train.warmup_ratio", "train.min_lr_ratio")
 
 
 def _get(cfg: RunConfig, key: str):
@@ -345,6 +360,17 @@ def validate(cfg: RunConfig) -> None:
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
+    for key in FRACTIONS:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: must be between 0 and 1, got {_get(cfg, key)}")
+    if cfg.train.max_grad_norm is not None and cfg.train.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm: must be positive (or null for no clipping), "
+                          f"got {cfg.train.max_grad_norm}")
+    if cfg.data.pack_len is not None and cfg.data.pack_len <= 1:
+        raise ConfigError(f"data.pack_len: must be more than 1, got {cfg.data.pack_len}")
     if cfg.model.quantize not in (None, 2, 3, 4, 6, 8):
         raise ConfigError(f"model.quantize: expected 2, 3, 4, 6 or 8 bits, got {cfg.model.quantize}")
     if not 0 <= cfg.lora.dropout < 1:

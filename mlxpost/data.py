@@ -37,6 +37,7 @@ class Example:
     tokens: np.ndarray  # (T,) int32
     mask: np.ndarray  # (T,) bool: token t is a training target
     source: str = ""  # "file:line", for messages about this example
+    index: int = -1  # position among the file's valid rows (the same on every rank)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -55,6 +56,7 @@ class DataStats:
     dropped_too_long: int = 0
     dropped_no_targets: int = 0
     prefix_fallback: int = 0
+    valid_rows: int = 0  # rows that passed validation (all ranks, not only this shard)
     formats: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
     targets: int = 0
@@ -89,8 +91,19 @@ class DataStats:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
     """Yield ``(line_number, row, issue)`` for each non-blank line (1-based)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+        if head.startswith(b"["):
+            raise MlxpostError(f"{path}: this is one JSON array, not JSON Lines; write one object per line "
+                               "(e.g. python -c \"import json,sys; [print(json.dumps(r)) for r in "
+                               "json.load(open(sys.argv[1]))]\" FILE > FILE.jsonl)")
+        f.seek(0)
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, None, RowIssue(str(path), i, "", f"not UTF-8 text (byte {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -163,12 +176,15 @@ def validate_messages(messages: Any, prefix: str = "messages", *, require_assist
             problems.append((f"{f}.role", "two user turns in a row (expected an assistant turn between them)"))
         elif role == "assistant" and prev in (None, "system") and not allow_leading_assistant:
             problems.append((f"{f}.role", "the conversation must start with a user turn (after an optional system message)"))
-        elif role == "assistant" and prev == "assistant" and not prev_calls:
-            problems.append((f"{f}.role", "two assistant turns in a row"))
+        elif role == "assistant" and prev == "assistant":
+            problems.append((f"{f}.role", "an assistant turn with tool_calls must be followed by tool turns"
+                             if prev_calls else "two assistant turns in a row"))
         elif role == "tool" and not (prev == "tool" or (prev == "assistant" and prev_calls)):
             problems.append((f"{f}.role", "a tool turn must follow an assistant turn with tool_calls"))
         elif role == "user" and prev == "assistant" and prev_calls:
             problems.append((f"{f}.role", "an assistant turn with tool_calls must be followed by tool turns"))
+        elif role == "user" and prev == "tool":
+            problems.append((f"{f}.role", "tool results must be answered by an assistant turn"))
         prev, prev_calls = role, bool(calls) if role == "assistant" else False
 
     if require_assistant:
@@ -200,10 +216,13 @@ def validate_sft_row(row: dict) -> list[tuple[str, str]]:
         return []
     # prompt / completion
     problems = []
+    tools = row.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        problems.append(("tools", f"expected a list, got {type(tools).__name__}"))
     for key in ("prompt", "completion"):
         if key not in row:
             problems.append((key, "missing"))
-    if problems:
+    if any(f in ("prompt", "completion") for f, _ in problems):
         return problems
     p, c = row["prompt"], row["completion"]
     if isinstance(p, str) and isinstance(c, str):
@@ -240,6 +259,9 @@ class Renderer:
         # mlx-lm's TokenizerWrapper forwards to the Hugging Face tokenizer; we
         # need the real one for offsets and assistant masks.
         self.hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        if not getattr(self.hf, "is_fast", True):
+            raise MlxpostError("this tokenizer is a slow (Python) tokenizer; mlxpost needs a fast one "
+                               "(a tokenizer.json in the model directory) to locate assistant tokens")
         self.has_template = getattr(self.hf, "chat_template", None) is not None
         if chat_template not in ("auto", "none"):
             raise MlxpostError(f"data.chat_template must be 'auto' or 'none', got {chat_template!r}")
@@ -454,7 +476,7 @@ def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, ove
                 continue
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
             stats.truncated += 1
-        ex = Example(np.asarray(ids, np.int32), np.asarray(mask, bool), f"{path}:{line}")
+        ex = Example(np.asarray(ids, np.int32), np.asarray(mask, bool), f"{path}:{line}", n_valid - 1)
         if ex.n_targets == 0:
             stats.dropped_no_targets += 1
             continue
@@ -468,17 +490,25 @@ def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, ove
                             hint="Fix these rows, or pass --skip-bad-rows (data.skip_bad_rows=true) to skip them.")
         stats.bad_rows += bad
     stats.prefix_fallback = renderer.prefix_fallbacks
+    stats.valid_rows = min(n_valid, limit) if limit is not None else n_valid
     return examples, stats
 
 
-def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out ``fraction`` of the examples (at least one) for validation."""
+def split_examples(examples: list[Example], fraction: float, seed: int,
+                   total: int | None = None) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the rows (at least one) for validation.
+
+    The held-out rows are chosen by row index among ``total`` valid rows, so
+    ranks that each hold a shard of the examples agree on the split.
+    """
     if not 0 < fraction < 1:
         raise MlxpostError(f"data.valid_fraction must be between 0 and 1, got {fraction}")
-    n_valid = max(1, int(math.floor(len(examples) * fraction)))
-    if n_valid >= len(examples):
-        raise MlxpostError(f"only {len(examples)} examples: too few to hold out a validation split")
-    order = np.random.default_rng(seed).permutation(len(examples))
-    valid = [examples[i] for i in sorted(order[:n_valid])]
-    train = [examples[i] for i in sorted(order[n_valid:])]
+    total = len(examples) if total is None else total
+    n_valid = max(1, int(math.floor(total * fraction)))
+    if n_valid >= total:
+        raise MlxpostError(f"only {total} examples: too few to hold out a validation split")
+    held = set(np.random.default_rng(seed).permutation(total)[:n_valid].tolist())
+    keys = [e.index if e.index >= 0 else i for i, e in enumerate(examples)]
+    valid = [e for e, k in zip(examples, keys) if k in held]
+    train = [e for e, k in zip(examples, keys) if k not in held]
     return train, valid

@@ -41,18 +41,21 @@ class LoadedModel:
 # ---------------------------------------------------------------------------
 
 
-def resolve_model_path(spec: str, revision: str | None = None) -> Path:
-    """Local directory for ``spec`` (HF directory, ``.gguf`` file or hub id)."""
+def resolve_model_path(spec: str, revision: str | None = None, log=None) -> Path:
+    """Local directory for ``spec`` (HF directory, ``.gguf`` file or hub id).
+
+    ``log``: an optional callable for progress messages (downloads, conversion).
+    """
     if spec in (None, "", "default"):
         from .defaults import default_model_path
 
-        return default_model_path()
+        return default_model_path(log=log)
     p = Path(spec).expanduser()
     if p.exists():
         if p.is_file() and p.suffix == ".gguf":
             from .gguf import convert_gguf_cached
 
-            return convert_gguf_cached(p)
+            return convert_gguf_cached(p, log=log)
         if p.is_dir():
             if not (p / "config.json").exists():
                 raise MlxpostError(f"{p}: not a model directory (no config.json)")
@@ -86,7 +89,8 @@ def default_dtype() -> str:
 
 
 def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = None,
-               group_size: int = 64, revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+               group_size: int = 64, revision: str | None = None, trust_remote_code: bool = False,
+               log=None) -> LoadedModel:
     """Load a model and its tokenizer; cast floating weights to ``dtype``.
 
     ``quantize`` (4 or 8) quantizes the linear layers of the transformer
@@ -96,7 +100,7 @@ def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = 
     from mlx_lm.utils import load_model as _load_model
     from mlx_lm.utils import load_tokenizer
 
-    path = resolve_model_path(spec, revision)
+    path = resolve_model_path(spec, revision, log)
     try:
         model, config = _load_model(path, lazy=True, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -265,10 +269,16 @@ def load_adapters(model: nn.Module, directory: str | Path, weights_file: str | P
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise MlxpostError(f"{d / ADAPTER_CONFIG}: fine_tune_type {kind!r} is not supported (lora or dora)")
-    lp = cfg.get("lora_parameters", {})
-    keys = lp.get("keys") or resolve_targets(model, "all-linear")
-    attach_adapters(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0), dropout=dropout, keys=keys,
-                    num_layers=cfg.get("num_layers"), dora=kind == "dora")
+    lp = dict(cfg.get("lora_parameters", {}))
+    # mlx-lm's own adapter_config.json may leave keys and num_layers out; fill
+    # them in as mlx-lm would, and return the resolved values.
+    lp["keys"] = lp.get("keys") or resolve_targets(model, "all-linear")
+    lp["rank"], lp["scale"] = lp.get("rank", 8), lp.get("scale", 20.0)
+    n = cfg.get("num_layers") or len(model.layers)
+    n = len(model.layers) if n < 0 else n
+    attach_adapters(model, rank=lp["rank"], scale=lp["scale"], dropout=dropout, keys=lp["keys"],
+                    num_layers=n, dora=kind == "dora")
+    cfg = {**cfg, "lora_parameters": lp, "num_layers": n}
     wf = Path(weights_file) if weights_file else d / ADAPTER_WEIGHTS
     if not wf.exists():
         raise MlxpostError(f"{d}: no {wf.name}")

@@ -8,7 +8,6 @@ only its objective (``methods/<name>.py``).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .logprobs import HeadSplit, logprobs
 from .model import (LoadedModel, adapter_config, attach_adapters, is_quantized, load_adapters, load_model,
                     resolve_targets, trainable_count)
 from .runs import RunDir, new_run_dir
-from .train import Objective, Trainer, TrainResult, steps_for_epochs
+from .train import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
 
 # Keys that may change when a run is resumed (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.save_every", "train.report_every",
@@ -49,6 +48,27 @@ class Prepared:
 def _world():
     world = mx.distributed.init()
     return world if world.size() > 1 else None
+
+
+def agree(world, fn: Callable, what: str):
+    """Run ``fn`` on every rank; if it fails on any rank, fail on every rank.
+
+    Without this a rank that hit an error (bad data row, existing run
+    directory, missing checkpoint) would exit while the others wait forever
+    in the next collective operation.
+    """
+    error = None
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the vote
+        error, value = e, None
+    if world is not None:
+        failed = mx.distributed.all_sum(mx.array(int(error is not None)), group=world, stream=mx.cpu).item()
+        if failed and error is None:
+            raise MlxpostError(f"{what} failed on another process (its own message says why)")
+    if error is not None:
+        raise error
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -122,14 +142,18 @@ def load_data(cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
     opts = dict(max_seq_len=d.max_seq_len, overflow=d.overflow, skip_bad_rows=d.skip_bad_rows, shard=shard)
     train, tstats = tokenize_file(files["train"], renderer, limit=d.max_examples, **opts)
     valid, vstats = [], None
+    has_valid = False  # globally: every rank reaches the same answer
     if "valid" in files:
+        has_valid = True
         valid, vstats = tokenize_file(files["valid"], renderer, **opts)
-    elif d.valid_fraction > 0 and len(train) >= 20:
-        train, valid = split_examples(train, d.valid_fraction, cfg.train.seed)
+    elif d.valid_fraction > 0 and tstats.valid_rows >= 20:
+        # Decided on the global row count, so every rank agrees.
+        train, valid = split_examples(train, d.valid_fraction, cfg.train.seed, total=tstats.valid_rows)
+        has_valid = True
     stats = {"files": {k: str(v) for k, v in files.items()}, "train": tstats.summary(),
              "valid": vstats.summary() if vstats else None, "train_examples": len(train),
              "valid_examples": len(valid)}
-    return train, valid, stats, tstats
+    return train, (valid if has_valid else None), stats, tstats
 
 
 def _warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
@@ -157,7 +181,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     m = cfg.model
     with rep.status(f"loading model {m.path}"):
         loaded = load_model(m.path, dtype=m.dtype, quantize=m.quantize, group_size=m.quantize_group_size,
-                            revision=m.revision, trust_remote_code=m.trust_remote_code)
+                            revision=m.revision, trust_remote_code=m.trust_remote_code, log=rep.info)
     model = loaded.model
 
     lcfg = cfg.lora
@@ -174,8 +198,11 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
         rank_, scale, dora = lcfg.rank, lcfg.resolved_scale(), lcfg.type == "dora"
         attach_adapters(model, rank=rank_, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
                         dora=dora)
+    model.eval()  # the probes below must not see dropout; the loop switches to train mode
     trainable = trainable_count(model)
-    extra = {"base_model": m.path, "model_dir": str(loaded.path), "method": cfg.method, "alpha": scale * rank_,
+    local = Path(m.path).expanduser()
+    base = str(local.resolve()) if local.exists() else m.path  # absolute, so it works from anywhere
+    extra = {"base_model": base, "model_dir": str(Path(loaded.path).resolve()), "method": cfg.method, "alpha": scale * rank_,
              "quantize": m.quantize, "quantize_group_size": m.quantize_group_size if m.quantize else None,
              "base_quantized": is_quantized(model), "dtype": m.dtype}
     acfg = adapter_config(rank=rank_, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
@@ -191,13 +218,13 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     if cfg.data.batching == "auto" and batching == "pad" and mx.default_device() != mx.cpu:
         rep.warn("this model does not isolate packed examples; using padded batches")
     split = HeadSplit.find(model)
-    B, L = cfg.train.batch_size, pack_length(cfg, train + valid)
+    B, L = cfg.train.batch_size, pack_length(cfg, train + (valid or []))
     bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" else 64
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     common = dict(mode=batching, batch_size=B, max_len=L, pad_id=pad_id,
                   select_bucket=bucket if split else None)
     train_src = BatchSource(train, seed=cfg.train.seed, shuffle=True, **common)
-    valid_src = BatchSource(valid, seed=cfg.train.seed, shuffle=False, **common) if valid else None
+    valid_src = BatchSource(valid, seed=cfg.train.seed, shuffle=False, **common) if valid is not None else None
     return Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
 
 
@@ -251,6 +278,26 @@ def run_samples(model, tokenizer, prompts: list[str], cfg: RunConfig) -> list[st
 # ---------------------------------------------------------------------------
 
 
+def _checkpoint_step(ckpt: Path | None) -> int:
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"] if ckpt else -1
+
+
+def _resume_point(rundir: RunDir, steps: int) -> Path | None:
+    """The checkpoint to resume from, or an error saying why the run cannot continue."""
+    ckpt = rundir.latest_checkpoint()
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("stopped") == "early_stopping":
+        raise MlxpostError(f"{rundir.path} stopped early at step {state['step']} (validation loss no longer "
+                           "improved); its best adapter is in best/")
+    if state["step"] >= steps:
+        raise MlxpostError(f"{rundir.path} already finished {state['step']} of {steps} steps "
+                           "(raise train.steps with --set train.steps=N to train longer; the "
+                           "learning-rate schedule is then stretched over the new length)")
+    return ckpt
+
+
 def resume_config(run_dir: Path, sets: list[str]) -> RunConfig:
     f = run_dir / "config.yaml"
     if not f.exists():
@@ -262,7 +309,7 @@ def resume_config(run_dir: Path, sets: list[str]) -> RunConfig:
         key, value = parse_set(item)
         if key not in RESUMABLE_KEYS:
             raise ConfigError(f"--set {item}: {key} cannot change when resuming (only {', '.join(RESUMABLE_KEYS)})")
-        set_value(cfg, key, value, f"--set {item}")
+        set_value(cfg, key, value, f"--set {item}", raw=item.split("=", 1)[1])
     validate(cfg)
     return cfg
 
@@ -277,18 +324,21 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, repor
 
     if world is not None and resume is None and cfg.output.name is None:
         raise MlxpostError("distributed runs need an explicit run name (--name) so every rank writes the same place")
-    if resume is not None:
-        run_path = Path(resume)
-    elif rank == 0:
-        run_path = new_run_dir(cfg.output.dir, cfg.output.name, cfg.method, cfg.output.overwrite)
-    else:
-        run_path = Path(cfg.output.dir) / cfg.output.name
+
+    def make_run_dir() -> Path:
+        if resume is not None:
+            return Path(resume)
+        if rank == 0:
+            return new_run_dir(cfg.output.dir, cfg.output.name, cfg.method, cfg.output.overwrite)
+        return Path(cfg.output.dir) / cfg.output.name
+
+    run_path = agree(world, make_run_dir, "creating the run directory")
     rundir = RunDir(run_path, writer=rank == 0)
     rundir.write_text("config.yaml", dump_yaml(cfg))
     rep.info(f"run directory: {run_path}")
 
     t_start = time.time()
-    prep = prepare(cfg, rep, rank, size)
+    prep = agree(world, lambda: prepare(cfg, rep, rank, size), "loading the model or the data")
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     if world is not None:
         # Every rank drops batches beyond the smallest share's epoch, so that
@@ -299,14 +349,17 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, repor
     steps = total_steps(cfg, prep.train)
     ckpt = None
     if resume is not None:
-        ckpt = rundir.latest_checkpoint()
+        ckpt = agree(world, lambda: _resume_point(rundir, steps), "reading the checkpoint")
         if ckpt is None:
             rep.warn(f"{run_path}: no checkpoint yet; starting this run from the beginning")
-        else:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            if state["step"] >= steps:
-                raise MlxpostError(f"{run_path} already finished {state['step']} of {steps} steps "
-                                   "(raise train.steps with --set train.steps=N to train longer)")
+        if world is not None:
+            mine = _checkpoint_step(ckpt)
+            steps_seen = mx.distributed.all_gather(mx.array([mine]), group=world, stream=mx.cpu).tolist()
+            if len(set(steps_seen)) > 1:
+                raise MlxpostError(
+                    f"the processes see different checkpoints in {run_path} (steps {steps_seen}, -1 = none): "
+                    "resuming a run on several machines needs its run directory on every machine "
+                    "(a shared filesystem, or copy it to each)")
 
     info = [("model", cfg.model.path), ("model dir", str(prep.loaded.path)),
             ("trainable params", f"{prep.trainable:,}"), ("adapter", f"{prep.adapter_cfg['fine_tune_type']} "
@@ -331,6 +384,11 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, repor
                       adapter_cfg=prep.adapter_cfg, world=world)
     try:
         result = trainer.fit(prep.train, prep.valid, resume_from=ckpt)
+    except NonFiniteError:
+        rep.end()
+        rundir.write_json("summary.json", {"run_dir": str(run_path), "method": cfg.method, "stopped": "non_finite",
+                                           "steps": trainer.step, "wall_seconds": round(time.time() - t_start, 1)})
+        raise
     finally:
         rep.end()
 

@@ -8,7 +8,8 @@ A run directory holds::
     adapters.safetensors          --adapter-path RUN_DIR works)
     best/                       the adapter with the lowest validation loss
     checkpoints/step-0000100/   adapter, optimizer state, trainer state (step,
-                                data position, RNG); written to a temporary
+                                data position; the random stream is derived
+                                from seed and step); written to a temporary
                                 directory and renamed, so a kill never leaves a
                                 half-written checkpoint
     checkpoints/latest          name of the newest complete checkpoint
@@ -42,6 +43,19 @@ class RunDir:
         self.ckpt_dir = self.path / "checkpoints"
         if writer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self._recover()
+
+    def _recover(self) -> None:
+        """Undo what a kill in the middle of a save can leave behind."""
+        for parent in (self.path, self.ckpt_dir):
+            for old in parent.glob(".old-*"):  # killed between the two renames of _replace_dir
+                final = old.with_name(old.name[len(".old-"):])
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(old, final)
+            for tmp in list(parent.glob(".tmp-*")) + list(parent.glob(".best.tmp")):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     # -- small files ------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
@@ -139,6 +153,10 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore adapter weights and optimizer state; return the trainer state."""
     state = json.loads((path / STATE_FILE).read_text())
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
+    expected = set(adapter_weights(model))
+    if set(weights) != expected:
+        diff = sorted(set(weights) ^ expected)
+        raise MlxpostError(f"{path / ADAPTER_WEIGHTS} does not match this run's adapters ({diff[0]} ...)")
     model.load_weights(list(weights.items()), strict=False)
     opt = mx.load(str(path / OPTIMIZER_FILE))
     # Assign leaf by leaf, in place: compiled steps hold references to these
@@ -169,10 +187,13 @@ def new_run_dir(root: str | Path, name: str | None, method: str, overwrite: bool
     if name is None:
         name = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = root / name
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise MlxpostError(f"run directory {path} exists; resume it with --resume {path}, "
                                "pick another --name, or pass --overwrite")
+        if not (path / "config.yaml").exists() and not (path / "metrics.jsonl").exists():
+            raise MlxpostError(f"{path} exists and is not an mlxpost run directory; --overwrite only "
+                               "replaces run directories")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -27,7 +27,6 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .batching import Batch, BatchSource, batch_from_arrays
@@ -48,7 +47,7 @@ class Objective:
 @dataclass
 class TrainResult:
     steps: int
-    stopped: str  # "completed" | "early_stopping" | "non_finite"
+    stopped: str  # "completed" | "early_stopping" (a non-finite loss raises NonFiniteError)
     final_loss: float | None
     best_val_loss: float | None
     best_step: int | None
@@ -171,6 +170,7 @@ class Trainer:
         self.trained_tokens = 0
         self.train_seconds = 0.0
         self.history: list[dict] = []
+        self.stopped: str | None = None  # set when the run ends
         self._build_functions()
 
     # -- compiled pieces ------------------------------------------------------
@@ -195,13 +195,16 @@ class Trainer:
 
         world = self.world if self.world_size > 1 else None
 
-        def update(acc):
-            grads, count, loss = acc["grads"], acc["count"], acc["loss"]
+        def update(acc, tokens):
+            # tokens: (2,) this rank's [input positions, trained positions] in the step.
+            grads, count, loss, metrics = acc["grads"], acc["count"], acc["loss"], acc["metrics"]
             if world is not None:
-                # Sum gradients and unit counts over ranks, then normalise once.
+                # Sum gradients, unit counts and metrics over ranks, then normalise once.
                 grads = tree_map(lambda g: mx.distributed.all_sum(g, group=world), grads)
                 count = mx.distributed.all_sum(count, group=world)
                 loss = mx.distributed.all_sum(loss, group=world)
+                metrics = tree_map(lambda m: mx.distributed.all_sum(m, group=world), metrics)
+                tokens = mx.distributed.all_sum(tokens, group=world)
             denom = mx.maximum(count, 1.0)
             grads = tree_map(lambda g: g / denom, grads)
             if cfg.max_grad_norm:
@@ -211,7 +214,8 @@ class Trainer:
             opt.update(model, grads)
             mean_loss = loss / denom
             ok = mx.isfinite(mean_loss) & mx.isfinite(gnorm)
-            return mean_loss, gnorm, ok
+            return {"loss": mean_loss, "grad_norm": gnorm, "ok": ok, "tokens": tokens,
+                    "metrics": tree_map(lambda m: m / denom, metrics)}
 
         def evaluate(arrays):
             loss_sum, count, metrics = loss_fn(model, batch_from_arrays(arrays))
@@ -228,34 +232,43 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self, source: BatchSource | None, max_batches: int = -1) -> dict | None:
+        """Validation loss (and metric means) over ``source``, summed over ranks.
+
+        Every rank takes part in the reductions, also one whose share of the
+        validation rows is empty.
+        """
         if source is None:
             return None
         self.model.eval()
-        total = count = None
+        total, count = mx.array(0.0), mx.array(0.0)
         sums = None
         n = 0
         source.load_state({"epoch": 0, "index": 0})
         for batch in source:
             loss_sum, c, metrics = self._eval(batch.arrays())
-            total = loss_sum if total is None else total + loss_sum
-            count = c if count is None else count + c
+            total, count = total + loss_sum, count + c
             sums = _sum_trees(sums, metrics)
             mx.eval(total, count, sums)
             n += 1
             if 0 < max_batches <= n:
                 break
         self.model.train()
-        if total is None:
-            return None
+        sums = sums or {}
         if self.world_size > 1:
-            total = mx.distributed.all_sum(total, group=self.world, stream=mx.cpu)
-            count = mx.distributed.all_sum(count, group=self.world, stream=mx.cpu)
-            sums = tree_map(lambda x: mx.distributed.all_sum(x, group=self.world, stream=mx.cpu), sums)
-        c = max(count.item(), 1.0)
+            g = self.world
+            total = mx.distributed.all_sum(total, group=g, stream=mx.cpu)
+            count = mx.distributed.all_sum(count, group=g, stream=mx.cpu)
+            everyone = mx.distributed.all_sum(mx.array(1 if n else 0), group=g, stream=mx.cpu).item()
+            # Metric names are known only where batches ran: reduce them when all ranks had some.
+            sums = ({k: mx.distributed.all_sum(v, group=g, stream=mx.cpu) for k, v in sorted(sums.items())}
+                    if everyone == self.world_size else {})
+        c = count.item()
+        if c == 0:
+            return None
         out = {"val_loss": total.item() / c}
         if self.objective.perplexity:
             out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-        for k, v in (sums or {}).items():
+        for k, v in sums.items():
             out[f"val_{k}"] = v.item() / c
         return out
 
@@ -274,6 +287,7 @@ class Trainer:
             "trained_tokens": self.trained_tokens,
             "train_seconds": self.train_seconds,
             "world_size": self.world_size,
+            "stopped": self.stopped,
         }
 
     def save(self, source: BatchSource) -> None:
@@ -298,6 +312,7 @@ class Trainer:
         cfg, model, run, rep = self.cfg, self.model, self.run, self.reporter
         if resume_from is not None:
             self.restore(resume_from, train_source)
+            run.log({"kind": "resume", "step": self.step, "checkpoint": resume_from.name})
             rep.event(f"resumed from {resume_from.name} (step {self.step})", step=self.step)
         model.train()
         batches: Iterator[Batch] = iter(train_source)
@@ -345,22 +360,26 @@ class Trainer:
             mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
             acc = None
             used: list[Batch] = []
-            for _ in range(cfg.grad_accum):
+            for i in range(cfg.grad_accum):
                 batch = next(batches)
                 used.append(batch)
                 acc = self._micro(batch.arrays(), acc)
-            mean_loss, gnorm, ok = self._update(acc)
-            mx.eval(self._state, mean_loss, gnorm, ok)
+                if i + 1 < cfg.grad_accum:
+                    mx.eval(acc)  # bound memory to one micro-batch's graph
+            local = mx.array([sum(b.n_tokens for b in used), sum(b.n_targets for b in used)], mx.float32)
+            out = self._update(acc, local)
+            mx.eval(self._state, out)  # the one sync point of the step
             dt = time.perf_counter() - t0
             self.step += 1
-            n_tok = sum(b.n_tokens for b in used) * self.world_size
-            n_trained = sum(b.n_targets for b in used) * self.world_size
+            n_tok, n_trained = (int(x) for x in out["tokens"].tolist())  # summed over ranks
             self.tokens += n_tok
             self.trained_tokens += n_trained
             self.train_seconds += dt
-            if not ok.item():
-                self._non_finite(mean_loss.item(), gnorm.item(), used)
-            win_loss = mean_loss if win_loss is None else win_loss + mean_loss
+            # Reading one flag that the eval above already computed costs no extra
+            # sync, and stops a bad step before it can reach a checkpoint.
+            if not out["ok"].item():
+                self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
+            win_loss = out["loss"] if win_loss is None else win_loss + out["loss"]
             win_count = (win_count or 0) + 1
             win_tokens += n_tok
             win_trained += n_trained
@@ -371,7 +390,7 @@ class Trainer:
             if self.step % cfg.report_every == 0 or self.step == self.total_steps or self.step == 1:
                 metrics = {
                     "loss": win_loss.item() / win_count,
-                    "grad_norm": gnorm.item(),
+                    "grad_norm": out["grad_norm"].item(),
                     "lr": float(self.optimizer.learning_rate.item()),
                     "tokens_per_s": win_tokens / max(win_time, 1e-9),
                     "trained_tokens_per_s": win_trained / max(win_time, 1e-9),
@@ -382,8 +401,8 @@ class Trainer:
                 }
                 if self.objective.perplexity:
                     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
-                for k, v in (acc["metrics"] or {}).items():
-                    metrics[k] = v.item() / max(acc["count"].item(), 1.0)
+                for k, v in out["metrics"].items():  # the last step's, over all ranks
+                    metrics[k] = v.item()
                 last["loss"] = metrics["loss"]
                 self.history.append({"kind": "train", "step": self.step, **metrics})
                 run.log({"kind": "train", "step": self.step, **metrics})
@@ -405,6 +424,7 @@ class Trainer:
 
         if stopped == "completed" and valid_source is not None:
             do_eval()
+        self.stopped = stopped
         self.save(train_source)
         run.save_final(model, self.adapter_cfg)
         return TrainResult(

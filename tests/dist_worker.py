@@ -35,7 +35,10 @@ def main(model, data, out, ranks):
     world = mx.distributed.init() if ranks > 1 else None
     rank = world.rank() if world else 0
     cfg = build_config(None, [f"model.path={model}", f"data.path={data}", "data.valid_fraction=0",
-                              "train.steps=2", "train.lr=1e-2", "data.batching=pad", "train.eval_at_start=false"])
+                              "train.steps=2", "train.lr=0.5", "data.batching=pad", "train.eval_at_start=false",
+                              # SGD without clipping: the update is proportional to the gradient,
+                              # so a normalisation error across ranks cannot hide.
+                              "train.optimizer=sgd", "train.max_grad_norm=null", "train.schedule=constant"])
     prep = prepare(cfg, NullReporter())  # every rank reads all rows here; we pick shares by hand
     ex = prep.train.examples[:8]
     if world:
@@ -46,8 +49,10 @@ def main(model, data, out, ranks):
     tr = Trainer(prep.loaded.model, sft.objective(None), cfg.train, total_steps=2,
                  run=RunDir(Path(out) / f"run{ranks}", writer=rank == 0), reporter=NullReporter(),
                  adapter_cfg=prep.adapter_cfg, world=world)
-    tr.fit(Fixed(batches), None)
+    result = tr.fit(Fixed(batches), None)
     if rank == 0:
+        losses = [h["loss"] for h in result.history if h["kind"] == "train"]
+        (Path(out) / f"loss{ranks}.txt").write_text(" ".join(map(str, losses)))
         from mlx.utils import tree_flatten
 
         np.savez(Path(out) / f"weights{ranks}.npz",

