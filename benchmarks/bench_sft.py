@@ -122,7 +122,6 @@ def fix_length(rows: list[dict], model_dir: Path, length: int) -> list[dict]:
 
 def _valid_loss(model, tokenizer, data_dir: str) -> float:
     """Mean NLL of the assistant tokens of valid.jsonl, computed by mlxpost's core for both trainers."""
-    import mlx.core as mx
 
     from mlxpost.batching import BatchSource
     from mlxpost.data import Renderer, tokenize_file

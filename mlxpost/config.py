@@ -201,7 +201,7 @@ def _fields(obj) -> dict[str, dataclasses.Field]:
 def known_keys(cfg: RunConfig | None = None) -> list[str]:
     cfg = cfg or RunConfig()
     keys = []
-    for name, f in _fields(cfg).items():
+    for name in _fields(cfg):
         sub = getattr(cfg, name)
         if dataclasses.is_dataclass(sub):
             keys += [f"{name}.{k}" for k in _fields(sub)]

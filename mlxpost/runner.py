@@ -218,13 +218,18 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     if cfg.data.batching == "auto" and batching == "pad" and mx.default_device() != mx.cpu:
         rep.warn("this model does not isolate packed examples; using padded batches")
     split = HeadSplit.find(model)
-    B, L = cfg.train.batch_size, pack_length(cfg, train + (valid or []))
-    bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" else 64
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    common = dict(mode=batching, batch_size=B, max_len=L, pad_id=pad_id,
-                  select_bucket=bucket if split else None)
-    train_src = BatchSource(train, seed=cfg.train.seed, shuffle=True, **common)
-    valid_src = BatchSource(valid, seed=cfg.train.seed, shuffle=False, **common) if valid is not None else None
+
+    def source(examples: list[Example], shuffle: bool) -> BatchSource:
+        # Each source sizes its own rows: long validation chats must not widen
+        # every training row (that padding costs as much as real tokens).
+        B, L = cfg.train.batch_size, pack_length(cfg, examples) if examples else cfg.data.max_seq_len
+        bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" else 64
+        return BatchSource(examples, mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed,
+                           shuffle=shuffle, select_bucket=bucket if split else None)
+
+    train_src = source(train, shuffle=True)
+    valid_src = source(valid, shuffle=False) if valid is not None else None
     return Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
 
 

@@ -139,6 +139,19 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _wire_memory() -> None:
+    """On Metal, keep up to the recommended working set wired (as mlx-lm does).
+
+    The CPU backend's ``device_info`` has no such key: then nothing happens.
+    """
+    try:
+        size = mx.device_info().get("max_recommended_working_set_size")
+        if size:
+            mx.set_wired_limit(size)
+    except (AttributeError, RuntimeError, ValueError):
+        pass
+
+
 def _sum_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
 
@@ -310,6 +323,7 @@ class Trainer:
     def fit(self, train_source: BatchSource, valid_source: BatchSource | None = None,
             resume_from=None) -> TrainResult:
         cfg, model, run, rep = self.cfg, self.model, self.run, self.reporter
+        _wire_memory()
         if resume_from is not None:
             self.restore(resume_from, train_source)
             run.log({"kind": "resume", "step": self.step, "checkpoint": resume_from.name})
