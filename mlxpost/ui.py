@@ -27,6 +27,8 @@ def _fmt(v: Any, key: str = "") -> str:
             return f"{v:.2e}"
         if key.endswith("per_s"):
             return f"{v:,.0f}"
+        if key.endswith("seconds"):
+            return f"{v:,.1f}"
         if abs(v) >= 1000:
             return f"{v:,.0f}"
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
