@@ -186,8 +186,9 @@ def test_data_parallel_on_two_local_processes(tmp_path, tiny_model, sft_data):
     cmd[cmd.index("--name") + 1] = "dp"
     out = subprocess.run(cmd, capture_output=True, text=True, env=mlxpost_env(), timeout=120)
     both = out.stdout + out.stderr
-    # (mlx.launch itself exits 0; it reports each rank's exit code.)
-    assert "rank 0 exited with code 2" in both and "rank 1 exited with code 2" in both
+    # (mlx.launch itself exits 0; it reports the exit codes, and stops the other
+    # rank once one has exited, so which rank reports code 2 first varies.)
+    assert "exited with code 2" in both
     assert "exists; resume it with --resume" in both
     assert "failed on another process" in both
 
