@@ -126,10 +126,8 @@ def _training_command(method: str, kwargs: dict):
 
 
 def _blas_advice(rep) -> None:
-    try:
-        from .system import blas_advice
-    except ImportError:
-        return
+    from .system import blas_advice
+
     advice = blas_advice()
     if advice:
         rep.warn(advice)
@@ -200,12 +198,9 @@ def doctor(no_measure):
 
 
 def main():
-    try:
-        from .system import maybe_reexec
-    except ImportError:
-        maybe_reexec = None
-    if maybe_reexec is not None:
-        maybe_reexec()
+    from .system import maybe_reexec
+
+    maybe_reexec()  # before MLX does any work: LD_PRELOAD only acts at process start
     cli(prog_name="mlxpost")
 
 

@@ -282,17 +282,25 @@ def load_adapters(model: nn.Module, directory: str | Path, weights_file: str | P
     wf = Path(weights_file) if weights_file else d / ADAPTER_WEIGHTS
     if not wf.exists():
         raise MlxpostError(f"{d}: no {wf.name}")
-    weights = mx.load(str(wf))
+    load_adapter_weights(model, wf)
+    return cfg
+
+
+def load_adapter_weights(model: nn.Module, weights_file: Path) -> None:
+    """Load adapter tensors into the model's (already attached) adapters.
+
+    The file must hold exactly the model's trainable tensors, with their shapes.
+    """
+    weights = mx.load(str(weights_file))
     expected = dict(tree_flatten(model.trainable_parameters()))
     problems = [f"{k}: not an adapter parameter of this model" for k in weights if k not in expected]
     problems += [f"{k}: shape {tuple(weights[k].shape)} != {tuple(expected[k].shape)}"
                  for k in weights if k in expected and weights[k].shape != expected[k].shape]
-    problems += [f"{k}: missing from {wf.name}" for k in expected if k not in weights]
+    problems += [f"{k}: missing from {weights_file.name}" for k in expected if k not in weights]
     if problems:
-        raise MlxpostError(f"{wf} does not fit this model:\n  " + "\n  ".join(problems[:10]))
+        raise MlxpostError(f"{weights_file} does not fit this model:\n  " + "\n  ".join(problems[:10]))
     model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
-    return cfg
 
 
 def fuse_adapters(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 
 from .errors import MlxpostError
 from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, atomic_write_bytes, atomic_write_json,
-                    save_adapters)
+                    load_adapter_weights, save_adapters)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -152,12 +152,10 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore adapter weights and optimizer state; return the trainer state."""
     state = json.loads((path / STATE_FILE).read_text())
-    weights = mx.load(str(path / ADAPTER_WEIGHTS))
-    expected = set(adapter_weights(model))
-    if set(weights) != expected:
-        diff = sorted(set(weights) ^ expected)
-        raise MlxpostError(f"{path / ADAPTER_WEIGHTS} does not match this run's adapters ({diff[0]} ...)")
-    model.load_weights(list(weights.items()), strict=False)
+    try:
+        load_adapter_weights(model, path / ADAPTER_WEIGHTS)
+    except MlxpostError as e:
+        raise MlxpostError(f"checkpoint {path.name} does not match this run's adapters: {e}") from None
     opt = mx.load(str(path / OPTIMIZER_FILE))
     # Assign leaf by leaf, in place: compiled steps hold references to these
     # containers, and the state tree has non-array leaves a flat file lacks.
