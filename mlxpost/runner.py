@@ -390,7 +390,6 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, repor
     try:
         result = trainer.fit(prep.train, prep.valid, resume_from=ckpt)
     except NonFiniteError:
-        rep.end()
         rundir.write_json("summary.json", {"run_dir": str(run_path), "method": cfg.method, "stopped": "non_finite",
                                            "steps": trainer.step, "wall_seconds": round(time.time() - t_start, 1)})
         raise
