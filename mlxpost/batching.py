@@ -40,6 +40,7 @@ class Batch:
     n_examples: int = 0
     select: tuple[mx.array, mx.array] | None = None  # (index (K,), valid (K,)): see selection()
     sources: list[str] | None = None  # "file:line" of each example, for error messages
+    extra: dict | None = None  # further arrays a method needs (e.g. precomputed reference log-probs)
 
     def arrays(self) -> dict:
         """The arrays a compiled step receives (same structure for a whole run)."""
@@ -48,13 +49,15 @@ class Batch:
             out["segments"] = self.segments
         if self.select is not None:
             out["select"] = self.select
+        if self.extra:
+            out["extra"] = self.extra
         return out
 
 
 def batch_from_arrays(arrays: dict) -> Batch:
     """Rebuild a :class:`Batch` view (arrays only) inside a compiled function."""
     return Batch(arrays["inputs"], arrays["targets"], arrays["weights"], arrays.get("segments"),
-                 select=arrays.get("select"))
+                 select=arrays.get("select"), extra=arrays.get("extra"))
 
 
 # ---------------------------------------------------------------------------
@@ -294,3 +297,54 @@ class BatchSource:
     @property
     def epoch_progress(self) -> float:
         return self.epoch + self.index / max(1, self.batches_per_epoch())
+
+
+class PairSource(BatchSource):
+    """Batches of preference pairs: ``batch_size`` pairs as ``2 * batch_size`` padded rows.
+
+    Rows ``0..P-1`` hold the chosen sides and rows ``P..2P-1`` the rejected
+    sides of the same pairs, so one forward pass scores both and pair ``i``
+    is rows ``i`` and ``P + i``. A short last batch is filled with empty
+    pairs (no trained tokens), which the losses mask out.
+
+    ``ref``: optional precomputed reference log-probs, one
+    ``(chosen_values, rejected_values)`` per pair, each holding the values at
+    that side's trained positions in order; batches then carry them as
+    ``extra["ref_logps"]`` (2P, L), aligned with ``targets``.
+    """
+
+    def __init__(self, pairs: list, *, mode: str = "pad", ref: list | None = None, **kw):
+        if mode != "pad":
+            raise MlxpostError("preference pairs are batched with padding (data.batching=pad)")
+        super().__init__(pairs, mode="pad", **kw)
+        if ref is not None and len(ref) != len(pairs):
+            raise MlxpostError(f"reference log-probs for {len(ref)} pairs, but there are {len(pairs)} pairs")
+        self.ref = ref
+
+    def set_reference(self, ref: list | None) -> None:
+        if ref is not None and len(ref) != len(self.examples):
+            raise MlxpostError(f"reference log-probs for {len(ref)} pairs, but there are {len(self.examples)} pairs")
+        self.ref = ref
+
+    def _build(self, plan_rows: list[list[int]]) -> Batch:
+        return self.build_pairs([r[0] for r in plan_rows])
+
+    def build_pairs(self, idx: list[int]) -> Batch:
+        """The batch of the pairs at positions ``idx`` (at most ``batch_size``)."""
+        P = self.batch_size
+        pairs = [self.examples[i] for i in idx]
+        empty: list = [[] for _ in range(P - len(pairs))]
+        rows = [[p.chosen] for p in pairs] + empty + [[p.rejected] for p in pairs] + empty
+        longest = max(len(p) - 1 for p in pairs)
+        m = self.pad_multiple
+        width = min(self.row_len, -(-longest // m) * m)
+        batch = _stack(rows, width, self.pad_id, packed=False, select_bucket=self.select_bucket)
+        batch.n_examples = len(pairs)
+        if self.ref is not None:
+            ref = np.zeros((2 * P, width), np.float32)
+            for k, i in enumerate(idx):
+                for row, side, ex in ((k, 0, pairs[k].chosen), (P + k, 1, pairs[k].rejected)):
+                    pos = np.flatnonzero(ex.mask[1:])
+                    ref[row, pos] = self.ref[i][side]
+            batch.extra = {"ref_logps": mx.array(ref)}
+        return batch

@@ -428,6 +428,61 @@ def resolve_data_files(data: str | Path, valid: str | Path | None = None) -> dic
     return files
 
 
+def _rows_to_render(path: Path, validate, stats: DataStats, issues: list[RowIssue],
+                    shard: tuple[int, int] | None, limit: int | None) -> Iterator[tuple[int, dict, int]]:
+    """Read and validate ``path``; yield ``(line, row, row_index)`` for the rows this shard renders.
+
+    Every row is validated on every rank (so errors are the same everywhere);
+    ``row_index`` counts valid rows and is the same on every rank. Problems
+    are appended to ``issues``; ``stats.rows`` and ``stats.valid_rows`` are kept.
+    """
+    n_valid = 0
+    for line, row, issue in read_jsonl(path):
+        stats.rows += 1
+        if issue is None:
+            problems = validate(row)
+            if problems:
+                issue = [RowIssue(str(path), line, f, msg) for f, msg in problems]
+        if issue is not None:
+            issues.extend(issue if isinstance(issue, list) else [issue])
+            continue
+        n_valid += 1
+        if limit is not None and n_valid > limit:
+            n_valid -= 1
+            break
+        if shard is not None and (n_valid - 1) % shard[1] != shard[0]:
+            continue
+        yield line, row, n_valid - 1
+    stats.valid_rows = n_valid
+
+
+def _render_issue(path: Path, line: int, e: Exception) -> RowIssue:
+    if isinstance(e, MlxpostError):
+        return RowIssue(str(path), line, "", str(e))
+    return RowIssue(str(path), line, "", f"chat template failed: {type(e).__name__}: {e}")
+
+
+def _finish(issues: list[RowIssue], stats: DataStats, renderer: Renderer, skip_bad_rows: bool) -> None:
+    if issues:
+        bad = len({i.line for i in issues})
+        if not skip_bad_rows:
+            raise DataError(issues, stats.rows,
+                            hint="Fix these rows, or pass --skip-bad-rows (data.skip_bad_rows=true) to skip them.")
+        stats.bad_rows += bad
+    stats.prefix_fallback = renderer.prefix_fallbacks
+
+
+def _fit(ids: list[int], mask: list[bool], max_seq_len: int, overflow: str, stats: DataStats):
+    """Apply ``data.max_seq_len``: the tokens and mask to keep, or None when the example is dropped."""
+    if len(ids) <= max_seq_len:
+        return ids, mask
+    if overflow == "drop":
+        stats.dropped_too_long += 1
+        return None
+    stats.truncated += 1
+    return ids[:max_seq_len], mask[:max_seq_len]
+
+
 def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, overflow: str = "truncate",
                   skip_bad_rows: bool = False, shard: tuple[int, int] | None = None,
                   limit: int | None = None) -> tuple[list[Example], DataStats]:
@@ -446,52 +501,200 @@ def tokenize_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, ove
     issues: list[RowIssue] = []
     examples: list[Example] = []
     path = Path(path)
-    n_valid = 0
-    for line, row, issue in read_jsonl(path):
-        stats.rows += 1
-        if issue is None:
-            problems = validate_sft_row(row)
-            if problems:
-                issue = [RowIssue(str(path), line, f, msg) for f, msg in problems]
-        if issue is not None:
-            issues.extend(issue if isinstance(issue, list) else [issue])
-            continue
-        n_valid += 1
-        if limit is not None and n_valid > limit:
-            break
-        if shard is not None and (n_valid - 1) % shard[1] != shard[0]:
-            continue
+    for line, row, index in _rows_to_render(path, validate_sft_row, stats, issues, shard, limit):
         try:
             ids, mask, fmt = renderer.render(row)
-        except MlxpostError as e:
-            issues.append(RowIssue(str(path), line, "", str(e)))
-            continue
-        except Exception as e:  # a chat template that raises on this row
-            issues.append(RowIssue(str(path), line, "", f"chat template failed: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - a chat template that raises on this row
+            issues.append(_render_issue(path, line, e))
             continue
         stats.formats[fmt] += 1
-        if len(ids) > max_seq_len:
-            if overflow == "drop":
-                stats.dropped_too_long += 1
-                continue
-            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-            stats.truncated += 1
-        ex = Example(np.asarray(ids, np.int32), np.asarray(mask, bool), f"{path}:{line}", n_valid - 1)
+        kept = _fit(ids, mask, max_seq_len, overflow, stats)
+        if kept is None:
+            continue
+        ex = Example(np.asarray(kept[0], np.int32), np.asarray(kept[1], bool), f"{path}:{line}", index)
         if ex.n_targets == 0:
             stats.dropped_no_targets += 1
             continue
         stats.lengths.append(len(ex))
         stats.targets += ex.n_targets
         examples.append(ex)
-    if issues:
-        bad = len({i.line for i in issues})
-        if not skip_bad_rows:
-            raise DataError(issues, stats.rows,
-                            hint="Fix these rows, or pass --skip-bad-rows (data.skip_bad_rows=true) to skip them.")
-        stats.bad_rows += bad
-    stats.prefix_fallback = renderer.prefix_fallbacks
-    stats.valid_rows = min(n_valid, limit) if limit is not None else n_valid
+    _finish(issues, stats, renderer, skip_bad_rows)
     return examples, stats
+
+
+# ---------------------------------------------------------------------------
+# Preference pairs
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PairExample:
+    """A prompt with a chosen and a rejected completion, rendered separately.
+
+    Both sides start with the same prompt tokens; their masks mark only the
+    completion tokens.
+    """
+
+    chosen: Example
+    rejected: Example
+    source: str = ""
+    index: int = -1
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def _as_messages(value: Any, role: str) -> Any:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def normalize_pair_row(row: dict) -> tuple[dict | None, list[tuple[str, str]]]:
+    """Bring a preference row to ``{"prompt", "chosen", "rejected"[, "tools"]}``.
+
+    Accepted forms:
+
+    * ``prompt``, ``chosen``, ``rejected`` as strings;
+    * the same as message lists (``prompt`` may start with a system message;
+      ``chosen``/``rejected`` are the assistant turns), or a string prompt
+      with message-list completions and vice versa (a string becomes a user
+      turn or an assistant turn);
+    * an optional ``system`` string, put in front of the prompt;
+    * no ``prompt`` (implicit prompt): ``chosen`` and ``rejected`` are whole
+      conversations; their longest common run of leading messages is the
+      prompt.
+
+    Returns ``(normalized row, [])`` or ``(None, [(field, problem), ...])``.
+
+    >>> row = {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    ...        "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}
+    >>> norm, problems = normalize_pair_row(row)
+    >>> norm["prompt"], norm["chosen"][0]["content"], problems
+    ([{'role': 'user', 'content': 'Hi'}], 'Hello!', [])
+    """
+    missing = [(k, "missing") for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        keys = ", ".join(sorted(row)) or "none"
+        if "messages" in row or "completion" in row:
+            return None, [("", f"this looks like an SFT row (keys: {keys}); preference rows need "
+                               "'prompt', 'chosen' and 'rejected'")]
+        return None, missing
+    chosen, rejected = row["chosen"], row["rejected"]
+    for k, v in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(v, (str, list)):
+            return None, [(k, f"expected a string or a list of messages, got {type(v).__name__}")]
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        return None, [("system", f"expected a string, got {type(system).__name__}")]
+    if "prompt" not in row:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            return None, [("prompt", "missing (without a prompt, chosen and rejected must be whole "
+                                     "conversations, as message lists, that share their first turns)")]
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        # The completions start at the first assistant turn after the shared part.
+        while k > 0 and isinstance(chosen[k - 1], dict) and chosen[k - 1].get("role") == "assistant":
+            k -= 1
+        if k == 0:
+            return None, [("chosen", "chosen and rejected share no leading turns, so the prompt cannot be "
+                                     "found; give a 'prompt' field")]
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    else:
+        prompt = row["prompt"]
+        if not isinstance(prompt, (str, list)):
+            return None, [("prompt", f"expected a string or a list of messages, got {type(prompt).__name__}")]
+    if system is not None:
+        prompt = _as_messages(prompt, "user")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system":
+            return None, [("system", "given twice: as the 'system' field and as the prompt's first message")]
+        prompt = [{"role": "system", "content": system}] + list(prompt)
+    if any(isinstance(x, list) for x in (prompt, chosen, rejected)):
+        prompt, chosen, rejected = (_as_messages(prompt, "user"), _as_messages(chosen, "assistant"),
+                                    _as_messages(rejected, "assistant"))
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if "tools" in row:
+        out["tools"] = row["tools"]
+    return out, []
+
+
+def validate_pair_row(row: dict) -> list[tuple[str, str]]:
+    """Problems with a preference row (empty when valid); see :func:`normalize_pair_row`."""
+    norm, problems = normalize_pair_row(row)
+    if problems:
+        return problems
+    seen = set()
+    for side in ("chosen", "rejected"):
+        sub = {"prompt": norm["prompt"], "completion": norm[side]}
+        if "tools" in norm:
+            sub["tools"] = norm["tools"]
+        for f, msg in validate_sft_row(sub):
+            f = f.replace("completion", side, 1) if f.startswith("completion") else f
+            if (f, msg) not in seen:
+                seen.add((f, msg))
+                problems.append((f, msg))
+    if not problems and norm["chosen"] == norm["rejected"]:
+        problems.append(("rejected", "identical to chosen (a pair must differ)"))
+    return problems
+
+
+def render_pair(renderer: Renderer, row: dict) -> tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]], str]:
+    """Tokens and masks of (chosen, rejected) for a validated preference row."""
+    norm, _ = normalize_pair_row(row)
+    sides = []
+    for side in ("chosen", "rejected"):
+        sub = {"prompt": norm["prompt"], "completion": norm[side]}
+        if "tools" in norm:
+            sub["tools"] = norm["tools"]
+        ids, mask, _ = renderer.render(sub)
+        sides.append((ids, mask))
+    fmt = "conversation" if isinstance(norm["prompt"], list) else "text"
+    return sides[0], sides[1], fmt
+
+
+def tokenize_pairs_file(path: str | Path, renderer: Renderer, *, max_seq_len: int, overflow: str = "truncate",
+                        skip_bad_rows: bool = False, shard: tuple[int, int] | None = None,
+                        limit: int | None = None) -> tuple[list[PairExample], DataStats]:
+    """Read, validate and render a JSONL file of preference pairs.
+
+    Same contract as :func:`tokenize_file`. ``max_seq_len`` applies to each
+    side (prompt + completion); a truncated side keeps its prompt and the
+    start of its completion, and a pair is dropped when either side has no
+    completion tokens left. ``stats.lengths`` holds both sides' lengths.
+    """
+    if overflow not in ("truncate", "drop"):
+        raise MlxpostError(f"data.overflow must be 'truncate' or 'drop', got {overflow!r}")
+    stats = DataStats()
+    issues: list[RowIssue] = []
+    pairs: list[PairExample] = []
+    path = Path(path)
+    for line, row, index in _rows_to_render(path, validate_pair_row, stats, issues, shard, limit):
+        try:
+            (ci, cm), (ri, rm), fmt = render_pair(renderer, row)
+        except Exception as e:  # noqa: BLE001
+            issues.append(_render_issue(path, line, e))
+            continue
+        if ci == ri and cm == rm:
+            issues.append(RowIssue(str(path), line, "rejected", "renders to the same tokens as chosen"))
+            continue
+        stats.formats[fmt] += 1
+        too_long = len(ci) > max_seq_len or len(ri) > max_seq_len
+        if too_long and overflow == "drop":
+            stats.dropped_too_long += 1
+            continue
+        if too_long:
+            stats.truncated += 1
+        ci, cm, ri, rm = ci[:max_seq_len], cm[:max_seq_len], ri[:max_seq_len], rm[:max_seq_len]
+        src = f"{path}:{line}"
+        c = Example(np.asarray(ci, np.int32), np.asarray(cm, bool), src, index)
+        r = Example(np.asarray(ri, np.int32), np.asarray(rm, bool), src, index)
+        if c.n_targets == 0 or r.n_targets == 0:
+            stats.dropped_no_targets += 1
+            continue
+        stats.lengths += [len(c), len(r)]
+        stats.targets += c.n_targets + r.n_targets
+        pairs.append(PairExample(c, r, src, index))
+    _finish(issues, stats, renderer, skip_bad_rows)
+    return pairs, stats
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int,

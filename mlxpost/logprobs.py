@@ -98,14 +98,31 @@ def logprobs(model: nn.Module, batch: Batch, *, reduction: str = "none", split: 
     tok = token_logprobs(model, batch, split, select)
     if reduction == "none":
         return tok
-    if batch.segments is None:
-        total, count = tok.sum(axis=1), batch.weights.sum(axis=1)
+    return reduce_tokens(tok, batch.weights, reduction, segments=batch.segments, num_segments=num_segments)
+
+
+def reduce_tokens(tok: mx.array, weights: mx.array, reduction: str, *, segments: mx.array | None = None,
+                  num_segments: int | None = None) -> mx.array:
+    """Per-sequence ``"sum"`` or ``"mean"`` of per-token log-probs (B, L) over trained tokens.
+
+    Used by :func:`logprobs`, and by methods that already hold per-token
+    log-probs (a policy's and its reference's) and need several reductions
+    of them without a second forward pass.
+
+    >>> tok = mx.array([[-1.0, -3.0, 0.0]]); w = mx.array([[1.0, 1.0, 0.0]])
+    >>> reduce_tokens(tok, w, "sum").item(), reduce_tokens(tok, w, "mean").item()
+    (-4.0, -2.0)
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if segments is None:
+        total, count = tok.sum(axis=1), weights.sum(axis=1)
     else:
         if num_segments is None:
             raise ValueError("per-sequence reductions of packed rows need num_segments")
-        onehot = (batch.segments[..., None] == mx.arange(num_segments)).astype(mx.float32)  # (B, L, S)
+        onehot = (segments[..., None] == mx.arange(num_segments)).astype(mx.float32)  # (B, L, S)
         total = (tok[..., None] * onehot).sum(axis=1)
-        count = (batch.weights[..., None] * onehot).sum(axis=1)
+        count = (weights[..., None] * onehot).sum(axis=1)
     if reduction == "sum":
         return total
     return total / mx.maximum(count, 1.0)
