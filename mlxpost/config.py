@@ -116,6 +116,60 @@ class SampleConfig:
 
 
 @dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    beta: float = 0.1  # strength of the tie to the reference (IPO: its tau)
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: assumed rate of flipped labels (< 0.5)
+
+
+@dataclass
+class ORPOConfig:
+    lam: float = 0.1  # lambda: weight of the odds-ratio term next to the NLL of chosen (TRL calls it beta)
+
+
+@dataclass
+class CPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0  # weight of the behaviour-cloning term (NLL of chosen)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class SimPOConfig:
+    beta: float = 2.0  # scale of the length-normalized reward
+    gamma: float = 0.5  # target reward margin
+    alpha: float = 0.0  # optional NLL of chosen (0 = pure SimPO)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class PreferenceConfig:
+    from_run: str | None = None  # SFT run (or adapter dir) merged into the base: the start and the reference
+    precompute_ref: bool = False  # reference log-probs once before training, cached beside the data
+    ref_cache_dir: str | None = None  # where to cache them (default: .mlxpost-cache beside the data)
+    # Health checks (live and in the summary).
+    kl_max: float = 0.1  # drift: KL estimate to the reference (nats per token)
+    collapse_loss: float = 0.05  # collapse: preference loss below this with accuracy 1.0 early on
+    collapse_fraction: float = 0.05  # "early on": this fraction of the steps
+    rejected_drop: float = 2.0  # rejected log-prob per token fallen this far below its start, still falling
+    chosen_drop: float = 0.1  # chosen log-prob per token fallen this far below its start, with rejected
+    # Quality gate on the validation pairs at the end.
+    gate_min_margin: float = 0.0  # mean reward margin must exceed this
+    gate_min_accuracy: float = 0.6  # fraction of pairs ranked right must reach this
+
+
+# Sections that belong to one method (or to the preference family); other methods refuse them.
+METHOD_SECTIONS = {
+    "dpo": ("dpo", "preference"),
+    "orpo": ("orpo", "preference"),
+    "cpo": ("cpo", "preference"),
+    "simpo": ("simpo", "preference"),
+}
+PREFERENCE_METHODS = tuple(METHOD_SECTIONS)
+_OWNED = {s for secs in METHOD_SECTIONS.values() for s in secs}
+
+
+@dataclass
 class RunConfig:
     method: str = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -124,9 +178,21 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    cpo: CPOConfig = field(default_factory=CPOConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+    def sections(self) -> list[str]:
+        """The sections that apply to this run's method."""
+        own = METHOD_SECTIONS.get(self.method, ())
+        return [f.name for f in dataclasses.fields(self) if f.name not in _OWNED or f.name in own]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The configuration of this method (sections of other methods left out)."""
+        full = dataclasses.asdict(self)
+        return {k: full[k] for k in self.sections()}
 
 
 # ---------------------------------------------------------------------------
@@ -202,6 +268,8 @@ def known_keys(cfg: RunConfig | None = None) -> list[str]:
     cfg = cfg or RunConfig()
     keys = []
     for name in _fields(cfg):
+        if name not in cfg.sections() and name != "method":
+            continue
         sub = getattr(cfg, name)
         if dataclasses.is_dataclass(sub):
             keys += [f"{name}.{k}" for k in _fields(sub)]
@@ -223,6 +291,9 @@ def set_value(cfg: RunConfig, key: str, value: Any, where: str, raw: str | None 
     as is when YAML read something else (``--set output.name=2024-01-01``).
     """
     parts = key.split(".")
+    if parts[0] in _OWNED and parts[0] not in METHOD_SECTIONS.get(cfg.method, ()):
+        users = [m for m, secs in METHOD_SECTIONS.items() if parts[0] in secs]
+        raise ConfigError(f"{where}: '{key}' is a setting of {' / '.join(users)}, not of {cfg.method}")
     target = cfg
     for i, part in enumerate(parts):
         fields = _fields(target)
@@ -312,6 +383,9 @@ def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: di
                  method: str = "sft") -> RunConfig:
     """Defaults < recipe < command-line options (``cli``: dotted key -> value) < ``--set``."""
     cfg = RunConfig(method=method)
+    if method in PREFERENCE_METHODS:
+        # LoRA preference tuning moves far less than SFT: a gentler default.
+        cfg.train.lr = 5e-5
     if recipe:
         cfg = load_recipe(recipe, cfg)
         if cfg.method != method:
@@ -327,7 +401,8 @@ def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: di
 
 
 CHOICES = {
-    "method": ("sft",),
+    "method": ("sft",) + PREFERENCE_METHODS,
+    "dpo.loss": ("sigmoid", "ipo", "hinge", "robust"),
     "lora.type": ("lora", "dora"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overflow": ("truncate", "drop"),
@@ -385,6 +460,29 @@ def validate(cfg: RunConfig) -> None:
     if not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
         raise ConfigError(f"lora.targets: expected all-linear, attention, mlp or a list of names, got {t!r}")
     cfg.lora.resolved_scale()
+    if cfg.method in PREFERENCE_METHODS:
+        _validate_preference(cfg)
+
+
+def _validate_preference(cfg: RunConfig) -> None:
+    positive = {"dpo": ("dpo.beta",), "orpo": ("orpo.lam",), "cpo": ("cpo.beta",), "simpo": ("simpo.beta",)}
+    for key in positive[cfg.method] + ("preference.kl_max",):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    for key in ("cpo.alpha", "simpo.alpha", "simpo.gamma", "preference.rejected_drop", "preference.chosen_drop"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
+    for key in ("preference.collapse_fraction", "preference.gate_min_accuracy"):
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: must be between 0 and 1, got {_get(cfg, key)}")
+    for key in ("dpo.label_smoothing", "cpo.label_smoothing", "simpo.label_smoothing"):
+        if not 0 <= _get(cfg, key) < 0.5:
+            raise ConfigError(f"{key}: must be in [0, 0.5), got {_get(cfg, key)}")
+    if cfg.method == "dpo" and cfg.dpo.loss in ("ipo", "hinge") and cfg.dpo.label_smoothing:
+        raise ConfigError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {cfg.dpo.loss}")
+    if cfg.data.batching == "pack":
+        raise ConfigError("data.batching=pack: preference pairs are batched with padding (chosen and rejected "
+                          "stacked in one batch); use data.batching=pad or auto")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -42,6 +42,11 @@ class Objective:
     loss: LossFn
     unit: str = "token"  # what ``count`` counts, for display
     perplexity: bool = True  # report exp(val_loss)
+    display: tuple = ()  # metric names shown live next to the loss
+    # A factory ``monitor(total_steps) -> obj`` of a health monitor with
+    # ``observe(step, metrics) -> [Finding]`` and ``observe_eval(step, val) -> [Finding]``
+    # (see mlxpost.health); its findings are shown live and logged.
+    monitor: Callable | None = None
 
 
 @dataclass
@@ -57,6 +62,8 @@ class TrainResult:
     train_seconds: float
     peak_memory_gb: float
     history: list = field(default_factory=list)
+    val_metrics: dict | None = None  # the last evaluation
+    health: dict | None = None  # the health monitor's summary, when the objective has one
 
 
 class NonFiniteError(MlxpostError):
@@ -184,6 +191,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.history: list[dict] = []
         self.stopped: str | None = None  # set when the run ends
+        self.monitor = objective.monitor(total_steps) if objective.monitor else None
         self._build_functions()
 
     # -- compiled pieces ------------------------------------------------------
@@ -328,6 +336,10 @@ class Trainer:
             self.restore(resume_from, train_source)
             run.log({"kind": "resume", "step": self.step, "checkpoint": resume_from.name})
             rep.event(f"resumed from {resume_from.name} (step {self.step})", step=self.step)
+            if self.monitor is not None:  # replay what the monitor saw before the interruption
+                for rec in run.read_metrics():
+                    if rec.get("kind") == "step" and rec["step"] <= self.step:
+                        self.monitor.observe(rec["step"], rec)
         model.train()
         batches: Iterator[Batch] = iter(train_source)
         stopped = "completed"
@@ -337,7 +349,7 @@ class Trainer:
         win_time = 0.0
         win_steps = 0
         val = None
-        rep.begin(self.total_steps, self.step)
+        rep.begin(self.total_steps, self.step, display=self.objective.display)
 
         def do_eval():
             nonlocal val
@@ -393,6 +405,8 @@ class Trainer:
             # sync, and stops a bad step before it can reach a checkpoint.
             if not out["ok"].item():
                 self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
+            if self.monitor is not None:
+                self._observe(out)
             win_loss = out["loss"] if win_loss is None else win_loss + out["loss"]
             win_count = (win_count or 0) + 1
             win_tokens += n_tok
@@ -445,8 +459,19 @@ class Trainer:
             steps=self.step, stopped=stopped, final_loss=last["loss"], best_val_loss=self.best_val,
             best_step=self.best_step, val_loss=val["val_loss"] if val else None, tokens=self.tokens,
             trained_tokens=self.trained_tokens, train_seconds=self.train_seconds,
-            peak_memory_gb=mx.get_peak_memory() / 1e9, history=self.history,
+            peak_memory_gb=mx.get_peak_memory() / 1e9, history=self.history, val_metrics=val,
+            health=self.monitor.summary(val) if self.monitor is not None else None,
         )
+
+    def _observe(self, out: dict) -> None:
+        """Give this step's metrics (already evaluated) to the health monitor; report what it finds."""
+        m = {"loss": out["loss"].item(), **{k: v.item() for k, v in out["metrics"].items()}}
+        # Kept so that a resumed run can replay the monitor's history.
+        self.run.log({"kind": "step", "step": self.step, **m})
+        for f in self.monitor.observe(self.step, m):
+            self.reporter.warn(str(f))
+            self.run.log({"kind": "health", "step": self.step, "check": f.check, "message": f.message,
+                          "advice": f.advice})
 
     def _non_finite(self, loss: float, gnorm: float, used: list[Batch]) -> None:
         last = self.run.latest_checkpoint()

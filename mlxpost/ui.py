@@ -45,7 +45,7 @@ class NullReporter:
     def status(self, msg: str) -> Iterator[None]:
         yield
 
-    def begin(self, total: int, start: int = 0) -> None: ...
+    def begin(self, total: int, start: int = 0, display: tuple = ()) -> None: ...
     def advance(self, step: int) -> None: ...
     def report(self, step: int, metrics: dict) -> None: ...
     def eval(self, step: int, val: dict, best: float | None = None, improved: bool = False) -> None: ...
@@ -83,19 +83,22 @@ class PlainReporter(NullReporter):
         yield
         self._print(f"{msg}: done in {time.time() - t:.1f}s")
 
-    def begin(self, total: int, start: int = 0) -> None:
+    def begin(self, total: int, start: int = 0, display: tuple = ()) -> None:
         self.total = total
+        self.display = tuple(display)
         self.t0 = time.time()
         self._print(f"training: {total} steps" + (f" (resuming at {start})" if start else ""))
 
     def report(self, step: int, metrics: dict) -> None:
         keys = ["loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb"]
         parts = [f"{k} {_fmt(metrics.get(k), k)}" for k in keys if k in metrics]
-        parts += [f"{k} {_fmt(v, k)}" for k, v in metrics.items() if "/" in k]
+        shown = list(getattr(self, "display", ())) + [k for k in metrics if "/" in k]
+        parts += [f"{k} {_fmt(metrics[k], k)}" for k in dict.fromkeys(shown) if k in metrics]
         self._print(f"step {step}/{self.total} | " + " | ".join(parts))
 
     def eval(self, step: int, val: dict, best: float | None = None, improved: bool = False) -> None:
-        extra = " | ".join(f"{k} {_fmt(v, k)}" for k, v in val.items() if k not in ("val_loss", "eval_seconds"))
+        shown = ["val_ppl"] + [f"val_{k}" for k in getattr(self, "display", ())]
+        extra = " | ".join(f"{k} {_fmt(val[k], k)}" for k in shown if k in val)
         mark = " (best)" if improved else f" (best {best:.4f})" if best is not None else ""
         self._print(f"eval step {step} | val_loss {val['val_loss']:.4f}{mark}" + (f" | {extra}" if extra else ""))
 
@@ -133,6 +136,7 @@ class RichReporter(PlainReporter):
         self.val: dict = {}
         self.best: float | None = None
         self.note = ""
+        self.display: tuple = ()
         self.live: Live | None = None
 
     def _print(self, msg: str) -> None:
@@ -157,9 +161,12 @@ class RichReporter(PlainReporter):
         cols = [("loss", m.get("loss")), ("val loss", self.val.get("val_loss")), ("best val", self.best),
                 ("lr", m.get("lr")), ("tok/s", m.get("tokens_per_s")), ("trained tok/s", m.get("trained_tokens_per_s")),
                 ("peak mem GB", m.get("peak_memory_gb")), ("epoch", m.get("epoch"))]
+        keys = ["loss", "val_loss", "val_loss", "lr", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb", "epoch"]
+        for k in self.display:  # the method's own columns (e.g. reward margins), after the loss
+            cols.insert(3, (k.split("/")[-1].replace("accuracies", "accuracy"), m.get(k)))
+            keys.insert(3, k)
         for _ in cols:
             grid.add_column(justify="right")
-        keys = ["loss", "val_loss", "val_loss", "lr", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb", "epoch"]
         grid.add_row(*[Text(c, style="dim") for c, _ in cols])
         grid.add_row(*[_fmt(v, k) for (_, v), k in zip(cols, keys)])
         parts = [self.progress, grid]
@@ -167,8 +174,9 @@ class RichReporter(PlainReporter):
             parts.append(Text(self.note, style="dim italic"))
         return Group(*parts)
 
-    def begin(self, total: int, start: int = 0) -> None:
+    def begin(self, total: int, start: int = 0, display: tuple = ()) -> None:
         self.total = total
+        self.display = tuple(reversed(display))  # inserted one by one at the same place
         self.task = self.progress.add_task("training", total=total, completed=start)
         self.live = Live(self._panel(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
@@ -188,7 +196,9 @@ class RichReporter(PlainReporter):
         self.val, self.best = val, best
         mark = " [green](best)[/green]" if improved else ""
         self.console.print(f"eval step {step}: val_loss {val['val_loss']:.4f}"
-                           + (f", ppl {val['val_ppl']:.2f}" if "val_ppl" in val else "") + mark)
+                           + (f", ppl {val['val_ppl']:.2f}" if "val_ppl" in val else "")
+                           + "".join(f", {k} {_fmt(val[f'val_{k}'], k)}" for k in reversed(self.display)
+                                     if f"val_{k}" in val) + mark)
         if self.live:
             self.live.update(self._panel())
 

@@ -1,0 +1,104 @@
+"""Direct Preference Optimization and its variants, with the reference = adapters off.
+
+With policy log-probs ``pi_c``, ``pi_r`` of the chosen and rejected
+completions and reference log-probs ``ref_c``, ``ref_r``, every variant works
+on the difference of log-ratios ::
+
+    h = (pi_c - ref_c) - (pi_r - ref_r)
+
+* ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta h)``; with label
+  smoothing ``e`` (conservative DPO): ``-(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)``.
+* ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2`` on **mean** per-token
+  log-probs (as in TRL), so the target margin does not grow with length.
+* ``hinge`` (SLiC): ``max(0, 1 - beta h)``.
+* ``robust`` (Chowdhury et al. 2024), unbiased under a label-flip rate ``e``:
+  ``((1-e)(-log sigmoid(beta h)) + e log sigmoid(-beta h)) / (1 - 2e)``.
+
+Scores are **summed** log-probs of the completion except for IPO, which uses
+the per-token mean. Implicit rewards: ``beta (pi - ref)`` on the same scores.
+At the first step (fresh adapter) ``pi == ref``, so ``h = 0`` and the sigmoid
+loss is exactly ``log 2``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..logprobs import HeadSplit
+from ..preference import PairLogps, PairLoss, pair_objective, smoothed_sigmoid_loss
+
+# loss name -> the per-sequence reduction its scores use
+REDUCTION = {"sigmoid": "sum", "ipo": "mean", "hinge": "sum", "robust": "sum"}
+
+
+def sigmoid_loss(h: mx.array, beta: float, label_smoothing: float = 0.0) -> mx.array:
+    """DPO's loss per pair.
+
+    >>> round(sigmoid_loss(mx.array([0.0]), 0.1).item(), 6)  # log 2
+    0.693147
+    >>> round(sigmoid_loss(mx.array([10.0]), 0.1).item(), 6)  # log(1 + e^-1)
+    0.313262
+    """
+    return smoothed_sigmoid_loss(beta * h, label_smoothing)
+
+
+def ipo_loss(h: mx.array, beta: float) -> mx.array:
+    """IPO's squared loss per pair; ``h`` from mean log-probs.
+
+    >>> ipo_loss(mx.array([1.0]), 0.25).item()  # (1 - 2)^2
+    1.0
+    """
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(h: mx.array, beta: float) -> mx.array:
+    """SLiC's hinge loss per pair.
+
+    >>> [round(x, 6) for x in hinge_loss(mx.array([2.0, 20.0]), 0.1).tolist()]
+    [0.8, 0.0]
+    """
+    return mx.maximum(1.0 - beta * h, 0.0)
+
+
+def robust_loss(h: mx.array, beta: float, label_smoothing: float) -> mx.array:
+    """Robust DPO per pair (label smoothing = assumed flip rate, below 0.5).
+
+    >>> round(robust_loss(mx.array([0.0]), 0.1, 0.2).item(), 6)  # (0.8 - 0.2) log 2 / 0.6
+    0.693147
+    """
+    z = beta * h
+    e = label_smoothing
+    return (-(1.0 - e) * -mx.logaddexp(0.0, -z) + e * -mx.logaddexp(0.0, z)) / (1.0 - 2.0 * e)
+
+
+def dpo_score(lp: PairLogps, *, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0) -> PairLoss:
+    """The chosen DPO variant on a batch of pairs."""
+    if lp.ref_chosen is None:
+        raise ValueError("DPO needs reference log-probs")
+    if REDUCTION[loss] == "mean":
+        pc, pr, rc, rr = lp.chosen_mean, lp.rejected_mean, lp.ref_chosen_mean, lp.ref_rejected_mean
+    else:
+        pc, pr, rc, rr = lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected
+    h = (pc - rc) - (pr - rr)
+    if loss == "sigmoid":
+        losses = sigmoid_loss(h, beta, label_smoothing)
+    elif loss == "ipo":
+        losses = ipo_loss(h, beta)
+    elif loss == "hinge":
+        losses = hinge_loss(h, beta)
+    elif loss == "robust":
+        losses = robust_loss(h, beta, label_smoothing)
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r} (expected one of {', '.join(REDUCTION)})")
+    return PairLoss(losses=losses, chosen_rewards=beta * (pc - rc), rejected_rewards=beta * (pr - rr),
+                    logits=beta * h)
+
+
+def objective(split: HeadSplit | None, *, loss: str, beta: float, label_smoothing: float, monitor=None):
+    if loss not in REDUCTION:
+        raise ValueError(f"unknown DPO loss {loss!r}")
+
+    def score(lp):
+        return dpo_score(lp, loss=loss, beta=beta, label_smoothing=label_smoothing)
+
+    return pair_objective(score, split=split, reference=True, monitor=monitor)

@@ -1,0 +1,54 @@
+"""ORPO (Hong et al. 2024): SFT on the chosen completion plus an odds-ratio preference term.
+
+No reference model. With ``m_c``, ``m_r`` the **mean** per-token log-probs of
+the chosen and rejected completions and ``odds(p) = p / (1 - p)``::
+
+    log_odds = log odds(e^m_c) - log odds(e^m_r)
+             = (m_c - m_r) - (log(1 - e^m_c) - log(1 - e^m_r))
+    loss     = -m_c - lam * log sigmoid(log_odds)
+
+``-m_c`` is the per-token NLL of the chosen completion (averaged per pair).
+``log(1 - e^m)`` is computed as ``log(-expm1(m))``, exact for ``m`` near 0.
+Implicit rewards (as TRL reports them): ``lam * m``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..logprobs import HeadSplit
+from ..preference import PairLogps, PairLoss, log_sigmoid, pair_objective
+
+
+def log1m_exp(m: mx.array) -> mx.array:
+    """``log(1 - exp(m))`` for ``m < 0``.
+
+    >>> round(log1m_exp(mx.array([-0.6931472])).item(), 5)  # log(1 - 1/2)
+    -0.69315
+    """
+    return mx.log(-mx.expm1(m))
+
+
+def orpo_loss(chosen_mean: mx.array, rejected_mean: mx.array, lam: float) -> tuple[mx.array, mx.array, mx.array]:
+    """Per-pair ORPO loss, NLL term and log odds ratio.
+
+    >>> import math
+    >>> loss, nll, lo = orpo_loss(mx.array([math.log(0.5)]), mx.array([math.log(0.2)]), 0.1)
+    >>> round(lo.item(), 5), round(nll.item(), 5)  # log((0.5/0.5) / (0.2/0.8)) = log 4
+    (1.38629, 0.69315)
+    >>> round(loss.item(), 5)  # 0.69315 + 0.1 * log(1 + 1/4)
+    0.71546
+    """
+    log_odds = (chosen_mean - rejected_mean) - (log1m_exp(chosen_mean) - log1m_exp(rejected_mean))
+    nll = -chosen_mean
+    return nll - lam * log_sigmoid(log_odds), nll, log_odds
+
+
+def orpo_score(lp: PairLogps, *, lam: float = 0.1) -> PairLoss:
+    losses, nll, log_odds = orpo_loss(lp.chosen_mean, lp.rejected_mean, lam)
+    return PairLoss(losses=losses, chosen_rewards=lam * lp.chosen_mean, rejected_rewards=lam * lp.rejected_mean,
+                    logits=log_odds, metrics={"nll": nll, "log_odds": log_odds, "or_loss": -log_sigmoid(log_odds)})
+
+
+def objective(split: HeadSplit | None, *, lam: float, monitor=None):
+    return pair_objective(lambda lp: orpo_score(lp, lam=lam), split=split, reference=False, monitor=monitor)
