@@ -61,7 +61,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mlxpost")
 def cli():
-    """mlxpost: post-training for MLX (LoRA SFT, with DPO/ORPO and GRPO/RLVR to come).
+    """mlxpost: post-training for MLX: LoRA SFT, then DPO / ORPO / CPO / SimPO (GRPO/RLVR to come).
 
     \b
     Quick start (built-in model and example data, a few minutes on a laptop CPU):
@@ -110,19 +110,23 @@ def _training_command(method: str, kwargs: dict):
 
             config = DEFAULT_SFT_RECIPE
             rep.info(f"no --data and no --config: the built-in default run ({Path(config).name})")
+        elif config is None and kwargs.get("data.path") is None:
+            rep.info("no --data and no --config: the bundled example preference pairs")
         cfg = agree(world, lambda: build_config(config, sets, cli=kwargs, method=method), "reading the configuration")
 
-    from .methods import sft
-
-    objectives = {"sft": lambda prep: sft.objective(prep.split)}
-    run_dir, result = run(cfg, objectives[method], reporter=rep, resume=Path(resume) if resume else None)
+    run_dir, result = run(cfg, reporter=rep, resume=Path(resume) if resume else None)
     if rank == 0:
         from .model import read_adapter_config
 
-        model_dir = read_adapter_config(run_dir).get("mlxpost", {}).get("model_dir", "<model dir>")
-        rep.info(f"\nadapter written to {run_dir}. Try it:\n"
-                 f"  mlxpost generate --adapter {run_dir} --prompt \"...\"\n"
-                 f"  mlx_lm.generate --model {model_dir} --adapter-path {run_dir} --prompt \"...\"")
+        meta = read_adapter_config(run_dir).get("mlxpost", {})
+        model_dir = meta.get("model_dir", "<model dir>")
+        hint = f"\nadapter written to {run_dir}. Try it:\n  mlxpost generate --adapter {run_dir} --prompt \"...\""
+        if meta.get("from_adapter"):
+            hint += (f"\n(it was trained on top of {meta['from_adapter']}, which mlxpost generate merges first; "
+                     "mlx_lm.generate takes one adapter only)")
+        else:
+            hint += f"\n  mlx_lm.generate --model {model_dir} --adapter-path {run_dir} --prompt \"...\""
+        rep.info(hint)
 
 
 def _blas_advice(rep) -> None:
@@ -148,6 +152,86 @@ def sft(**kwargs):
     _training_command("sft", kwargs)
 
 
+def _preference_options(f):
+    f = click.option("--from", "preference__from_run", type=click.Path(file_okay=False, exists=True),
+                     help="An SFT run (or adapter) directory: merged into the base, it is the start and the reference.")(f)
+    return _train_options(f)
+
+
+_PREF_EXAMPLES = """
+    \b
+    Data: JSONL rows {"prompt", "chosen", "rejected"} as strings or message lists
+    (a system message may lead the prompt; without "prompt", chosen and rejected
+    are whole conversations sharing their first turns). With no --data and no
+    --config: the bundled example pairs.
+"""
+
+
+@cli.command()
+@_preference_options
+@click.option("--loss", "dpo__loss", type=click.Choice(["sigmoid", "ipo", "hinge", "robust"]), help="DPO variant (default: sigmoid).")
+@click.option("--beta", "dpo__beta", type=float, help="Strength of the tie to the reference (default 0.1).")
+@click.option("--label-smoothing", "dpo__label_smoothing", type=float, help="Label noise (sigmoid, robust).")
+@click.option("--precompute-ref", "preference__precompute_ref", is_flag=True, default=None,
+              help="Reference log-probs once before training (cached beside the data).")
+def dpo(**kwargs):
+    """Direct Preference Optimization (reference = the same weights with adapters off).
+
+    \b
+    Examples:
+      mlxpost dpo --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl
+      mlxpost dpo --from runs/my-sft --data prefs/ --loss ipo --beta 0.5
+      mlxpost dpo --config recipes/smollm2-135m-dpo.yaml --precompute-ref
+    """
+    _training_command("dpo", kwargs)
+
+
+dpo.help += _PREF_EXAMPLES
+
+
+@cli.command()
+@_preference_options
+@click.option("--lam", "orpo__lam", type=float, help="Weight of the odds-ratio term (default 0.1).")
+def orpo(**kwargs):
+    """ORPO: NLL of the chosen answer plus an odds-ratio preference term; no reference model.
+
+    \b
+    Examples:
+      mlxpost orpo --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl --lam 0.1
+    """
+    _training_command("orpo", kwargs)
+
+
+orpo.help += _PREF_EXAMPLES
+
+
+@cli.command()
+@_preference_options
+@click.option("--beta", "cpo__beta", type=float, help="Scale of the preference logit (default 0.1).")
+@click.option("--alpha", "cpo__alpha", type=float, help="Weight of the NLL (behaviour cloning) term (default 1.0).")
+@click.option("--label-smoothing", "cpo__label_smoothing", type=float, help="Label noise.")
+def cpo(**kwargs):
+    """CPO: reference-free DPO on summed log-probs, plus NLL of the chosen answer."""
+    _training_command("cpo", kwargs)
+
+
+cpo.help += _PREF_EXAMPLES
+
+
+@cli.command()
+@_preference_options
+@click.option("--beta", "simpo__beta", type=float, help="Scale of the length-normalized reward (default 2.0).")
+@click.option("--gamma", "simpo__gamma", type=float, help="Target reward margin (default 0.5).")
+@click.option("--alpha", "simpo__alpha", type=float, help="Optional NLL of the chosen answer (default 0).")
+@click.option("--label-smoothing", "simpo__label_smoothing", type=float, help="Label noise.")
+def simpo(**kwargs):
+    """SimPO: length-normalized, reference-free preference loss with a target margin."""
+    _training_command("simpo", kwargs)
+
+
+simpo.help += _PREF_EXAMPLES
+
+
 @cli.command()
 @click.option("--model", help="Base model (default: the one recorded in the adapter, else the built-in default).")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory.")
@@ -160,7 +244,7 @@ def sft(**kwargs):
 def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
     """Generate a reply (chat template applied), optionally with a trained adapter."""
     from .generate import stream_text
-    from .model import load_adapters, load_model, read_adapter_config
+    from .model import load_adapter_stack, load_model, read_adapter_config
 
     quantize = group = None
     dtype = "auto"
@@ -175,7 +259,7 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
         dtype = meta.get("dtype") or "auto"
     loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
     if adapter:
-        load_adapters(loaded.model, adapter)
+        load_adapter_stack(loaded.model, adapter)
     for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
                              top_p=top_p, system=system):
         click.echo(piece, nl=False)

@@ -308,3 +308,30 @@ def fuse_adapters(model: nn.Module) -> None:
     fused = [(n, m.fused()) for n, m in adapter_modules(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
+
+
+def load_adapter_stack(model: nn.Module, directory: str | Path) -> dict:
+    """Load an adapter, first merging the adapter it was trained on top of (``--from``), if any.
+
+    A DPO run started ``--from`` an SFT run records that run's adapter
+    (path and hash); the SFT adapter is merged into the base, then the DPO
+    adapter is attached, which reproduces the model as it was trained.
+    """
+    d = Path(directory)
+    meta = read_adapter_config(d).get("mlxpost", {})
+    src = meta.get("from_adapter")
+    if src:
+        from .reference import file_hash
+
+        s = Path(src)
+        if not (s / ADAPTER_WEIGHTS).exists():
+            raise MlxpostError(f"{d} was trained on top of the adapter in {s}, which is gone; "
+                               "it is needed to rebuild the model")
+        want = meta.get("from_adapter_sha256")
+        if want and file_hash(s / ADAPTER_WEIGHTS) != want:
+            raise MlxpostError(f"{d} was trained on top of {s / ADAPTER_WEIGHTS}, which has changed since")
+        load_adapter_stack(model, s)
+        fuse_adapters(model)
+        if meta.get("quantize"):
+            quantize_blocks(model, meta["quantize"], meta.get("quantize_group_size") or 64)
+    return load_adapters(model, d)

@@ -16,13 +16,15 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .batching import BatchSource, _stack
+from .batching import BatchSource, PairSource, _stack
 from .config import RunConfig, dump_yaml, load_recipe, set_value, validate
-from .data import DataStats, Example, Renderer, resolve_data_files, split_examples, tokenize_file
+from .data import (DataStats, Example, Renderer, resolve_data_files, split_examples, tokenize_file,
+                   tokenize_pairs_file)
 from .errors import ConfigError, MlxpostError
 from .logprobs import HeadSplit, logprobs
-from .model import (LoadedModel, adapter_config, attach_adapters, is_quantized, load_adapters, load_model,
-                    resolve_targets, trainable_count)
+from .methods import Method, get as get_method
+from .model import (LoadedModel, adapter_config, attach_adapters, fuse_adapters, is_quantized, load_adapters,
+                    load_model, quantize_blocks, read_adapter_config, resolve_targets, trainable_count)
 from .runs import RunDir, new_run_dir
 from .train import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
 
@@ -125,27 +127,32 @@ def choose_batching(mode: str, model) -> str:
 # ---------------------------------------------------------------------------
 
 
-def default_data_dir() -> Path:
-    from .assets.behaviour import DATASET_DIR
+def default_data_dir(kind: str = "sft") -> Path:
+    """The bundled example data of a kind of method (``sft`` rows or preference ``pairs``)."""
+    if kind == "pairs":
+        from .assets.pref_behaviour import DATASET_DIR
+    else:
+        from .assets.behaviour import DATASET_DIR
 
     return DATASET_DIR
 
 
-def load_data(cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
-    """Tokenized train and validation examples of this rank, and data statistics."""
+def load_data(cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1, kind: str = "sft"):
+    """Tokenized train and validation examples (or pairs) of this rank, and data statistics."""
     d = cfg.data
-    files = resolve_data_files(d.path or default_data_dir(), d.valid)
+    files = resolve_data_files(d.path or default_data_dir(kind), d.valid)
     renderer = Renderer(tokenizer, chat_template=d.chat_template, add_eos=d.add_eos)
+    tokenize = tokenize_pairs_file if kind == "pairs" else tokenize_file
     # Every rank validates every row (errors are the same everywhere) but
     # renders only its own share.
     shard = (rank, world) if world > 1 else None
     opts = dict(max_seq_len=d.max_seq_len, overflow=d.overflow, skip_bad_rows=d.skip_bad_rows, shard=shard)
-    train, tstats = tokenize_file(files["train"], renderer, limit=d.max_examples, **opts)
+    train, tstats = tokenize(files["train"], renderer, limit=d.max_examples, **opts)
     valid, vstats = [], None
     has_valid = False  # globally: every rank reaches the same answer
     if "valid" in files:
         has_valid = True
-        valid, vstats = tokenize_file(files["valid"], renderer, **opts)
+        valid, vstats = tokenize(files["valid"], renderer, **opts)
     elif d.valid_fraction > 0 and tstats.valid_rows >= 20:
         # Decided on the global row count, so every rank agrees.
         train, valid = split_examples(train, d.valid_fraction, cfg.train.seed, total=tstats.valid_rows)
@@ -165,7 +172,8 @@ def _warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
     if stats.dropped_too_long:
         rep.warn(f"dropped {stats.dropped_too_long} examples longer than data.max_seq_len={cfg.data.max_seq_len}")
     if stats.dropped_no_targets:
-        rep.warn(f"dropped {stats.dropped_no_targets} examples with no trained tokens left")
+        rep.warn(f"dropped {stats.dropped_no_targets} examples with no trained tokens left (for pairs: the "
+                 "prompt filled data.max_seq_len)")
     if stats.prefix_fallback:
         rep.warn(f"{stats.prefix_fallback} conversations: the chat template rewrites earlier turns, so only "
                  "their final assistant turn is trained on")
@@ -176,13 +184,60 @@ def _warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
 # ---------------------------------------------------------------------------
 
 
+def resolve_from_run(cfg: RunConfig) -> None:
+    """``preference.from_run``: train on top of an SFT run's base model.
+
+    The run's adapter is merged into the base when the model is loaded
+    (:func:`prepare`); here the base model, dtype and quantization default
+    to the ones that run used, and a different base is refused.
+    """
+    src = cfg.preference.from_run if cfg.method != "sft" else None
+    if not src:
+        return
+    d = Path(src).expanduser()
+    if not d.is_dir():
+        raise MlxpostError(f"--from {src}: not a directory (give an SFT run directory or an adapter directory)")
+    meta = read_adapter_config(d).get("mlxpost", {})
+    base = meta.get("base_model")
+    if cfg.model.path == "default" and base:
+        cfg.model.path = base
+        if cfg.model.quantize is None:
+            cfg.model.quantize = meta.get("quantize")
+            cfg.model.quantize_group_size = meta.get("quantize_group_size") or cfg.model.quantize_group_size
+        if cfg.model.dtype == "auto" and meta.get("dtype"):
+            cfg.model.dtype = meta["dtype"]
+    elif base and cfg.model.path != base and Path(cfg.model.path).expanduser().resolve() != Path(base):
+        raise MlxpostError(f"--from {src}: that adapter was trained on {base}, not on {cfg.model.path} "
+                           "(leave --model out to use the run's base model)")
+    cfg.preference.from_run = str(d.resolve())
+
+
+def merge_from_run(model, cfg: RunConfig, rep) -> dict:
+    """Merge ``preference.from_run``'s adapter into the base weights in memory; describe it."""
+    from .reference import file_hash
+
+    d = Path(cfg.preference.from_run)
+    load_adapters(model, d)
+    fuse_adapters(model)  # quantized layers come back dequantized ...
+    if cfg.model.quantize:  # ... and are quantized again, so memory stays that of a quantized base
+        quantize_blocks(model, cfg.model.quantize, cfg.model.quantize_group_size)
+    mx.eval(model.parameters())
+    rep.info(f"merged the adapter of {d} into the base: it is the starting policy and the reference")
+    return {"from_adapter": str(d), "from_adapter_sha256": file_hash(d / "adapters.safetensors")}
+
+
 def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared:
     mx.random.seed(cfg.train.seed)
+    method = get_method(cfg.method)
     m = cfg.model
     with rep.status(f"loading model {m.path}"):
         loaded = load_model(m.path, dtype=m.dtype, quantize=m.quantize, group_size=m.quantize_group_size,
                             revision=m.revision, trust_remote_code=m.trust_remote_code, log=rep.info)
     model = loaded.model
+    from_info = {}
+    if method.data == "pairs" and cfg.preference.from_run:
+        with rep.status(f"merging the adapter of {cfg.preference.from_run}"):
+            from_info = merge_from_run(model, cfg, rep)
 
     lcfg = cfg.lora
     if lcfg.init:
@@ -204,33 +259,68 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     base = str(local.resolve()) if local.exists() else m.path  # absolute, so it works from anywhere
     extra = {"base_model": base, "model_dir": str(Path(loaded.path).resolve()), "method": cfg.method, "alpha": scale * rank_,
              "quantize": m.quantize, "quantize_group_size": m.quantize_group_size if m.quantize else None,
-             "base_quantized": is_quantized(model), "dtype": m.dtype}
+             "base_quantized": is_quantized(model), "dtype": m.dtype, **from_info}
     acfg = adapter_config(rank=rank_, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
                           dora=dora, extra=extra)
 
     with rep.status("reading and tokenizing data"):
-        train, valid, stats, tstats = load_data(cfg, loaded.tokenizer, rank, world_size)
+        train, valid, stats, tstats = load_data(cfg, loaded.tokenizer, rank, world_size, kind=method.data)
     _warn_data(tstats, cfg, rep)
     if not train:
         raise MlxpostError("no training examples left after reading the data")
 
-    batching = choose_batching(cfg.data.batching, model)
+    # Pairs are padded: chosen and rejected rows of one batch, scored in one forward pass.
+    batching = "pad" if method.data == "pairs" else choose_batching(cfg.data.batching, model)
     if cfg.data.batching == "auto" and batching == "pad" and mx.default_device() != mx.cpu:
         rep.warn("this model does not isolate packed examples; using padded batches")
     split = HeadSplit.find(model)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
 
-    def source(examples: list[Example], shuffle: bool) -> BatchSource:
+    def source(examples: list, shuffle: bool) -> BatchSource:
         # Each source sizes its own rows: long validation chats must not widen
         # every training row (that padding costs as much as real tokens).
         B, L = cfg.train.batch_size, pack_length(cfg, examples) if examples else cfg.data.max_seq_len
         bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" else 64
-        return BatchSource(examples, mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed,
-                           shuffle=shuffle, select_bucket=bucket if split else None)
+        kind = PairSource if method.data == "pairs" else BatchSource
+        return kind(examples, mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed,
+                    shuffle=shuffle, select_bucket=bucket if split else None)
 
     train_src = source(train, shuffle=True)
     valid_src = source(valid, shuffle=False) if valid is not None else None
-    return Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
+    prep = Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
+    if method.reference and cfg.preference.precompute_ref:
+        precompute_reference(prep, rep)
+    return prep
+
+
+def precompute_reference(prep: Prepared, rep) -> None:
+    """``--precompute-ref``: reference log-probs of every pair once, from the cache when it fits."""
+    from . import reference
+
+    cfg = prep.cfg
+    data_path = Path(cfg.data.path) if cfg.data.path else default_data_dir("pairs")
+    directory = Path(cfg.preference.ref_cache_dir) if cfg.preference.ref_cache_dir else \
+        reference.default_cache_dir(data_path)
+    if not reference.writable(directory):
+        fallback = Path.home() / ".cache" / "mlxpost" / "ref"
+        rep.warn(f"{directory} is not writable; caching reference log-probs in {fallback}")
+        directory = fallback
+    adapter_hash = prep.adapter_cfg["mlxpost"].get("from_adapter_sha256")
+    for name, src in (("train", prep.train), ("valid", prep.valid)):
+        if src is None or not src.examples:
+            continue
+        key = reference.fingerprint(prep.loaded.model, src.examples, adapter_hash)
+        path = reference.cache_path(directory, key)
+        ref = reference.load(path, src.examples) if path.exists() else None
+        if ref is not None:
+            rep.info(f"reference log-probs ({name}): from the cache {path}")
+        else:
+            t0 = time.time()
+            with rep.status(f"computing reference log-probs of {len(src.examples)} {name} pairs"):
+                ref = reference.compute(prep.loaded.model, src, prep.split)
+            reference.save(path, ref, {"model": cfg.model.path, "data": str(data_path), "split": name})
+            rep.info(f"reference log-probs ({name}): computed in {time.time() - t0:.1f}s, cached in {path}")
+        src.set_reference(ref)
 
 
 def pack_length(cfg: RunConfig, examples: list[Example]) -> int:
@@ -265,10 +355,25 @@ def sample_prompts(cfg: RunConfig) -> list[str]:
     if cfg.sample.prompts:
         return [str(p) for p in cfg.sample.prompts]
     if cfg.data.path is None:
+        if get_method(cfg.method).data == "pairs":
+            from .assets.pref_behaviour import PREF_SAMPLE_PROMPTS
+
+            return list(PREF_SAMPLE_PROMPTS)
         from .assets.behaviour import SAMPLE_PROMPTS
 
         return list(SAMPLE_PROMPTS)
     return []
+
+
+def behaviour_scores(cfg: RunConfig, prompts: list[str], replies: list[str]):
+    """How the bundled data's behaviour shows in sampled replies (bundled data only)."""
+    if get_method(cfg.method).data == "pairs":
+        from .assets.pref_behaviour import pref_behaviour_scores
+
+        return pref_behaviour_scores(replies, prompts)
+    from .assets.behaviour import json_answer_rate
+
+    return json_answer_rate(replies)
 
 
 def run_samples(model, tokenizer, prompts: list[str], cfg: RunConfig) -> list[str]:
@@ -319,9 +424,17 @@ def resume_config(run_dir: Path, sets: list[str]) -> RunConfig:
     return cfg
 
 
-def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, reporter, resume: Path | None = None
-        ) -> tuple[Path, TrainResult]:
-    """Run one training job end to end; returns the run directory and the result."""
+def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = None, *, reporter,
+        resume: Path | None = None) -> tuple[Path, TrainResult]:
+    """Run one training job end to end; returns the run directory and the result.
+
+    ``objective_for``: builds the objective from the prepared run (default:
+    the method's own, from :data:`mlxpost.methods.METHODS`).
+    """
+    method: Method = get_method(cfg.method)
+    objective_for = objective_for or method.objective
+    if resume is None:
+        resolve_from_run(cfg)
     world = _world()
     rank = world.rank() if world else 0
     size = world.size() if world else 1
@@ -372,6 +485,14 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, repor
             ("train examples", prep.stats["train_examples"] * size), ("valid examples", prep.stats["valid_examples"] * size),
             ("batching", prep.batching), ("steps", steps), ("processes", size),
             ("logits", "trained positions only" if prep.split else "all positions")]
+    if method.data == "pairs":
+        info[4:6] = [("train pairs", prep.stats["train_examples"] * size),
+                     ("valid pairs", prep.stats["valid_examples"] * size)]
+        info[6] = ("batching", "chosen+rejected in one padded batch")
+        info.append(("reference", ("precomputed (cached)" if cfg.preference.precompute_ref else
+                                   "same weights, adapters off") if method.reference else "none (reference-free)"))
+        if cfg.preference.from_run:
+            info.append(("from", cfg.preference.from_run))
     rep.table("setup", info)
     rundir.write_json("data_stats.json", prep.stats)
     rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
@@ -417,13 +538,40 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective], *, repor
         "trained_tokens_per_s": result.trained_tokens / max(result.train_seconds, 1e-9),
         "peak_memory_gb": result.peak_memory_gb, "wall_seconds": round(time.time() - t_start, 1),
     }
+    last = next((h for h in reversed(result.history) if h.get("kind") == "train"), None)
+    if method.data == "pairs" and last:
+        summary["final_metrics"] = {k: v for k, v in last.items() if "/" in k or k in ("kl", "nll", "log_odds")}
+    if result.val_metrics:
+        summary["val_metrics"] = {k: v for k, v in result.val_metrics.items() if k != "eval_seconds"}
     if cfg.data.path is None and after:
-        from .assets.behaviour import json_answer_rate
-
         if before:
-            summary["behaviour_before"] = json_answer_rate(before)
-        summary["behaviour_after"] = json_answer_rate(after)
+            summary["behaviour_before"] = behaviour_scores(cfg, prompts, before)
+        summary["behaviour_after"] = behaviour_scores(cfg, prompts, after)
+    if result.health is not None:
+        summary["health"] = result.health
     rundir.write_json("summary.json", summary)
-    rows = [(k, v) for k, v in summary.items() if k != "run_dir"]
+    skip = ("run_dir", "final_metrics", "val_metrics", "health")
+    rows = [(k, v) for k, v in summary.items() if k not in skip]
+    rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
+             if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
     rep.table(f"summary: {run_path}", rows)
+    if result.health is not None:
+        report_health(result.health, rep)
     return run_path, result
+
+
+def report_health(health: dict, rep) -> None:
+    """The health checks' verdicts, one row each, with the first finding's reason."""
+    rows = []
+    for check, h in health.items():
+        verdict = h["verdict"]
+        if check == "quality_gate" and verdict in ("pass", "fail"):
+            verdict += (f" (val margin {h['margin']:.3f} vs > {h['min_margin']}, accuracy {h['accuracy']:.3f} "
+                        f"vs >= {h['min_accuracy']})")
+        elif check == "quality_gate":
+            verdict += f" ({h.get('reason', '')})"
+        elif h.get("findings"):
+            f = h["findings"][0]
+            verdict += f" (step {f['step']}: {f['message'][:90]}...)"
+        rows.append((check, verdict))
+    rep.table("health checks", rows)
