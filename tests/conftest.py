@@ -108,3 +108,34 @@ def mlxpost_env() -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Arithmetic pairs: the right sum in one phrasing against a wrong sum in another.
+
+    Half the rows are strings, half message lists (some with a system message).
+    """
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        q, good, bad = f"What is {a} plus {b}?", f"The answer is {a + b}.", f"I think it is {wrong}."
+        if i % 2:
+            rows.append({"prompt": q, "chosen": good, "rejected": bad})
+        else:
+            prompt = ([{"role": "system", "content": "Be brief."}] if i % 4 == 0 else []) + [
+                {"role": "user", "content": q}]
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pref_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pref_data")
+    write_jsonl(d / "train.jsonl", preference_rows(48, seed=0))
+    write_jsonl(d / "valid.jsonl", preference_rows(12, seed=1))
+    return d

@@ -1,0 +1,376 @@
+"""Preference methods on the shared core: losses by hand, the step-0 property, learning, the reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from conftest import preference_rows, write_jsonl
+from mlx.utils import tree_flatten
+
+from mlxpost import reference
+from mlxpost.config import build_config
+from mlxpost.errors import ConfigError, MlxpostError
+from mlxpost.health import PreferenceHealth, Thresholds
+from mlxpost.logprobs import logprobs
+from mlxpost.methods import cpo, dpo, get, orpo, simpo
+from mlxpost.model import load_adapter_stack, load_adapters, load_model
+from mlxpost.preference import PairLogps, pair_logps, reference_token_logprobs
+from mlxpost.runner import precompute_reference, prepare, resolve_from_run, run, total_steps
+from mlxpost.runs import RunDir
+from mlxpost.train import Trainer
+from mlxpost.ui import NullReporter
+
+LOG2 = math.log(2.0)
+
+
+def pref_cfg(model, data, method="dpo", *sets):
+    return build_config(None, [f"model.path={model}", f"data.path={data}", "train.report_every=1",
+                               "train.eval_every=0", "train.save_every=0", "train.eval_at_start=false", *sets],
+                        method=method)
+
+
+def a(*x):
+    return mx.array(list(x), mx.float32)
+
+
+# ---------------------------------------------------------------------------
+# Losses against values derived by hand
+# ---------------------------------------------------------------------------
+
+
+def hand_pair() -> PairLogps:
+    """One pair. Sums: policy -10 / -12, reference -11 / -11. Means: policy -2 / -3, reference -2.2 / -2.75."""
+    return PairLogps(chosen=a(-10.0), rejected=a(-12.0), chosen_mean=a(-2.0), rejected_mean=a(-3.0), valid=a(1.0),
+                     ref_chosen=a(-11.0), ref_rejected=a(-11.0), ref_chosen_mean=a(-2.2),
+                     ref_rejected_mean=a(-2.75))
+
+
+@pytest.mark.parametrize("loss,beta,eps,expected,rewards", [
+    # h = (-10 + 11) - (-12 + 11) = 2; beta h = 1; -log sigmoid(1) = log(1 + e^-1)
+    ("sigmoid", 0.5, 0.0, math.log1p(math.exp(-1)), (0.5, -0.5)),
+    # conservative DPO: 0.9 log(1 + e^-1) + 0.1 log(1 + e^1)
+    ("sigmoid", 0.5, 0.1, 0.9 * math.log1p(math.exp(-1)) + 0.1 * math.log1p(math.e), (0.5, -0.5)),
+    # IPO on means: h = (-2 + 2.2) - (-3 + 2.75) = 0.45; (0.45 - 1 / (2 * 0.5))^2 = 0.3025
+    ("ipo", 0.5, 0.0, 0.3025, (0.1, -0.125)),
+    # hinge: max(0, 1 - 0.25 * 2) = 0.5
+    ("hinge", 0.25, 0.0, 0.5, (0.25, -0.25)),
+    # robust: (0.9 log(1 + e^-1) - 0.1 log(1 + e^1)) / 0.8
+    ("robust", 0.5, 0.1, (0.9 * math.log1p(math.exp(-1)) - 0.1 * math.log1p(math.e)) / 0.8, (0.5, -0.5)),
+])
+def test_dpo_losses_by_hand(loss, beta, eps, expected, rewards):
+    out = dpo.dpo_score(hand_pair(), loss=loss, beta=beta, label_smoothing=eps)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-6)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx(rewards, abs=1e-6)
+
+
+def test_reference_free_losses_by_hand():
+    # ORPO with mean log-probs log 0.5 and log 0.2: odds 1 and 1/4, log odds ratio log 4;
+    # loss = NLL + lam * log(1 + e^-log 4) = log 2 + 0.1 * log 1.25.
+    lp = PairLogps(chosen=a(-10.0), rejected=a(-12.0), chosen_mean=a(math.log(0.5)),
+                   rejected_mean=a(math.log(0.2)), valid=a(1.0))
+    out = orpo.orpo_score(lp, lam=0.1)
+    assert out.metrics["log_odds"].item() == pytest.approx(math.log(4), abs=1e-5)
+    assert out.losses.item() == pytest.approx(LOG2 + 0.1 * math.log(1.25), abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.1 * math.log(0.5), abs=1e-6)
+
+    p = hand_pair()
+    # CPO: z = 0.1 (-10 + 12) = 0.2; log(1 + e^-0.2) + 1.0 * 2 (NLL per token of chosen)
+    out = cpo.cpo_score(p, beta=0.1, alpha=1.0)
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-0.2)) + 2.0, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(-1.0, abs=1e-6)
+    # SimPO: z = 2 (-2 + 3) - 0.5 = 1.5; log(1 + e^-1.5) + 0.5 * 2
+    out = simpo.simpo_score(p, beta=2.0, gamma=0.5, alpha=0.5)
+    assert out.logits.item() == pytest.approx(1.5, abs=1e-6)
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-1.5)) + 1.0, abs=1e-6)
+
+
+def test_pair_scores_mask_padding_pairs_and_estimate_kl():
+    # Two pairs in rows (c0, c1, r0, r1); pair 1 is a padding pair (no trained tokens).
+    w = mx.array([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], mx.float32)
+    tok = mx.array([[-1.0, -2.0, 0], [0, 0, 0], [-4.0, 0, 0], [0, 0, 0]])
+    ref = mx.array([[-1.5, -2.0, 0], [0, 0, 0], [-4.0, 0, 0], [0, 0, 0]])
+    lp = pair_logps(tok, w, ref)
+    assert lp.valid.tolist() == [1.0, 0.0]
+    assert lp.chosen.tolist()[0] == -3.0 and lp.chosen_mean.tolist()[0] == -1.5
+    assert lp.rejected.tolist()[0] == -4.0
+    # k3 per token: r = ref - pi = -0.5 on one of three tokens: e^-0.5 + 0.5 - 1, over 3 tokens
+    assert lp.kl.tolist()[0] == pytest.approx((math.exp(-0.5) - 0.5) / 3, abs=1e-6)
+    # The padding pair gets finite stand-ins, so ORPO's log(1 - e^m) stays finite there.
+    out = orpo.orpo_score(lp, lam=0.1)
+    assert all(math.isfinite(x) for x in out.losses.tolist())
+
+
+# ---------------------------------------------------------------------------
+# The step-0 property on a tiny real model
+# ---------------------------------------------------------------------------
+
+
+def test_step_zero_policy_equals_reference_and_dpo_loss_is_log2(tiny_model, pref_data):
+    cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.batch_size=4")
+    prep = prepare(cfg, NullReporter())
+    model, split = prep.loaded.model, prep.split
+    batch = next(iter(prep.train))
+    pol = logprobs(model, batch, split=split, select=batch.select)
+    ref = reference_token_logprobs(model, batch, split)
+    assert np.array_equal(np.array(pol), np.array(ref))  # fresh adapter: B = 0 exactly
+    assert float(mx.abs(pol).sum()) > 0
+
+    objective = get("dpo").objective(prep)
+
+    def mean_loss(model, arrays):
+        from mlxpost.batching import batch_from_arrays
+
+        loss, count, _ = objective.loss(model, batch_from_arrays(arrays))
+        return loss / count
+
+    vg = nn.value_and_grad(model, mean_loss)
+    loss, grads = vg(model, batch.arrays())
+    assert loss.item() == pytest.approx(LOG2, abs=1e-6)
+    g = dict(tree_flatten(grads))
+    lora_b = [k for k in g if k.endswith("lora_b")]
+    assert lora_b and all(float(mx.abs(g[k]).max()) > 0 for k in lora_b), "every adapter gets a gradient"
+    # With B = 0 the gradient of A is exactly zero at step 0 (dL/dA = x^T (dL/dz) B^T) ...
+    assert all(float(mx.abs(g[k]).max()) == 0 for k in g if k.endswith("lora_a"))
+    # ... and non-zero for every A once B has moved.
+    optim.SGD(learning_rate=1e-2).update(model, grads)
+    _, grads = vg(model, batch.arrays())
+    g = dict(tree_flatten(grads))
+    assert all(float(mx.abs(g[k]).max()) > 0 for k in g if k.endswith(("lora_a", "lora_b")))
+
+
+# ---------------------------------------------------------------------------
+# Every method learns: the chosen reward rises relative to the rejected
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,sets", [
+    ("dpo", ["dpo.loss=sigmoid"]), ("dpo", ["dpo.loss=ipo", "dpo.beta=0.5"]), ("dpo", ["dpo.loss=hinge"]),
+    ("dpo", ["dpo.loss=robust", "dpo.label_smoothing=0.1"]), ("dpo", ["dpo.label_smoothing=0.1"]),
+    ("orpo", []), ("cpo", []), ("simpo", []),
+])
+def test_each_method_raises_the_margin(tmp_path, tiny_model, pref_data, method, sets):
+    cfg = pref_cfg(tiny_model, pref_data, method, "train.steps=10", "train.lr=5e-3", "train.batch_size=4", *sets)
+    prep = prepare(cfg, NullReporter())
+    tr = Trainer(prep.loaded.model, get(method).objective(prep), cfg.train, total_steps=10,
+                 run=RunDir(tmp_path / "r"), reporter=NullReporter(), adapter_cfg=prep.adapter_cfg)
+    before = tr.evaluate(prep.valid)
+    result = tr.fit(prep.train, prep.valid)
+    after = result.val_metrics
+    assert after["val_rewards/margins"] > before["val_rewards/margins"] + 0.01
+    assert after["val_rewards/accuracies"] >= 0.75
+    assert after["val_loss"] < before["val_loss"]
+    if method == "dpo":
+        assert before["val_rewards/margins"] == 0.0 and before["val_kl"] == 0.0
+        assert after["val_kl"] > 0
+
+
+# ---------------------------------------------------------------------------
+# Precomputed reference log-probs
+# ---------------------------------------------------------------------------
+
+
+def test_precomputed_reference_equals_adapters_off_and_is_cached(tmp_path, tiny_model, pref_data):
+    cache = tmp_path / "cache"
+    cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.batch_size=4", "preference.precompute_ref=true",
+                   f"preference.ref_cache_dir={cache}")
+    prep = prepare(cfg, NullReporter())
+    files = sorted(cache.glob("ref-*.npz"))
+    assert len(files) == 2  # train and valid
+    model = prep.loaded.model
+    # Move the policy away from the reference first.
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    objective = get("dpo").objective(prep)
+    pre = next(iter(prep.train))
+    assert "ref_logps" in pre.extra
+    live = pre.__class__(**{**pre.__dict__, "extra": None})
+    lp_pre, n_pre, m_pre = objective.loss(model, pre)
+    lp_live, n_live, m_live = objective.loss(model, live)
+    assert lp_pre.item() == pytest.approx(lp_live.item(), abs=1e-5)
+    assert lp_pre.item() != pytest.approx(LOG2 * n_pre.item(), abs=1e-3)
+    for k in m_live:
+        assert m_pre[k].item() == pytest.approx(m_live[k].item(), abs=1e-4), k
+
+    # A second run finds the cache (same model, same data): nothing is recomputed.
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    seen = []
+
+    class Rec(NullReporter):
+        def info(self, msg):
+            seen.append(msg)
+
+    prep2 = prepare(cfg, Rec())
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert sum("from the cache" in s for s in seen) == 2
+    np.testing.assert_array_equal(prep2.train.ref[0][0], prep.train.ref[0][0])
+
+    # The key changes with the data and with the model weights.
+    pairs = prep.train.examples
+    key = reference.fingerprint(model, pairs)
+    changed = [pairs[1], pairs[0]] + pairs[2:]
+    assert reference.fingerprint(model, changed) != key
+    layer = model.layers[0].self_attn.q_proj.linear
+    layer.weight = layer.weight + 1e-3
+    assert reference.fingerprint(model, pairs) != key
+    # A cache file that does not fit the pairs is not used.
+    assert reference.load(files[0], pairs[:-1]) is None
+
+
+# ---------------------------------------------------------------------------
+# SFT, then DPO --from the SFT run
+# ---------------------------------------------------------------------------
+
+
+def test_dpo_from_an_sft_run(tmp_path, tiny_model, sft_data, pref_data):
+    sft_cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", "train.steps=4",
+                                  "train.lr=1e-2", "train.eval_every=0", "train.save_every=0",
+                                  "train.eval_at_start=false", f"output.dir={tmp_path}", "output.name=sft"])
+    sft_dir, _ = run(sft_cfg, reporter=NullReporter())
+
+    cfg = build_config(None, [f"data.path={pref_data}", f"preference.from_run={sft_dir}", "train.steps=4",
+                              "train.lr=5e-3", "train.eval_every=0", "train.save_every=0",
+                              "train.eval_at_start=false", "train.batch_size=4"], method="dpo")
+    resolve_from_run(cfg)
+    assert cfg.model.path == str(tiny_model.resolve())  # the SFT run's base, found from its adapter
+    prep = prepare(cfg, NullReporter())
+    model = prep.loaded.model
+    x = mx.array([[1, 5, 9, 13, 17, 21, 25]])
+
+    sft_model = load_model(str(tiny_model)).model
+    load_adapters(sft_model, sft_dir)
+    from mlxpost.lora import adapters_off
+
+    with adapters_off(model):
+        merged = model(x)
+    np.testing.assert_allclose(np.array(merged), np.array(sft_model(x)), atol=1e-4)
+    assert float(mx.abs(sft_model(x) - load_model(str(tiny_model)).model(x)).max()) > 1e-3  # SFT changed it
+
+    # Step 0 from the SFT policy: DPO's loss is log 2 again.
+    batch = next(iter(prep.train))
+    loss, count, _ = get("dpo").objective(prep).loss(model, batch)
+    assert (loss / count).item() == pytest.approx(LOG2, abs=1e-6)
+
+    tr = Trainer(model, get("dpo").objective(prep), cfg.train, total_steps=4, run=RunDir(tmp_path / "dpo"),
+                 reporter=NullReporter(), adapter_cfg=prep.adapter_cfg)
+    tr.fit(prep.train)
+    assert prep.adapter_cfg["mlxpost"]["from_adapter"] == str(sft_dir.resolve())
+    # Loading the DPO adapter rebuilds the stack: base + merged SFT adapter + DPO adapter.
+    fresh = load_model(str(tiny_model)).model
+    load_adapter_stack(fresh, tmp_path / "dpo")
+    np.testing.assert_allclose(np.array(fresh(x)), np.array(model(x)), atol=1e-4)
+
+    other = build_config(None, [f"model.path={tmp_path}", f"preference.from_run={sft_dir}"], method="dpo")
+    with pytest.raises(MlxpostError, match="was trained on"):
+        resolve_from_run(other)
+
+
+# ---------------------------------------------------------------------------
+# Resume, configuration, health checks
+# ---------------------------------------------------------------------------
+
+
+class StopAt(NullReporter):
+    def __init__(self, step):
+        self.stop = step
+
+    def advance(self, step):
+        if step == self.stop:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_dpo_run_resumes_to_the_same_result(tmp_path, tiny_model, pref_data):
+    sets = ["train.steps=8", "train.lr=5e-3", "train.batch_size=4", "train.save_every=3", f"output.dir={tmp_path}"]
+    path_a, res_a = run(pref_cfg(tiny_model, pref_data, "dpo", *sets, "output.name=a"), reporter=NullReporter())
+    with pytest.raises(KeyboardInterrupt):
+        run(pref_cfg(tiny_model, pref_data, "dpo", *sets, "output.name=b"), reporter=StopAt(5))
+    from mlxpost.runner import resume_config
+
+    path_b, res_b = run(resume_config(tmp_path / "b", []), reporter=NullReporter(), resume=tmp_path / "b")
+    wa, wb = mx.load(str(path_a / "adapters.safetensors")), mx.load(str(path_b / "adapters.safetensors"))
+    for k in wa:
+        np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), atol=1e-6, err_msg=k)
+    assert res_b.val_metrics["val_rewards/margins"] == pytest.approx(res_a.val_metrics["val_rewards/margins"],
+                                                                      abs=1e-5)
+    summary = json.loads((path_b / "summary.json").read_text())
+    assert summary["health"]["quality_gate"]["verdict"] in ("pass", "fail")
+    assert "rewards/accuracies" in summary["final_metrics"]
+
+
+def test_preference_configuration_errors(tiny_model, pref_data):
+    with pytest.raises(ConfigError, match="dpo.beta.*setting of dpo, not of sft"):
+        build_config(None, ["dpo.beta=0.2"])
+    with pytest.raises(ConfigError, match="did you mean 'dpo.beta'"):
+        build_config(None, ["dpo.bta=0.2"], method="dpo")
+    with pytest.raises(ConfigError, match="not of orpo"):
+        build_config(None, ["dpo.beta=0.2"], method="orpo")
+    with pytest.raises(ConfigError, match="dpo.loss: expected one of"):
+        build_config(None, ["dpo.loss=kto"], method="dpo")
+    with pytest.raises(ConfigError, match="label_smoothing applies"):
+        build_config(None, ["dpo.loss=ipo", "dpo.label_smoothing=0.1"], method="dpo")
+    with pytest.raises(ConfigError, match="dpo.label_smoothing: must be in"):
+        build_config(None, ["dpo.label_smoothing=0.5"], method="dpo")
+    with pytest.raises(ConfigError, match="batching=pack"):
+        build_config(None, ["data.batching=pack"], method="dpo")
+    cfg = build_config(None, [], method="dpo")
+    assert cfg.train.lr == 5e-5 and "dpo" in cfg.to_dict() and "orpo" not in cfg.to_dict()
+    assert "dpo" not in build_config(None, []).to_dict()
+
+
+def test_health_checks_raise_findings_once_with_advice():
+    h = PreferenceHealth(100, Thresholds())
+    base = {"rewards/accuracies": 0.5, "pref_loss": 0.69, "kl": 0.0, "logratio/chosen": 0.0,
+            "logratio/rejected": 0.0}
+    assert h.observe(1, base) == []
+    # Early collapse: loss near 0 with accuracy 1.0 within the first 5% of steps.
+    found = h.observe(2, {**base, "rewards/accuracies": 1.0, "pref_loss": 0.01})
+    assert [f.check for f in found] == ["collapse"] and "too easy" in found[0].message
+    assert h.observe(3, {**base, "rewards/accuracies": 1.0, "pref_loss": 0.01}) == []  # reported once
+    # Late, the same numbers are no collapse (training is expected to get there).
+    late = PreferenceHealth(100, Thresholds())
+    late.observe(1, base)
+    assert late.observe(50, {**base, "rewards/accuracies": 1.0, "pref_loss": 0.01}) == []
+    # KL drift, smoothed: one spike does not trigger it, a sustained level does.
+    k = PreferenceHealth(100, Thresholds(kl_max=0.1))
+    k.observe(1, base)
+    assert k.observe(2, {**base, "kl": 0.3}) == []
+    found = [f for s in range(3, 10) for f in k.observe(s, {**base, "kl": 0.3})]
+    assert [f.check for f in found] == ["drift"] and "KL" in found[0].message
+    # Chosen falling with rejected: drift; rejected falling without bound: collapse.
+    d = PreferenceHealth(100, Thresholds())
+    found = [f for s in range(1, 30) for f in d.observe(s, {**base, "logratio/chosen": -0.02 * s,
+                                                              "logratio/rejected": -0.2 * s})]
+    checks = {f.check: f for f in found}
+    assert "unlearning the chosen" in checks["drift"].message
+    assert "without bound" in checks["collapse"].message and checks["collapse"].advice
+    # Reference-free methods compare with the first steps' average instead.
+    r = PreferenceHealth(100, Thresholds())
+    stream = [{"rewards/accuracies": 0.5, "logps/chosen_mean": -1.0 - 0.05 * s,
+               "logps/rejected_mean": -1.0 - 0.1 * s} for s in range(20)]
+    found = [f for s, m in enumerate(stream, 1) for f in r.observe(s, m)]
+    assert any(f.check == "drift" for f in found)
+    # The gate.
+    g = PreferenceHealth(10, Thresholds(gate_min_margin=0.1, gate_min_accuracy=0.7))
+    assert g.gate({"val_rewards/margins": 0.2, "val_rewards/accuracies": 0.8})["verdict"] == "pass"
+    assert g.gate({"val_rewards/margins": 0.2, "val_rewards/accuracies": 0.6})["verdict"] == "fail"
+    assert g.gate(None)["verdict"] == "skipped"
+    summary = d.summary(None)
+    assert summary["drift"]["verdict"] == "warn" and summary["non_finite"]["verdict"] == "ok"
+
+
+def test_precompute_needs_pairs_of_this_data(tmp_path, tiny_model):
+    d = tmp_path / "d"
+    write_jsonl(d / "train.jsonl", preference_rows(24))
+    cfg = pref_cfg(tiny_model, d, "dpo", "train.batch_size=4", "data.valid_fraction=0")
+    prep = prepare(cfg, NullReporter())
+    precompute_reference(prep, NullReporter())  # default: a cache folder beside the data
+    assert len(list((d / ".mlxpost-cache").glob("ref-*.npz"))) == 1
+    assert total_steps(cfg, prep.train) == 6
+    with pytest.raises(MlxpostError, match="reference log-probs for 3 pairs"):
+        prep.train.set_reference(prep.train.ref[:3])
