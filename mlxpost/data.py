@@ -55,6 +55,7 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_targets: int = 0
+    dropped_identical: int = 0  # pairs whose sides became identical when truncated
     prefix_fallback: int = 0
     valid_rows: int = 0  # rows that passed validation (all ranks, not only this shard)
     formats: Counter = field(default_factory=Counter)
@@ -74,6 +75,7 @@ class DataStats:
             "truncated": self.truncated,
             "dropped_too_long": self.dropped_too_long,
             "dropped_no_targets": self.dropped_no_targets,
+            "dropped_identical": self.dropped_identical,
             "formats": dict(self.formats),
             "tokens": int(lens.sum()),
             "target_tokens": self.targets,
@@ -589,15 +591,21 @@ def normalize_pair_row(row: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             return None, [("prompt", "missing (without a prompt, chosen and rejected must be whole "
                                      "conversations, as message lists, that share their first turns)")]
+        if chosen == rejected:
+            return None, [("rejected", "identical to chosen (a pair must differ)")]
         k = 0
         while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
             k += 1
-        # The completions start at the first assistant turn after the shared part.
-        while k > 0 and isinstance(chosen[k - 1], dict) and chosen[k - 1].get("role") == "assistant":
-            k -= 1
         if k == 0:
             return None, [("chosen", "chosen and rejected share no leading turns, so the prompt cannot be "
                                      "found; give a 'prompt' field")]
+        for side, conv in (("chosen", chosen), ("rejected", rejected)):
+            if k == len(conv):
+                return None, [(side, f"has no turns after the {k} it shares with the other side")]
+        for side, conv in (("chosen", chosen), ("rejected", rejected)):
+            if not (isinstance(conv[k], dict) and conv[k].get("role") == "assistant"):
+                return None, [(f"{side}[{k}]", "chosen and rejected first differ here, at a turn that is not "
+                                               "the assistant's: a pair must share everything before its answers")]
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
     else:
         prompt = row["prompt"]
@@ -629,6 +637,7 @@ def validate_pair_row(row: dict) -> list[tuple[str, str]]:
             sub["tools"] = norm["tools"]
         for f, msg in validate_sft_row(sub):
             f = f.replace("completion", side, 1) if f.startswith("completion") else f
+            msg = msg.replace("the completion", f"the {side} answer").replace("empty completion", f"empty {side}")
             if (f, msg) not in seen:
                 seen.add((f, msg))
                 problems.append((f, msg))
@@ -647,7 +656,7 @@ def render_pair(renderer: Renderer, row: dict) -> tuple[tuple[list[int], list[bo
             sub["tools"] = norm["tools"]
         ids, mask, _ = renderer.render(sub)
         sides.append((ids, mask))
-    fmt = "conversation" if isinstance(norm["prompt"], list) else "text"
+    fmt = "conversation" if isinstance(norm["prompt"], list) else "strings"
     return sides[0], sides[1], fmt
 
 
@@ -689,6 +698,9 @@ def tokenize_pairs_file(path: str | Path, renderer: Renderer, *, max_seq_len: in
         r = Example(np.asarray(ri, np.int32), np.asarray(rm, bool), src, index)
         if c.n_targets == 0 or r.n_targets == 0:
             stats.dropped_no_targets += 1
+            continue
+        if ci == ri:  # the answers differed only beyond data.max_seq_len
+            stats.dropped_identical += 1
             continue
         stats.lengths += [len(c), len(r)]
         stats.targets += c.n_targets + r.n_targets

@@ -174,6 +174,9 @@ def _warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
     if stats.dropped_no_targets:
         rep.warn(f"dropped {stats.dropped_no_targets} examples with no trained tokens left (for pairs: the "
                  "prompt filled data.max_seq_len)")
+    if stats.dropped_identical:
+        rep.warn(f"dropped {stats.dropped_identical} pairs whose chosen and rejected answers differ only beyond "
+                 f"data.max_seq_len={cfg.data.max_seq_len} tokens (raise it to keep them)")
     if stats.prefix_fallback:
         rep.warn(f"{stats.prefix_fallback} conversations: the chat template rewrites earlier turns, so only "
                  "their final assistant turn is trained on")

@@ -1,0 +1,576 @@
+"""Preference pairs: row forms, file:line:field errors, rendering with shared prompts, PairSource batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import write_jsonl
+from mlx_lm.utils import load_tokenizer
+
+from mlxpost.batching import PairSource
+from mlxpost.data import (
+    PairExample,
+    Renderer,
+    normalize_pair_row,
+    render_pair,
+    tokenize_pairs_file,
+    validate_pair_row,
+)
+from mlxpost.errors import DataError, MlxpostError
+
+
+def U(c):
+    return {"role": "user", "content": c}
+
+
+def A(c):
+    return {"role": "assistant", "content": c}
+
+
+def S(c):
+    return {"role": "system", "content": c}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tok_gen(tiny_model_generation):
+    return load_tokenizer(tiny_model_generation)
+
+
+@pytest.fixture(scope="module")
+def tok_bos(tiny_model_bos):
+    return load_tokenizer(tiny_model_bos)
+
+
+def decoded_targets(tok, ids, mask) -> str:
+    return "".join(tok._tokenizer.decode([i]) for i, m in zip(ids, mask) if m)
+
+
+def first_target(mask) -> int:
+    return list(mask).index(True)
+
+
+def pair_row(i: int, extra: str = "") -> dict:
+    return {"prompt": f"What is {i} plus one?", "chosen": f"It is {i + 1}.{extra}", "rejected": f"No idea {i}."}
+
+
+# ---------------------------------------------------------------------------
+# Row forms
+# ---------------------------------------------------------------------------
+
+PROMPT_MSGS = [U("What is two?")]
+
+ACCEPTED = [
+    pytest.param({"prompt": "What is two?", "chosen": "Two.", "rejected": "Three."},
+                 {"prompt": "What is two?", "chosen": "Two.", "rejected": "Three."}, id="strings"),
+    pytest.param({"prompt": [U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 {"prompt": [U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]}, id="messages"),
+    pytest.param({"prompt": [S("Be brief."), U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 {"prompt": [S("Be brief."), U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="messages-with-system"),
+    pytest.param({"prompt": "What is two?", "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 {"prompt": [U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="string-prompt-message-completions"),
+    pytest.param({"prompt": [U("What is two?")], "chosen": "Two.", "rejected": "Three."},
+                 {"prompt": [U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="message-prompt-string-completions"),
+    pytest.param({"prompt": "What is two?", "chosen": "Two.", "rejected": [A("Three.")]},
+                 {"prompt": [U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="mixed-completions"),
+    pytest.param({"system": "Be brief.", "prompt": "What is two?", "chosen": "Two.", "rejected": "Three."},
+                 {"prompt": [S("Be brief."), U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="system-field-string-prompt"),
+    pytest.param({"system": "Be brief.", "prompt": [U("What is two?")], "chosen": [A("Two.")],
+                  "rejected": [A("Three.")]},
+                 {"prompt": [S("Be brief."), U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="system-field-message-prompt"),
+    pytest.param({"chosen": [U("What is two?"), A("Two.")], "rejected": [U("What is two?"), A("Three.")]},
+                 {"prompt": [U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="implicit-prompt"),
+    pytest.param({"chosen": [S("Be brief."), U("What is two?"), A("Two.")],
+                  "rejected": [S("Be brief."), U("What is two?"), A("Three.")]},
+                 {"prompt": [S("Be brief."), U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="implicit-prompt-with-system"),
+    pytest.param({"system": "Be brief.", "chosen": [U("What is two?"), A("Two.")],
+                  "rejected": [U("What is two?"), A("Three.")]},
+                 {"prompt": [S("Be brief."), U("What is two?")], "chosen": [A("Two.")], "rejected": [A("Three.")]},
+                 id="implicit-prompt-system-field"),
+    pytest.param({"chosen": [U("Hi"), A("Hello."), U("What is two?"), A("Two.")],
+                  "rejected": [U("Hi"), A("Hello."), U("What is two?"), A("Three.")]},
+                 {"prompt": [U("Hi"), A("Hello."), U("What is two?")], "chosen": [A("Two.")],
+                  "rejected": [A("Three.")]}, id="implicit-prompt-multi-turn"),
+    pytest.param({"prompt": "What is two?", "chosen": "Two.", "rejected": "Three.", "id": 7, "score_chosen": 9.5,
+                  "source": {"name": "x"}, "messages_note": "ignored"},
+                 {"prompt": "What is two?", "chosen": "Two.", "rejected": "Three."}, id="extra-columns"),
+    pytest.param({"prompt": "What is two?", "chosen": "Two.", "rejected": "Three.", "tools": []},
+                 {"prompt": "What is two?", "chosen": "Two.", "rejected": "Three.", "tools": []}, id="tools-kept"),
+]
+
+
+@pytest.mark.parametrize("row,expected", ACCEPTED)
+def test_accepted_row_forms_normalize(row, expected):
+    before = json.dumps(row, sort_keys=True)
+    norm, problems = normalize_pair_row(row)
+    assert problems == []
+    assert norm == expected
+    assert validate_pair_row(row) == []
+    assert json.dumps(row, sort_keys=True) == before  # the row itself is not modified
+
+
+def test_every_accepted_form_renders_prompt_and_completions(tmp_path, tok):
+    """All forms in one file: each pair's targets are exactly its two replies, the prompt text precedes them."""
+    rows = [p.values[0] for p in ACCEPTED]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=256)
+    assert len(pairs) == len(rows) and stats.rows == len(rows) and stats.bad_rows == 0
+    assert [p.index for p in pairs] == list(range(len(rows)))
+    assert [p.source for p in pairs] == [f"{path}:{i}" for i in range(1, len(rows) + 1)]
+    hf = tok._tokenizer
+    for p, (param, row) in zip(pairs, zip(ACCEPTED, rows)):
+        norm = param.values[1]
+        assert isinstance(p, PairExample) and len(p) == max(len(p.chosen), len(p.rejected))
+        for side, ex in (("chosen", p.chosen), ("rejected", p.rejected)):
+            want = norm[side]
+            replies = [want] if isinstance(want, str) else [m["content"] for m in want if m["role"] == "assistant"]
+            assert decoded_targets(tok, ex.tokens, ex.mask) == "".join(r + "<|im_end|>" for r in replies), param.id
+            k = first_target(ex.mask)
+            prompt_text = hf.decode(ex.tokens[:k].tolist())
+            prompt = norm["prompt"]
+            for m in ([U(prompt)] if isinstance(prompt, str) else prompt):
+                assert f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" in prompt_text, param.id
+            assert prompt_text.endswith("<|im_start|>assistant\n")
+    assert stats.formats == {"strings": 3, "conversation": len(rows) - 3}
+
+
+def test_system_given_twice_is_an_error():
+    row = {"system": "Be brief.", "prompt": [S("Other."), U("q")], "chosen": "a", "rejected": "b"}
+    norm, problems = normalize_pair_row(row)
+    given_twice = "given twice: as the 'system' field and as the prompt's first message"
+    assert norm is None and problems == [("system", given_twice)]
+    row = {"system": "Be brief.", "chosen": [S("Other."), U("q"), A("a")], "rejected": [S("Other."), U("q"), A("b")]}
+    assert [f for f, _ in validate_pair_row(row)] == ["system"]
+
+
+# ---------------------------------------------------------------------------
+# Bad rows: file:line: field: problem
+# ---------------------------------------------------------------------------
+
+BAD_ROWS = [
+    pytest.param({"prompt": "q", "rejected": "b"}, "chosen", "missing", id="no-chosen"),
+    pytest.param({"prompt": "q", "chosen": "a"}, "rejected", "missing", id="no-rejected"),
+    pytest.param({"prompt": "q", "chosen": 5, "rejected": "b"}, "chosen",
+                 "expected a string or a list of messages, got int", id="chosen-int"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": {"content": "b"}}, "rejected",
+                 "expected a string or a list of messages, got dict", id="rejected-dict"),
+    pytest.param({"prompt": 3, "chosen": "a", "rejected": "b"}, "prompt",
+                 "expected a string or a list of messages, got int", id="prompt-int"),
+    pytest.param({"system": ["s"], "prompt": "q", "chosen": "a", "rejected": "b"}, "system",
+                 "expected a string, got list", id="system-list"),
+    pytest.param({"prompt": "q", "chosen": ["a"], "rejected": [A("b")]}, "chosen[0]", "expected an object",
+                 id="chosen-list-of-strings"),
+    pytest.param({"prompt": "q", "chosen": [A(3)], "rejected": [A("b")]}, "chosen[0].content", "expected a string",
+                 id="chosen-content-int"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": "a"}, "rejected", "identical to chosen",
+                 id="identical-strings"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": [A("a")]}, "rejected", "identical to chosen",
+                 id="identical-across-forms"),
+    pytest.param({"chosen": [U("q"), A("a")], "rejected": [U("q"), A("a")]}, "rejected", "identical to chosen",
+                 id="identical-implicit"),
+    pytest.param({"chosen": [U("q"), A("a")], "rejected": [U("other"), A("b")]}, "chosen",
+                 "share no leading turns", id="implicit-nothing-shared"),
+    pytest.param({"chosen": "a", "rejected": "b"}, "prompt", "missing (without a prompt", id="implicit-strings"),
+    pytest.param({"messages": [U("q"), A("a")]}, "", "this looks like an SFT row", id="sft-messages"),
+    pytest.param({"prompt": "q", "completion": "a"}, "", "this looks like an SFT row", id="sft-prompt-completion"),
+    pytest.param({"text": "hello"}, "chosen", "missing", id="text-row"),
+    pytest.param({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "empty chosen", id="empty-chosen"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": "   "}, "rejected", "empty rejected",
+                 id="blank-rejected"),
+    pytest.param({"prompt": [U("q")], "chosen": [A("")], "rejected": [A("b")]}, "chosen[0].content",
+                 "empty assistant turn", id="empty-assistant-turn"),
+    pytest.param({"prompt": "q", "chosen": [], "rejected": [A("b")]}, "chosen", "is empty", id="empty-list"),
+    pytest.param({"prompt": [U("q"), A("a")], "chosen": [A("b")], "rejected": [A("c")]}, "prompt",
+                 "the prompt must not end with an assistant turn", id="prompt-ends-with-assistant"),
+    pytest.param({"prompt": [A("q")], "chosen": [A("b")], "rejected": [A("c")]}, "prompt[0].role",
+                 "must start with a user turn", id="prompt-starts-with-assistant"),
+    pytest.param({"prompt": [], "chosen": [A("b")], "rejected": [A("c")]}, "prompt", "is empty", id="empty-prompt"),
+    pytest.param({"prompt": "q", "chosen": [U("b")], "rejected": [A("c")]}, "chosen[0].role",
+                 "the chosen answer must start with an assistant turn", id="chosen-starts-with-user"),
+    pytest.param({"prompt": "q", "chosen": [A("b"), A("x")], "rejected": [A("c")]}, "chosen[1].role",
+                 "two assistant turns in a row", id="chosen-two-assistant-turns"),
+    pytest.param({"system": "s", "prompt": [S("t"), U("q")], "chosen": "a", "rejected": "b"}, "system",
+                 "given twice", id="system-twice"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": "b", "tools": "none"}, "tools", "expected a list",
+                 id="tools-not-list"),
+    pytest.param('{"prompt": "q", "chosen": "a"', "", "not valid JSON", id="not-json"),
+    pytest.param('["q", "a", "b"]', "", "expected a JSON object", id="json-array-row"),
+]
+
+
+@pytest.mark.parametrize("row,field,message", BAD_ROWS)
+def test_bad_pair_row_is_reported_with_file_line_and_field(tmp_path, tok, row, field, message):
+    good = pair_row(1)
+    path = write_jsonl(tmp_path / "train.jsonl", [good, pair_row(2), row, pair_row(3)])
+    with pytest.raises(DataError) as e:
+        tokenize_pairs_file(path, Renderer(tok), max_seq_len=256)
+    text = str(e.value)
+    prefix = f"{path}:3: " + (f"{field}: " if field else "")
+    assert prefix in text, text
+    assert message in text, text
+    assert "1 of 4 rows are invalid" in text
+    assert "--skip-bad-rows" in text
+    assert {i.line for i in e.value.issues} == {3}
+    # Each problem is listed once even though both sides are checked against the same prompt.
+    assert len(e.value.issues) == len({(i.field, i.message) for i in e.value.issues})
+
+
+def test_identical_message_names_file_line_exactly(tmp_path, tok):
+    path = write_jsonl(tmp_path / "train.jsonl", [pair_row(1), pair_row(2),
+                                                 {"prompt": "q", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(DataError, match=r"train\.jsonl:3: rejected: identical to chosen"):
+        tokenize_pairs_file(path, Renderer(tok), max_seq_len=256)
+
+
+def test_all_bad_rows_listed_and_skip_counts_them(tmp_path, tok):
+    rows = [pair_row(0), {"messages": [U("q"), A("a")]}, pair_row(1), "not json",
+            {"prompt": "q", "chosen": "x", "rejected": "x"}, pair_row(2), {"prompt": "q", "chosen": ""}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        tokenize_pairs_file(path, Renderer(tok), max_seq_len=256)
+    assert sorted({i.line for i in e.value.issues}) == [2, 4, 5, 7]
+    assert "4 of 7 rows are invalid" in str(e.value)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=256, skip_bad_rows=True)
+    assert stats.rows == 7 and stats.bad_rows == 4 and stats.valid_rows == 3
+    assert [p.source for p in pairs] == [f"{path}:{n}" for n in (1, 3, 6)]
+    assert [p.index for p in pairs] == [0, 1, 2]
+    assert stats.examples == 6 and len(stats.lengths) == 6
+
+
+def test_pair_that_renders_to_identical_tokens_is_an_error(tmp_path, tiny_model):
+    """Different text, same tokens: a template that trims the content makes 'yes ' and 'yes' one pair side."""
+    tok = load_tokenizer(tiny_model)  # a private copy: its template is changed
+    hf = tok._tokenizer
+    hf.chat_template = hf.chat_template.replace("message['content']", "(message['content'] | trim)")
+    path = write_jsonl(tmp_path / "train.jsonl", [pair_row(1), {"prompt": "q", "chosen": "yes ", "rejected": "yes"}])
+    with pytest.raises(DataError, match=r"train\.jsonl:2: rejected: renders to the same tokens as chosen"):
+        tokenize_pairs_file(path, Renderer(tok), max_seq_len=256)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=256, skip_bad_rows=True)
+    assert len(pairs) == 1 and stats.bad_rows == 1
+
+
+# ---------------------------------------------------------------------------
+# Rendering: one prompt, two completions
+# ---------------------------------------------------------------------------
+
+RENDER_ROWS = [
+    {"prompt": "What is two?", "chosen": "Two.", "rejected": "Three, I think."},
+    {"system": "be nice", "prompt": "hello world", "chosen": [A("the cat")], "rejected": [A("dog sun")]},
+    {"chosen": [U("a"), A("b c"), U("d"), A("the red tree")], "rejected": [U("a"), A("b c"), U("d"), A("no")]},
+    {"prompt": [U("What is 12 plus 7?")], "chosen": "The answer is 19.", "rejected": "The answer is 21."},
+]
+
+
+def check_pair_rendering(tok, renderer, row, end: str):
+    hf = tok._tokenizer
+    norm, _ = normalize_pair_row(row)
+    (ci, cm), (ri, rm), _ = render_pair(renderer, row)
+    assert len(ci) == len(cm) and len(ri) == len(rm)
+    kc, kr = first_target(cm), first_target(rm)
+    assert kc == kr > 0
+    assert ci[:kc] == ri[:kr]  # the same prompt tokens on both sides
+    assert not any(cm[:kc]) and not any(rm[:kr])
+    # The prompt tokens are what the template writes for the prompt with the generation prompt.
+    prompt = norm["prompt"] if isinstance(norm["prompt"], list) else [U(norm["prompt"])]
+    prompt_text = hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert hf.decode(ci[:kc]) == prompt_text
+    for ids, mask, side in ((ci, cm, norm["chosen"]), (ri, rm, norm["rejected"])):
+        reply = side if isinstance(side, str) else side[-1]["content"]
+        assert decoded_targets(tok, ids, mask) == reply + end
+        # Targets are one contiguous run: the completion and its end-of-turn token.
+        last = len(mask) - 1 - list(reversed(mask)).index(True)
+        assert all(mask[first_target(mask):last + 1])
+    return (ci, cm), (ri, rm)
+
+
+@pytest.mark.parametrize("row", RENDER_ROWS)
+def test_chosen_and_rejected_share_the_prompt_and_train_only_the_completion(tok, tok_gen, row):
+    a = check_pair_rendering(tok, Renderer(tok), row, "<|im_end|>")
+    b = check_pair_rendering(tok_gen, Renderer(tok_gen), row, "<|im_end|>")
+    assert a == b  # {% generation %} markers and the prefix fallback agree
+
+
+@pytest.mark.parametrize("row", RENDER_ROWS)
+def test_bos_tokenizer_gives_exactly_one_bos_on_each_side(tok_bos, row):
+    r = Renderer(tok_bos)
+    bos = tok_bos._tokenizer.bos_token_id
+    assert r.wants_bos
+    (ci, cm), (ri, rm) = check_pair_rendering(tok_bos, r, row, "<|eot_id|>")
+    for ids, mask in ((ci, cm), (ri, rm)):
+        assert ids[0] == bos and ids.count(bos) == 1 and not mask[0]
+
+
+def test_earlier_assistant_turn_in_the_shared_prompt_is_not_trained(tok):
+    row = RENDER_ROWS[2]
+    (ci, cm), (ri, rm), fmt = render_pair(Renderer(tok), row)
+    assert fmt == "conversation"
+    assert "b c" in tok._tokenizer.decode(ci[:first_target(cm)])
+    assert decoded_targets(tok, ci, cm) == "the red tree<|im_end|>"
+    assert decoded_targets(tok, ri, rm) == "no<|im_end|>"
+
+
+def test_plain_text_mode_masks_completion_and_eos(tok, tok_bos):
+    hf = tok._tokenizer
+    raw = Renderer(tok, chat_template="none")
+    row = {"prompt": "What is one?", "chosen": " One.", "rejected": " Two, maybe."}
+    (ci, cm), (ri, rm), fmt = render_pair(raw, row)
+    assert fmt == "strings"
+    prompt_ids = hf("What is one?", add_special_tokens=False)["input_ids"]
+    assert ci[:len(prompt_ids)] == ri[:len(prompt_ids)] == prompt_ids
+    assert first_target(cm) == first_target(rm) == len(prompt_ids)
+    assert decoded_targets(tok, ci, cm) == " One.<|im_end|>" and ci[-1] == hf.eos_token_id
+    assert decoded_targets(tok, ri, rm) == " Two, maybe.<|im_end|>" and ri[-1] == hf.eos_token_id
+    assert hf.decode(ci) == "What is one? One.<|im_end|>"
+    assert all(cm[len(prompt_ids):]) and all(rm[len(prompt_ids):])
+    # With a BOS tokenizer: one BOS in front, not trained, and the rest as above.
+    rawb = Renderer(tok_bos, chat_template="none")
+    bos = tok_bos._tokenizer.bos_token_id
+    (ci, cm), (ri, rm), _ = render_pair(rawb, row)
+    for ids, mask in ((ci, cm), (ri, rm)):
+        assert ids[0] == bos and ids.count(bos) == 1 and not mask[0]
+    assert decoded_targets(tok_bos, ci, cm) == " One." + tok_bos._tokenizer.eos_token
+
+
+# ---------------------------------------------------------------------------
+# Truncation, dropping, sharding
+# ---------------------------------------------------------------------------
+
+
+def test_truncation_is_per_side_and_counted_once_per_pair(tmp_path, tok):
+    rows = [{"prompt": "q", "chosen": "the cat " * 40, "rejected": "no"},  # chosen too long
+            {"prompt": "q", "chosen": "the dog " * 40, "rejected": "a red sun " * 40},  # both too long
+            {"prompt": "q", "chosen": "yes", "rejected": "no"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    full, _ = tokenize_pairs_file(path, Renderer(tok), max_seq_len=4096)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=40)
+    assert len(pairs) == 3 and stats.truncated == 2 and stats.dropped_too_long == 0
+    assert len(pairs[0].chosen) == 40 and len(pairs[1].chosen) == 40 and len(pairs[1].rejected) == 40
+    # An untouched side is exactly as before; a truncated side is the start of the full one.
+    for p, f in zip(pairs, full):
+        for ex, fx in ((p.chosen, f.chosen), (p.rejected, f.rejected)):
+            n = len(ex)
+            assert n == min(40, len(fx))
+            assert (ex.tokens == fx.tokens[:n]).all() and (ex.mask == fx.mask[:n]).all()
+    assert sorted(stats.lengths) == sorted(len(e) for p in pairs for e in (p.chosen, p.rejected))
+    assert stats.targets == sum(e.n_targets for p in pairs for e in (p.chosen, p.rejected))
+
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=40, overflow="drop")
+    assert len(pairs) == 1 and stats.dropped_too_long == 2 and stats.truncated == 0
+    assert pairs[0].source == f"{path}:3"
+    with pytest.raises(MlxpostError, match="overflow"):
+        tokenize_pairs_file(path, Renderer(tok), max_seq_len=40, overflow="cut")
+
+
+def test_prompt_that_fills_max_seq_len_drops_the_pair(tmp_path, tok):
+    rows = [{"prompt": "word " * 80, "chosen": "yes", "rejected": "no"}, pair_row(1)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=30)
+    assert len(pairs) == 1 and stats.dropped_no_targets == 1
+    assert pairs[0].source == f"{path}:2" and pairs[0].index == 1
+    # Only one side left without targets is enough to drop the pair.
+    prompt = "hello " * 10
+    (_, cm), _, _ = render_pair(Renderer(tok), {"prompt": prompt, "chosen": "yes", "rejected": "no"})
+    k = first_target(cm)
+    rows = [{"prompt": prompt, "chosen": "yes", "rejected": "no"}]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=k + 1)
+    assert len(pairs) == 1 and pairs[0].chosen.n_targets == 1 and pairs[0].rejected.n_targets == 1
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=k)
+    assert pairs == [] and stats.dropped_no_targets == 1
+
+
+def test_pair_identical_after_truncation_is_dropped_and_counted(tmp_path, tok):
+    shared = "the cat " * 30
+    rows = [{"prompt": "q", "chosen": shared + "yes", "rejected": shared + "no"}, pair_row(1)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    pairs, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=40)
+    # Both sides are cut inside the shared text: the pair would carry no preference (margin 0 for any model).
+    assert all(not np.array_equal(p.chosen.tokens, p.rejected.tokens) for p in pairs)
+    assert len(pairs) == 1 and stats.dropped_identical == 1
+
+
+def test_implicit_prompt_must_share_everything_before_the_answers(tmp_path):
+    u = {"role": "user", "content": "Hi"}
+    a1 = {"role": "assistant", "content": "Hello."}
+    u2c, u2r = {"role": "user", "content": "And?"}, {"role": "user", "content": "So?"}
+    a2 = {"role": "assistant", "content": "Fine."}
+    _, problems = normalize_pair_row({"chosen": [u, a1, u2c, a2], "rejected": [u, a1, u2r, a2]})
+    assert problems and problems[0][0] == "chosen[2]" and "not the assistant's" in problems[0][1]
+    _, problems = normalize_pair_row({"chosen": [u, a1, u2c, a2], "rejected": [u, a1]})
+    assert problems == [("rejected", "has no turns after the 2 it shares with the other side")]
+
+
+def test_shards_are_disjoint_and_cover_all_pairs(tmp_path, tok):
+    rows = [pair_row(i, extra=" Sure." * (i % 3)) for i in range(22)]
+    rows.insert(5, {"prompt": "q", "chosen": "x", "rejected": "x"})  # a bad row, skipped on every rank
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    full, _ = tokenize_pairs_file(path, Renderer(tok), max_seq_len=128, skip_bad_rows=True)
+    assert len(full) == 22 and [p.index for p in full] == list(range(22))
+    by_source = {p.source: p for p in full}
+    seen = []
+    for rank in range(3):
+        shard, stats = tokenize_pairs_file(path, Renderer(tok), max_seq_len=128, skip_bad_rows=True,
+                                           shard=(rank, 3))
+        assert stats.valid_rows == 22 and stats.bad_rows == 1  # every rank validates every row
+        assert [p.index for p in shard] == list(range(rank, 22, 3))
+        for p in shard:
+            f = by_source[p.source]
+            assert p.index == f.index
+            assert (p.chosen.tokens == f.chosen.tokens).all() and (p.rejected.mask == f.rejected.mask).all()
+        seen += [p.source for p in shard]
+    assert len(seen) == len(set(seen)) == 22 and set(seen) == set(by_source)
+    limited, _ = tokenize_pairs_file(path, Renderer(tok), max_seq_len=128, skip_bad_rows=True, limit=6)
+    assert [p.index for p in limited] == list(range(6))
+
+
+# ---------------------------------------------------------------------------
+# PairSource
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs(tok, tmp_path_factory):
+    rows = [pair_row(i, extra=" Indeed it is." * (i % 4)) for i in range(10)]
+    path = write_jsonl(tmp_path_factory.mktemp("pairs") / "train.jsonl", rows)
+    out, _ = tokenize_pairs_file(path, Renderer(tok), max_seq_len=128)
+    assert len(out) == 10
+    return out
+
+
+PAD = 0
+
+
+def make_source(pairs, **kw):
+    kw = {"batch_size": 4, "max_len": 128, "pad_id": PAD, "seed": 3, "pad_multiple": 8, **kw}
+    return PairSource(pairs, **kw)
+
+
+def fake_ref(pairs):
+    """Distinct values per pair, side and position: pair i, side s, k-th trained position -> 1000 i + 100 s + k + 1."""
+    return [tuple(np.arange(1, ex.n_targets + 1, dtype=np.float32) + 1000 * i + 100 * s
+                  for s, ex in enumerate((p.chosen, p.rejected))) for i, p in enumerate(pairs)]
+
+
+def check_batch(batch, pairs, P: int, ref=None):
+    """Layout: rows k / P + k are pair k's chosen / rejected sides; empty padding pairs after the real ones."""
+    index = {p.source: i for i, p in enumerate(pairs)}
+    n = batch.n_examples
+    inputs, targets, weights = (np.array(x) for x in (batch.inputs, batch.targets, batch.weights))
+    B, L = inputs.shape
+    assert B == 2 * P and L % 8 == 0
+    assert len(batch.sources) == 2 * n and batch.sources[:n] == batch.sources[n:]
+    got = [index[s] for s in batch.sources[:n]]
+    assert L == -(-max(len(pairs[i]) - 1 for i in got) // 8) * 8
+    refs = np.array(batch.extra["ref_logps"]) if ref is not None else None
+    if ref is None:
+        assert not batch.extra
+    for k, i in enumerate(got):
+        for row, side, ex in ((k, 0, pairs[i].chosen), (P + k, 1, pairs[i].rejected)):
+            m = len(ex) - 1
+            assert (inputs[row, :m] == ex.tokens[:-1]).all() and (inputs[row, m:] == PAD).all()
+            assert (targets[row, :m] == ex.tokens[1:]).all()
+            assert (weights[row, :m] == ex.mask[1:]).all() and (weights[row, m:] == 0).all()
+            assert weights[row].sum() == ex.n_targets
+            if refs is not None:
+                trained = weights[row] > 0
+                assert (refs[row, trained] == ref[i][side]).all()
+                assert (refs[row, ~trained] == 0).all()
+    for row in list(range(n, P)) + list(range(P + n, 2 * P)):  # padding pairs
+        assert (weights[row] == 0).all() and (inputs[row] == PAD).all()
+        if refs is not None:
+            assert (refs[row] == 0).all()
+    assert batch.n_targets == int(weights.sum())
+    assert batch.n_targets == sum(pairs[i].chosen.n_targets + pairs[i].rejected.n_targets for i in got)
+    assert batch.n_tokens == sum(len(pairs[i].chosen) - 1 + len(pairs[i].rejected) - 1 for i in got)
+    return got
+
+
+def test_batch_layout_and_short_last_batch(pairs):
+    src = make_source(pairs, shuffle=False)
+    assert src.batches_per_epoch() == 3
+    batches = list(src)  # one pass without shuffling
+    assert [b.n_examples for b in batches] == [4, 4, 2]
+    seen = [i for b in batches for i in check_batch(b, pairs, 4)]
+    assert sorted(seen) == list(range(10))
+    # Unshuffled order: shortest pairs first.
+    assert [len(pairs[i]) for i in seen] == sorted(len(p) for p in pairs)
+    last = np.array(batches[-1].weights)
+    assert (last[2:4] == 0).all() and (last[6:8] == 0).all() and (last[[0, 1, 4, 5]].sum(axis=1) > 0).all()
+
+
+def test_every_pair_once_per_epoch_when_shuffled(pairs):
+    src = make_source(pairs, shuffle=True)
+    it = iter(src)
+    orders = []
+    for epoch in range(3):
+        order = [i for _ in range(3) for i in check_batch(next(it), pairs, 4)]
+        assert sorted(order) == list(range(10)), epoch
+        orders.append(order)
+    assert src.epoch == 2
+    assert len({tuple(o) for o in orders}) > 1  # a new order each epoch
+    again = make_source(pairs, shuffle=True)  # the plan is a function of (seed, epoch)
+    assert [i for _, b in zip(range(3), again) for i in check_batch(b, pairs, 4)] == orders[0]
+
+
+@pytest.mark.parametrize("consumed", [1, 3, 4])
+def test_resume_reproduces_the_next_batches(pairs, consumed):
+    ref = fake_ref(pairs)
+    a = make_source(pairs, ref=ref)
+    it = iter(a)
+    for _ in range(consumed):
+        next(it)
+    state = a.state()
+    expected = [next(it) for _ in range(4)]  # across an epoch boundary
+    b = make_source(pairs, ref=ref)
+    b.load_state(json.loads(json.dumps(state)))
+    got = [x for _, x in zip(range(4), b)]
+    for x, y in zip(expected, got):
+        assert x.sources == y.sources and x.n_examples == y.n_examples
+        for key in ("inputs", "targets", "weights"):
+            assert np.array_equal(np.array(getattr(x, key)), np.array(getattr(y, key)))
+        assert np.array_equal(np.array(x.extra["ref_logps"]), np.array(y.extra["ref_logps"]))
+        check_batch(y, pairs, 4, ref)
+
+
+def test_reference_values_land_on_trained_positions(pairs):
+    ref = fake_ref(pairs)
+    src = make_source(pairs, ref=ref, shuffle=False)
+    seen = [i for b in src for i in check_batch(b, pairs, 4, ref)]
+    assert sorted(seen) == list(range(10))
+    # set_reference on a source built without one.
+    src = make_source(pairs, shuffle=False)
+    assert next(iter(src)).extra is None
+    src.set_reference(ref)
+    src.load_state({"epoch": 0, "index": 0})
+    check_batch(next(iter(src)), pairs, 4, ref)
+    src.set_reference(None)
+    assert not next(iter(src)).extra
+    # One batch of chosen pairs, by position.
+    b = src.build_pairs([9, 0])
+    assert b.n_examples == 2 and np.array(b.inputs).shape[0] == 8
+
+
+def test_reference_length_must_match_the_pairs(pairs):
+    ref = fake_ref(pairs)
+    with pytest.raises(MlxpostError, match="reference log-probs for 9 pairs, but there are 10 pairs"):
+        make_source(pairs, ref=ref[:9])
+    src = make_source(pairs)
+    with pytest.raises(MlxpostError, match="reference log-probs for 11 pairs, but there are 10 pairs"):
+        src.set_reference(ref + ref[:1])
+    assert src.ref is None
+    with pytest.raises(MlxpostError, match="batching=pad"):
+        make_source(pairs, mode="pack")
