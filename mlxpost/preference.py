@@ -25,9 +25,12 @@ preference method reports, each averaged over pairs:
 * ``logps/chosen``, ``logps/rejected``: summed log-probs of each completion,
   and ``logps/chosen_mean``, ``logps/rejected_mean`` per token;
 * ``kl`` (when there is a reference): an estimate of KL(policy || reference)
-  in nats per completion token, with the k3 estimator on the pair's tokens,
-  ``exp(r) - r - 1`` with ``r = log pi_ref - log pi`` (non-negative, unbiased
-  for tokens sampled from the policy; here the tokens are the data's);
+  in nats per answer token, with the k3 estimator ``exp(r) - r - 1``,
+  ``r = log pi_ref - log pi``, on the tokens of the **chosen** answers
+  (non-negative; unbiased for tokens sampled from the policy, and the chosen
+  answers are what the policy is trained towards; rejected tokens, pushed
+  down on purpose, would make it explode without saying anything about the
+  policy's own outputs);
 * ``logratio/chosen``, ``logratio/rejected`` (when there is a reference):
   ``log pi - log pi_ref`` per completion token, 0 at the start;
 * ``pref_loss``: ``-log sigmoid(z)`` of the method's preference logit ``z``
@@ -133,10 +136,14 @@ def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None
     out = PairLogps(chosen=c, rejected=r, chosen_mean=mc, rejected_mean=mr, valid=valid)
     if ref_tok is not None:
         out.ref_chosen, out.ref_rejected, out.ref_chosen_mean, out.ref_rejected_mean = scores(ref_tok)
-        d = (ref_tok - tok) * weights
-        k3 = (mx.exp(d) - d - 1.0) * weights
-        k_c, k_r = _halves(k3.sum(axis=1))
-        out.kl = (k_c + k_r) / mx.maximum(n_c + n_r, 1.0)
+        # KL estimate on the chosen answers only: they stand in for samples of
+        # the policy. On rejected tokens, which the policy is taught to avoid,
+        # exp(r) explodes (a token pushed down 5 nats adds e^5) and says
+        # nothing about how far the policy's own outputs moved.
+        P = tok.shape[0] // 2
+        d = (ref_tok[:P] - tok[:P]) * weights[:P]
+        k3 = (mx.exp(d) - d - 1.0) * weights[:P]
+        out.kl = k3.sum(axis=1) / mx.maximum(n_c, 1.0)
     return out
 
 

@@ -214,3 +214,37 @@ def test_distributed_gradients_are_exact(tmp_path, tiny_model, sft_data):
     la = [float(x) for x in (tmp_path / "loss1.txt").read_text().split()]
     lb = [float(x) for x in (tmp_path / "loss2.txt").read_text().split()]
     assert la == pytest.approx(lb, abs=1e-5)  # the logged loss is the mean over both ranks
+
+
+def test_dpo_and_orpo_from_the_command_line(tmp_path, tiny_model, sft_data, pref_data):
+    mlxpost("sft", "--model", tiny_model, "--data", sft_data, "--steps", 3, "--out", tmp_path, "--name", "sft",
+            "--lr", 3e-3)
+    out = mlxpost("dpo", "--from", tmp_path / "sft", "--data", pref_data, "--steps", 6, "--out", tmp_path,
+                  "--name", "dpo", "--batch-size", 4, "--lr", 5e-3, "--precompute-ref", "--beta", 0.2,
+                  "--set", "train.eval_every=3", "--set", "preference.ref_cache_dir=" + str(tmp_path / "cache"),
+                  "--plain")
+    assert "reference         precomputed (cached)" in out.stdout
+    assert "merged the adapter of" in out.stdout
+    assert "quality_gate" in out.stdout and "rewards/margins" in out.stdout
+    run = tmp_path / "dpo"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "dpo" and summary["steps"] == 6
+    assert set(summary["health"]) == {"collapse", "drift", "non_finite", "quality_gate"}
+    assert summary["val_metrics"]["val_rewards/margins"] > 0
+    cfg = (run / "config.yaml").read_text()
+    assert "beta: 0.2" in cfg and "precompute_ref: true" in cfg and "orpo:" not in cfg
+    # generate rebuilds base + SFT adapter + DPO adapter (the logits are checked in test_preference.py)
+    mlxpost("generate", "--adapter", run, "--prompt", "What is 2 plus 3?", "--max-tokens", 4)
+
+    out = mlxpost("orpo", "--model", tiny_model, "--data", pref_data, "--steps", 3, "--out", tmp_path,
+                  "--name", "orpo", "--lam", 0.2, "--plain")
+    assert "none (reference-free)" in out.stdout and "nll" in out.stdout
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "same", "rejected": "same"},
+                                               {"prompt": "b", "chosen": "x"}])
+    out = mlxpost("dpo", "--model", tiny_model, "--data", bad, "--out", tmp_path, check=False)
+    assert out.returncode == 2
+    assert "bad.jsonl:1: rejected: identical to chosen" in out.stderr
+    assert "bad.jsonl:2: rejected: missing" in out.stderr
+    out = mlxpost("dpo", "--model", tiny_model, "--data", pref_data, "--set", "orpo.lam=1", check=False)
+    assert out.returncode == 2 and "setting of orpo, not of dpo" in out.stderr

@@ -94,13 +94,14 @@ def test_pair_scores_mask_padding_pairs_and_estimate_kl():
     # Two pairs in rows (c0, c1, r0, r1); pair 1 is a padding pair (no trained tokens).
     w = mx.array([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], mx.float32)
     tok = mx.array([[-1.0, -2.0, 0], [0, 0, 0], [-4.0, 0, 0], [0, 0, 0]])
-    ref = mx.array([[-1.5, -2.0, 0], [0, 0, 0], [-4.0, 0, 0], [0, 0, 0]])
+    ref = mx.array([[-1.5, -2.0, 0], [0, 0, 0], [-1.0, 0, 0], [0, 0, 0]])
     lp = pair_logps(tok, w, ref)
     assert lp.valid.tolist() == [1.0, 0.0]
     assert lp.chosen.tolist()[0] == -3.0 and lp.chosen_mean.tolist()[0] == -1.5
     assert lp.rejected.tolist()[0] == -4.0
-    # k3 per token: r = ref - pi = -0.5 on one of three tokens: e^-0.5 + 0.5 - 1, over 3 tokens
-    assert lp.kl.tolist()[0] == pytest.approx((math.exp(-0.5) - 0.5) / 3, abs=1e-6)
+    # k3 per token on the chosen answer only: r = ref - pi = -0.5 on one of its two tokens
+    # (the rejected token, pushed down by 3 nats, does not count).
+    assert lp.kl.tolist()[0] == pytest.approx((math.exp(-0.5) - 0.5) / 2, abs=1e-6)
     # The padding pair gets finite stand-ins, so ORPO's log(1 - e^m) stays finite there.
     out = orpo.orpo_score(lp, lam=0.1)
     assert all(math.isfinite(x) for x in out.losses.tolist())
