@@ -44,7 +44,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: Any = "all-linear"  # all-linear | attention | mlp | [names]
     num_layers: int = -1  # adapt the last N blocks; -1 = all
-    init: str | None = None  # start from this adapter directory (mlx-lm layout)
+    init: str | None = None  # start from this adapter directory (mlx-lm or PEFT layout)
 
     def resolved_scale(self) -> float:
         if self.scale is not None and self.alpha is not None:

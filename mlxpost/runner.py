@@ -244,7 +244,9 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
 
     lcfg = cfg.lora
     if lcfg.init:
-        init_cfg = load_adapters(model, lcfg.init, dropout=lcfg.dropout)
+        from .export import load_init_adapter  # mlx-lm's layout or PEFT's
+
+        init_cfg = load_init_adapter(model, lcfg.init, dropout=lcfg.dropout)
         lp = init_cfg["lora_parameters"]
         keys, rank_, scale = lp["keys"], lp["rank"], lp["scale"]
         num_layers, dora = init_cfg["num_layers"], init_cfg.get("fine_tune_type") == "dora"

@@ -1,0 +1,422 @@
+"""Export (PEFT, fused Hugging Face model, mlx-lm) and PEFT import, checked against transformers + peft.
+
+Every adapter here has random, non-zero weights large enough to move the
+logits far beyond the tolerance, so a wrong transpose, scale, magnitude or
+module selection fails the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from mlx.utils import tree_flatten
+
+from mlxpost.config import build_config, dump_yaml
+from mlxpost.errors import MlxpostError
+from mlxpost.export import export, export_command, load_init_adapter, load_peft_adapter
+from mlxpost.lora import DoRALinear, adapter_modules
+from mlxpost.model import (adapter_config, attach_adapters, fuse_adapters, is_quantized, load_adapter_stack,
+                           load_model, quantize_blocks, resolve_targets, save_adapters)
+
+IDS = [[1, 5, 9, 14, 3, 7, 22, 8, 40, 2, 17, 99]]
+TOL = 1e-4
+EFFECT = 1e-2  # the adapter must move the logits at least this much
+
+
+def make_run(root: Path, base: Path, name: str, *, targets="all-linear", num_layers=-1, rank=4, scale=2.0,
+             dora=False, quantize=None, from_run: Path | None = None, method="sft", seed=1) -> Path:
+    """A run directory as mlxpost writes it, with random non-zero adapter weights (no training)."""
+    mx.random.seed(seed)
+    run = root / name
+    lm = load_model(str(base), dtype="float32", quantize=quantize)
+    model = lm.model
+    extra = {}
+    if from_run is not None:
+        from mlxpost.reference import file_hash
+
+        load_adapter_stack(model, from_run)
+        fuse_adapters(model)
+        if quantize:
+            quantize_blocks(model, quantize, 64)
+        extra = {"from_adapter": str(from_run), "from_adapter_sha256": file_hash(from_run / "adapters.safetensors")}
+    keys = resolve_targets(model, targets)
+    n = len(model.layers) if num_layers == -1 else num_layers
+    attach_adapters(model, rank=rank, scale=scale, keys=keys, num_layers=n, dora=dora)
+    for _, m in adapter_modules(model):
+        m.lora_a = mx.random.normal(m.lora_a.shape) * 0.2
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.2
+        if isinstance(m, DoRALinear):
+            m.m = m.m * (1 + 0.3 * mx.random.normal(m.m.shape))
+    mx.eval(model.parameters())
+    meta = {"base_model": str(base), "model_dir": str(lm.path), "method": method, "alpha": scale * rank,
+            "quantize": quantize, "quantize_group_size": 64 if quantize else None,
+            "base_quantized": is_quantized(model), "dtype": "float32", **extra}
+    save_adapters(model, run, adapter_config(rank=rank, scale=scale, dropout=0.0, keys=keys, num_layers=n, dora=dora,
+                                             extra=meta))
+    sets = [f"model.path={base}", f"lora.rank={rank}", f"lora.scale={scale}", f"lora.type={'dora' if dora else 'lora'}",
+            "train.steps=30", "train.lr=1e-4", "data.path=someone/arithmetic-chats"]
+    if method != "sft":
+        sets.append(f"preference.from_run={from_run}" if from_run else "dpo.beta=0.2")
+    (run / "config.yaml").write_text(dump_yaml(build_config(None, sets, method=method)))
+    (run / "summary.json").write_text(json.dumps({"method": method, "steps": 30, "stopped": "completed",
+                                                  "final_train_loss": 1.2345678, "val_loss": 1.5, "best_val_loss": 1.4,
+                                                  "best_step": 20}))
+    return run
+
+
+def mlx_logits(base: Path, adapter: Path | None = None, quantize=None) -> np.ndarray:
+    lm = load_model(str(base), dtype="float32", quantize=quantize)
+    if adapter is not None:
+        load_adapter_stack(lm.model, adapter)
+    return np.array(lm.model(mx.array(IDS)))
+
+
+def torch_logits(model_dir: Path, peft_dir: Path | None = None, expect_lora: int | None = None) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).float()
+    if peft_dir is not None:
+        peft = pytest.importorskip("peft")
+        model = peft.PeftModel.from_pretrained(model, str(peft_dir))
+        if expect_lora is not None:
+            adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+            assert len(adapted) == expect_lora
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.float().numpy()
+
+
+def front_matter(readme: Path) -> dict:
+    text = readme.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def close(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+# ---------------------------------------------------------------------------
+# PEFT
+# ---------------------------------------------------------------------------
+
+PEFT_CASES = {
+    # name: (fixture, targets, num_layers, dora, rank, scale, expected target_modules, layers_to_transform)
+    "llama-attention": ("tiny_model", "attention", -1, False, 4, 2.0, ["k_proj", "o_proj", "q_proj", "v_proj"], None),
+    "llama-all-linear": ("tiny_model", "all-linear", -1, False, 8, 0.75, None, None),
+    "llama-last-block-qv": ("tiny_model", ["q_proj", "v_proj"], 1, False, 4, 3.0, ["q_proj", "v_proj"], [1]),
+    "qwen2-all-linear": ("tiny_qwen", "all-linear", -1, False, 4, 2.0, None, None),
+    "llama-dora": ("tiny_model", "all-linear", -1, True, 4, 2.0, None, None),
+    "qwen2-dora-mlp-last-block": ("tiny_qwen", "mlp", 1, True, 2, 4.0, ["down_proj", "gate_proj", "up_proj"], [1]),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_export_gives_the_same_logits_in_transformers(tmp_path, request, case):
+    fixture, targets, num_layers, dora, rank, scale, want_targets, want_layers = PEFT_CASES[case]
+    base = request.getfixturevalue(fixture)
+    run = make_run(tmp_path, base, "run", targets=targets, num_layers=num_layers, dora=dora, rank=rank, scale=scale)
+    out = tmp_path / "peft"
+    export(run, "peft", out)
+
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == rank and cfg["lora_alpha"] == pytest.approx(scale * rank) and cfg["use_dora"] == dora
+    assert cfg["base_model_name_or_path"] == str(base)
+    if want_targets is not None:
+        assert cfg["target_modules"] == want_targets
+    assert cfg["layers_to_transform"] == want_layers
+
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    a = tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" if targets != "mlp" else
+                "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"]
+    assert a.shape == (rank, 64)  # PEFT: (r, in)
+
+    n_keys = len(json.loads((run / "adapter_config.json").read_text())["lora_parameters"]["keys"])
+    n_layers = 2 if num_layers == -1 else num_layers
+    want = mlx_logits(base, run)
+    base_mlx = mlx_logits(base)
+    assert close(want, base_mlx) > EFFECT
+    assert close(torch_logits(base), base_mlx) < TOL
+    got = torch_logits(base, out, expect_lora=n_keys * n_layers)
+    assert close(got, want) < TOL
+
+    card = front_matter(out / "README.md")
+    assert card["base_model"] == str(base) and card["library_name"] == "peft"
+    assert {"mlxpost", "sft", "dora" if dora else "lora"} <= set(card["tags"])
+    assert card["datasets"] == ["someone/arithmetic-chats"]
+    assert card["mlxpost"]["metrics"]["final_train_loss"] == pytest.approx(1.23457)
+    assert card["mlxpost"]["hyperparameters"]["rank"] == rank
+
+
+def test_peft_export_of_a_qlora_run_notes_the_quantization(tmp_path, tiny_model):
+    run = make_run(tmp_path, tiny_model, "q", quantize=4)
+    out = tmp_path / "peft"
+    result = export(run, "peft", out)
+    assert any("QLoRA" in n for n in result["notes"])
+    assert "QLoRA" in (out / "README.md").read_text() and "qlora" in front_matter(out / "README.md")["tags"]
+    # Against the unquantized base, the adapter gives the unquantized base plus the same update.
+    lm = load_model(str(tiny_model), dtype="float32")
+    load_adapter_stack(lm.model, run)  # run's meta says quantize=4, but this base is full precision
+    want = np.array(lm.model(mx.array(IDS)))
+    assert close(torch_logits(tiny_model, out), want) < TOL
+
+
+def test_tied_input_embedding_adapter_is_refused(tmp_path, tiny_model, tiny_qwen):
+    for base, match in ((tiny_model, r"ties it to the output head.*--format fused"),
+                        (tiny_qwen, r"outside the transformer blocks")):
+        run = make_run(tmp_path, base, f"emb-{base.name}", targets="attention")
+        weights = dict(mx.load(str(run / "adapters.safetensors")))
+        weights["model.embed_tokens.lora_a"] = mx.random.normal((512, 4))
+        weights["model.embed_tokens.lora_b"] = mx.random.normal((4, 64))
+        mx.save_safetensors(str(run / "adapters.safetensors"), weights)
+        with pytest.raises(MlxpostError, match=match):
+            export(run, "peft", tmp_path / f"out-{base.name}")
+        assert not (tmp_path / f"out-{base.name}").exists()
+
+
+# ---------------------------------------------------------------------------
+# PEFT -> mlxpost
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_round_trip_mlx_peft_mlx_is_exact(tmp_path, tiny_qwen, dora):
+    run = make_run(tmp_path, tiny_qwen, "run", targets=["q_proj", "down_proj"], num_layers=1, dora=dora, rank=4,
+                   scale=0.3)
+    export(run, "peft", tmp_path / "peft")
+    orig = dict(mx.load(str(run / "adapters.safetensors")))
+
+    lm = load_model(str(tiny_qwen), dtype="float32")
+    cfg = load_peft_adapter(lm.model, tmp_path / "peft")
+    back = dict(tree_flatten(lm.model.trainable_parameters()))
+    assert set(back) == set(orig)
+    for k in orig:
+        assert np.array_equal(np.array(back[k]), np.array(orig[k])), k
+    lp = cfg["lora_parameters"]
+    assert cfg["num_layers"] == 1 and cfg["fine_tune_type"] == ("dora" if dora else "lora")
+    assert lp["rank"] == 4 and lp["scale"] == pytest.approx(0.3, rel=1e-12)
+    assert sorted(lp["keys"]) == ["mlp.down_proj", "self_attn.q_proj"]
+    assert close(np.array(lm.model(mx.array(IDS))), mlx_logits(tiny_qwen, run)) < 1e-5
+
+
+def test_peft_adapter_made_by_peft_loads_and_matches(tmp_path, tiny_model):
+    """An adapter trained (here: randomised) in PEFT gives the same logits in mlxpost."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model)).float()
+    config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "up_proj"],
+                             layers_to_transform=[1], layers_pattern="layers", task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    pm.save_pretrained(str(tmp_path / "from-peft"))
+    pm.eval()
+    with torch.no_grad():
+        want = pm(torch.tensor(IDS)).logits.numpy()
+
+    lm = load_model(str(tiny_model), dtype="float32")
+    cfg = load_init_adapter(lm.model, tmp_path / "from-peft")
+    assert cfg["lora_parameters"]["scale"] == pytest.approx(16 / 2.0)  # rsLoRA: alpha / sqrt(r)
+    assert close(np.array(lm.model(mx.array(IDS))), want) < TOL
+    assert close(want, mlx_logits(tiny_model)) > EFFECT
+
+    # Adapters on other than the last blocks do not fit mlx-lm's layout: refused, clearly.
+    lm = load_model(str(tiny_model), dtype="float32")
+    config0 = peft.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers")
+    peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model)), config0) \
+        .save_pretrained(str(tmp_path / "first-block"))
+    with pytest.raises(MlxpostError, match=r"covers blocks \[0\] of 2.*last N blocks"):
+        load_peft_adapter(lm.model, tmp_path / "first-block")
+
+
+def test_sft_adapter_init_from_a_peft_directory(tmp_path, tiny_model, sft_data):
+    from mlxpost.runner import prepare
+    from mlxpost.ui import NullReporter
+
+    run = make_run(tmp_path, tiny_model, "run", targets="attention", num_layers=1, rank=4, scale=2.0)
+    export(run, "peft", tmp_path / "peft")
+    cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", f"lora.init={tmp_path / 'peft'}",
+                              "train.steps=1"])
+    prep = prepare(cfg, NullReporter())
+    got = dict(tree_flatten(prep.loaded.model.trainable_parameters()))
+    orig = dict(mx.load(str(run / "adapters.safetensors")))
+    assert set(got) == set(orig) and all(np.array_equal(np.array(got[k]), np.array(orig[k])) for k in orig)
+    lp = prep.adapter_cfg["lora_parameters"]
+    assert prep.adapter_cfg["num_layers"] == 1 and lp["rank"] == 4 and lp["scale"] == 2.0
+
+
+# ---------------------------------------------------------------------------
+# Fused
+# ---------------------------------------------------------------------------
+
+FUSED_CASES = {
+    "llama-lora": ("tiny_model", dict(targets="all-linear")),
+    "qwen2-dora-partial": ("tiny_qwen", dict(targets=["q_proj", "o_proj", "up_proj"], num_layers=1, dora=True)),
+    "llama-qlora-4bit": ("tiny_model", dict(targets="all-linear", quantize=4)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_export_loads_in_transformers_with_the_same_logits(tmp_path, request, case):
+    fixture, kw = FUSED_CASES[case]
+    base = request.getfixturevalue(fixture)
+    run = make_run(tmp_path, base, "run", **kw)
+    out = tmp_path / "fused"
+    export(run, "fused", out)
+
+    want = mlx_logits(base, run, quantize=kw.get("quantize"))
+    assert close(want, mlx_logits(base)) > EFFECT
+    assert close(torch_logits(out), want) < TOL
+    # mlx-lm reads it back as a plain (unquantized) model with the same output.
+    back = load_model(str(out), dtype="float32")
+    assert not is_quantized(back.model)
+    assert close(np.array(back.model(mx.array(IDS))), want) < 1e-5
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 10000.0 and "quantization" not in cfg
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (base / f).read_bytes()
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": "hello"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == \
+        transformers.AutoTokenizer.from_pretrained(str(base)).apply_chat_template(msgs, tokenize=False)
+    card = front_matter(out / "README.md")
+    assert card["library_name"] == "transformers" and "mlxpost" in card["tags"]
+    if kw.get("quantize"):
+        assert "QLoRA" in (out / "README.md").read_text()
+
+
+def test_fused_config_keeps_the_rope_theta_that_was_trained(tmp_path, tiny_model):
+    """A config with rope_theta only inside rope_parameters: mlx-lm trains with its default (10000)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("rope_theta")
+    cfg["rope_parameters"] = {"rope_theta": 500.0, "rope_type": "default"}
+    (base / "config.json").write_text(json.dumps(cfg))
+    run = make_run(tmp_path, base, "run", targets="attention")
+    result = export(run, "fused", tmp_path / "fused")
+    out_cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert out_cfg["rope_theta"] == 10000.0 and out_cfg["rope_parameters"]["rope_theta"] == 10000.0
+    assert any("rope_theta" in n for n in result["notes"])
+    assert close(torch_logits(tmp_path / "fused"), mlx_logits(base, run)) < TOL
+
+
+# ---------------------------------------------------------------------------
+# Stacks (DPO --from an SFT run) and the mlx format
+# ---------------------------------------------------------------------------
+
+
+def test_a_from_stack_exports_as_one_adapter_in_every_format(tmp_path, tiny_model):
+    sft = make_run(tmp_path, tiny_model, "sft", targets="attention", rank=4, scale=2.0, seed=1)
+    dpo = make_run(tmp_path, tiny_model, "dpo", targets="mlp", num_layers=1, rank=2, scale=5.0, from_run=sft,
+                   method="dpo", seed=2)
+    want = mlx_logits(tiny_model, dpo)
+    assert close(want, mlx_logits(tiny_model, sft)) > EFFECT
+
+    export(dpo, "peft", tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and cfg["lora_alpha"] == pytest.approx(30.0)
+    assert close(torch_logits(tiny_model, tmp_path / "peft"), want) < TOL
+
+    export(dpo, "fused", tmp_path / "fused")
+    assert close(torch_logits(tmp_path / "fused"), want) < TOL
+
+    export(dpo, "mlx", tmp_path / "mlx")
+    from mlx_lm.utils import load as mlx_lm_load
+
+    model, _ = mlx_lm_load(str(tiny_model), adapter_path=str(tmp_path / "mlx"))
+    assert close(np.array(model(mx.array(IDS))), want) < 1e-5
+    assert "dpo" in front_matter(tmp_path / "mlx" / "README.md")["tags"]
+
+
+def test_a_stack_with_dora_is_refused_unless_fused(tmp_path, tiny_model):
+    sft = make_run(tmp_path, tiny_model, "sft", targets="attention", dora=True)
+    dpo = make_run(tmp_path, tiny_model, "dpo", targets="attention", from_run=sft, method="dpo", seed=3)
+    for fmt in ("peft", "mlx"):
+        with pytest.raises(MlxpostError, match="DoRA.*--format fused"):
+            export(dpo, fmt, tmp_path / fmt)
+    export(dpo, "fused", tmp_path / "fused")
+    assert close(torch_logits(tmp_path / "fused"), mlx_logits(tiny_model, dpo)) < TOL
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_mlx_export_loads_in_mlx_lm(tmp_path, tiny_qwen, dora):
+    run = make_run(tmp_path, tiny_qwen, "run", targets="all-linear", num_layers=1, dora=dora)
+    export(run, "mlx", tmp_path / "mlx")
+    assert (tmp_path / "mlx" / "adapters.safetensors").read_bytes() == (run / "adapters.safetensors").read_bytes()
+    from mlx_lm.utils import load as mlx_lm_load
+
+    model, _ = mlx_lm_load(str(tiny_qwen), adapter_path=str(tmp_path / "mlx"))
+    assert close(np.array(model(mx.array(IDS))), mlx_logits(tiny_qwen, run)) < 1e-5
+    assert front_matter(tmp_path / "mlx" / "README.md")["library_name"] == "mlx"
+
+
+# ---------------------------------------------------------------------------
+# Command line, --best, --model, errors
+# ---------------------------------------------------------------------------
+
+
+def test_command_line_best_and_model_override(tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    run = make_run(tmp_path, tiny_model, "run", targets="attention")
+    best = make_run(tmp_path, tiny_model, "best-tmp", targets="mlp", seed=7)
+    (run / "best").mkdir()
+    for f in ("adapter_config.json", "adapters.safetensors"):
+        shutil.copyfile(best / f, run / "best" / f)
+    (run / "best" / "best.json").write_text(json.dumps({"step": 20, "val_loss": 1.4, "val_ppl": 4.0552}))
+
+    r = CliRunner().invoke(export_command, [str(run), "--format", "peft", "--out", str(tmp_path / "o"), "--best",
+                                            "--model", "my-org/tiny-llama"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "up_proj"]  # best/, not the final adapter
+    assert cfg["base_model_name_or_path"] == "my-org/tiny-llama"
+    card = front_matter(tmp_path / "o" / "README.md")
+    assert card["base_model"] == "my-org/tiny-llama" and card["mlxpost"]["metrics"] == {
+        "step": 20, "val_loss": 1.4, "val_ppl": 4.0552}
+
+    r = CliRunner().invoke(export_command, [str(run), "--format", "mlx", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "not empty" in str(r.exception)
+
+
+def test_clear_errors(tmp_path, tiny_model):
+    with pytest.raises(MlxpostError, match="no such directory"):
+        export(tmp_path / "nope", "peft", tmp_path / "o")
+    empty = tmp_path / "empty"
+    (empty / "best").mkdir(parents=True)
+    (empty / "best" / "adapter_config.json").write_text("{}")
+    with pytest.raises(MlxpostError, match=r"empty: no adapter_config.json.*--best exports best/"):
+        export(empty, "peft", tmp_path / "o")
+    with pytest.raises(MlxpostError, match="no best/"):
+        export(tmp_path / "empty" / "best", "peft", tmp_path / "o", best=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"fine_tune_type": "lora",\n oops}')
+    (bad / "adapters.safetensors").write_bytes(b"")
+    with pytest.raises(MlxpostError, match=r"bad/adapter_config.json:2: not valid JSON"):
+        export(bad, "peft", tmp_path / "o")
+    run = make_run(tmp_path, tiny_model, "run", targets="attention")
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    cfg.pop("mlxpost")
+    (run / "adapter_config.json").write_text(json.dumps(cfg))
+    (run / "config.yaml").unlink()
+    with pytest.raises(MlxpostError, match=r"adapter_config.json: no mlxpost.base_model.*--model"):
+        export(run, "fused", tmp_path / "o")
+    export(run, "fused", tmp_path / "o", model=str(tiny_model))  # --model fills it in
+    assert (tmp_path / "o" / "model.safetensors").exists()
