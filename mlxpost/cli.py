@@ -61,7 +61,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mlxpost")
 def cli():
-    """mlxpost: post-training for MLX: LoRA SFT, then DPO / ORPO / CPO / SimPO (GRPO/RLVR to come).
+    """mlxpost: post-training for MLX: LoRA SFT, then DPO / ORPO / CPO / SimPO, and online RL (GRPO, step-verified RLVR).
 
     \b
     Quick start (built-in model and example data, a few minutes on a laptop CPU):
@@ -87,6 +87,9 @@ def _training_command(method: str, kwargs: dict):
     if kwargs.pop("overwrite"):
         kwargs["output.overwrite"] = True
     kwargs = {k.replace("__", "."): v for k, v in kwargs.items()}
+    for key in ("grpo.rewards", "grpo.stop"):  # repeatable options: empty means not given
+        if key in kwargs:
+            kwargs[key] = list(kwargs[key]) or None
 
     import mlx.core as mx
 
@@ -110,6 +113,11 @@ def _training_command(method: str, kwargs: dict):
 
             config = DEFAULT_SFT_RECIPE
             rep.info(f"no --data and no --config: the built-in default run ({Path(config).name})")
+        elif config is None and kwargs.get("data.path") is None and method in ("grpo", "rlvr"):
+            rep.info("no --data and no --config: the bundled multi-step arithmetic tasks")
+            if method == "grpo" and not kwargs.get("grpo.rewards"):
+                kwargs["grpo.rewards"] = ["accuracy", "format@0.2"]
+                rep.info("no --reward: accuracy (final answer) and format@0.2 (an 'Answer: N' last line)")
         elif config is None and kwargs.get("data.path") is None:
             rep.info("no --data and no --config: the bundled example preference pairs")
         cfg = agree(world, lambda: build_config(config, sets, cli=kwargs, method=method), "reading the configuration")
@@ -279,6 +287,90 @@ def doctor(no_measure):
     marks = {"ok": "ok  ", "warn": "WARN", "info": "    "}
     for item, value, status in rows:
         rep.info(f"{marks.get(status, status)} {item.ljust(width)}  {value}")
+
+
+
+
+def _rl_options(f):
+    opts = [
+        click.option("--group-size", "grpo__group_size", type=int, help="Completions sampled per prompt (default 8)."),
+        click.option("--prompts-per-step", "grpo__prompts_per_step", type=int, help="Prompts per optimizer step (default 2)."),
+        click.option("--num-iterations", "grpo__num_iterations", type=int,
+                     help="Optimizer steps per rollout (default 1; more: the ratio is clipped)."),
+        click.option("--max-new-tokens", "grpo__max_new_tokens", type=int, help="Longest completion (default 128)."),
+        click.option("--temperature", "grpo__temperature", type=float, help="Sampling temperature (default 1.0)."),
+        click.option("--top-p", "grpo__top_p", type=float, help="Nucleus sampling (default 1.0)."),
+        click.option("--stop", "grpo__stop", multiple=True, help="A stop string (repeatable)."),
+        click.option("--beta", "grpo__beta", type=float, help="KL penalty to the reference, adapters off (default 0)."),
+        click.option("--loss-norm", "grpo__loss_norm", type=click.Choice(["grpo", "dapo", "dr_grpo"]),
+                     help="Per sequence (grpo), per token (dapo) or a constant (dr_grpo)."),
+        click.option("--scale-rewards", "grpo__scale_rewards", type=click.Choice(["group", "batch", "none"]),
+                     help="Divide advantages by the group's std, the batch's, or nothing."),
+        click.option("--mask-truncated", "grpo__mask_truncated", is_flag=True, default=None,
+                     help="No loss on completions that hit --max-new-tokens."),
+        click.option("--reward", "grpo__rewards", multiple=True, metavar="NAME[@WEIGHT]",
+                     help="accuracy, format, path/to/file.py:function or package.module:function (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return _train_options(f)
+
+
+_RL_EXAMPLES = """
+
+\b
+A reward is a Python function (completions, **columns) -> list[float | None];
+the columns are the data rows' fields (answer, ...), aligned with completions.
+"""
+
+
+@cli.command()
+@_rl_options
+def grpo(**kwargs):
+    """GRPO: sample a group of completions per prompt, reward them, reinforce the better ones.
+
+    \b
+    Examples:
+      mlxpost grpo                                   # bundled arithmetic tasks, accuracy + format rewards
+      mlxpost grpo --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --reward accuracy --reward format@0.2
+      mlxpost grpo --data prompts.jsonl --reward my_rewards.py:brevity --group-size 16 --loss-norm dapo
+    """
+    _training_command("grpo", kwargs)
+
+
+grpo.help += _RL_EXAMPLES
+
+
+@cli.command()
+@_rl_options
+@click.option("--verifier", "rlvr__verifier", metavar="NAME",
+              help="arithmetic, exact, path/to/file.py:function or package.module:function (default arithmetic).")
+@click.option("--step-weight", "rlvr__step_weight", type=float, help="Penalty on the tokens of a wrong step (default 1).")
+def rlvr(**kwargs):
+    """Step-verified RL: a verifier checks every reasoning step; wrong steps are penalized on their own tokens.
+
+    \b
+    Examples:
+      mlxpost rlvr                                   # bundled arithmetic tasks, arithmetic verifier
+      mlxpost rlvr --model Qwen/Qwen2.5-0.5B-Instruct --data tasks.jsonl --verifier arithmetic
+      mlxpost rlvr --data tasks.jsonl --verifier my_checks.py:verify --reward format@0.2
+    """
+    _training_command("rlvr", kwargs)
+
+
+rlvr.help += _RL_EXAMPLES
+
+
+def _register_more() -> None:
+    from .cli_data import data, push
+    from .export import export_command
+
+    cli.add_command(export_command)
+    cli.add_command(data)
+    cli.add_command(push)
+
+
+_register_more()
 
 
 def main():

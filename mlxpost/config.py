@@ -158,14 +158,48 @@ class PreferenceConfig:
     gate_min_accuracy: float = 0.6  # fraction of pairs ranked right must reach this
 
 
-# Sections that belong to one method (or to the preference family); other methods refuse them.
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # completions sampled per prompt
+    prompts_per_step: int = 2  # prompts per optimizer step
+    micro_batch: int | None = None  # completions per forward pass (None: all of the step's)
+    num_iterations: int = 1  # optimizer steps per rollout (> 1: the ratio to the sampling policy is clipped)
+    epsilon_low: float = 0.2  # clip range below 1
+    epsilon_high: float = 0.2  # clip range above 1 (DAPO: 0.28)
+    beta: float = 0.0  # KL penalty (k3) against the reference (adapters off); 0 = no reference pass
+    loss_norm: str = "grpo"  # grpo (per sequence) | dapo (per token) | dr_grpo (constant)
+    scale_rewards: str = "group"  # group | batch | none
+    mask_truncated: bool = False  # no loss on completions that hit max_new_tokens
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompt_len: int = 512  # longer prompts are dropped (counted)
+    stop: list = field(default_factory=list)  # stop strings
+    rewards: list = field(default_factory=list)  # "name[@weight]": built-in, file.py:function or module:function
+    all_equal_warn: float = 0.8  # warn when this fraction of groups has equal rewards for 5 steps running
+    eval_prompts: int = 64  # validation prompts answered (greedy) before and after training
+
+
+@dataclass
+class RLVRConfig:
+    verifier: str = "arithmetic"  # arithmetic | exact | file.py:function | module:function
+    step_weight: float = 1.0  # lam: penalty on the tokens of a wrong step (see mlxpost.rl)
+    final_weight: float = 1.0  # weight of the final-answer score in the completion's reward
+    gate_step_acc: float = 0.8  # end-of-run gates on the validation prompts
+    gate_final_acc: float = 0.9
+
+
+# Sections that belong to one method (or to a family); other methods refuse them.
 METHOD_SECTIONS = {
     "dpo": ("dpo", "preference"),
     "orpo": ("orpo", "preference"),
     "cpo": ("cpo", "preference"),
     "simpo": ("simpo", "preference"),
+    "grpo": ("grpo",),
+    "rlvr": ("grpo", "rlvr"),
 }
-PREFERENCE_METHODS = tuple(METHOD_SECTIONS)
+PREFERENCE_METHODS = ("dpo", "orpo", "cpo", "simpo")
+RL_METHODS = ("grpo", "rlvr")
 _OWNED = {s for secs in METHOD_SECTIONS.values() for s in secs}
 
 
@@ -183,6 +217,8 @@ class RunConfig:
     cpo: CPOConfig = field(default_factory=CPOConfig)
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rlvr: RLVRConfig = field(default_factory=RLVRConfig)
 
     def sections(self) -> list[str]:
         """The sections that apply to this run's method."""
@@ -386,6 +422,10 @@ def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: di
     if method in PREFERENCE_METHODS:
         # LoRA preference tuning moves far less than SFT: a gentler default.
         cfg.train.lr = 5e-5
+    if method in RL_METHODS:
+        cfg.train.lr = 2e-5
+        cfg.train.eval_at_start = False
+        cfg.data.valid_fraction = 0.0
     if recipe:
         cfg = load_recipe(recipe, cfg)
         if cfg.method != method:
@@ -401,8 +441,10 @@ def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: di
 
 
 CHOICES = {
-    "method": ("sft",) + PREFERENCE_METHODS,
+    "method": ("sft",) + PREFERENCE_METHODS + RL_METHODS,
     "dpo.loss": ("sigmoid", "ipo", "hinge", "robust"),
+    "grpo.loss_norm": ("grpo", "dapo", "dr_grpo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
     "lora.type": ("lora", "dora"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overflow": ("truncate", "drop"),
@@ -462,6 +504,44 @@ def validate(cfg: RunConfig) -> None:
     cfg.lora.resolved_scale()
     if cfg.method in PREFERENCE_METHODS:
         _validate_preference(cfg)
+    if cfg.method in RL_METHODS:
+        _validate_rl(cfg)
+
+
+def _validate_rl(cfg: RunConfig) -> None:
+    g = cfg.grpo
+    for key in ("grpo.group_size", "grpo.prompts_per_step", "grpo.num_iterations", "grpo.max_new_tokens",
+                "grpo.max_prompt_len", "grpo.top_p"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if g.group_size < 2:
+        raise ConfigError(f"grpo.group_size: group-relative advantages need at least 2 completions per prompt, "
+                          f"got {g.group_size}")
+    for key in ("grpo.epsilon_low", "grpo.epsilon_high", "grpo.beta", "grpo.temperature", "rlvr.step_weight",
+                "rlvr.final_weight"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
+    if g.epsilon_low >= 1:
+        raise ConfigError(f"grpo.epsilon_low: must be below 1, got {g.epsilon_low}")
+    if g.top_p > 1:
+        raise ConfigError(f"grpo.top_p: must be at most 1, got {g.top_p}")
+    for key in ("grpo.all_equal_warn", "rlvr.gate_step_acc", "rlvr.gate_final_acc"):
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: must be between 0 and 1, got {_get(cfg, key)}")
+    n = g.group_size * g.prompts_per_step
+    if g.micro_batch is not None and (g.micro_batch <= 0 or n % g.micro_batch):
+        raise ConfigError(f"grpo.micro_batch: must divide prompts_per_step x group_size = {n}, got {g.micro_batch}")
+    if cfg.train.grad_accum != 1:
+        raise ConfigError("train.grad_accum: for grpo/rlvr it follows from grpo.micro_batch (completions per "
+                          "forward pass); leave it at 1")
+    if not isinstance(g.stop, list) or not all(isinstance(x, str) for x in g.stop):
+        raise ConfigError(f"grpo.stop: expected a list of strings, got {g.stop!r}")
+    if not isinstance(g.rewards, list) or not all(isinstance(x, str) for x in g.rewards):
+        raise ConfigError(f"grpo.rewards: expected a list of 'name[@weight]' strings, got {g.rewards!r}")
+    if cfg.method == "grpo" and not g.rewards:
+        raise ConfigError("grpo needs at least one reward: --reward accuracy, --reward path/to/file.py:function, ...")
+    if cfg.data.batching == "pack":
+        raise ConfigError("data.batching=pack: rollouts are batched with padding; use pad or auto")
 
 
 def _validate_preference(cfg: RunConfig) -> None:

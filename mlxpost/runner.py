@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,7 @@ class Prepared:
     adapter_cfg: dict
     trainable: int
     batching: str
+    rl: dict = field(default_factory=dict)  # online RL: eval prompts, rewards, verifier, settings
 
 
 def _world():
@@ -131,6 +132,8 @@ def default_data_dir(kind: str = "sft") -> Path:
     """The bundled example data of a kind of method (``sft`` rows or preference ``pairs``)."""
     if kind == "pairs":
         from .assets.pref_behaviour import DATASET_DIR
+    elif kind == "prompts":
+        from .assets import ARITH_TASKS_DIR as DATASET_DIR
     else:
         from .assets.behaviour import DATASET_DIR
 
@@ -268,6 +271,11 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     acfg = adapter_config(rank=rank_, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
                           dora=dora, extra=extra)
 
+    split = HeadSplit.find(model)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    if method.data == "prompts":
+        return _prepare_rl(cfg, loaded, split, pad_id, acfg, trainable, rep)
+
     with rep.status("reading and tokenizing data"):
         train, valid, stats, tstats = load_data(cfg, loaded.tokenizer, rank, world_size, kind=method.data)
     _warn_data(tstats, cfg, rep)
@@ -278,8 +286,6 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     batching = "pad" if method.data == "pairs" else choose_batching(cfg.data.batching, model)
     if cfg.data.batching == "auto" and batching == "pad" and mx.default_device() != mx.cpu:
         rep.warn("this model does not isolate packed examples; using padded batches")
-    split = HeadSplit.find(model)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
 
     def source(examples: list, shuffle: bool) -> BatchSource:
         # Each source sizes its own rows: long validation chats must not widen
@@ -296,6 +302,77 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
     if method.reference and cfg.preference.precompute_ref:
         precompute_reference(prep, rep)
     return prep
+
+
+def _prepare_rl(cfg: RunConfig, loaded: LoadedModel, split, pad_id: int, acfg: dict, trainable: int,
+                rep) -> Prepared:
+    """Online RL: prompts, rewards and verifier, and the rollout source."""
+    from .rewards import RewardSet, parse_reward_option
+    from .rl import RLSettings, RolloutSource, load_prompts
+    from .rollout import Sampling
+
+    g, d = cfg.grpo, cfg.data
+    files = resolve_data_files(d.path or default_data_dir("prompts"), d.valid)
+    renderer = Renderer(loaded.tokenizer, chat_template=d.chat_template, add_eos=d.add_eos)
+    with rep.status("reading prompts"):
+        train, tstats = load_prompts(files["train"], renderer, max_prompt_len=g.max_prompt_len,
+                                     skip_bad_rows=d.skip_bad_rows, limit=d.max_examples)
+        valid, vstats = ([], None)
+        if "valid" in files:
+            valid, vstats = load_prompts(files["valid"], renderer, max_prompt_len=g.max_prompt_len,
+                                         skip_bad_rows=d.skip_bad_rows)
+        elif d.valid_fraction > 0 and len(train) >= 20:
+            rng = np.random.default_rng(cfg.train.seed)
+            order = rng.permutation(len(train))
+            k = max(1, int(round(len(train) * d.valid_fraction)))
+            valid = [train[i] for i in sorted(order[:k])]
+            train = [train[i] for i in sorted(order[k:])]
+    if tstats.dropped_too_long:
+        rep.warn(f"{tstats.dropped_too_long} prompts longer than grpo.max_prompt_len={g.max_prompt_len} tokens "
+                 "were dropped")
+    rewards = RewardSet([parse_reward_option(r) for r in g.rewards]) if g.rewards else None
+    verifier, vname = None, None
+    if cfg.method == "rlvr":
+        from .verifiers import StepVerifier
+
+        vname = cfg.rlvr.verifier
+        verifier = StepVerifier(vname)
+    n = g.group_size * g.prompts_per_step
+    settings = RLSettings(group_size=g.group_size, prompts_per_step=g.prompts_per_step,
+                          micro_batch=g.micro_batch or n, num_iterations=g.num_iterations, scale=g.scale_rewards,
+                          mask_truncated=g.mask_truncated, step_weight=cfg.rlvr.step_weight,
+                          final_weight=cfg.rlvr.final_weight,
+                          sampling=Sampling(temperature=g.temperature, top_p=g.top_p,
+                                            max_new_tokens=g.max_new_tokens, stop=tuple(g.stop)))
+    src = RolloutSource(loaded.model, loaded.tokenizer, train, settings, rewards=rewards, verifier=verifier,
+                        verifier_name=vname or "", split=split, seed=cfg.train.seed, pad_id=pad_id,
+                        select_bucket=64 if split else None)
+    # The micro-batches of one rollout make one optimizer step.
+    cfg.train.grad_accum = src.micro_per_step
+    stats = {"files": {k: str(v) for k, v in files.items()}, "train": tstats.summary(),
+             "valid": vstats.summary() if vstats else None, "train_examples": len(train),
+             "valid_examples": len(valid)}
+    rl = {"eval_rows": valid[: g.eval_prompts], "rewards": rewards, "verifier": verifier, "verifier_name": vname,
+          "settings": settings}
+    return Prepared(cfg, loaded, src, None, stats, split, acfg, trainable, "pad", rl)
+
+
+def evaluate_rl(prep: Prepared, rep, when: str) -> dict | None:
+    """Greedy answers to the validation prompts, scored (reward, final and step accuracy)."""
+    from .rl import evaluate
+
+    rows = prep.rl.get("eval_rows")
+    if not rows:
+        return None
+    with rep.status(f"answering {len(rows)} validation prompts ({when})"):
+        t0 = time.time()
+        ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rows, prep.rl["settings"],
+                      rewards=prep.rl["rewards"], verifier=prep.rl["verifier"],
+                      verifier_name=prep.rl["verifier_name"] or "verifier")
+        ev["seconds"] = round(time.time() - t0, 1)
+    shown = ", ".join(f"{k} {ev[k]:.3f}" for k in ("reward", "final_acc", "step_acc") if k in ev)
+    rep.info(f"validation ({when}): {shown}")
+    return ev
 
 
 def precompute_reference(prep: Prepared, rep) -> None:
@@ -445,6 +522,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     size = world.size() if world else 1
     rep = reporter
 
+    if world is not None and method.data == "prompts":
+        raise MlxpostError(f"{cfg.method} runs in one process for now (distributed rollouts are not supported)")
     if world is not None and resume is None and cfg.output.name is None:
         raise MlxpostError("distributed runs need an explicit run name (--name) so every rank writes the same place")
 
@@ -498,6 +577,16 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
                                    "same weights, adapters off") if method.reference else "none (reference-free)"))
         if cfg.preference.from_run:
             info.append(("from", cfg.preference.from_run))
+    if method.data == "prompts":
+        g = cfg.grpo
+        info[4:7] = [("train prompts", prep.stats["train_examples"]), ("valid prompts", prep.stats["valid_examples"]),
+                     ("rollout", f"{g.prompts_per_step} prompts x {g.group_size} completions, "
+                                 f"<= {g.max_new_tokens} new tokens, T={g.temperature}, top-p {g.top_p}")]
+        info.append(("rewards", ", ".join(g.rewards) or "none"))
+        if cfg.method == "rlvr":
+            info.append(("verifier", cfg.rlvr.verifier))
+        info.append(("objective", f"clip [{1 - g.epsilon_low:.2f}, {1 + g.epsilon_high:.2f}], norm {g.loss_norm}, "
+                                  f"scale {g.scale_rewards}, beta {g.beta}, {g.num_iterations} step(s)/rollout"))
     rep.table("setup", info)
     rundir.write_json("data_stats.json", prep.stats)
     rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
@@ -509,6 +598,12 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
         with rep.status("sampling before training"):
             before = run_samples(model, tok, prompts, cfg)
         rundir.write_json("samples_before.json", before)
+
+    rl_before = None
+    if method.data == "prompts" and ckpt is None and rank == 0:
+        rl_before = evaluate_rl(prep, rep, "before training")
+        if rl_before is not None:
+            rundir.write_json("rl_eval_before.json", rl_before)
 
     objective = objective_for(prep)
     trainer = Trainer(model, objective, cfg.train, total_steps=steps, run=rundir, reporter=rep,
@@ -552,10 +647,27 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
         if before:
             summary["behaviour_before"] = behaviour_scores(cfg, prompts, before)
         summary["behaviour_after"] = behaviour_scores(cfg, prompts, after)
+    if method.data == "prompts":
+        last = next((h for h in reversed(result.history) if h.get("kind") == "train"), None) or {}
+        keys = ("reward", "reward_std", "all_equal_groups", "kl", "clip_low", "clip_high", "adv_std",
+                "completion_len", "completion_len_max", "truncated", "step_acc", "final_acc", "rollout_tok_s")
+        summary["final_metrics"] = {k: v for k, v in last.items() if k in keys or k.startswith("reward/")}
+        prev = run_path / "rl_eval_before.json"
+        if rl_before is None and prev.exists():
+            rl_before = json.loads(prev.read_text())
+        rl_after = evaluate_rl(prep, rep, "after training") if rank == 0 else None
+        if rl_before is not None:
+            summary["eval_before"] = {k: v for k, v in rl_before.items() if k != "samples"}
+        if rl_after is not None:
+            summary["eval_after"] = {k: v for k, v in rl_after.items() if k != "samples"}
+            rundir.write_json("rl_eval_after.json", rl_after)
+        if trainer.monitor is not None and cfg.method == "rlvr":
+            result.health = dict(result.health or {})
+            result.health["quality_gate"] = trainer.monitor.gate(rl_after)
     if result.health is not None:
         summary["health"] = result.health
     rundir.write_json("summary.json", summary)
-    skip = ("run_dir", "final_metrics", "val_metrics", "health")
+    skip = ("run_dir", "final_metrics", "val_metrics", "health", "eval_before", "eval_after")
     rows = [(k, v) for k, v in summary.items() if k not in skip]
     rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
              if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
@@ -570,7 +682,10 @@ def report_health(health: dict, rep) -> None:
     rows = []
     for check, h in health.items():
         verdict = h["verdict"]
-        if check == "quality_gate" and verdict in ("pass", "fail"):
+        if check == "quality_gate" and verdict in ("pass", "fail") and "step_acc" in h:
+            verdict += (f" (val step accuracy {h['step_acc']:.3f} vs > {h['min_step_acc']}, final accuracy "
+                        f"{h['final_acc']:.3f} vs > {h['min_final_acc']})")
+        elif check == "quality_gate" and verdict in ("pass", "fail"):
             verdict += (f" (val margin {h['margin']:.3f} vs > {h['min_margin']}, accuracy {h['accuracy']:.3f} "
                         f"vs >= {h['min_accuracy']})")
         elif check == "quality_gate":

@@ -112,6 +112,7 @@ def build_tiny_model(
     dtype: str = "float32",
     rope_theta: float = 10000.0,
     max_position_embeddings: int = 4096,
+    embed_std: float = 0.02,
 ) -> Path:
     """Write a random-weight model directory in Hugging Face layout; return its path.
 
@@ -192,10 +193,13 @@ def build_tiny_model(
     def w(*shape):
         return (rng.standard_normal(shape) * std).astype(np_dtype)
 
-    tensors = {"model.embed_tokens.weight": w(vocab_size, hidden_size),
+    # ``embed_std``: a larger scale of the (tied) embeddings and output head
+    # lets logits, and so next-token probabilities, move far from uniform.
+    embed = (rng.standard_normal((vocab_size, hidden_size)) * embed_std).astype(np_dtype)
+    tensors = {"model.embed_tokens.weight": embed,
                "model.norm.weight": np.ones(hidden_size, np_dtype)}
     if not tie_word_embeddings:
-        tensors["lm_head.weight"] = w(vocab_size, hidden_size)
+        tensors["lm_head.weight"] = (rng.standard_normal((vocab_size, hidden_size)) * embed_std).astype(np_dtype)
     kv = num_kv_heads * head_dim
     for i in range(num_layers):
         p = f"model.layers.{i}."

@@ -405,8 +405,10 @@ class Trainer:
             # sync, and stops a bad step before it can reach a checkpoint.
             if not out["ok"].item():
                 self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
+            # Host-side metrics of the batch source (online RL: rewards, lengths, rollout speed).
+            host = dict(getattr(train_source, "last_metrics", None) or {})
             if self.monitor is not None:
-                self._observe(out)
+                self._observe(out, host)
             win_loss = out["loss"] if win_loss is None else win_loss + out["loss"]
             win_count = (win_count or 0) + 1
             win_tokens += n_tok
@@ -431,6 +433,7 @@ class Trainer:
                     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
                 for k, v in out["metrics"].items():  # the last step's, over all ranks
                     metrics[k] = v.item()
+                metrics.update(host)
                 last["loss"] = metrics["loss"]
                 self.history.append({"kind": "train", "step": self.step, **metrics})
                 run.log({"kind": "train", "step": self.step, **metrics})
@@ -463,9 +466,9 @@ class Trainer:
             health=self.monitor.summary(val) if self.monitor is not None else None,
         )
 
-    def _observe(self, out: dict) -> None:
+    def _observe(self, out: dict, host: dict | None = None) -> None:
         """Give this step's metrics (already evaluated) to the health monitor; report what it finds."""
-        m = {"loss": out["loss"].item(), **{k: v.item() for k, v in out["metrics"].items()}}
+        m = {"loss": out["loss"].item(), **{k: v.item() for k, v in out["metrics"].items()}, **(host or {})}
         # Kept so that a resumed run can replay the monitor's history.
         self.run.log({"kind": "step", "step": self.step, **m})
         for f in self.monitor.observe(self.step, m):

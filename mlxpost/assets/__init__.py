@@ -3,3 +3,4 @@
 from pathlib import Path
 
 DEFAULT_SFT_RECIPE = Path(__file__).parent / "default_sft.yaml"
+ARITH_TASKS_DIR = Path(__file__).parent / "arith_tasks"

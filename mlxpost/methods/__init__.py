@@ -15,7 +15,7 @@ from typing import Callable
 @dataclass(frozen=True)
 class Method:
     name: str
-    data: str  # "sft" | "pairs"
+    data: str  # "sft" | "pairs" | "prompts" (online RL: the source samples its own batches)
     reference: bool  # needs reference log-probs (adapters off, or precomputed)
     objective: Callable  # (prepared run) -> train.Objective
 
@@ -66,12 +66,26 @@ def _simpo(prep):
                            monitor=_health(prep.cfg))
 
 
+def _rl(prep):
+    from ..rl import RLHealth, RLThresholds
+    from . import grpo
+
+    g, cfg = prep.cfg.grpo, prep.cfg
+    t = RLThresholds(all_equal_warn=g.all_equal_warn, kl_max=0.5 if g.beta > 0 else None,
+                     gate_step_acc=cfg.rlvr.gate_step_acc, gate_final_acc=cfg.rlvr.gate_final_acc)
+    return grpo.objective(prep.split, eps_low=g.epsilon_low, eps_high=g.epsilon_high, beta=g.beta,
+                          norm=g.loss_norm, max_new_tokens=g.max_new_tokens,
+                          monitor=lambda total: RLHealth(total, t, rlvr=cfg.method == "rlvr"))
+
+
 METHODS = {
     "sft": Method("sft", "sft", False, _sft),
     "dpo": Method("dpo", "pairs", True, _dpo),
     "orpo": Method("orpo", "pairs", False, _orpo),
     "cpo": Method("cpo", "pairs", False, _cpo),
     "simpo": Method("simpo", "pairs", False, _simpo),
+    "grpo": Method("grpo", "prompts", False, _rl),
+    "rlvr": Method("rlvr", "prompts", False, _rl),
 }
 
 

@@ -1,0 +1,464 @@
+"""Online RL as a batch source: sample, score, compute advantages, yield batches.
+
+:class:`RolloutSource` plugs into the one training loop like any other
+batch source. For every optimizer step it takes ``prompts_per_step`` prompts,
+samples ``group_size`` completions of each in one batch
+(:func:`mlxpost.rollout.sample_groups`), scores them with the reward
+functions and/or a step verifier, turns the scores into advantages and yields
+the completions as padded training rows (prompt + completion, loss on the
+completion only) with per-token advantages in ``batch.extra["adv"]``. With
+``num_iterations > 1`` the same rollout is used for that many optimizer steps,
+and the log-probs of the policy that sampled it (``extra["old_logps"]``) are
+kept, so the importance ratio and its clipping act.
+
+Credit assignment of step-verified RLVR
+---------------------------------------
+
+A verifier splits completion ``i`` into steps ``k`` (character spans) with a
+score ``v_ik`` in [0, 1] (1 = correct), plus a final-answer score ``f_i``.
+The completion's reward is ``r_i = w_f * f_i + sum_j w_j * R_j(o_i)`` (final
+answer plus any reward functions), and its group-relative advantage ``A_i``
+is computed as in GRPO (:func:`mlxpost.methods.grpo.group_advantages`). Each
+token t then gets
+
+    a_t = max(A_i, 0)                          t in a correct step   (v_ik = 1)
+    a_t = min(A_i, 0) - lam * (1 - v_ik)       t in a step with v_ik < 1
+    a_t = A_i                                  t outside every step (the final answer, EOS)
+
+so a wrong step is pushed down on exactly its own tokens, whatever the final
+answer (a right answer reached through a wrong step is not rewarded as a
+whole), a correct step is never pushed down for a mistake made elsewhere,
+and the final answer carries the outcome signal. ``lam`` is
+``rlvr.step_weight`` (default 1). A token belongs to a step when its
+characters overlap the step's span.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .batching import Batch, selection
+from .data import DataStats, Renderer, _finish, _rows_to_render, validate_messages
+from .errors import MlxpostError, RowIssue
+from .logprobs import HeadSplit, token_logprobs
+from .methods.grpo import group_advantages
+from .rollout import Sampling, sample_groups
+
+
+@dataclass
+class PromptRow:
+    tokens: list  # the rendered prompt, generation prompt included
+    text: str
+    columns: dict  # every other column of the row (answer, numbers, ...)
+    source: str  # file:line
+
+
+def validate_prompt_row(row: dict) -> list[tuple[str, str]]:
+    if "prompt" not in row:
+        return [("prompt", "missing: each row needs a 'prompt' (a string or a list of messages)")]
+    p = row["prompt"]
+    if isinstance(p, str):
+        return [("prompt", "empty")] if not p.strip() else []
+    if isinstance(p, list):
+        problems = validate_messages(p, "prompt", require_assistant=False)
+        if not problems and p and p[-1].get("role") == "assistant":
+            problems.append((f"prompt[{len(p) - 1}].role", "the prompt must not end with an assistant turn "
+                                                             "(the model writes that)"))
+        return problems
+    return [("prompt", f"expected a string or a list of messages, got {type(p).__name__}")]
+
+
+def render_prompt(renderer: Renderer, prompt: Any) -> tuple[list[int], str]:
+    """Token ids and text of a prompt, ready for the model to answer."""
+    if renderer.use_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = renderer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    ids = renderer._encode(text)
+    ids, _ = renderer._fix_bos(ids, [False] * len(ids))
+    return ids, text
+
+
+def load_prompts(path: str | Path, renderer: Renderer, *, max_prompt_len: int, skip_bad_rows: bool = False,
+                 limit: int | None = None) -> tuple[list[PromptRow], DataStats]:
+    """Read a JSONL file of prompts (file:line:field errors for bad rows)."""
+    path = Path(path)
+    stats, issues, out = DataStats(), [], []
+    for line, row, _ in _rows_to_render(path, validate_prompt_row, stats, issues, None, limit):
+        try:
+            ids, text = render_prompt(renderer, row["prompt"])
+        except Exception as e:  # noqa: BLE001 - a template error belongs to the row
+            issues.append(RowIssue(str(path), line, "prompt", f"chat template failed: {type(e).__name__}: {e}"))
+            continue
+        if len(ids) > max_prompt_len:
+            stats.dropped_too_long += 1
+            continue
+        cols = {k: v for k, v in row.items() if k != "prompt"}
+        out.append(PromptRow(ids, text, cols, f"{path.name}:{line}"))
+        stats.lengths.append(len(ids))
+    _finish(issues, stats, renderer, skip_bad_rows)
+    return out, stats
+
+
+# ---------------------------------------------------------------------------
+# Credit assignment
+# ---------------------------------------------------------------------------
+
+
+def token_char_ends(tokenizer, tokens: list[int]) -> list[int]:
+    """Character offset where each token's text ends in ``decode(tokens)``."""
+    ends, prev = [], 0
+    for k in range(1, len(tokens) + 1):
+        n = len(tokenizer.decode(tokens[:k]))
+        prev = max(prev, n)
+        ends.append(prev)
+    return ends
+
+
+def step_token_advantages(ends: list[int], steps: list, adv: float, lam: float) -> np.ndarray:
+    """Per-token advantages of one completion (see the module docstring)."""
+    a = np.full(len(ends), adv, np.float32)
+    start = 0
+    spans = [(s.start, s.end, s.score) for s in steps]
+    for t, end in enumerate(ends):
+        lo, hi = start, end
+        start = end
+        if hi <= lo:
+            continue
+        hit = [v for (s0, s1, v) in spans if lo < s1 and hi > s0]
+        if not hit:
+            continue
+        v = min(hit)
+        a[t] = max(adv, 0.0) if v >= 1.0 else min(adv, 0.0) - lam * (1.0 - v)
+    return a
+
+
+# ---------------------------------------------------------------------------
+# The batch source
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class RLSettings:
+    group_size: int = 8
+    prompts_per_step: int = 2
+    micro_batch: int = 16  # completions per forward pass
+    num_iterations: int = 1
+    scale: str = "group"
+    mask_truncated: bool = False
+    step_weight: float = 1.0
+    final_weight: float = 1.0
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+class RolloutSource:
+    """An endless, resumable stream of rollout batches for :class:`mlxpost.train.Trainer`."""
+
+    mode = "pad"
+    shuffle = True
+
+    def __init__(self, model, tokenizer, rows: list[PromptRow], settings: RLSettings, *, rewards=None,
+                 verifier: Callable | None = None, verifier_name: str = "verifier", split: HeadSplit | None = None,
+                 seed: int = 0, pad_id: int = 0, select_bucket: int | None = 64, pad_multiple: int = 32):
+        s = settings
+        if not rows:
+            raise MlxpostError("no prompts to train on")
+        if len(rows) < s.prompts_per_step:
+            raise MlxpostError(f"{len(rows)} prompts, fewer than grpo.prompts_per_step={s.prompts_per_step}")
+        if (s.group_size * s.prompts_per_step) % s.micro_batch:
+            raise MlxpostError(f"train.batch_size={s.micro_batch} must divide prompts_per_step x group_size = "
+                               f"{s.prompts_per_step * s.group_size}")
+        if rewards is None and verifier is None:
+            raise MlxpostError("no reward: pass --reward (and/or a --verifier for rlvr)")
+        self.model, self.tok, self.examples, self.s = model, tokenizer, rows, settings
+        self.rewards, self.verifier, self.verifier_name = rewards, verifier, verifier_name
+        self.split, self.seed, self.pad_id = split, seed, pad_id
+        self.select_bucket, self.pad_multiple = select_bucket, pad_multiple
+        self.batch_size = s.micro_batch
+        self.micro_per_step = s.group_size * s.prompts_per_step // s.micro_batch
+        self.epoch, self.index, self.iteration = 0, 0, 0
+        self.epoch_limit = None
+        self._plan = None
+        self.last_metrics: dict = {}
+        self.last_rollout: dict | None = None  # texts and scores of the latest rollout, for inspection
+
+    # -- plan and state ---------------------------------------------------------
+    def _plan_for_epoch(self) -> list[list[int]]:
+        if self._plan is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(len(self.examples)).tolist()
+            P = self.s.prompts_per_step
+            self._plan = [order[i:i + P] for i in range(0, len(order) - P + 1, P)][: self.epoch_limit]
+        return self._plan
+
+    def limit_epoch(self, n: int) -> None:
+        self.epoch_limit = n
+        self._plan = None
+
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per pass over the prompts (the loop divides by ``grad_accum``)."""
+        return len(self._plan_for_epoch()) * self.s.num_iterations * self.micro_per_step
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "iteration": self.iteration}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.iteration = int(state.get("iteration", 0))
+        self._plan = None
+
+    @property
+    def epoch_progress(self) -> float:
+        n = max(1, len(self._plan_for_epoch()))
+        return self.epoch + (self.index + self.iteration / self.s.num_iterations) / n
+
+    def __iter__(self):
+        while True:
+            plan = self._plan_for_epoch()
+            while self.index < len(plan):
+                # A run resumed in the middle of a rollout's iterations samples
+                # that rollout afresh (from the resumed policy) and finishes them.
+                micro = self.rollout(plan[self.index])
+                n_it = self.s.num_iterations
+                for it in range(self.iteration, n_it):
+                    for j, mb in enumerate(micro):
+                        if j == len(micro) - 1:  # what a checkpoint after this step records
+                            if it + 1 == n_it:
+                                self.iteration, self.index = 0, self.index + 1
+                            else:
+                                self.iteration = it + 1
+                        self.last_metrics["iteration"] = it + 1
+                        yield mb
+            self.epoch += 1
+            self.index = 0
+            self._plan = None
+
+    # -- one rollout --------------------------------------------------------
+    def score(self, rows: list[PromptRow], texts: list[str], ids: list[list[int]] | None = None) -> dict:
+        """Rewards, verdicts and advantages of P*G completions (rows repeated G times).
+
+        Reward functions receive the rows' columns, plus ``prompts`` (the
+        rendered prompt text) and ``completion_ids`` (the sampled token ids).
+        """
+        G = self.s.group_size
+        n = len(texts)
+        per_row = [rows[i // G] for i in range(n)]
+        total = np.zeros(n, np.float64)
+        per_function = {}
+        if self.rewards is not None:
+            keys = sorted({k for r in rows for k in r.columns})
+            columns = {k: [r.columns.get(k) for r in per_row] for k in keys}
+            if ids is not None:
+                columns["completion_ids"] = [list(c) for c in ids]
+            sc = self.rewards.score(texts, columns, prompts=[r.text for r in per_row],
+                                    sources=[r.source for r in per_row])
+            total += np.asarray(sc.total, np.float64)
+            per_function = sc.per_function
+        verdicts = None
+        if self.verifier is not None:
+            # A StepVerifier: picks the columns the function takes, wraps its
+            # exceptions and checks its verdicts (naming the verifier and row).
+            verdicts = [self.verifier.verify(text, {**r.columns, "prompt_text": r.text}, row=i, source=r.source)
+                        for i, (r, text) in enumerate(zip(per_row, texts))]
+            final = np.array([v.final_score for v in verdicts], np.float64)
+            total += self.s.final_weight * final
+        adv = group_advantages(total, G, self.s.scale)
+        return {"total": total, "per_function": per_function, "verdicts": verdicts, "adv": adv}
+
+    def rollout(self, idx: list[int]) -> list[Batch]:
+        """Sample the prompts at ``idx`` and build the step's micro-batches."""
+        rows = [self.examples[i] for i in idx]
+        ro = sample_groups(self.model, self.tok, [r.tokens for r in rows], self.s.group_size, self.s.sampling,
+                           pad_id=self.pad_id)
+        return self.build(rows, ro)
+
+    def build(self, rows: list[PromptRow], ro) -> list[Batch]:
+        """Score sampled completions (``ro``: :class:`mlxpost.rollout.Rollouts`) and batch them."""
+        s = self.s
+        t_score = time.perf_counter()
+        sc = self.score(rows, ro.texts, ro.completions)
+        eos = set(getattr(self.tok, "eos_token_ids", None) or {self.tok.eos_token_id})
+        n = len(ro.completions)
+        tok_adv = []
+        for i, comp in enumerate(ro.completions):
+            a = np.full(len(comp), sc["adv"][i], np.float32)
+            v = sc["verdicts"][i] if sc["verdicts"] is not None else None
+            if v is not None and v.steps:
+                body = [t for t in comp if t not in eos]
+                ends = token_char_ends(self.tok, body)
+                a[: len(body)] = step_token_advantages(ends, v.steps, float(sc["adv"][i]), s.step_weight)
+            tok_adv.append(a)
+        score_s = time.perf_counter() - t_score
+        micro = self._batches(rows, ro, tok_adv)
+        self.last_metrics = self._metrics(ro, sc, tok_adv, score_s)
+        self.last_rollout = {"prompts": [r.source for r in rows], "texts": ro.texts,
+                             "rewards": sc["total"].tolist(), "advantages": sc["adv"].tolist()}
+        return micro
+
+    def _batches(self, rows: list[PromptRow], ro, tok_adv: list[np.ndarray]) -> list[Batch]:
+        s, G = self.s, self.s.group_size
+        seqs = [(rows[i // G].tokens, c) for i, c in enumerate(ro.completions)]
+        longest = max(len(p) + len(c) - 1 for p, c in seqs)
+        m = self.pad_multiple
+        width = -(-longest // m) * m
+        out = []
+        for b0 in range(0, len(seqs), s.micro_batch):
+            B = s.micro_batch
+            inputs = np.full((B, width), self.pad_id, np.int32)
+            targets = np.zeros((B, width), np.int32)
+            weights = np.zeros((B, width), np.float32)
+            adv = np.zeros((B, width), np.float32)
+            n_tokens = 0
+            for r in range(B):
+                i = b0 + r
+                p, c = seqs[i]
+                toks = np.array(list(p) + list(c), np.int32)
+                L = len(toks) - 1
+                inputs[r, :L] = toks[:-1]
+                targets[r, :L] = toks[1:]
+                lo = len(p) - 1  # the first completion token is the target at position len(p) - 1
+                if not (s.mask_truncated and ro.truncated[i]):
+                    weights[r, lo:lo + len(c)] = 1.0
+                adv[r, lo:lo + len(c)] = tok_adv[i]
+                n_tokens += L
+            batch = Batch(inputs=mx.array(inputs), targets=mx.array(targets), weights=mx.array(weights),
+                          segments=None, n_tokens=n_tokens, n_targets=int(weights.sum()), n_examples=B,
+                          select=selection(weights, self.select_bucket) if (self.select_bucket and self.split)
+                          else None,
+                          sources=[rows[(b0 + r) // G].source for r in range(B)])
+            batch.extra = {"adv": mx.array(adv)}
+            if s.num_iterations > 1:
+                # Log-probs of the policy that sampled (no dropout), for the importance ratio.
+                was = self.model.training
+                self.model.eval()
+                old = token_logprobs(self.model, batch, self.split, batch.select)
+                mx.eval(old)
+                if was:
+                    self.model.train()
+                batch.extra["old_logps"] = mx.stop_gradient(old)
+            out.append(batch)
+        return out
+
+    def _metrics(self, ro, sc: dict, tok_adv: list, score_s: float) -> dict:
+        G = self.s.group_size
+        total = sc["total"]
+        groups = total.reshape(-1, G)
+        lens = np.array([len(c) for c in ro.completions])
+        m = {
+            "reward": float(total.mean()), "reward_std": float(total.std()),
+            "all_equal_groups": float(np.mean(np.ptp(groups, axis=1) < 1e-9)),
+            "adv_std": float(np.concatenate(tok_adv).std()) if tok_adv else 0.0,
+            "completion_len": float(lens.mean()), "completion_len_max": int(lens.max()),
+            "truncated": float(ro.truncated.mean()),
+            "rollout_s": round(ro.seconds, 3), "rollout_tok_s": ro.sampled_tokens / max(ro.seconds, 1e-9),
+            "score_s": round(score_s, 3),
+        }
+        for name, vals in sc["per_function"].items():
+            xs = [v for v in vals if v is not None]
+            if xs:
+                m[f"reward/{name}"] = float(np.mean(xs))
+                m[f"reward/{name}_std"] = float(np.std(xs))
+        if sc["verdicts"] is not None:
+            steps = [st.score for v in sc["verdicts"] for st in v.steps]
+            m["step_acc"] = float(np.mean([x >= 1.0 for x in steps])) if steps else float("nan")
+            m["final_acc"] = float(np.mean([v.final_score >= 1.0 for v in sc["verdicts"]]))
+            m["steps_per_completion"] = len(steps) / len(sc["verdicts"])
+        return m
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and health
+# ---------------------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, rows: list[PromptRow], settings: RLSettings, *, rewards=None, verifier=None,
+             verifier_name: str = "verifier", batch_prompts: int = 8) -> dict:
+    """Greedy completions of ``rows``, scored: reward mean, final-answer and step accuracy."""
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=settings.sampling.max_new_tokens,
+                      stop=settings.sampling.stop)
+    one = RLSettings(**{**settings.__dict__, "group_size": 1, "sampling": greedy})
+    src = RolloutSource.__new__(RolloutSource)
+    src.s, src.rewards, src.verifier, src.verifier_name = one, rewards, verifier, verifier_name
+    totals, finals, steps, texts = [], [], [], []
+    for i in range(0, len(rows), batch_prompts):
+        chunk = rows[i:i + batch_prompts]
+        ro = sample_groups(model, tokenizer, [r.tokens for r in chunk], 1, greedy)
+        sc = src.score(chunk, ro.texts, ro.completions)
+        totals += sc["total"].tolist()
+        texts += ro.texts
+        if sc["verdicts"] is not None:
+            finals += [v.final_score >= 1.0 for v in sc["verdicts"]]
+            steps += [st.score >= 1.0 for v in sc["verdicts"] for st in v.steps]
+    out = {"n": len(rows), "reward": float(np.mean(totals)) if totals else float("nan")}
+    if verifier is not None:
+        out["final_acc"] = float(np.mean(finals)) if finals else float("nan")
+        out["step_acc"] = float(np.mean(steps)) if steps else float("nan")
+    out["samples"] = [{"prompt": r.source, "completion": t} for r, t in zip(rows[:4], texts[:4])]
+    return out
+
+
+@dataclass
+class RLThresholds:
+    all_equal_warn: float = 0.8  # warn when this fraction of groups has equal rewards...
+    all_equal_patience: int = 5  # ... for this many steps in a row
+    kl_max: float | None = None
+    gate_step_acc: float = 0.8
+    gate_final_acc: float = 0.9
+
+
+class RLHealth:
+    """Live checks of an RL run, and the end-of-run gates (see :mod:`mlxpost.health` for the protocol)."""
+
+    def __init__(self, total_steps: int, t: RLThresholds, rlvr: bool):
+        from .health import Finding
+
+        self.Finding = Finding
+        self.t, self.rlvr = t, rlvr
+        self.streak = 0
+        self.warned = False
+        self.findings: list = []
+
+    def observe(self, step: int, m: dict) -> list:
+        out = []
+        frac = m.get("all_equal_groups")
+        if frac is not None:
+            self.streak = self.streak + 1 if frac >= self.t.all_equal_warn else 0
+            if self.streak >= self.t.all_equal_patience and not self.warned:
+                self.warned = True
+                out.append(self.Finding(
+                    "flat-rewards", step,
+                    f"{frac:.0%} of the groups had equal rewards for {self.streak} steps in a row: "
+                    "those groups give zero advantage and teach nothing",
+                    "use a larger group (grpo.group_size), a higher temperature, easier or more varied prompts, "
+                    "or a reward with partial credit"))
+        kl = m.get("kl")
+        if self.t.kl_max is not None and kl is not None and kl > self.t.kl_max:
+            out.append(self.Finding("drift-kl", step, f"KL to the reference {kl:.3f} > {self.t.kl_max}",
+                                    "lower the learning rate or raise grpo.beta"))
+        self.findings += out
+        return out
+
+    def observe_eval(self, step: int, val: dict) -> list:
+        return []
+
+    def summary(self, val: dict | None = None) -> dict:
+        checks = {"flat_rewards": {"verdict": "warn" if self.warned else "ok",
+                                   "findings": [f.__dict__ for f in self.findings if f.check == "flat-rewards"]}}
+        return checks
+
+    def gate(self, ev: dict | None) -> dict:
+        if not self.rlvr:
+            return {"verdict": "n/a", "reason": "gates apply to rlvr runs"}
+        if not ev or "final_acc" not in ev or math.isnan(ev.get("final_acc", float("nan"))):
+            return {"verdict": "n/a", "reason": "no validation prompts to evaluate"}
+        ok = ev["step_acc"] > self.t.gate_step_acc and ev["final_acc"] > self.t.gate_final_acc
+        return {"verdict": "pass" if ok else "fail", "step_acc": ev["step_acc"], "final_acc": ev["final_acc"],
+                "min_step_acc": self.t.gate_step_acc, "min_final_acc": self.t.gate_final_acc}
