@@ -178,6 +178,7 @@ class GRPOConfig:
     rewards: list = field(default_factory=list)  # "name[@weight]": built-in, file.py:function or module:function
     all_equal_warn: float = 0.8  # warn when this fraction of groups has equal rewards for 5 steps running
     eval_prompts: int = 64  # validation prompts answered (greedy) before and after training
+    from_run: str | None = None  # an earlier run (SFT, DPO, ...) merged into the base: the start and the reference
 
 
 @dataclass

@@ -58,6 +58,7 @@ class PromptRow:
     text: str
     columns: dict  # every other column of the row (answer, numbers, ...)
     source: str  # file:line
+    prompt: Any = None  # the row's prompt as given (a string or messages)
 
 
 def validate_prompt_row(row: dict) -> list[tuple[str, str]]:
@@ -102,7 +103,7 @@ def load_prompts(path: str | Path, renderer: Renderer, *, max_prompt_len: int, s
             stats.dropped_too_long += 1
             continue
         cols = {k: v for k, v in row.items() if k != "prompt"}
-        out.append(PromptRow(ids, text, cols, f"{path.name}:{line}"))
+        out.append(PromptRow(ids, text, cols, f"{path.name}:{line}", row["prompt"]))
         stats.lengths.append(len(ids))
     _finish(issues, stats, renderer, skip_bad_rows)
     return out, stats
@@ -401,7 +402,11 @@ def evaluate(model, tokenizer, rows: list[PromptRow], settings: RLSettings, *, r
     if verifier is not None:
         out["final_acc"] = float(np.mean(finals)) if finals else float("nan")
         out["step_acc"] = float(np.mean(steps)) if steps else float("nan")
-    out["samples"] = [{"prompt": r.source, "completion": t} for r, t in zip(rows[:4], texts[:4])]
+    def shown(r):
+        p = r.prompt if isinstance(r.prompt, str) else (r.prompt[-1]["content"] if r.prompt else r.text)
+        return p.split("\n")[0]
+
+    out["samples"] = [{"prompt": shown(r), "source": r.source, "completion": t} for r, t in zip(rows[:4], texts[:4])]
     return out
 
 

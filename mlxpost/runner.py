@@ -190,14 +190,20 @@ def _warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _from_section(cfg: RunConfig):
+    """The config section holding ``from_run`` for this method (None: the method has none)."""
+    return {"pairs": cfg.preference, "prompts": cfg.grpo}.get(get_method(cfg.method).data)
+
+
 def resolve_from_run(cfg: RunConfig) -> None:
-    """``preference.from_run``: train on top of an SFT run's base model.
+    """``--from`` (``preference.from_run`` / ``grpo.from_run``): train on top of an earlier run.
 
     The run's adapter is merged into the base when the model is loaded
     (:func:`prepare`); here the base model, dtype and quantization default
     to the ones that run used, and a different base is refused.
     """
-    src = cfg.preference.from_run if cfg.method != "sft" else None
+    sec = _from_section(cfg)
+    src = sec.from_run if sec is not None else None
     if not src:
         return
     d = Path(src).expanduser()
@@ -215,15 +221,16 @@ def resolve_from_run(cfg: RunConfig) -> None:
     elif base and cfg.model.path != base and Path(cfg.model.path).expanduser().resolve() != Path(base):
         raise MlxpostError(f"--from {src}: that adapter was trained on {base}, not on {cfg.model.path} "
                            "(leave --model out to use the run's base model)")
-    cfg.preference.from_run = str(d.resolve())
+    sec.from_run = str(d.resolve())
 
 
 def merge_from_run(model, cfg: RunConfig, rep) -> dict:
-    """Merge ``preference.from_run``'s adapter into the base weights in memory; describe it."""
+    """Merge the ``--from`` run's adapter (and whatever it was trained on top of) into the base in memory."""
+    from .model import load_adapter_stack
     from .reference import file_hash
 
-    d = Path(cfg.preference.from_run)
-    load_adapters(model, d)
+    d = Path(_from_section(cfg).from_run)
+    load_adapter_stack(model, d)
     fuse_adapters(model)  # quantized layers come back dequantized ...
     if cfg.model.quantize:  # ... and are quantized again, so memory stays that of a quantized base
         quantize_blocks(model, cfg.model.quantize, cfg.model.quantize_group_size)
@@ -232,17 +239,28 @@ def merge_from_run(model, cfg: RunConfig, rep) -> dict:
     return {"from_adapter": str(d), "from_adapter_sha256": file_hash(d / "adapters.safetensors")}
 
 
-def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared:
+def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None) -> Prepared:
+    """``cache``: reuse across runs in one process (see :class:`mlxpost.sweep.RunCache`): an object
+    with ``model(model_cfg, load) -> LoadedModel`` (a clean base model) and
+    ``data(cfg, loaded, kind, rank, world_size, read) -> load_data's result``."""
     mx.random.seed(cfg.train.seed)
     method = get_method(cfg.method)
     m = cfg.model
+
+    def load() -> LoadedModel:
+        return load_model(m.path, dtype=m.dtype, quantize=m.quantize, group_size=m.quantize_group_size,
+                          revision=m.revision, trust_remote_code=m.trust_remote_code, log=rep.info)
+
     with rep.status(f"loading model {m.path}"):
-        loaded = load_model(m.path, dtype=m.dtype, quantize=m.quantize, group_size=m.quantize_group_size,
-                            revision=m.revision, trust_remote_code=m.trust_remote_code, log=rep.info)
+        loaded = cache.model(m, load) if cache is not None else load()
+    # Building the model draws random initial weights (then overwritten); a model from a cache draws
+    # none. Seeding again makes the adapters' initial values depend on the seed alone.
+    mx.random.seed(cfg.train.seed)
     model = loaded.model
     from_info = {}
-    if method.data == "pairs" and cfg.preference.from_run:
-        with rep.status(f"merging the adapter of {cfg.preference.from_run}"):
+    sec = _from_section(cfg)
+    if sec is not None and sec.from_run:
+        with rep.status(f"merging the adapter of {sec.from_run}"):
             from_info = merge_from_run(model, cfg, rep)
 
     lcfg = cfg.lora
@@ -277,7 +295,11 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1) -> Prepared
         return _prepare_rl(cfg, loaded, split, pad_id, acfg, trainable, rep)
 
     with rep.status("reading and tokenizing data"):
-        train, valid, stats, tstats = load_data(cfg, loaded.tokenizer, rank, world_size, kind=method.data)
+        def read():
+            return load_data(cfg, loaded.tokenizer, rank, world_size, kind=method.data)
+
+        train, valid, stats, tstats = (cache.data(cfg, loaded, method.data, rank, world_size, read)
+                                       if cache is not None else read())
     _warn_data(tstats, cfg, rep)
     if not train:
         raise MlxpostError("no training examples left after reading the data")
@@ -437,6 +459,8 @@ def sample_prompts(cfg: RunConfig) -> list[str]:
     if cfg.sample.prompts:
         return [str(p) for p in cfg.sample.prompts]
     if cfg.data.path is None:
+        if get_method(cfg.method).data == "prompts":
+            return []  # online RL answers its validation prompts before and after instead
         if get_method(cfg.method).data == "pairs":
             from .assets.pref_behaviour import PREF_SAMPLE_PROMPTS
 
@@ -507,11 +531,11 @@ def resume_config(run_dir: Path, sets: list[str]) -> RunConfig:
 
 
 def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = None, *, reporter,
-        resume: Path | None = None) -> tuple[Path, TrainResult]:
+        resume: Path | None = None, cache=None) -> tuple[Path, TrainResult]:
     """Run one training job end to end; returns the run directory and the result.
 
     ``objective_for``: builds the objective from the prepared run (default:
-    the method's own, from :data:`mlxpost.methods.METHODS`).
+    the method's own, from :data:`mlxpost.methods.METHODS`). ``cache``: see :func:`prepare`.
     """
     method: Method = get_method(cfg.method)
     objective_for = objective_for or method.objective
@@ -540,7 +564,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     rep.info(f"run directory: {run_path}")
 
     t_start = time.time()
-    prep = agree(world, lambda: prepare(cfg, rep, rank, size), "loading the model or the data")
+    prep = agree(world, lambda: prepare(cfg, rep, rank, size, cache=cache), "loading the model or the data")
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     if world is not None:
         # Every rank drops batches beyond the smallest share's epoch, so that
@@ -585,6 +609,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
         info.append(("rewards", ", ".join(g.rewards) or "none"))
         if cfg.method == "rlvr":
             info.append(("verifier", cfg.rlvr.verifier))
+        if g.from_run:
+            info.append(("from", g.from_run))
         info.append(("objective", f"clip [{1 - g.epsilon_low:.2f}, {1 + g.epsilon_high:.2f}], norm {g.loss_norm}, "
                                   f"scale {g.scale_rewards}, beta {g.beta}, {g.num_iterations} step(s)/rollout"))
     rep.table("setup", info)

@@ -53,6 +53,7 @@ class NullReporter:
     def end(self) -> None: ...
     def table(self, title: str, rows: list[tuple[str, Any]]) -> None: ...
     def samples(self, rows: list[dict]) -> None: ...
+    def grid(self, title: str, header: list[str], rows: list[list[Any]]) -> None: ...
     def error(self, msg: str) -> None: ...
 
 
@@ -111,6 +112,14 @@ class PlainReporter(NullReporter):
         width = max((len(k) for k, _ in rows), default=0)
         for k, v in rows:
             self._print(f"  {k.ljust(width)}  {_fmt(v, k)}")
+
+    def grid(self, title: str, header: list[str], rows: list[list[Any]]) -> None:
+        """A table with a header row (cells already formatted as text)."""
+        cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        self._print(f"== {title}")
+        for r in cells:
+            self._print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
     def samples(self, rows: list[dict]) -> None:
         for r in rows:
@@ -222,6 +231,14 @@ class RichReporter(PlainReporter):
         t.add_column(justify="right")
         for k, v in rows:
             t.add_row(k, _fmt(v, k))
+        self.console.print(t)
+
+    def grid(self, title: str, header: list[str], rows: list[list[Any]]) -> None:
+        t = Table(title=title, title_justify="left")
+        for h in header:
+            t.add_column(str(h))
+        for r in rows:
+            t.add_row(*[str(c) for c in r])
         self.console.print(t)
 
     def samples(self, rows: list[dict]) -> None:

@@ -88,3 +88,10 @@ def test_shipped_recipes_are_valid():
 
     shipped = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-sft.yaml").read_text())
     assert shipped == yaml.safe_load(DEFAULT_SFT_RECIPE.read_text())
+    # The recipes the package runs itself (the demo) are copied in recipes/ unchanged.
+    from mlxpost.assets import RECIPES_DIR
+
+    packaged = sorted(RECIPES_DIR.glob("*.yaml"))
+    assert len(packaged) >= 3
+    for r in packaged:
+        assert (ROOT / "recipes" / r.name).read_text() == r.read_text(), r.name
