@@ -268,10 +268,14 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
     loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
     if adapter:
         load_adapter_stack(loaded.model, adapter)
+    said = False
     for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
                              top_p=top_p, system=system):
+        said = said or bool(piece.strip())
         click.echo(piece, nl=False)
     click.echo()
+    if not said:
+        click.secho("(empty reply: the model wrote nothing but whitespace before ending its turn)", fg="yellow", err=True)
 
 
 @cli.command()
@@ -395,6 +399,10 @@ def _register_more() -> None:
     cli.add_command(export_command)
     cli.add_command(data)
     cli.add_command(push)
+    from .cli_sweep import ablate, compare_command
+
+    cli.add_command(ablate)
+    cli.add_command(compare_command)
 
 
 _register_more()

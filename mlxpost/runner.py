@@ -46,6 +46,7 @@ class Prepared:
     trainable: int
     batching: str
     rl: dict = field(default_factory=dict)  # online RL: eval prompts, rewards, verifier, settings
+    timings: dict = field(default_factory=dict)  # one-off work before training (seconds)
 
 
 def _world():
@@ -423,7 +424,9 @@ def precompute_reference(prep: Prepared, rep) -> None:
             with rep.status(f"computing reference log-probs of {len(src.examples)} {name} pairs"):
                 ref = reference.compute(prep.loaded.model, src, prep.split)
             reference.save(path, ref, {"model": cfg.model.path, "data": str(data_path), "split": name})
-            rep.info(f"reference log-probs ({name}): computed in {time.time() - t0:.1f}s, cached in {path}")
+            dt = time.time() - t0
+            prep.timings["precompute_ref_seconds"] = round(prep.timings.get("precompute_ref_seconds", 0.0) + dt, 2)
+            rep.info(f"reference log-probs ({name}): computed in {dt:.1f}s, cached in {path}")
         src.set_reference(ref)
 
 
@@ -663,6 +666,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
         "tokens_per_s": result.tokens / max(result.train_seconds, 1e-9),
         "trained_tokens_per_s": result.trained_tokens / max(result.train_seconds, 1e-9),
         "peak_memory_gb": result.peak_memory_gb, "wall_seconds": round(time.time() - t_start, 1),
+        **prep.timings,
     }
     last = next((h for h in reversed(result.history) if h.get("kind") == "train"), None)
     if method.data == "pairs" and last:
