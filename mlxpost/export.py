@@ -45,8 +45,8 @@ import mlx.nn as nn
 import yaml
 
 from .errors import MlxpostError
-from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, attach_adapters, default_dtype, fuse_adapters,
-                    load_adapter_stack, load_adapters, load_model, read_adapter_config, resolve_model_path)
+from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, attach_adapters, default_dtype, from_adapter_of,
+                    fuse_adapters, load_adapter_stack, load_adapters, load_model, read_adapter_config, resolve_model_path)
 
 FORMATS = ("peft", "fused", "mlx")
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -249,21 +249,11 @@ def read_adapter(directory: Path) -> Adapter:
 
 def adapter_chain(directory: Path) -> list[Path]:
     """The adapter directories of a stack, base first: ``[sft_run, dpo_run]`` for a DPO run ``--from`` sft_run."""
-    from .reference import file_hash
-
     chain = [Path(directory)]
     while True:
-        meta = read_adapter_config(chain[0]).get("mlxpost", {}) or {}
-        src = meta.get("from_adapter")
-        if not src:
+        s = from_adapter_of(chain[0], "export this run")
+        if s is None:
             return chain
-        s = Path(src)
-        if not (s / ADAPTER_WEIGHTS).exists():
-            raise MlxpostError(f"{chain[0]} was trained on top of the adapter in {s}, which is gone; "
-                               "it is needed to export this run")
-        want = meta.get("from_adapter_sha256")
-        if want and file_hash(s / ADAPTER_WEIGHTS) != want:
-            raise MlxpostError(f"{chain[0]} was trained on top of {s / ADAPTER_WEIGHTS}, which has changed since")
         if s.resolve() in [c.resolve() for c in chain]:
             raise MlxpostError(f"{chain[0]}: its from_adapter chain loops back to {s}")
         chain.insert(0, s)

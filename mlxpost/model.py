@@ -310,6 +310,27 @@ def fuse_adapters(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(fused))
 
 
+def from_adapter_of(directory: str | Path, purpose: str = "rebuild the model") -> Path | None:
+    """The adapter directory ``directory``'s adapter was trained on top of (``--from``), checked; or None.
+
+    Its weights must still exist and match the hash recorded at training time.
+    """
+    d = Path(directory)
+    meta = read_adapter_config(d).get("mlxpost", {}) or {}
+    src = meta.get("from_adapter")
+    if not src:
+        return None
+    from .reference import file_hash
+
+    s = Path(src)
+    if not (s / ADAPTER_WEIGHTS).exists():
+        raise MlxpostError(f"{d} was trained on top of the adapter in {s}, which is gone; it is needed to {purpose}")
+    want = meta.get("from_adapter_sha256")
+    if want and file_hash(s / ADAPTER_WEIGHTS) != want:
+        raise MlxpostError(f"{d} was trained on top of {s / ADAPTER_WEIGHTS}, which has changed since")
+    return s
+
+
 def load_adapter_stack(model: nn.Module, directory: str | Path) -> dict:
     """Load an adapter, first merging the adapter it was trained on top of (``--from``), if any.
 
@@ -319,17 +340,8 @@ def load_adapter_stack(model: nn.Module, directory: str | Path) -> dict:
     """
     d = Path(directory)
     meta = read_adapter_config(d).get("mlxpost", {})
-    src = meta.get("from_adapter")
-    if src:
-        from .reference import file_hash
-
-        s = Path(src)
-        if not (s / ADAPTER_WEIGHTS).exists():
-            raise MlxpostError(f"{d} was trained on top of the adapter in {s}, which is gone; "
-                               "it is needed to rebuild the model")
-        want = meta.get("from_adapter_sha256")
-        if want and file_hash(s / ADAPTER_WEIGHTS) != want:
-            raise MlxpostError(f"{d} was trained on top of {s / ADAPTER_WEIGHTS}, which has changed since")
+    s = from_adapter_of(d)
+    if s is not None:
         load_adapter_stack(model, s)
         fuse_adapters(model)
         if meta.get("quantize"):
