@@ -88,6 +88,22 @@ def default_dtype() -> str:
     return "float32" if mx.default_device() == mx.cpu else "bfloat16"
 
 
+def rope_theta_override(path: str | Path) -> dict:
+    """``{"rope_theta": x}`` when config.json has it only inside ``rope_parameters`` (transformers 5).
+
+    mlx-lm reads the top-level ``rope_theta`` only and silently falls back to
+    10000 otherwise, which would train and generate with the wrong positions.
+    """
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    rp = cfg.get("rope_parameters")
+    if "rope_theta" in cfg or not isinstance(rp, dict) or "rope_theta" not in rp:
+        return {}
+    return {"rope_theta": float(rp["rope_theta"])}
+
+
 def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = None,
                group_size: int = 64, revision: str | None = None, trust_remote_code: bool = False,
                log=None) -> LoadedModel:
@@ -101,8 +117,12 @@ def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = 
     from mlx_lm.utils import load_tokenizer
 
     path = resolve_model_path(spec, revision, log)
+    overrides = rope_theta_override(path)
+    if overrides and log:
+        log(f"{path}/config.json keeps rope_theta only in rope_parameters; using {overrides['rope_theta']} "
+            "(mlx-lm would read 10000)")
     try:
-        model, config = _load_model(path, lazy=True, trust_remote_code=trust_remote_code)
+        model, config = _load_model(path, lazy=True, trust_remote_code=trust_remote_code, model_config=overrides)
     except ValueError as e:
         raise MlxpostError(f"mlx-lm cannot load {path}: {e}") from None
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

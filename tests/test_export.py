@@ -301,7 +301,8 @@ def test_fused_export_loads_in_transformers_with_the_same_logits(tmp_path, reque
 
 
 def test_fused_config_keeps_the_rope_theta_that_was_trained(tmp_path, tiny_model):
-    """A config with rope_theta only inside rope_parameters: mlx-lm trains with its default (10000)."""
+    """A config with rope_theta only inside rope_parameters (transformers 5): mlx-lm alone would use 10000;
+    mlxpost loads it with the real theta, trains with it and exports it at the top level."""
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
     cfg = json.loads((base / "config.json").read_text())
@@ -309,10 +310,12 @@ def test_fused_config_keeps_the_rope_theta_that_was_trained(tmp_path, tiny_model
     cfg["rope_parameters"] = {"rope_theta": 500.0, "rope_type": "default"}
     (base / "config.json").write_text(json.dumps(cfg))
     run = make_run(tmp_path, base, "run", targets="attention")
-    result = export(run, "fused", tmp_path / "fused")
+    export(run, "fused", tmp_path / "fused")
     out_cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
-    assert out_cfg["rope_theta"] == 10000.0 and out_cfg["rope_parameters"]["rope_theta"] == 10000.0
-    assert any("rope_theta" in n for n in result["notes"])
+    assert out_cfg["rope_theta"] == 500.0 and out_cfg["rope_parameters"]["rope_theta"] == 500.0
+    from mlxpost.model import load_model
+
+    assert load_model(str(base), dtype="float32").model.args.rope_theta == 500.0
     assert close(torch_logits(tmp_path / "fused"), mlx_logits(base, run)) < TOL
 
 
