@@ -162,7 +162,7 @@ class PreferenceConfig:
 class GRPOConfig:
     group_size: int = 8  # completions sampled per prompt
     prompts_per_step: int = 2  # prompts per optimizer step
-    micro_batch: int | None = None  # completions per forward pass (None: all of the step's)
+    micro_batch: int | None = None  # completions per forward pass (None: all of the step's, at most 16)
     num_iterations: int = 1  # optimizer steps per rollout (> 1: the ratio to the sampling policy is clipped)
     epsilon_low: float = 0.2  # clip range below 1
     epsilon_high: float = 0.2  # clip range above 1 (DAPO: 0.28)

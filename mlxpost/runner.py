@@ -327,6 +327,13 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
     return prep
 
 
+def _default_micro_batch(n: int, cap: int = 16) -> int:
+    """Completions per forward pass when grpo.micro_batch is not set: all of them, at most ``cap``
+    (the largest divisor of ``n`` not above it), so that big rollouts do not hold every
+    completion's activations at once."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
 def _prepare_rl(cfg: RunConfig, loaded: LoadedModel, split, pad_id: int, acfg: dict, trainable: int,
                 rep) -> Prepared:
     """Online RL: prompts, rewards and verifier, and the rollout source."""
@@ -362,7 +369,8 @@ def _prepare_rl(cfg: RunConfig, loaded: LoadedModel, split, pad_id: int, acfg: d
         verifier = StepVerifier(vname)
     n = g.group_size * g.prompts_per_step
     settings = RLSettings(group_size=g.group_size, prompts_per_step=g.prompts_per_step,
-                          micro_batch=g.micro_batch or n, num_iterations=g.num_iterations, scale=g.scale_rewards,
+                          micro_batch=g.micro_batch or _default_micro_batch(n), num_iterations=g.num_iterations,
+                          scale=g.scale_rewards,
                           mask_truncated=g.mask_truncated, step_weight=cfg.rlvr.step_weight,
                           final_weight=cfg.rlvr.final_weight,
                           sampling=Sampling(temperature=g.temperature, top_p=g.top_p,
