@@ -67,8 +67,10 @@ def _fmt(v) -> str:
 def _stage_row(stage: Stage, s: dict) -> list:
     """One row of the comparison: what the stage measured before -> after."""
     if stage.method == "sft":
-        b, a = (s.get("behaviour_before") or {}), (s.get("behaviour_after") or {})
-        what = f"JSON answers {_fmt(b.get('json_rate'))} -> {_fmt(a.get('json_rate'))}"
+        # The SFT behaviour score is the share of one-line JSON answers (a number).
+        b, a = s.get("behaviour_before"), s.get("behaviour_after")
+        b, a = (x.get("json_rate") if isinstance(x, dict) else x for x in (b, a))
+        what = f"JSON answers {_fmt(b)} -> {_fmt(a)}"
         second = f"val loss {_fmt(s.get('best_val_loss') or s.get('val_loss'))}"
     elif stage.method == "dpo":
         b, a = (s.get("behaviour_before") or {}), (s.get("behaviour_after") or {})

@@ -43,6 +43,8 @@ def test_demo_runs_the_three_stages_each_from_the_previous_and_compares_them(tin
     title, header, rows = rep.grids[-1]
     assert [r[0] for r in rows] == ["sft", "dpo", "rlvr"]
     assert "health" in header and "quality_gate" in rows[2][-1]
+    # Each stage reports what it measured before and after (the SFT score is a plain number).
+    assert rows[0][4].startswith("JSON answers 0.") and "final acc 0." in rows[2][4]
     assert json.loads((out / "demo.json").read_text())["stages"]["rlvr"]["method"] == "rlvr"
     # A second call reuses the finished stages.
     rep2 = _Rec()
