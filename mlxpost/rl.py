@@ -39,7 +39,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -160,6 +160,38 @@ class RLSettings:
     sampling: Sampling = field(default_factory=Sampling)
 
 
+def score_completions(settings: RLSettings, rows: list[PromptRow], texts: list[str],
+                      ids: list[list[int]] | None = None, *, rewards=None, verifier=None) -> dict:
+    """Rewards, verdicts and advantages of P*G completions (row p is prompt p, repeated G times).
+
+    Reward functions receive the rows' columns, plus ``prompts`` (the
+    rendered prompt text) and ``completion_ids`` (the sampled token ids).
+    """
+    G = settings.group_size
+    n = len(texts)
+    per_row = [rows[i // G] for i in range(n)]
+    total = np.zeros(n, np.float64)
+    per_function = {}
+    if rewards is not None:
+        keys = sorted({k for r in rows for k in r.columns})
+        columns = {k: [r.columns.get(k) for r in per_row] for k in keys}
+        if ids is not None:
+            columns["completion_ids"] = [list(c) for c in ids]
+        sc = rewards.score(texts, columns, prompts=[r.text for r in per_row], sources=[r.source for r in per_row])
+        total += np.asarray(sc.total, np.float64)
+        per_function = sc.per_function
+    verdicts = None
+    if verifier is not None:
+        # A StepVerifier: picks the columns the function takes, wraps its
+        # exceptions and checks its verdicts (naming the verifier and row).
+        verdicts = [verifier.verify(text, {**r.columns, "prompt_text": r.text}, row=i, source=r.source)
+                    for i, (r, text) in enumerate(zip(per_row, texts))]
+        final = np.array([v.final_score for v in verdicts], np.float64)
+        total += settings.final_weight * final
+    adv = group_advantages(total, G, settings.scale)
+    return {"total": total, "per_function": per_function, "verdicts": verdicts, "adv": adv}
+
+
 class RolloutSource:
     """An endless, resumable stream of rollout batches for :class:`mlxpost.train.Trainer`."""
 
@@ -167,8 +199,8 @@ class RolloutSource:
     shuffle = True
 
     def __init__(self, model, tokenizer, rows: list[PromptRow], settings: RLSettings, *, rewards=None,
-                 verifier: Callable | None = None, verifier_name: str = "verifier", split: HeadSplit | None = None,
-                 seed: int = 0, pad_id: int = 0, select_bucket: int | None = 64, pad_multiple: int = 32):
+                 verifier=None, split: HeadSplit | None = None, seed: int = 0, pad_id: int = 0,
+                 pad_multiple: int = 32):
         s = settings
         if not rows:
             raise MlxpostError("no prompts to train on")
@@ -180,9 +212,9 @@ class RolloutSource:
         if rewards is None and verifier is None:
             raise MlxpostError("no reward: pass --reward (and/or a --verifier for rlvr)")
         self.model, self.tok, self.examples, self.s = model, tokenizer, rows, settings
-        self.rewards, self.verifier, self.verifier_name = rewards, verifier, verifier_name
+        self.rewards, self.verifier = rewards, verifier
         self.split, self.seed, self.pad_id = split, seed, pad_id
-        self.select_bucket, self.pad_multiple = select_bucket, pad_multiple
+        self.pad_multiple = pad_multiple
         # One shape for every batch of the run: the longest prompt plus the
         # token limit (and, with a head split, room for every completion
         # token). Rollout lengths vary from step to step; a new shape would
@@ -251,35 +283,7 @@ class RolloutSource:
 
     # -- one rollout --------------------------------------------------------
     def score(self, rows: list[PromptRow], texts: list[str], ids: list[list[int]] | None = None) -> dict:
-        """Rewards, verdicts and advantages of P*G completions (rows repeated G times).
-
-        Reward functions receive the rows' columns, plus ``prompts`` (the
-        rendered prompt text) and ``completion_ids`` (the sampled token ids).
-        """
-        G = self.s.group_size
-        n = len(texts)
-        per_row = [rows[i // G] for i in range(n)]
-        total = np.zeros(n, np.float64)
-        per_function = {}
-        if self.rewards is not None:
-            keys = sorted({k for r in rows for k in r.columns})
-            columns = {k: [r.columns.get(k) for r in per_row] for k in keys}
-            if ids is not None:
-                columns["completion_ids"] = [list(c) for c in ids]
-            sc = self.rewards.score(texts, columns, prompts=[r.text for r in per_row],
-                                    sources=[r.source for r in per_row])
-            total += np.asarray(sc.total, np.float64)
-            per_function = sc.per_function
-        verdicts = None
-        if self.verifier is not None:
-            # A StepVerifier: picks the columns the function takes, wraps its
-            # exceptions and checks its verdicts (naming the verifier and row).
-            verdicts = [self.verifier.verify(text, {**r.columns, "prompt_text": r.text}, row=i, source=r.source)
-                        for i, (r, text) in enumerate(zip(per_row, texts))]
-            final = np.array([v.final_score for v in verdicts], np.float64)
-            total += self.s.final_weight * final
-        adv = group_advantages(total, G, self.s.scale)
-        return {"total": total, "per_function": per_function, "verdicts": verdicts, "adv": adv}
+        return score_completions(self.s, rows, texts, ids, rewards=self.rewards, verifier=self.verifier)
 
     def rollout(self, idx: list[int]) -> list[Batch]:
         """Sample the prompts at ``idx`` and build the step's micro-batches."""
@@ -294,7 +298,6 @@ class RolloutSource:
         t_score = time.perf_counter()
         sc = self.score(rows, ro.texts, ro.completions)
         eos = set(getattr(self.tok, "eos_token_ids", None) or {self.tok.eos_token_id})
-        n = len(ro.completions)
         tok_adv = []
         for i, comp in enumerate(ro.completions):
             a = np.full(len(comp), sc["adv"][i], np.float32)
@@ -337,7 +340,7 @@ class RolloutSource:
                 n_tokens += L
             batch = Batch(inputs=mx.array(inputs), targets=mx.array(targets), weights=mx.array(weights),
                           segments=None, n_tokens=n_tokens, n_targets=int(weights.sum()), n_examples=B,
-                          select=selection(weights, self.select_size) if (self.select_bucket and self.split)
+                          select=selection(weights, self.select_size) if self.split
                           else None,
                           sources=[rows[(b0 + r) // G].source for r in range(B)])
             batch.extra = {"adv": mx.array(adv)}
@@ -386,18 +389,16 @@ class RolloutSource:
 
 
 def evaluate(model, tokenizer, rows: list[PromptRow], settings: RLSettings, *, rewards=None, verifier=None,
-             verifier_name: str = "verifier", batch_prompts: int = 8) -> dict:
+             batch_prompts: int = 8) -> dict:
     """Greedy completions of ``rows``, scored: reward mean, final-answer and step accuracy."""
     greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=settings.sampling.max_new_tokens,
                       stop=settings.sampling.stop)
     one = RLSettings(**{**settings.__dict__, "group_size": 1, "sampling": greedy})
-    src = RolloutSource.__new__(RolloutSource)
-    src.s, src.rewards, src.verifier, src.verifier_name = one, rewards, verifier, verifier_name
     totals, finals, steps, texts = [], [], [], []
     for i in range(0, len(rows), batch_prompts):
         chunk = rows[i:i + batch_prompts]
         ro = sample_groups(model, tokenizer, [r.tokens for r in chunk], 1, greedy)
-        sc = src.score(chunk, ro.texts, ro.completions)
+        sc = score_completions(one, chunk, ro.texts, ro.completions, rewards=rewards, verifier=verifier)
         totals += sc["total"].tolist()
         texts += ro.texts
         if sc["verdicts"] is not None:

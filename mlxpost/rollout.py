@@ -34,6 +34,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+from .errors import MlxpostError
+
 
 @dataclass
 class Sampling:
@@ -90,13 +92,14 @@ def _repeat_cache(cache: list, G: int) -> None:
             c.values = mx.repeat(c.values, G, axis=0)
             c.offset = mx.repeat(c.offset, G, axis=0)
             c.left_padding = mx.repeat(c.left_padding, G, axis=0)
-        elif isinstance(c, KVCache) or (hasattr(c, "keys") and hasattr(c, "values")):
+        elif hasattr(c, "keys") and hasattr(c, "values"):  # KVCache, RotatingKVCache
             c.keys = mx.repeat(c.keys, G, axis=0)
             c.values = mx.repeat(c.values, G, axis=0)
         elif hasattr(c, "cache"):  # ArraysCache (state-space layers)
             c.cache = [None if a is None else mx.repeat(a, G, axis=0) for a in c.cache]
         else:
-            raise NotImplementedError(f"cannot repeat a {type(c).__name__} for group sampling")
+            raise MlxpostError(f"group sampling does not support this model's {type(c).__name__} layers "
+                               "(their cache cannot be repeated per completion)")
 
 
 def _filter_cache(cache: list, keep: mx.array) -> None:

@@ -23,7 +23,7 @@ from .data import (DataStats, Example, Renderer, resolve_data_files, split_examp
 from .errors import ConfigError, MlxpostError
 from .logprobs import HeadSplit, logprobs
 from .methods import Method, get as get_method
-from .model import (LoadedModel, adapter_config, attach_adapters, fuse_adapters, is_quantized, load_adapters,
+from .model import (LoadedModel, adapter_config, attach_adapters, fuse_adapters, is_quantized,
                     load_model, quantize_blocks, read_adapter_config, resolve_targets, trainable_count)
 from .runs import RunDir, new_run_dir
 from .train import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
@@ -361,12 +361,11 @@ def _prepare_rl(cfg: RunConfig, loaded: LoadedModel, split, pad_id: int, acfg: d
         rep.warn(f"{tstats.dropped_too_long} prompts longer than grpo.max_prompt_len={g.max_prompt_len} tokens "
                  "were dropped")
     rewards = RewardSet([parse_reward_option(r) for r in g.rewards]) if g.rewards else None
-    verifier, vname = None, None
+    verifier = None
     if cfg.method == "rlvr":
         from .verifiers import StepVerifier
 
-        vname = cfg.rlvr.verifier
-        verifier = StepVerifier(vname)
+        verifier = StepVerifier(cfg.rlvr.verifier)
     n = g.group_size * g.prompts_per_step
     settings = RLSettings(group_size=g.group_size, prompts_per_step=g.prompts_per_step,
                           micro_batch=g.micro_batch or _default_micro_batch(n), num_iterations=g.num_iterations,
@@ -376,14 +375,13 @@ def _prepare_rl(cfg: RunConfig, loaded: LoadedModel, split, pad_id: int, acfg: d
                           sampling=Sampling(temperature=g.temperature, top_p=g.top_p,
                                             max_new_tokens=g.max_new_tokens, stop=tuple(g.stop)))
     src = RolloutSource(loaded.model, loaded.tokenizer, train, settings, rewards=rewards, verifier=verifier,
-                        verifier_name=vname or "", split=split, seed=cfg.train.seed, pad_id=pad_id,
-                        select_bucket=64 if split else None)
+                        split=split, seed=cfg.train.seed, pad_id=pad_id)
     # The micro-batches of one rollout make one optimizer step.
     cfg.train.grad_accum = src.micro_per_step
     stats = {"files": {k: str(v) for k, v in files.items()}, "train": tstats.summary(),
              "valid": vstats.summary() if vstats else None, "train_examples": len(train),
              "valid_examples": len(valid)}
-    rl = {"eval_rows": valid[: g.eval_prompts], "rewards": rewards, "verifier": verifier, "verifier_name": vname,
+    rl = {"eval_rows": valid[: g.eval_prompts], "rewards": rewards, "verifier": verifier,
           "settings": settings}
     return Prepared(cfg, loaded, src, None, stats, split, acfg, trainable, "pad", rl)
 
@@ -398,8 +396,7 @@ def evaluate_rl(prep: Prepared, rep, when: str) -> dict | None:
     with rep.status(f"answering {len(rows)} validation prompts ({when})"):
         t0 = time.time()
         ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rows, prep.rl["settings"],
-                      rewards=prep.rl["rewards"], verifier=prep.rl["verifier"],
-                      verifier_name=prep.rl["verifier_name"] or "verifier")
+                      rewards=prep.rl["rewards"], verifier=prep.rl["verifier"])
         ev["seconds"] = round(time.time() - t0, 1)
     shown = ", ".join(f"{k} {ev[k]:.3f}" for k in ("reward", "final_acc", "step_acc") if k in ev)
     rep.info(f"validation ({when}): {shown}")

@@ -300,7 +300,7 @@ def test_rlvr_batches_penalize_exactly_the_tokens_of_the_wrong_step(llama):
     ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
     assert all(tok.decode(i[:-1]) == t for i, t in zip(ids, texts))
     settings = RLSettings(group_size=4, prompts_per_step=1, micro_batch=4)
-    src = _source(llama, [row], settings, verifier=StepVerifier("arithmetic"), verifier_name="arithmetic")
+    src = _source(llama, [row], settings, verifier=StepVerifier("arithmetic"))
     ro = Rollouts(group_size=4, completions=ids, texts=texts, truncated=np.zeros(4, bool))
     (batch,) = src.build([row], ro)
     m = src.last_metrics
