@@ -491,10 +491,23 @@ def behaviour_scores(cfg: RunConfig, prompts: list[str], replies: list[str]):
 
 
 def run_samples(model, tokenizer, prompts: list[str], cfg: RunConfig) -> list[str]:
-    from .generate import generate_text
+    """Replies to ``prompts`` (chat template applied), all decoded together in one KV-cached batch.
 
-    return [generate_text(model, tokenizer, p, max_tokens=cfg.sample.max_tokens,
-                          temperature=cfg.sample.temperature) for p in prompts]
+    Greedy by default (``sample.temperature``); one batch instead of one
+    prompt after another makes the before/after samples several times faster.
+    """
+    from .generate import prompt_ids
+    from .rollout import Sampling, sample_groups
+
+    if not prompts:
+        return []
+    mx.random.seed(cfg.train.seed)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    out = sample_groups(model, tokenizer, ids, 1,
+                        Sampling(temperature=cfg.sample.temperature, max_new_tokens=cfg.sample.max_tokens),
+                        pad_id=pad if pad is not None else 0)
+    return [t.strip() for t in out.texts]
 
 
 # ---------------------------------------------------------------------------

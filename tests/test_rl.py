@@ -66,6 +66,27 @@ def test_batched_greedy_rollouts_equal_one_by_one_decoding(which, request):
     assert got.sampled_tokens == sum(len(c) for c in got.completions)
 
 
+def test_run_samples_batched_equal_generating_one_prompt_at_a_time(tiny_model):
+    # The before/after samples of every run decode all prompts in one batch;
+    # greedy, they are what mlx-lm's generate gives for each prompt alone.
+    from mlxpost.generate import generate_text
+    from mlxpost.runner import run_samples
+
+    from mlx.utils import tree_map
+
+    lm = load_model(str(tiny_model), dtype="float32")
+    # Noisy weights, so that greedy decoding says something other than newlines.
+    mx.random.seed(3)
+    lm.model.update(tree_map(lambda p: p + 0.2 * mx.random.normal(p.shape), lm.model.parameters()))
+    cfg = build_config(None, ["sample.max_tokens=10"], method="sft")
+    prompts = ["What is 2 + 3?", "Name a colour.", "Reverse the word 'garden' for me, please."]
+    got = run_samples(lm.model, lm.tokenizer, prompts, cfg)
+    want = [generate_text(lm.model, lm.tokenizer, p, max_tokens=10) for p in prompts]
+    assert got == want
+    assert all(len(g) > 3 for g in got) and len(set(got)) == 3
+    assert run_samples(lm.model, lm.tokenizer, [], cfg) == []
+
+
 def test_sampling_is_seeded_and_top_p_restricts_to_the_nucleus(llama):
     model, tok = llama.model, llama.tokenizer
     prompts = [tok.encode("one two three")]
