@@ -4,6 +4,7 @@
     python benchmarks/bench_dpo.py --quick               # 16 pairs, for a smoke run (about 4 minutes)
     python benchmarks/bench_dpo.py --only mlx-lm-lora    # one side only (mlx-lm-lora or mlxpost)
     python benchmarks/bench_dpo.py --precompute-ref      # also mlxpost dpo --precompute-ref (a sixth run)
+    python benchmarks/bench_dpo.py --padded-too          # also mlxpost dpo with padded pairs (packed is the default)
 
 Same model, same pairs, one run. Five trainers, each in its own process:
 
@@ -22,7 +23,10 @@ Same model, same pairs, one run. Five trainers, each in its own process:
   ``mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])``,
   a Metal-only key (KeyError on MLX's CPU backend); the worker adds that key
   with the value 0 and changes nothing else.
-* mlxpost DPO and ORPO through the ``mlxpost dpo`` / ``mlxpost orpo`` CLI.
+* mlxpost DPO and ORPO through the ``mlxpost dpo`` / ``mlxpost orpo`` CLI, at
+  their defaults: the chosen and rejected sequences of a batch packed into as
+  few rows as fit (``--padded-too`` adds a DPO run with one padded row per
+  sequence, ``data.batching=pad``, for the difference).
 * mlxpost SFT through ``mlxpost sft`` on the very same sequences: every pair
   becomes two prompt/completion rows (prompt + chosen, prompt + rejected),
   2B rows per batch, padded, as many steps -- so the same tokens go through
@@ -325,9 +329,9 @@ def mlxpost_has(method: str) -> bool:
 
 
 def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: int, lr: float, beta: float,
-                precompute_ref: bool = False) -> dict:
+                precompute_ref: bool = False, padded_pairs: bool = False) -> dict:
     out_dir = WORK / "runs"
-    name = f"{method}-{n_pairs}" + ("-precomputed-ref" if precompute_ref else "")
+    name = f"{method}-{n_pairs}" + ("-precomputed-ref" if precompute_ref else "") + ("-padded" if padded_pairs else "")
     data = info["sft"] if method == "sft" else info["pairs"]
     rows = 2 * batch_size if method == "sft" else batch_size
     cmd = mlxpost_cmd(method) + [
@@ -346,6 +350,8 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         cmd += ["--batching", "pad"]  # 2B padded rows: the rows DPO stacks into one forward
     elif method == "dpo":
         cmd += ["--set", f"dpo.beta={beta}"]
+    if padded_pairs:
+        cmd += ["--set", "data.batching=pad"]  # one padded row per sequence (the default packs pairs)
     elif method == "orpo":
         cmd += ["--set", f"orpo.lam={beta}"]
     if precompute_ref:
@@ -373,7 +379,8 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         step_s += [rec["step_s"]] * k
         trained += [tok / k] * k
         losses += [rec["loss"]] * k
-    label = f"mlxpost {method}" + (" (precomputed ref)" if precompute_ref else "")
+    label = f"mlxpost {method}" + (" (precomputed ref)" if precompute_ref else "") + (
+        " (padded pairs)" if padded_pairs else "")
     res = summarize(label, step_s, trained, losses, summary["peak_memory_gb"])
     # The run's own totals are authoritative; the per-step split only serves "steady".
     res.update(trained_tokens=summary["trained_tokens"], train_seconds=summary["train_seconds"],
@@ -428,6 +435,8 @@ def main():
     ap.add_argument("--only", choices=["mlx-lm-lora", "mlxpost"], help="run one side only")
     ap.add_argument("--precompute-ref", action="store_true",
                     help="also run mlxpost dpo --precompute-ref (reference log-probs once, before training)")
+    ap.add_argument("--padded-too", action="store_true",
+                    help="also run mlxpost dpo with padded pairs (data.batching=pad) next to the packed default")
     args = ap.parse_args()
 
     if args.worker:
@@ -480,6 +489,13 @@ def main():
                                            precompute_ref=True))
             except RuntimeError as e:
                 skipped["mlxpost dpo (precomputed ref)"] = str(e)
+        if args.padded_too and mlxpost_has("dpo"):
+            print("running mlxpost dpo with padded pairs ...", flush=True)
+            try:
+                results.append(run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
+                                           padded_pairs=True))
+            except RuntimeError as e:
+                skipped["mlxpost dpo (padded pairs)"] = str(e)
 
     by = {r["trainer"]: r for r in results}
     ratios = {}
@@ -496,6 +512,9 @@ def main():
             ratios[f"{m}_speed_vs_mlxpost_sft"] = ours["trained_tokens_per_s"] / sft["trained_tokens_per_s"]
         if theirs and sft:
             ratios[f"mlx_lm_lora_{m}_memory_vs_mlxpost_sft"] = theirs["peak_memory_gb"] / sft["peak_memory_gb"]
+    padded, packed = by.get("mlxpost dpo (padded pairs)"), by.get("mlxpost dpo")
+    if padded and packed:
+        ratios["dpo_packed_over_padded_pairs"] = packed["trained_tokens_per_s"] / padded["trained_tokens_per_s"]
     pre, theirs, sft = by.get("mlxpost dpo (precomputed ref)"), by.get("mlx-lm-lora dpo"), by.get("mlxpost sft")
     if pre and theirs:
         ratios["dpo_precomputed_ref_speedup_vs_mlx_lm_lora"] = (pre["trained_tokens_per_s"]

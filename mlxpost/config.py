@@ -561,9 +561,6 @@ def _validate_preference(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be in [0, 0.5), got {_get(cfg, key)}")
     if cfg.method == "dpo" and cfg.dpo.loss in ("ipo", "hinge") and cfg.dpo.label_smoothing:
         raise ConfigError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {cfg.dpo.loss}")
-    if cfg.data.batching == "pack":
-        raise ConfigError("data.batching=pack: preference pairs are batched with padding (chosen and rejected "
-                          "stacked in one batch); use data.batching=pad or auto")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

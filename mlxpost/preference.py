@@ -46,7 +46,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .batching import Batch
-from .logprobs import HeadSplit, logprobs, reduce_tokens
+from .logprobs import HeadSplit, logprobs
 from .lora import adapters_off
 from .train import Objective
 
@@ -114,21 +114,41 @@ def _halves(x: mx.array) -> tuple[mx.array, mx.array]:
     return x[:P], x[P:]
 
 
-def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None) -> PairLogps:
+def sequence_sums(x: mx.array, seq: mx.array | None = None, seq_ids: mx.array | None = None) -> mx.array:
+    """Per-sequence sums of per-position values ``x``: (2P,).
+
+    Padded pair batches hold one sequence per row (a row sum); packed ones
+    say which sequence each position belongs to (``seq``, -1 for padding)
+    and list the sequence ids ``seq_ids`` = ``arange(2P)``.
+    """
+    if seq is None:
+        return x.sum(axis=1)
+    onehot = (seq.reshape(-1, 1) == seq_ids[None, :]).astype(x.dtype)  # (R*W, 2P)
+    return x.reshape(1, -1) @ onehot
+
+
+def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None,
+               seq: mx.array | None = None, seq_ids: mx.array | None = None) -> PairLogps:
     """Per-pair scores from per-token log-probs of a pair batch.
 
-    tok, weights, ref_tok: (2P, L); rows ``i`` and ``P + i`` are pair ``i``.
+    tok, weights, ref_tok: (2P, L), rows ``i`` and ``P + i`` are pair ``i``;
+    or, for packed batches, (R, W) with ``seq``/``seq_ids`` as in
+    :func:`sequence_sums`.
     Padding pairs (no trained tokens) get harmless finite stand-in scores
     (-1 per token) so that no loss formula meets ``log 0`` on them; they are
     masked out of every sum by ``valid``.
     """
-    n = weights.sum(axis=1)
+    def sums(x):
+        return sequence_sums(x, seq, seq_ids).reshape(-1)
+
+    n = sums(weights)
     n_c, n_r = _halves(n)
     valid = ((n_c > 0) & (n_r > 0)).astype(mx.float32)
 
     def scores(t):
-        s_c, s_r = _halves(reduce_tokens(t, weights, "sum"))
-        m_c, m_r = _halves(reduce_tokens(t, weights, "mean"))
+        total = sums(t * weights)
+        s_c, s_r = _halves(total)
+        m_c, m_r = _halves(total / mx.maximum(n, 1.0))
         ok = valid > 0
         return (mx.where(ok, s_c, -1.0), mx.where(ok, s_r, -1.0), mx.where(ok, m_c, -1.0), mx.where(ok, m_r, -1.0))
 
@@ -140,10 +160,14 @@ def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None
         # the policy. On rejected tokens, which the policy is taught to avoid,
         # exp(r) explodes (a token pushed down 5 nats adds e^5) and says
         # nothing about how far the policy's own outputs moved.
-        P = tok.shape[0] // 2
-        d = (ref_tok[:P] - tok[:P]) * weights[:P]
-        k3 = (mx.exp(d) - d - 1.0) * weights[:P]
-        out.kl = k3.sum(axis=1) / mx.maximum(n_c, 1.0)
+        if seq is None:
+            on_chosen = (mx.arange(weights.shape[0]) < weights.shape[0] // 2)[:, None]
+        else:
+            on_chosen = (seq >= 0) & (seq < seq_ids.shape[0] // 2)
+        wc = weights * on_chosen
+        d = (ref_tok - tok) * wc
+        k3 = (mx.exp(d) - d - 1.0) * wc
+        out.kl = _halves(sums(k3))[0] / mx.maximum(n_c, 1.0)
     return out
 
 
@@ -173,7 +197,8 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
     def loss(model, batch):
         tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)  # (2P, L)
         ref_tok = reference_token_logprobs(model, batch, split) if reference else None
-        lp = pair_logps(tok, batch.weights, ref_tok)
+        extra = batch.extra or {}
+        lp = pair_logps(tok, batch.weights, ref_tok, extra.get("seq"), extra.get("seq_ids"))
         out = score(lp)
         # Metrics carry no gradient.
         c, r = mx.stop_gradient(out.chosen_rewards), mx.stop_gradient(out.rejected_rewards)

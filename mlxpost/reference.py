@@ -113,7 +113,7 @@ def compute(model: nn.Module, source: PairSource, split: HeadSplit | None = None
         P = source.batch_size
         for s in range(0, n, P):
             idx = order[s:s + P]
-            batch = source.build_pairs(idx)
+            batch = source.build_pairs(idx, packed=False)  # one sequence per row: easy to read back
             tok = np.array(step(batch.arrays()))
             for k, i in enumerate(idx):
                 p = source.examples[i]

@@ -124,6 +124,26 @@ def choose_batching(mode: str, model) -> str:
     return "pack" if ok else "pad"
 
 
+def choose_pair_batching(mode: str, model) -> str:
+    """Resolve ``data.batching`` for preference pairs.
+
+    ``auto`` packs the chosen and rejected sequences of a batch into as few
+    rows as fit (:func:`mlxpost.batching.pair_layout`) whenever the model
+    isolates packed examples, on every backend: unlike SFT's long packed
+    rows, these rows are at most twice the longest sequence, and on
+    preference data, whose two replies differ in length, padding both to the
+    longer wastes about a quarter of the positions (measured with
+    ``benchmarks/bench_dpo.py``).
+    """
+    if mode == "pad":
+        return "pad"
+    ok = packing_is_exact(model)
+    if mode == "pack" and not ok:
+        raise MlxpostError("data.batching=pack: this model architecture does not isolate packed examples "
+                           "(its attention mask is not built from the cache); use data.batching=pad")
+    return "pack" if ok else "pad"
+
+
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
@@ -305,16 +325,17 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
     if not train:
         raise MlxpostError("no training examples left after reading the data")
 
-    # Pairs are padded: chosen and rejected rows of one batch, scored in one forward pass.
-    batching = "pad" if method.data == "pairs" else choose_batching(cfg.data.batching, model)
-    if cfg.data.batching == "auto" and batching == "pad" and mx.default_device() != mx.cpu:
+    # Pairs: chosen and rejected sides of a batch in one forward pass, packed or padded.
+    batching = (choose_pair_batching(cfg.data.batching, model) if method.data == "pairs"
+                else choose_batching(cfg.data.batching, model))
+    if cfg.data.batching == "auto" and batching == "pad" and (method.data == "pairs" or mx.default_device() != mx.cpu):
         rep.warn("this model does not isolate packed examples; using padded batches")
 
     def source(examples: list, shuffle: bool) -> BatchSource:
         # Each source sizes its own rows: long validation chats must not widen
         # every training row (that padding costs as much as real tokens).
         B, L = cfg.train.batch_size, pack_length(cfg, examples) if examples else cfg.data.max_seq_len
-        bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" else 64
+        bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" and method.data != "pairs" else 64
         kind = PairSource if method.data == "pairs" else BatchSource
         return kind(examples, mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed,
                     shuffle=shuffle, select_bucket=bucket if split else None)
@@ -617,7 +638,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     if method.data == "pairs":
         info[4:6] = [("train pairs", prep.stats["train_examples"] * size),
                      ("valid pairs", prep.stats["valid_examples"] * size)]
-        info[6] = ("batching", "chosen+rejected in one padded batch")
+        info[6] = ("batching", f"chosen+rejected in one {'packed' if prep.batching == 'pack' else 'padded'} batch")
         info.append(("reference", ("precomputed (cached)" if cfg.preference.precompute_ref else
                                    "same weights, adapters off") if method.reference else "none (reference-free)"))
         if cfg.preference.from_run:

@@ -572,5 +572,61 @@ def test_reference_length_must_match_the_pairs(pairs):
     with pytest.raises(MlxpostError, match="reference log-probs for 11 pairs, but there are 10 pairs"):
         src.set_reference(ref + ref[:1])
     assert src.ref is None
-    with pytest.raises(MlxpostError, match="batching=pad"):
-        make_source(pairs, mode="pack")
+    with pytest.raises(MlxpostError, match="batching=pad or pack"):
+        make_source(pairs, mode="bogus")
+
+
+def test_packed_pair_batches_hold_every_sequence_once_isolated(pairs):
+    """Packing: each side of each pair is in exactly one row, contiguous, in its own segment, with its
+    reference values on its trained positions; fewer positions than padding both sides to the longest."""
+    ref = fake_ref(pairs)
+    packed = make_source(pairs, mode="pack", ref=ref, shuffle=False)
+    padded = make_source(pairs, ref=ref, shuffle=False)
+    seen = []
+    for b, b_pad in zip(packed, padded):
+        P = 4
+        inputs, targets, weights, segments = (np.array(x) for x in (b.inputs, b.targets, b.weights, b.segments))
+        seq, refs = np.array(b.extra["seq"]), np.array(b.extra["ref_logps"])
+        assert np.array(b.extra["seq_ids"]).tolist() == list(range(2 * P))
+        assert inputs.size <= np.array(b_pad.inputs).size and inputs.shape[1] % 8 == 0
+        assert b.sources == b_pad.sources and b.n_examples == b_pad.n_examples
+        idx = {p.source: i for i, p in enumerate(pairs)}
+        for k, src in enumerate(b.sources[:b.n_examples]):
+            i = idx[src]
+            seen.append(i)
+            for key, ex, side in ((k, pairs[i].chosen, 0), (P + k, pairs[i].rejected, 1)):
+                rows, cols = np.nonzero(seq == key)
+                assert len(set(rows)) == 1, "a sequence is never split across rows"
+                r = rows[0]
+                assert cols.tolist() == list(range(cols[0], cols[0] + len(ex) - 1)), "contiguous"
+                assert inputs[r, cols].tolist() == ex.tokens[:-1].tolist()
+                assert targets[r, cols].tolist() == ex.tokens[1:].tolist()
+                assert weights[r, cols].tolist() == ex.mask[1:].astype(np.float32).tolist()
+                assert len(set(segments[r, cols].tolist())) == 1
+                # No other sequence shares its segment id in that row.
+                assert set(seq[r][segments[r] == segments[r, cols[0]]].tolist()) == {key}
+                np.testing.assert_array_equal(refs[r, cols[0] + np.flatnonzero(ex.mask[1:])], ref[i][side])
+        # Padding and the empty pairs of a short batch: no weight, no reference value, segment -1.
+        assert np.all(weights[seq < 0] == 0) and np.all(refs[seq < 0] == 0) and np.all(segments[seq < 0] == -1)
+        assert weights.sum() == np.array(b_pad.weights).sum()
+    assert sorted(seen) == list(range(10))
+    # The precomputation reads one sequence per row: build_pairs(packed=False) ignores the mode.
+    b = packed.build_pairs([9, 0], packed=False)
+    assert np.array(b.inputs).shape[0] == 8 and b.segments is None and "seq" not in b.extra
+
+
+def test_pair_layout_chooses_the_fewest_positions():
+    from mlxpost.batching import pair_layout
+
+    # Width 104 (the longest, 100, rounded to 8) needs 3 rows (312 positions);
+    # width 120 takes 100 + 20 and 60 + 60 in 2 rows (240).
+    width, rows = pair_layout([100, 60, 60, 20], 8, 1000)
+    assert (width, sorted(sorted(r) for r in rows)) == (120, [[0, 3], [1, 2]])
+    # 300 positions of sequences: 2 rows of 152, against 5 padded rows of 104.
+    width, rows = pair_layout([50, 50, 50, 50, 100], 8, 1000)
+    assert (width, len(rows)) == (152, 2)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    # Never wider than the cap: 30 + 10 share a row of 40 (2 x 40 < 3 x 32), unless the cap is 36.
+    assert pair_layout([30, 30, 10], 8, 64)[0] == 40 and len(pair_layout([30, 30, 10], 8, 64)[1]) == 2
+    width, rows = pair_layout([30, 30, 10], 8, 36)
+    assert (width, len(rows)) == (32, 3)

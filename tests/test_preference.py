@@ -145,6 +145,54 @@ def test_step_zero_policy_equals_reference_and_dpo_loss_is_log2(tiny_model, pref
     assert all(float(mx.abs(g[k]).max()) > 0 for k in g if k.endswith(("lora_a", "lora_b")))
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method):
+    """Packing the chosen and rejected sequences into fewer rows changes nothing but the cost:
+    the same loss, metrics and gradients as one padded row per sequence."""
+    from mlxpost.batching import batch_from_arrays
+
+    rows = preference_rows(16, seed=4)
+    for i, r in enumerate(rows):  # replies of very different lengths, as in real preference data
+        if isinstance(r["rejected"], str):
+            r["rejected"] += " Let me explain why." * (i % 5) * 3
+        else:
+            r["chosen"][0]["content"] += " It is simple." * (i % 3) * 4
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = {}
+    for mode in ("pad", "pack"):
+        cfg = pref_cfg(tiny_model, data, method, "train.batch_size=4", f"data.batching={mode}")
+        prep = prepare(cfg, NullReporter())
+        assert prep.batching == mode
+        model = prep.loaded.model
+        mx.random.seed(5)  # the same adapters in both runs, away from the reference
+        for _, m in model.named_modules():
+            if hasattr(m, "lora_b"):
+                m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+        objective = get(method).objective(prep)
+        batches = [next(it) for it in [iter(prep.train)] for _ in range(2)]
+
+        def loss_fn(model, arrays):
+            return objective.loss(model, batch_from_arrays(arrays))[0]
+
+        vg = nn.value_and_grad(model, loss_fn)
+        rows = []
+        for b in batches:
+            loss, grads = vg(model, b.arrays())
+            _, count, metrics = objective.loss(model, b)
+            rows.append((loss.item(), count.item(), {k: v.item() for k, v in metrics.items()},
+                         {k: np.array(v) for k, v in tree_flatten(grads)}, np.array(b.inputs).size))
+            if mode == "pack":  # rows really hold several sequences
+                assert any(len(set(r.tolist()) - {-1}) > 1 for r in np.array(b.extra["seq"]))
+        out[mode] = rows
+    for (l1, c1, m1, g1, n1), (l2, c2, m2, g2, n2) in zip(out["pad"], out["pack"]):
+        assert n2 < n1  # fewer positions through the model
+        assert c1 == c2 and l2 == pytest.approx(l1, rel=1e-4, abs=1e-4)
+        for k in m1:
+            assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-4), k
+        for k in g1:
+            np.testing.assert_allclose(g2[k], g1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
 # ---------------------------------------------------------------------------
 # Every method learns: the chosen reward rises relative to the rejected
 # ---------------------------------------------------------------------------
@@ -191,7 +239,7 @@ def test_precomputed_reference_equals_adapters_off_and_is_cached(tmp_path, tiny_
     objective = get("dpo").objective(prep)
     pre = next(iter(prep.train))
     assert "ref_logps" in pre.extra
-    live = pre.__class__(**{**pre.__dict__, "extra": None})
+    live = pre.__class__(**{**pre.__dict__, "extra": {k: v for k, v in pre.extra.items() if k != "ref_logps"}})
     lp_pre, n_pre, m_pre = objective.loss(model, pre)
     lp_live, n_live, m_live = objective.loss(model, live)
     assert lp_pre.item() == pytest.approx(lp_live.item(), abs=1e-5)
@@ -317,8 +365,7 @@ def test_preference_configuration_errors(tiny_model, pref_data):
         build_config(None, ["dpo.loss=ipo", "dpo.label_smoothing=0.1"], method="dpo")
     with pytest.raises(ConfigError, match="dpo.label_smoothing: must be in"):
         build_config(None, ["dpo.label_smoothing=0.5"], method="dpo")
-    with pytest.raises(ConfigError, match="batching=pack"):
-        build_config(None, ["data.batching=pack"], method="dpo")
+    assert build_config(None, ["data.batching=pack"], method="dpo").data.batching == "pack"  # pairs pack too
     cfg = build_config(None, [], method="dpo")
     assert cfg.train.lr == 5e-5 and "dpo" in cfg.to_dict() and "orpo" not in cfg.to_dict()
     assert "dpo" not in build_config(None, []).to_dict()
