@@ -350,10 +350,10 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         cmd += ["--batching", "pad"]  # 2B padded rows: the rows DPO stacks into one forward
     elif method == "dpo":
         cmd += ["--set", f"dpo.beta={beta}"]
-    if padded_pairs:
-        cmd += ["--set", "data.batching=pad"]  # one padded row per sequence (the default packs pairs)
     elif method == "orpo":
         cmd += ["--set", f"orpo.lam={beta}"]
+    if padded_pairs:
+        cmd += ["--set", "data.batching=pad"]  # one padded row per sequence (the default packs pairs)
     if precompute_ref:
         # A fresh cache directory, so that the one-off reference pass is measured, not read back.
         cache = WORK / "ref-cache"

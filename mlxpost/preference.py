@@ -123,8 +123,10 @@ def sequence_sums(x: mx.array, seq: mx.array | None = None, seq_ids: mx.array | 
     """
     if seq is None:
         return x.sum(axis=1)
-    onehot = (seq.reshape(-1, 1) == seq_ids[None, :]).astype(x.dtype)  # (R*W, 2P)
-    return x.reshape(1, -1) @ onehot
+    # A scatter-add: exact (a float32 matmul may run at reduced precision on some GPUs).
+    # Padding (-1) lands in slot 0, which is dropped.
+    n = seq_ids.shape[0]
+    return mx.zeros((n + 1,), x.dtype).at[seq.reshape(-1) + 1].add(x.reshape(-1))[1:]
 
 
 def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None,

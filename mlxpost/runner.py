@@ -525,10 +525,16 @@ def run_samples(model, tokenizer, prompts: list[str], cfg: RunConfig) -> list[st
     mx.random.seed(cfg.train.seed)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     pad = getattr(tokenizer, "pad_token_id", None)
-    out = sample_groups(model, tokenizer, ids, 1,
-                        Sampling(temperature=cfg.sample.temperature, max_new_tokens=cfg.sample.max_tokens),
-                        pad_id=pad if pad is not None else 0)
-    return [t.strip() for t in out.texts]
+    try:
+        out = sample_groups(model, tokenizer, ids, 1,
+                            Sampling(temperature=cfg.sample.temperature, max_new_tokens=cfg.sample.max_tokens),
+                            pad_id=pad if pad is not None else 0)
+        return [t.strip() for t in out.texts]
+    except Exception:  # an architecture the batched sampler cannot drive: mlx-lm's generate, one by one
+        from .generate import generate_text
+
+        return [generate_text(model, tokenizer, p, max_tokens=cfg.sample.max_tokens,
+                              temperature=cfg.sample.temperature) for p in prompts]
 
 
 # ---------------------------------------------------------------------------
