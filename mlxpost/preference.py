@@ -186,19 +186,29 @@ def reference_token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | 
 
 
 def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit | None, reference: bool,
-                   monitor=None) -> Objective:
+                   monitor=None, trunk=None) -> Objective:
     """The training objective of a preference method.
 
     ``score``: the method's pure loss on :class:`PairLogps`. ``reference``:
     whether it needs reference log-probs (DPO does; ORPO, CPO and SimPO do
-    not, and then no reference pass runs at all). The loss is summed over
-    pairs and counted in pairs, so the loop averages it over every pair of
-    the optimizer step.
+    not, and then no reference pass runs at all). ``trunk``: a
+    :class:`mlxpost.trunk.SharedTrunk`, with which the live reference pass
+    starts from the policy pass's hidden state at the first adapted block.
+    The loss is summed over pairs and counted in pairs, so the loop averages
+    it over every pair of the optimizer step.
     """
 
     def loss(model, batch):
-        tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)  # (2P, L)
-        ref_tok = reference_token_logprobs(model, batch, split) if reference else None
+        live_ref = reference and not (batch.extra and "ref_logps" in batch.extra)
+        if live_ref and trunk is not None:
+            with trunk.policy():
+                tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)
+            with adapters_off(model), trunk.reference():
+                ref_tok = mx.stop_gradient(logprobs(model, batch, reduction="none", split=split,
+                                                    select=batch.select))
+        else:
+            tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)  # (2P, L)
+            ref_tok = reference_token_logprobs(model, batch, split) if reference else None
         extra = batch.extra or {}
         lp = pair_logps(tok, batch.weights, ref_tok, extra.get("seq"), extra.get("seq_ids"))
         out = score(lp)

@@ -47,6 +47,7 @@ class Prepared:
     batching: str
     rl: dict = field(default_factory=dict)  # online RL: eval prompts, rewards, verifier, settings
     timings: dict = field(default_factory=dict)  # one-off work before training (seconds)
+    trunk: object = None  # a SharedTrunk when the live reference pass can reuse the policy's lower blocks
 
 
 def _world():
@@ -345,6 +346,10 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
     prep = Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
     if method.reference and cfg.preference.precompute_ref:
         precompute_reference(prep, rep)
+    elif method.reference:
+        from .trunk import SharedTrunk
+
+        prep.trunk = SharedTrunk.find(model)
     return prep
 
 
@@ -645,8 +650,12 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
         info[4:6] = [("train pairs", prep.stats["train_examples"] * size),
                      ("valid pairs", prep.stats["valid_examples"] * size)]
         info[6] = ("batching", f"chosen+rejected in one {'packed' if prep.batching == 'pack' else 'padded'} batch")
-        info.append(("reference", ("precomputed (cached)" if cfg.preference.precompute_ref else
-                                   "same weights, adapters off") if method.reference else "none (reference-free)"))
+        ref = "none (reference-free)"
+        if method.reference:
+            ref = "precomputed (cached)" if cfg.preference.precompute_ref else "same weights, adapters off"
+            if prep.trunk is not None:
+                ref += f" (blocks 0-{prep.trunk.k - 1} shared with the policy pass)"
+        info.append(("reference", ref))
         if cfg.preference.from_run:
             info.append(("from", cfg.preference.from_run))
     if method.data == "prompts":
@@ -664,7 +673,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     rep.table("setup", info)
     rundir.write_json("data_stats.json", prep.stats)
     rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
-                "world_size": size, "data": prep.stats})
+                "world_size": size, "data": prep.stats,
+                **({"reference_shares_blocks": prep.trunk.k} if prep.trunk is not None else {})})
 
     prompts = sample_prompts(cfg)
     before = []

@@ -158,7 +158,7 @@ def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method
         else:
             r["chosen"][0]["content"] += " It is simple." * (i % 3) * 4
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    out = {}
+    out, refs = {}, {}
     for mode in ("pad", "pack"):
         cfg = pref_cfg(tiny_model, data, method, "train.batch_size=4", f"data.batching={mode}")
         prep = prepare(cfg, NullReporter())
@@ -184,6 +184,10 @@ def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method
             if mode == "pack":  # rows really hold several sequences
                 assert any(len(set(r.tolist()) - {-1}) > 1 for r in np.array(b.extra["seq"]))
         out[mode] = rows
+        refs[mode] = reference.compute(model, prep.train, prep.split)  # read back from packed rows too
+    for (c1, r1), (c2, r2) in zip(refs["pad"], refs["pack"]):
+        np.testing.assert_allclose(c2, c1, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r2, r1, rtol=1e-4, atol=1e-5)
     for (l1, c1, m1, g1, n1), (l2, c2, m2, g2, n2) in zip(out["pad"], out["pack"]):
         assert n2 < n1  # fewer positions through the model
         assert c1 == c2 and l2 == pytest.approx(l1, rel=1e-4, abs=1e-4)
@@ -191,6 +195,55 @@ def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method
             assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-4), k
         for k in g1:
             np.testing.assert_allclose(g2[k], g1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_reference_pass_reuses_the_policys_unadapted_lower_blocks(tiny_model, pref_data):
+    """With adapters on the top block only, the reference pass starts from the policy pass's hidden state
+    at that block: the same loss, metrics and gradients as a full adapters-off pass."""
+    from mlxpost.batching import batch_from_arrays
+    from mlxpost.trunk import SharedTrunk
+
+    cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.batch_size=4", "lora.num_layers=1")
+    prep = prepare(cfg, NullReporter())
+    model = prep.loaded.model
+    assert prep.trunk is not None and prep.trunk.k == len(model.layers) - 1
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    batch = next(iter(prep.train))
+    results = []
+    for trunk in (prep.trunk, None):
+        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, trunk=trunk)
+
+        def loss_fn(model, arrays):
+            return objective.loss(model, batch_from_arrays(arrays))[0]
+
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, batch.arrays())
+        metrics = {k: v.item() for k, v in objective.loss(model, batch)[2].items()}
+        results.append((loss.item(), metrics, {k: np.array(v) for k, v in tree_flatten(grads)}))
+        assert len(model.layers) == 2 and all(type(b).__name__ == "TransformerBlock" for b in model.layers)
+    (l1, m1, g1), (l2, m2, g2) = results
+    assert l1 == pytest.approx(l2, abs=1e-5) and m1["kl"] > 0
+    for k in m2:
+        assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-5), k
+    for k in g2:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # Nothing to share when the lowest block is adapted, or when the reference is precomputed.
+    assert SharedTrunk.find(prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter()).loaded.model) is None
+    pre = prepare(pref_cfg(tiny_model, pref_data, "dpo", "lora.num_layers=1", "preference.precompute_ref=true",
+                           f"preference.ref_cache_dir={pref_data}/.cache-trunk"), NullReporter())
+    assert pre.trunk is None
+
+
+def test_a_compiled_dpo_run_with_a_shared_trunk_learns(tmp_path, tiny_model, pref_data):
+    cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.steps=8", "train.lr=5e-3", "train.batch_size=4",
+                   "lora.num_layers=1", f"output.dir={tmp_path}", "output.name=t")
+    path, result = run(cfg, reporter=NullReporter())
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    assert rows[0]["kind"] == "setup" and rows[0]["reference_shares_blocks"] == 1
+    assert train[0]["loss"] == pytest.approx(LOG2, abs=1e-5)  # step 0: policy == reference, trunk or not
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
 
 
 # ---------------------------------------------------------------------------

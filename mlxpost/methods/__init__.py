@@ -41,7 +41,7 @@ def _dpo(prep):
 
     c = prep.cfg.dpo
     return dpo.objective(prep.split, loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing,
-                         monitor=_health(prep.cfg))
+                         monitor=_health(prep.cfg), trunk=prep.trunk)
 
 
 def _orpo(prep):

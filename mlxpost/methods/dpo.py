@@ -94,11 +94,12 @@ def dpo_score(lp: PairLogps, *, loss: str = "sigmoid", beta: float = 0.1, label_
                     logits=beta * h)
 
 
-def objective(split: HeadSplit | None, *, loss: str, beta: float, label_smoothing: float, monitor=None):
+def objective(split: HeadSplit | None, *, loss: str, beta: float, label_smoothing: float, monitor=None,
+              trunk=None):
     if loss not in REDUCTION:
         raise ValueError(f"unknown DPO loss {loss!r}")
 
     def score(lp):
         return dpo_score(lp, loss=loss, beta=beta, label_smoothing=label_smoothing)
 
-    return pair_objective(score, split=split, reference=True, monitor=monitor)
+    return pair_objective(score, split=split, reference=True, monitor=monitor, trunk=trunk)
