@@ -5,6 +5,7 @@
     python benchmarks/bench_dpo.py --only mlx-lm-lora    # one side only (mlx-lm-lora or mlxpost)
     python benchmarks/bench_dpo.py --precompute-ref      # also mlxpost dpo --precompute-ref (a sixth run)
     python benchmarks/bench_dpo.py --padded-too          # also mlxpost dpo with padded pairs (packed is the default)
+    python benchmarks/bench_dpo.py --num-layers 4        # LoRA on the top 4 of 8 blocks (both tools)
 
 Same model, same pairs, one run. Five trainers, each in its own process:
 
@@ -258,7 +259,7 @@ def worker_mlx_lm_lora(args) -> dict:
     big = 10**9
     cli = ["--model", args.model, "--train", "--train-mode", args.mode, "--train-type", "lora",
            "--data", args.data, "--batch-size", str(args.batch_size), "--iters", str(args.steps),
-           "--learning-rate", str(args.lr), "--optimizer", "adamw", "--num-layers", "-1",
+           "--learning-rate", str(args.lr), "--optimizer", "adamw", "--num-layers", str(args.num_layers),
            "--max-seq-length", str(MAX_SEQ_LEN), "--steps-per-report", "1", "--steps-per-eval", str(big),
            "--save-every", str(big), "--adapter-path", str(Path(args.tmp) / "adapters"),
            "--beta", str(args.beta), "--seed", "0"]
@@ -329,7 +330,7 @@ def mlxpost_has(method: str) -> bool:
 
 
 def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: int, lr: float, beta: float,
-                precompute_ref: bool = False, padded_pairs: bool = False) -> dict:
+                precompute_ref: bool = False, padded_pairs: bool = False, num_layers: int = -1) -> dict:
     out_dir = WORK / "runs"
     name = f"{method}-{n_pairs}" + ("-precomputed-ref" if precompute_ref else "") + ("-padded" if padded_pairs else "")
     data = info["sft"] if method == "sft" else info["pairs"]
@@ -339,7 +340,7 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         "--steps", str(steps), "--batch-size", str(rows), "--lr", str(lr), "--rank", str(RANK),
         "--max-seq-len", str(MAX_SEQ_LEN), "--seed", "0", "--plain",
         "--set", f"lora.scale={SCALE}", "--set", "lora.dropout=0", "--set", "lora.targets=all-linear",
-        "--set", "lora.num_layers=-1", "--set", "model.dtype=float32",
+        "--set", f"lora.num_layers={num_layers}", "--set", "model.dtype=float32",
         "--set", "train.schedule=constant", "--set", "train.warmup_steps=0", "--set", "train.warmup_ratio=0",
         "--set", "train.max_grad_norm=null", "--set", "train.optimizer=adamw", "--set", "train.weight_decay=0",
         "--set", "train.bias_correction=true", "--set", "train.grad_accum=1", "--set", "train.report_every=1",
@@ -395,12 +396,13 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
     return res
 
 
-def run_lora_worker(mode: str, info: dict, batch_size: int, steps: int, lr: float, beta: float) -> dict:
+def run_lora_worker(mode: str, info: dict, batch_size: int, steps: int, lr: float, beta: float,
+                    num_layers: int = -1) -> dict:
     tmp = WORK / f"mlx-lm-lora-{mode}"
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [str(venv_python()), __file__, "--worker", "mlx-lm-lora", "--mode", mode, "--model", info["model"],
            "--data", info["pairs"], "--batch-size", str(batch_size), "--steps", str(steps), "--lr", str(lr),
-           "--beta", str(beta), "--tmp", str(tmp)]
+           "--beta", str(beta), "--tmp", str(tmp), "--num-layers", str(num_layers)]
     env = dict(os.environ, PYTHONPATH="")  # the venv's packages only (not the dev tree's)
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     (tmp / "log.txt").write_text(proc.stdout + proc.stderr)
@@ -435,6 +437,8 @@ def main():
     ap.add_argument("--only", choices=["mlx-lm-lora", "mlxpost"], help="run one side only")
     ap.add_argument("--precompute-ref", action="store_true",
                     help="also run mlxpost dpo --precompute-ref (reference log-probs once, before training)")
+    ap.add_argument("--num-layers", type=int, default=-1,
+                    help="LoRA on the top N blocks only (default -1: every block); both tools")
     ap.add_argument("--padded-too", action="store_true",
                     help="also run mlxpost dpo with padded pairs (data.batching=pad) next to the packed default")
     args = ap.parse_args()
@@ -455,7 +459,8 @@ def main():
     from importlib.metadata import version
 
     setup = {"model": info["model"], "pairs": n_pairs, "batch_size_pairs": args.batch_size, "steps": steps,
-             "lr": args.lr, "beta": args.beta, "lora": {"rank": RANK, "scale": SCALE, "targets": "all-linear"},
+             "lr": args.lr, "beta": args.beta, "lora": {"rank": RANK, "scale": SCALE, "targets": "all-linear",
+                                                                 "num_layers": args.num_layers},
              "max_seq_len": MAX_SEQ_LEN, "tokens": info["tokens"], "blas": loaded_blas().get("name"),
              "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "versions": {"mlx": version("mlx"),
              "mlx-lm": version("mlx-lm"), "mlxpost": version("mlxpost")}}
@@ -469,7 +474,8 @@ def main():
         for mode in ("dpo", "orpo"):
             print(f"running mlx-lm-lora {mode} ...", flush=True)
             try:
-                results.append(run_lora_worker(mode, info, args.batch_size, steps, args.lr, args.beta))
+                results.append(run_lora_worker(mode, info, args.batch_size, steps, args.lr, args.beta,
+                                               args.num_layers))
             except RuntimeError as e:
                 skipped[f"mlx-lm-lora {mode}"] = str(e)
     if args.only != "mlx-lm-lora":
@@ -479,21 +485,22 @@ def main():
                 continue
             print(f"running mlxpost {method} ...", flush=True)
             try:
-                results.append(run_mlxpost(method, info, n_pairs, args.batch_size, steps, args.lr, args.beta))
+                results.append(run_mlxpost(method, info, n_pairs, args.batch_size, steps, args.lr, args.beta,
+                                           num_layers=args.num_layers))
             except RuntimeError as e:
                 skipped[f"mlxpost {method}"] = str(e)
         if args.precompute_ref and mlxpost_has("dpo"):
             print("running mlxpost dpo --precompute-ref ...", flush=True)
             try:
                 results.append(run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
-                                           precompute_ref=True))
+                                           precompute_ref=True, num_layers=args.num_layers))
             except RuntimeError as e:
                 skipped["mlxpost dpo (precomputed ref)"] = str(e)
         if args.padded_too and mlxpost_has("dpo"):
             print("running mlxpost dpo with padded pairs ...", flush=True)
             try:
                 results.append(run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
-                                           padded_pairs=True))
+                                           padded_pairs=True, num_layers=args.num_layers))
             except RuntimeError as e:
                 skipped["mlxpost dpo (padded pairs)"] = str(e)
 
