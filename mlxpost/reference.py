@@ -113,13 +113,17 @@ def compute(model: nn.Module, source: PairSource, split: HeadSplit | None = None
         P = source.batch_size
         for s in range(0, n, P):
             idx = order[s:s + P]
-            batch = source.build_pairs(idx, packed=False)  # one sequence per row: easy to read back
+            batch = source.build_pairs(idx)  # packed like the training batches when they are
             tok = np.array(step(batch.arrays()))
+            seq = np.array(batch.extra["seq"]) if batch.extra and "seq" in batch.extra else None
             for k, i in enumerate(idx):
                 p = source.examples[i]
-                c = tok[k, np.flatnonzero(p.chosen.mask[1:])]
-                r = tok[P + k, np.flatnonzero(p.rejected.mask[1:])]
-                out[i] = (c.astype(np.float32), r.astype(np.float32))
+                sides = []
+                for key, ex in ((k, p.chosen), (P + k, p.rejected)):
+                    # A sequence's positions, in order: its row (padded) or its span of a packed row.
+                    values = tok[key] if seq is None else tok[seq == key]
+                    sides.append(values[np.flatnonzero(ex.mask[1:])].astype(np.float32))
+                out[i] = tuple(sides)
             if progress:
                 progress(min(s + P, n), n)
     finally:
