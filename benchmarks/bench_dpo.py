@@ -489,20 +489,17 @@ def main():
                                            num_layers=args.num_layers))
             except RuntimeError as e:
                 skipped[f"mlxpost {method}"] = str(e)
-        if args.precompute_ref and mlxpost_has("dpo"):
-            print("running mlxpost dpo --precompute-ref ...", flush=True)
+        variants = [(args.precompute_ref, "--precompute-ref", "precomputed ref", {"precompute_ref": True}),
+                    (args.padded_too, "with padded pairs", "padded pairs", {"padded_pairs": True})]
+        for wanted, what, label, kw in variants:
+            if not (wanted and mlxpost_has("dpo")):
+                continue
+            print(f"running mlxpost dpo {what} ...", flush=True)
             try:
                 results.append(run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
-                                           precompute_ref=True, num_layers=args.num_layers))
+                                           num_layers=args.num_layers, **kw))
             except RuntimeError as e:
-                skipped["mlxpost dpo (precomputed ref)"] = str(e)
-        if args.padded_too and mlxpost_has("dpo"):
-            print("running mlxpost dpo with padded pairs ...", flush=True)
-            try:
-                results.append(run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
-                                           padded_pairs=True, num_layers=args.num_layers))
-            except RuntimeError as e:
-                skipped["mlxpost dpo (padded pairs)"] = str(e)
+                skipped[f"mlxpost dpo ({label})"] = str(e)
 
     by = {r["trainer"]: r for r in results}
     ratios = {}

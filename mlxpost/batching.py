@@ -368,7 +368,8 @@ class PairSource(BatchSource):
         seqs = [p.chosen for p in pairs] + [None] * (P - len(pairs)) + [p.rejected for p in pairs]
         seqs += [None] * (2 * P - len(seqs))
         m = self.pad_multiple
-        if self.pack if packed is None else packed:
+        pack = self.pack if packed is None else packed
+        if pack:
             real = [k for k, ex in enumerate(seqs) if ex is not None]
             width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len)
             rows = [[real[j] for j in row] for row in layout]
@@ -376,8 +377,8 @@ class PairSource(BatchSource):
             longest = max(len(p) - 1 for p in pairs)
             width = min(self.row_len, -(-longest // m) * m)
             rows = [[k] if seqs[k] is not None else [] for k in range(2 * P)]
-        batch = _stack([[seqs[k] for k in row] for row in rows], width, self.pad_id, packed=self.pack
-                       if packed is None else packed, select_bucket=self.select_bucket)
+        batch = _stack([[seqs[k] for k in row] for row in rows], width, self.pad_id, packed=pack,
+                       select_bucket=self.select_bucket)
         batch.n_examples = len(pairs)
         batch.sources = [p.chosen.source for p in pairs] + [p.rejected.source for p in pairs]
         # Where each sequence starts: (row, offset).

@@ -39,6 +39,7 @@ preference method reports, each averaged over pairs:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -173,14 +174,17 @@ def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None
     return out
 
 
-def reference_token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | None = None) -> mx.array:
+def reference_token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | None = None,
+                             trunk=None) -> mx.array:
     """Per-token log-probs under the reference: precomputed, or the model with adapters off.
 
-    Under stop-gradient either way: the reference is a constant of the loss.
+    With a ``trunk`` (:class:`mlxpost.trunk.SharedTrunk`) the live pass starts
+    from the hidden state the policy pass just recorded at the first adapted
+    block. Under stop-gradient either way: the reference is a constant of the loss.
     """
     if batch.extra and "ref_logps" in batch.extra:
         return mx.stop_gradient(batch.extra["ref_logps"])
-    with adapters_off(model):
+    with adapters_off(model), (trunk.reference() if trunk is not None else nullcontext()):
         ref = logprobs(model, batch, reduction="none", split=split, select=batch.select)
     return mx.stop_gradient(ref)
 
@@ -199,16 +203,10 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
     """
 
     def loss(model, batch):
-        live_ref = reference and not (batch.extra and "ref_logps" in batch.extra)
-        if live_ref and trunk is not None:
-            with trunk.policy():
-                tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)
-            with adapters_off(model), trunk.reference():
-                ref_tok = mx.stop_gradient(logprobs(model, batch, reduction="none", split=split,
-                                                    select=batch.select))
-        else:
-            tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)  # (2P, L)
-            ref_tok = reference_token_logprobs(model, batch, split) if reference else None
+        live = trunk if reference and not (batch.extra and "ref_logps" in batch.extra) else None
+        with live.policy() if live is not None else nullcontext():
+            tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)
+        ref_tok = reference_token_logprobs(model, batch, split, trunk=live) if reference else None
         extra = batch.extra or {}
         lp = pair_logps(tok, batch.weights, ref_tok, extra.get("seq"), extra.get("seq_ids"))
         out = score(lp)

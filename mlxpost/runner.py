@@ -105,7 +105,7 @@ def packing_is_exact(model, atol: float = 1e-4) -> bool:
     return err < atol
 
 
-def choose_batching(mode: str, model) -> str:
+def choose_batching(mode: str, model, pairs: bool = False) -> str:
     """Resolve ``data.batching``.
 
     ``auto`` packs on a GPU (Metal, CUDA) and pads (length-sorted batches) on
@@ -113,30 +113,16 @@ def choose_batching(mode: str, model) -> str:
     CPU ``exp`` is scalar) and a packed row pays attention over its whole
     length, while length-sorted padding wastes little; measured with
     ``benchmarks/bench_sft.py``, padding was the faster of the two there.
+
+    Preference ``pairs`` pack on every backend: their rows are at most twice
+    the longest sequence (:func:`mlxpost.batching.pair_layout`), and padding
+    a pair's two replies, which differ in length, to the longer wastes about
+    a quarter of the positions (measured with ``benchmarks/bench_dpo.py``).
+
     Packing also needs the model to isolate packed examples: that is checked
     on the model itself (:func:`packing_is_exact`).
     """
-    if mode == "pad" or (mode == "auto" and mx.default_device() == mx.cpu):
-        return "pad"
-    ok = packing_is_exact(model)
-    if mode == "pack" and not ok:
-        raise MlxpostError("data.batching=pack: this model architecture does not isolate packed examples "
-                           "(its attention mask is not built from the cache); use data.batching=pad")
-    return "pack" if ok else "pad"
-
-
-def choose_pair_batching(mode: str, model) -> str:
-    """Resolve ``data.batching`` for preference pairs.
-
-    ``auto`` packs the chosen and rejected sequences of a batch into as few
-    rows as fit (:func:`mlxpost.batching.pair_layout`) whenever the model
-    isolates packed examples, on every backend: unlike SFT's long packed
-    rows, these rows are at most twice the longest sequence, and on
-    preference data, whose two replies differ in length, padding both to the
-    longer wastes about a quarter of the positions (measured with
-    ``benchmarks/bench_dpo.py``).
-    """
-    if mode == "pad":
+    if mode == "pad" or (mode == "auto" and not pairs and mx.default_device() == mx.cpu):
         return "pad"
     ok = packing_is_exact(model)
     if mode == "pack" and not ok:
@@ -327,8 +313,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
         raise MlxpostError("no training examples left after reading the data")
 
     # Pairs: chosen and rejected sides of a batch in one forward pass, packed or padded.
-    batching = (choose_pair_batching(cfg.data.batching, model) if method.data == "pairs"
-                else choose_batching(cfg.data.batching, model))
+    batching = choose_batching(cfg.data.batching, model, pairs=method.data == "pairs")
     if cfg.data.batching == "auto" and batching == "pad" and (method.data == "pairs" or mx.default_device() != mx.cpu):
         rep.warn("this model does not isolate packed examples; using padded batches")
 
