@@ -6,6 +6,7 @@
     python benchmarks/bench_dpo.py --precompute-ref      # also mlxpost dpo --precompute-ref (a sixth run)
     python benchmarks/bench_dpo.py --padded-too          # also mlxpost dpo with padded pairs (packed is the default)
     python benchmarks/bench_dpo.py --num-layers 4        # LoRA on the top 4 of 8 blocks (both tools)
+    python benchmarks/bench_dpo.py --model default --num-layers 16   # the real SmolLM2-135M-Instruct, top 16 of 30
 
 Same model, same pairs, one run. Five trainers, each in its own process:
 
@@ -114,21 +115,27 @@ def _lexicon() -> list[str]:
     return _words(random.Random(1234), 4000)
 
 
-def make_pairs(n: int, seed: int) -> list[dict]:
+def make_pairs(n: int, seed: int, tokens_per_word: float = 1.0) -> list[dict]:
     """Single-turn preference pairs; reply lengths drawn independently (chosen vs rejected).
 
     Chosen replies use one half of the lexicon and rejected ones the other, so
     that the preference is learnable (the losses can move), not just noise.
+    The tiny model's BPE vocabulary is trained on this lexicon (one token per
+    pseudo-word); for another tokenizer the word counts are divided by its
+    ``tokens_per_word``, so that the token lengths stay about the same.
     """
     rng = random.Random(seed)
     lex = _lexicon()
     good, bad = lex[: len(lex) // 2], lex[len(lex) // 2:]
     pairs = []
+
+    def words(lo, hi):
+        return max(1, round(rng.randint(lo, hi) / tokens_per_word))
+
     for _ in range(n):
-        # The tiny model's BPE vocabulary is trained on this lexicon: one token per pseudo-word.
-        q = rng.randint(20, 100)
-        c = rng.randint(30, 300)
-        r = rng.randint(30, 300)
+        q = words(20, 100)
+        c = words(30, 300)
+        r = words(30, 300)
         pairs.append({
             "prompt": " ".join(rng.choice(lex) for _ in range(q)) + "?",
             "chosen": " ".join(rng.choice(good) for _ in range(c)) + ".",
@@ -172,12 +179,42 @@ def token_stats(model_dir: Path, pairs: list[dict]) -> dict:
             "longest_sequence": max(seq), "completion_tokens_total": sum(chosen) + sum(rejected)}
 
 
-def prepare(n_pairs: int) -> dict:
-    model_dir = RESULTS / "work" / "model"  # shared with bench_sft.py (identical files)
-    build_model(model_dir)
-    pref_dir = WORK / f"pairs-{n_pairs}"
-    sft_dir = WORK / f"sft-{n_pairs}"
-    pairs = make_pairs(n_pairs, seed=1)
+def tokens_per_word(model_dir: Path) -> float:
+    """How many tokens the model's tokenizer spends on one pseudo-word of the lexicon."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(7)
+    lex = _lexicon()
+    text = " ".join(rng.choice(lex) for _ in range(2000))
+    return len(tok(text, add_special_tokens=False)["input_ids"]) / 2000
+
+
+def resolve_model(spec: str | None) -> tuple[Path, str]:
+    """``None``: the tiny benchmark llama (built here); ``default``: mlxpost's default model; else a directory."""
+    if spec is None:
+        model_dir = RESULTS / "work" / "model"  # shared with bench_sft.py (identical files)
+        build_model(model_dir)
+        return model_dir, ""
+    if spec == "default":
+        from mlxpost.defaults import default_model_path
+
+        model_dir = Path(default_model_path())
+        tag = "default"
+    else:
+        model_dir = Path(spec).expanduser().resolve()
+        tag = model_dir.name
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{model_dir}: no config.json (a Hugging Face model directory is needed)")
+    return model_dir, "-" + "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in tag)
+
+
+def prepare(n_pairs: int, model: str | None = None) -> dict:
+    model_dir, tag = resolve_model(model)
+    pref_dir = WORK / f"pairs-{n_pairs}{tag}"
+    sft_dir = WORK / f"sft-{n_pairs}{tag}"
+    tpw = tokens_per_word(model_dir) if tag else 1.0
+    pairs = make_pairs(n_pairs, seed=1, tokens_per_word=tpw)
     if not (pref_dir / "train.jsonl").exists():
         pref_dir.mkdir(parents=True, exist_ok=True)
         # One file for both tools: mlx-lm-lora's DPODataset / ORPODataset and
@@ -191,7 +228,8 @@ def prepare(n_pairs: int) -> dict:
     stats = token_stats(model_dir, pairs)
     if stats["longest_sequence"] > MAX_SEQ_LEN:
         raise SystemExit(f"a pair is longer than {MAX_SEQ_LEN} tokens; the comparison assumes no truncation")
-    return {"model": str(model_dir), "pairs": str(pref_dir), "sft": str(sft_dir), "tokens": stats}
+    return {"model": str(model_dir), "pairs": str(pref_dir), "sft": str(sft_dir), "tokens": stats, "tag": tag,
+            "tokens_per_word": tpw}
 
 
 # ---------------------------------------------------------------------------
@@ -332,7 +370,7 @@ def mlxpost_has(method: str) -> bool:
 def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: int, lr: float, beta: float,
                 precompute_ref: bool = False, padded_pairs: bool = False, num_layers: int = -1) -> dict:
     out_dir = WORK / "runs"
-    name = f"{method}-{n_pairs}" + ("-precomputed-ref" if precompute_ref else "") + ("-padded" if padded_pairs else "")
+    name = f"{method}-{n_pairs}{info['tag']}" + ("-precomputed-ref" if precompute_ref else "") + ("-padded" if padded_pairs else "")
     data = info["sft"] if method == "sft" else info["pairs"]
     rows = 2 * batch_size if method == "sft" else batch_size
     cmd = mlxpost_cmd(method) + [
@@ -398,7 +436,7 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
 
 def run_lora_worker(mode: str, info: dict, batch_size: int, steps: int, lr: float, beta: float,
                     num_layers: int = -1) -> dict:
-    tmp = WORK / f"mlx-lm-lora-{mode}"
+    tmp = WORK / f"mlx-lm-lora-{mode}{info['tag']}"
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [str(venv_python()), __file__, "--worker", "mlx-lm-lora", "--mode", mode, "--model", info["model"],
            "--data", info["pairs"], "--batch-size", str(batch_size), "--steps", str(steps), "--lr", str(lr),
@@ -425,7 +463,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["mlx-lm-lora"])
     ap.add_argument("--mode", choices=["dpo", "orpo"])
-    ap.add_argument("--model")
+    ap.add_argument("--model", help="default: the tiny benchmark llama; 'default': mlxpost's default model "
+                                     "(SmolLM2-135M-Instruct); or a Hugging Face model directory")
     ap.add_argument("--data")
     ap.add_argument("--tmp")
     ap.add_argument("--steps", type=int)
@@ -439,6 +478,8 @@ def main():
                     help="also run mlxpost dpo --precompute-ref (reference log-probs once, before training)")
     ap.add_argument("--num-layers", type=int, default=-1,
                     help="LoRA on the top N blocks only (default -1: every block); both tools")
+    ap.add_argument("--methods", default="dpo,orpo,sft",
+                    help="which trainers to run, of dpo,orpo,sft (default all three; sft is mlxpost's only)")
     ap.add_argument("--padded-too", action="store_true",
                     help="also run mlxpost dpo with padded pairs (data.batching=pad) next to the packed default")
     args = ap.parse_args()
@@ -451,11 +492,14 @@ def main():
 
     maybe_reexec()
     sys.path.insert(0, str(HERE))
+    methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    if not methods or methods - {"dpo", "orpo", "sft"}:
+        raise SystemExit(f"--methods: choose among dpo, orpo, sft (got {args.methods!r})")
     n_pairs = 16 if args.quick else args.pairs
     steps = args.steps or n_pairs // args.batch_size
     RESULTS.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    info = prepare(n_pairs)
+    info = prepare(n_pairs, args.model)
     from importlib.metadata import version
 
     setup = {"model": info["model"], "pairs": n_pairs, "batch_size_pairs": args.batch_size, "steps": steps,
@@ -471,7 +515,7 @@ def main():
     results, skipped = [], {}
     if args.only != "mlxpost":
         setup["mlx_lm_lora_env"] = ensure_mlx_lm_lora_venv()
-        for mode in ("dpo", "orpo"):
+        for mode in [m for m in ("dpo", "orpo") if m in methods]:
             print(f"running mlx-lm-lora {mode} ...", flush=True)
             try:
                 results.append(run_lora_worker(mode, info, args.batch_size, steps, args.lr, args.beta,
@@ -479,7 +523,7 @@ def main():
             except RuntimeError as e:
                 skipped[f"mlx-lm-lora {mode}"] = str(e)
     if args.only != "mlx-lm-lora":
-        for method in ("dpo", "orpo", "sft"):
+        for method in [m for m in ("dpo", "orpo", "sft") if m in methods]:
             if not mlxpost_has(method):
                 skipped[f"mlxpost {method}"] = f"`mlxpost {method}` does not exist in this checkout"
                 continue
@@ -492,7 +536,7 @@ def main():
         variants = [(args.precompute_ref, "--precompute-ref", "precomputed ref", {"precompute_ref": True}),
                     (args.padded_too, "with padded pairs", "padded pairs", {"padded_pairs": True})]
         for wanted, what, label, kw in variants:
-            if not (wanted and mlxpost_has("dpo")):
+            if not (wanted and "dpo" in methods and mlxpost_has("dpo")):
                 continue
             print(f"running mlxpost dpo {what} ...", flush=True)
             try:
@@ -556,7 +600,7 @@ def main():
             print(f"{k:<60}{v:>7.2f}")
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'NOT met'}")
-    out = RESULTS / "dpo.json"
+    out = RESULTS / f"dpo{info['tag']}.json"
     out.write_text(json.dumps({"setup": setup, "runs": results, "skipped": skipped, "ratios": ratios,
                                "targets": targets}, indent=2))
     print(f"\nwritten {out}")
