@@ -160,11 +160,8 @@ def build_model(model_dir: Path) -> None:
                      intermediate_size=1408, vocab_size=16384, corpus=corpus, seed=0)
 
 
-def token_stats(model_dir: Path, pairs: list[dict]) -> dict:
+def token_stats(tok, pairs: list[dict]) -> dict:
     """Token counts of the ChatML rendering (prompt incl. the assistant header; replies after it)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
 
     def n(msgs, gen=False):
         return len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=False))
@@ -182,11 +179,8 @@ def token_stats(model_dir: Path, pairs: list[dict]) -> dict:
             "longest_sequence": max(seq), "completion_tokens_total": sum(chosen) + sum(rejected)}
 
 
-def tokens_per_word(model_dir: Path) -> float:
-    """How many tokens the model's tokenizer spends on one pseudo-word of the lexicon."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+def tokens_per_word(tok) -> float:
+    """How many tokens the tokenizer spends on one pseudo-word of the lexicon."""
     rng = random.Random(7)
     lex = _lexicon()
     text = " ".join(rng.choice(lex) for _ in range(2000))
@@ -213,10 +207,14 @@ def resolve_model(spec: str | None) -> tuple[Path, str]:
 
 
 def prepare(n_pairs: int, model: str | None = None) -> dict:
+    from transformers import AutoTokenizer
+
     model_dir, tag = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     pref_dir = WORK / f"pairs-{n_pairs}{tag}"
     sft_dir = WORK / f"sft-{n_pairs}{tag}"
-    tpw = tokens_per_word(model_dir) if tag else 1.0
+    # The tiny model's vocabulary is trained on the lexicon: its pairs are drawn unscaled.
+    tpw = 1.0 if model is None else tokens_per_word(tok)
     pairs = make_pairs(n_pairs, seed=1, tokens_per_word=tpw)
     if not (pref_dir / "train.jsonl").exists():
         pref_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +226,7 @@ def prepare(n_pairs: int, model: str | None = None) -> dict:
         sft_dir.mkdir(parents=True, exist_ok=True)
         rows = [{"prompt": p["prompt"], "completion": p[k]} for p in pairs for k in ("chosen", "rejected")]
         (sft_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = token_stats(model_dir, pairs)
+    stats = token_stats(tok, pairs)
     if stats["longest_sequence"] > MAX_SEQ_LEN:
         raise SystemExit(f"a pair is longer than {MAX_SEQ_LEN} tokens; the comparison assumes no truncation")
     return {"model": str(model_dir), "pairs": str(pref_dir), "sft": str(sft_dir), "tokens": stats, "tag": tag,
@@ -508,7 +506,8 @@ def main():
     setup = {"model": info["model"], "pairs": n_pairs, "batch_size_pairs": args.batch_size, "steps": steps,
              "lr": args.lr, "beta": args.beta, "lora": {"rank": RANK, "scale": SCALE, "targets": "all-linear",
                                                                  "num_layers": args.num_layers},
-             "max_seq_len": MAX_SEQ_LEN, "tokens": info["tokens"], "blas": loaded_blas().get("name"),
+             "max_seq_len": MAX_SEQ_LEN, "tokens": info["tokens"], "tokens_per_word": info["tokens_per_word"],
+             "blas": loaded_blas().get("name"),
              "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "versions": {"mlx": version("mlx"),
              "mlx-lm": version("mlx-lm"), "mlxpost": version("mlxpost")}}
     from mlxpost.tiny import count_parameters
