@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--attention-chunk", type=int, default=-1,
+                    help="train.attention_chunk: -1 auto (96 on the CPU), 0 off (whole rows)")
     args = ap.parse_args()
 
     from mlxpost.system import maybe_reexec
@@ -45,7 +47,7 @@ def main() -> None:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlxpost.batching import batch_from_arrays
+    from mlxpost.batching import attention_chunk, batch_from_arrays
     from mlxpost.config import build_config
     from mlxpost.methods import dpo
     from mlxpost.preference import reference_token_logprobs
@@ -54,7 +56,7 @@ def main() -> None:
     from mlxpost.ui import NullReporter
 
     sets = [f"model.path={args.model}", f"lora.num_layers={args.num_layers}", f"train.batch_size={args.batch_size}",
-            "model.dtype=float32"]
+            "model.dtype=float32", f"train.attention_chunk={args.attention_chunk}"]
     if args.data:
         sets.append(f"data.path={args.data}")
     prep = prepare(build_config(None, sets, method="dpo"), NullReporter())
@@ -93,13 +95,15 @@ def main() -> None:
     blocks = len(model.layers)
     print(f"\nmodel {args.model}: {blocks} blocks, LoRA on the top {args.num_layers if args.num_layers > 0 else blocks}; "
           f"batch {args.batch_size} pairs, shape {tuple(batch.inputs.shape)} ({prep.batching}), "
-          f"{batch.n_targets} answer tokens; shared blocks: {trunk.k if trunk else 0}")
+          f"{batch.n_targets} answer tokens; shared blocks: {trunk.k if trunk else 0}; "
+          f"attention chunk: {attention_chunk(model) or 'off'}")
     base = rows["full reference pass"]
     print(f"{'DPO step':<34}{'seconds':>9}{'vs full':>9}")
     for k, v in rows.items():
         print(f"{k:<34}{v:>9.3f}{base / v:>8.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model": args.model, "blocks": blocks, "num_layers": args.num_layers, "batch_pairs": args.batch_size,
+           "attention_chunk": attention_chunk(model),
            "shape": list(batch.inputs.shape), "batching": prep.batching, "shared_blocks": trunk.k if trunk else 0,
            "seconds": rows}
     (RESULTS / "dpo_step.json").write_text(json.dumps(out, indent=2))

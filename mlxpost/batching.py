@@ -104,13 +104,97 @@ class MaskCache:
         return False
 
 
-def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None) -> mx.array:
-    """Run ``model`` (or its ``body``) on ``inputs`` with packing isolation when segmented."""
+DEFAULT_ATTENTION_CHUNK = 96  # positions per query chunk on the CPU (train.attention_chunk=-1)
+
+
+class ChunkCache(MaskCache):
+    """One block's cache for a forward pass in query chunks (:func:`forward`).
+
+    The row is fed to the model a chunk of positions at a time, like the
+    chunked prefill of generation: each chunk's queries attend to the keys
+    and values of the chunks before it (kept here) and its own, so the
+    attention scores above the causal diagonal between chunks are never
+    computed. ``offset`` (set by :func:`forward` before each chunk, also
+    for blocks that a shared trunk skips) places the chunk's RoPE positions,
+    and the mask is the chunk's rows of the full (block-diagonal or causal)
+    mask.
+    """
+
+    def __init__(self, mask: mx.array):
+        super().__init__(mask)
+        self.offset = 0
+        self.keys = self.values = None
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_):
+        a, b = self.offset, self.offset + N
+        mask = self.mask[..., a:b, :b]
+        if window_size is not None and window_size < b:
+            q, k = mx.arange(a, b), mx.arange(b)
+            mask = mask & ((q[:, None] - k[None, :]) < window_size)
+        return mask
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = mx.concatenate([self.keys, keys], axis=2)
+            self.values = mx.concatenate([self.values, values], axis=2)
+        return self.keys, self.values
+
+
+def causal_mask(length: int) -> mx.array:
+    """(1, 1, L, L) bool: position i sees positions j <= i."""
+    idx = mx.arange(length)
+    return (idx[:, None] >= idx[None, :])[None, None]
+
+
+def chunk_bounds(length: int, chunk: int | None) -> list[int]:
+    """Where a row of ``length`` positions is cut into query chunks of about ``chunk`` (at most 8 chunks)."""
+    if not chunk or length < 2 * chunk:
+        return [0, length]
+    n = min(8, length // chunk)
+    step = -(-length // n)
+    return list(range(0, length, step)) + [length]
+
+
+def set_attention_chunk(model, chunk: int | None) -> None:
+    """Run this model's training forward passes (:func:`forward`) in query chunks of about ``chunk`` positions."""
+    object.__setattr__(model, "_mlxpost_attention_chunk", chunk)
+
+
+def attention_chunk(model) -> int | None:
+    return getattr(model, "_mlxpost_attention_chunk", None)
+
+
+def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None,
+            chunk: int | None = None) -> mx.array:
+    """Run ``model`` (or its ``body``) on ``inputs`` with packing isolation when segmented.
+
+    ``chunk`` (default: the model's :func:`set_attention_chunk`): feed the
+    rows in query chunks of about that many positions (:class:`ChunkCache`).
+    A full pass computes attention scores for every pair of positions and
+    masks out half of them (causality); in ``n`` chunks the scores computed
+    drop to ``(n + 1) / (2n)`` of that. On MLX's CPU backend, where the
+    softmax's ``exp`` is the costliest part of attention, this is what makes
+    long rows cheaper (``benchmarks/bench_attention_chunk.py``). The
+    result is the same up to float rounding; whether a model allows it is
+    checked once (:func:`mlxpost.runner.chunking_is_exact`).
+    """
     fn = body or model
-    if segments is None:
-        return fn(inputs)
-    cache = [MaskCache(segment_mask(segments))] * len(model.layers)
-    return fn(inputs, cache=cache)
+    bounds = chunk_bounds(inputs.shape[1], attention_chunk(model) if chunk is None else chunk)
+    if len(bounds) == 2:
+        if segments is None:
+            return fn(inputs)
+        cache = [MaskCache(segment_mask(segments))] * len(model.layers)
+        return fn(inputs, cache=cache)
+    mask = causal_mask(inputs.shape[1]) if segments is None else segment_mask(segments)
+    cache = [ChunkCache(mask) for _ in model.layers]
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        for c in cache:
+            c.offset = a
+        outs.append(fn(inputs[:, a:b], cache=cache))
+    return mx.concatenate(outs, axis=1)
 
 
 def selection(weights: np.ndarray, bucket: int) -> tuple[mx.array, mx.array]:
@@ -299,26 +383,75 @@ class BatchSource:
         return self.epoch + self.index / max(1, self.batches_per_epoch())
 
 
-def pair_layout(lengths: Sequence[int], multiple: int, cap: int) -> tuple[int, list[list[int]]]:
+def pair_layout(lengths: Sequence[int], multiple: int, cap: int,
+                span: float | None = None) -> tuple[int, list[list[int]]]:
     """Rows for the sequences of one pair batch: ``(width, rows)``, rows as lists of indices.
 
     Chosen and rejected replies differ in length, so padding every sequence
     to the longest wastes a quarter of the compute on typical preference
     data. Here the sequences are packed (best fit) into rows of a width
-    between the longest (rounded up to ``multiple``) and twice that, whichever
-    width gives the fewest positions ``rows * width`` (ties: the narrower,
-    whose attention is cheaper), never wider than ``cap``.
+    between the longest (rounded up to ``multiple``) and twice that, never
+    wider than ``cap``, choosing the width of least estimated cost (ties:
+    the narrower).
+
+    The cost of a row of ``width`` positions is ``width * (1 + width / span)``:
+    each position pays its share of the linear layers, and its attention
+    over the whole row (the block-diagonal mask hides other sequences but
+    their scores are still computed). ``span`` (:func:`attention_span`) is
+    the width at which the two are equal; ``None`` counts positions only.
     """
     longest = max(lengths)
     w0 = min(cap, -(-longest // multiple) * multiple)
     best = None
     for width in range(w0, min(cap, 2 * w0) + 1, multiple):
         rows = pack_rows(lengths, width)
-        if best is None or len(rows) * width < best[0]:
-            best = (len(rows) * width, width, rows)
+        cost = len(rows) * width * (1 + (width / span if span else 0.0))
+        if best is None or cost < best[0]:
+            best = (cost, width, rows)
         if len(rows) == 1:
             break
     return best[1], best[2]
+
+
+def attention_span(model, cpu: bool | None = None) -> float | None:
+    """The row width at which attention costs as much as the rest of a block, per position.
+
+    Per position and block, the linear layers cost ``2 * P`` FLOPs (``P``:
+    the block's linear weights), and attention over a row of ``W`` positions
+    costs about ``W * (4 * H * d + c * H)``: two matmuls over the ``H``
+    heads of size ``d``, and the softmax, whose ``exp`` is worth ``c`` FLOPs
+    of matmul. On MLX's CPU backend ``exp`` is scalar (about 10 ns, while
+    matmuls run at 130-180 GFLOP/s), so ``c`` is about 1500 and attention
+    dominates from a few hundred positions on (measured on SmolLM2-135M:
+    equal at about 425 positions, estimated here 448); on a GPU ``c`` is
+    small. ``None`` when the model's blocks cannot be read.
+    """
+    import mlx.nn as nn
+
+    inner = getattr(model, "model", model)
+    layers = getattr(model, "layers", None) or getattr(inner, "layers", None)
+    if not layers:
+        return None
+    weights, q_out = 0, None
+    for name, m in layers[0].named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            out, packed = m.weight.shape
+            n = out * packed * 32 // m.bits
+        elif isinstance(m, nn.Linear):
+            out, n = m.weight.shape[0], m.weight.size
+        else:
+            continue
+        weights += n
+        if {"q_proj", "wq", "query"} & set(name.split(".")):  # also inside a LoRA wrapper
+            q_out = out
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", None) or getattr(args, "n_heads", None)
+    if not weights or not q_out or not heads:
+        return None
+    if cpu is None:
+        cpu = mx.default_device() == mx.cpu
+    c = 1500.0 if cpu else 16.0
+    return 2.0 * weights / (4.0 * q_out + c * heads)
 
 
 class PairSource(BatchSource):
@@ -333,7 +466,9 @@ class PairSource(BatchSource):
     packing; ``extra["seq"]`` (rows, width) says which sequence each position
     belongs to (chosen of pair ``i``: ``i``; rejected: ``P + i``; padding:
     ``-1``) and ``extra["seq_ids"]`` is ``arange(2P)``, so the losses sum
-    per sequence exactly as over padded rows.
+    per sequence exactly as over padded rows. ``span``: the model's
+    :func:`attention_span`, which weighs a wide row's attention against the
+    positions it saves.
 
     A short last batch is filled with empty pairs (no trained tokens), which
     the losses mask out.
@@ -344,11 +479,13 @@ class PairSource(BatchSource):
     ``extra["ref_logps"]``, aligned with ``targets``.
     """
 
-    def __init__(self, pairs: list, *, mode: str = "pad", ref: list | None = None, **kw):
+    def __init__(self, pairs: list, *, mode: str = "pad", ref: list | None = None, span: float | None = None,
+                 **kw):
         if mode not in ("pad", "pack"):
             raise MlxpostError(f"preference pairs are batched with data.batching=pad or pack, got {mode!r}")
         super().__init__(pairs, mode="pad", **kw)  # the plan: pairs in length-sorted batches
         self.pack = mode == "pack"
+        self.span = span
         if ref is not None and len(ref) != len(pairs):
             raise MlxpostError(f"reference log-probs for {len(ref)} pairs, but there are {len(pairs)} pairs")
         self.ref = ref
@@ -371,7 +508,7 @@ class PairSource(BatchSource):
         pack = self.pack if packed is None else packed
         if pack:
             real = [k for k, ex in enumerate(seqs) if ex is not None]
-            width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len)
+            width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len, self.span)
             rows = [[real[j] for j in row] for row in layout]
         else:
             longest = max(len(p) - 1 for p in pairs)

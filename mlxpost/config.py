@@ -90,6 +90,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     grad_checkpoint: bool = False
+    attention_chunk: int = -1  # query chunk of training passes (positions); -1: auto (CPU: 96, GPU: off); 0: off
     compile: bool = True
     eval_every: int = 50  # optimizer steps; 0 = only at the end
     eval_at_start: bool = True  # validation loss of the untrained adapter, as a baseline
@@ -487,6 +488,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.max_grad_norm is not None and cfg.train.max_grad_norm <= 0:
         raise ConfigError(f"train.max_grad_norm: must be positive (or null for no clipping), "
                           f"got {cfg.train.max_grad_norm}")
+    if cfg.train.attention_chunk < -1:
+        raise ConfigError(f"train.attention_chunk: must be -1 (auto), 0 (off) or a length, "
+                          f"got {cfg.train.attention_chunk}")
+    if cfg.train.attention_chunk > 0 and cfg.train.grad_checkpoint:
+        raise ConfigError("train.attention_chunk: query chunks cannot be combined with train.grad_checkpoint "
+                          "(a recomputed block would see its chunk's keys twice); set one of them to 0/false")
     if cfg.data.pack_len is not None and cfg.data.pack_len <= 1:
         raise ConfigError(f"data.pack_len: must be more than 1, got {cfg.data.pack_len}")
     if cfg.model.quantize not in (None, 2, 3, 4, 6, 8):

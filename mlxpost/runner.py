@@ -16,7 +16,8 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .batching import BatchSource, PairSource, _stack
+from .batching import (DEFAULT_ATTENTION_CHUNK, BatchSource, PairSource, _stack, attention_chunk, attention_span,
+                       forward, set_attention_chunk)
 from .config import RunConfig, dump_yaml, load_recipe, set_value, validate
 from .data import (DataStats, Example, Renderer, resolve_data_files, split_examples, tokenize_file,
                    tokenize_pairs_file)
@@ -31,7 +32,7 @@ from .train import NonFiniteError, Objective, Trainer, TrainResult, steps_for_ep
 # Keys that may change when a run is resumed (everything else must match).
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.eval_every", "train.save_every", "train.report_every",
                   "train.early_stopping_patience", "train.early_stopping_min_delta", "train.keep_checkpoints",
-                  "train.eval_batches", "sample.max_tokens")
+                  "train.eval_batches", "sample.max_tokens", "train.attention_chunk")
 
 
 @dataclass
@@ -103,6 +104,50 @@ def packing_is_exact(model, atol: float = 1e-4) -> bool:
     except Exception:
         return False
     return err < atol
+
+
+def chunking_is_exact(model, chunk: int = 8) -> bool:
+    """Does a forward pass in query chunks (:func:`mlxpost.batching.forward`) give the same log-probs?
+
+    A random row of ``3 * chunk`` positions goes through the model whole and
+    in chunks, unpacked and as two packed sequences. Models whose blocks do
+    not place RoPE at the cache's offset, or keep keys in other ways, fail
+    and are run whole.
+    """
+    rng = np.random.default_rng(1)
+    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") and hasattr(
+        model.model, "embed_tokens") else 100
+    L = 3 * chunk
+    x = mx.array(rng.integers(1, min(vocab, 1000), (1, L)).astype(np.int32))
+    segments = mx.array((np.arange(L) >= L // 2 + 1).astype(np.int32)[None])
+    try:
+        errs, scale, exact_dtype = [], 1.0, True
+        for seg in (None, segments):
+            whole, parts = forward(model, x, seg, chunk=0), forward(model, x, seg, chunk=chunk)
+            exact_dtype = exact_dtype and whole.dtype == mx.float32
+            whole = whole.astype(mx.float32) - mx.logsumexp(whole.astype(mx.float32), axis=-1, keepdims=True)
+            parts = parts.astype(mx.float32) - mx.logsumexp(parts.astype(mx.float32), axis=-1, keepdims=True)
+            errs.append(mx.abs(whole - parts).max().item())
+            scale = max(scale, mx.abs(whole).max().item())
+    except Exception:
+        return False
+    # The same operations on differently shaped pieces: rounding differences only.
+    return max(errs) <= (1e-4 if exact_dtype else 2e-2) * scale
+
+
+def resolve_attention_chunk(setting: int, model, grad_checkpoint: bool = False) -> int | None:
+    """``train.attention_chunk``: -1 (auto) chunks on MLX's CPU backend only, where it is measured faster.
+
+    Not with gradient checkpointing: a checkpointed block runs again in the
+    backward pass, and a chunk's keys are state of the pass that it must not
+    append twice.
+    """
+    if setting == 0 or grad_checkpoint:
+        return None
+    chunk = setting if setting > 0 else (DEFAULT_ATTENTION_CHUNK if mx.default_device() == mx.cpu else None)
+    if chunk is None or not chunking_is_exact(model):
+        return None
+    return chunk
 
 
 def choose_batching(mode: str, model, pairs: bool = False) -> str:
@@ -298,6 +343,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
                           dora=dora, extra=extra)
 
     split = HeadSplit.find(model)
+    set_attention_chunk(model, resolve_attention_chunk(cfg.train.attention_chunk, model, cfg.train.grad_checkpoint))
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     if method.data == "prompts":
         return _prepare_rl(cfg, loaded, split, pad_id, acfg, trainable, rep)
@@ -322,9 +368,13 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
         # every training row (that padding costs as much as real tokens).
         B, L = cfg.train.batch_size, pack_length(cfg, examples) if examples else cfg.data.max_seq_len
         bucket = max(64, (B * L // 16) // 64 * 64) if batching == "pack" and method.data != "pairs" else 64
-        kind = PairSource if method.data == "pairs" else BatchSource
-        return kind(examples, mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed,
-                    shuffle=shuffle, select_bucket=bucket if split else None)
+        kw = dict(mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
+                  select_bucket=bucket if split else None)
+        if method.data == "pairs":
+            return PairSource(examples, span=span, **kw)
+        return BatchSource(examples, **kw)
+
+    span = attention_span(model) if method.data == "pairs" else None
 
     train_src = source(train, shuffle=True)
     valid_src = source(valid, shuffle=False) if valid is not None else None
@@ -631,6 +681,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
             ("train examples", prep.stats["train_examples"] * size), ("valid examples", prep.stats["valid_examples"] * size),
             ("batching", prep.batching), ("steps", steps), ("processes", size),
             ("logits", "trained positions only" if prep.split else "all positions")]
+    chunk = attention_chunk(prep.loaded.model)
+    info.append(("attention", f"queries in chunks of ~{chunk} positions" if chunk else "whole rows"))
     if method.data == "pairs":
         info[4:6] = [("train pairs", prep.stats["train_examples"] * size),
                      ("valid pairs", prep.stats["valid_examples"] * size)]
@@ -658,7 +710,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     rep.table("setup", info)
     rundir.write_json("data_stats.json", prep.stats)
     rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
-                "world_size": size, "data": prep.stats,
+                "world_size": size, "data": prep.stats, "attention_chunk": chunk,
                 **({"reference_shares_blocks": prep.trunk.k} if prep.trunk is not None else {})})
 
     prompts = sample_prompts(cfg)

@@ -68,7 +68,7 @@ class _Tap(_StandIn):
     """Stands in for the first adapted block: records its input, then runs it."""
 
     def __call__(self, h, *args, **kwargs):
-        self.trunk.hidden = h
+        self.trunk.hidden.append(h)  # one per call: a pass in query chunks calls the blocks once per chunk
         return self.block(h, *args, **kwargs)
 
 
@@ -82,15 +82,15 @@ class _Replay(_StandIn):
     def __call__(self, h, *args, **kwargs):
         if not self.first:
             return h
-        if self.trunk.hidden is None or self.trunk.hidden.shape != h.shape:
+        if not self.trunk.hidden or self.trunk.hidden[0].shape != h.shape:
             raise RuntimeError("the reference pass must follow a policy pass on the same batch")
-        return mx.stop_gradient(self.trunk.hidden)
+        return mx.stop_gradient(self.trunk.hidden.pop(0))
 
 
 class SharedTrunk:
     def __init__(self, model: nn.Module, k: int):
         self.model, self.k = model, k
-        self.hidden: mx.array | None = None
+        self.hidden: list[mx.array] = []  # recorded inputs of block k, in call order
 
     @contextmanager
     def _swapped(self, stand_ins: dict) -> Iterator[None]:
@@ -107,12 +107,12 @@ class SharedTrunk:
     @contextmanager
     def policy(self) -> Iterator[None]:
         """Within the block, a forward pass records the hidden state entering block ``k``."""
-        self.hidden = None
+        self.hidden = []
         try:
             with self._swapped({self.k: _Tap(_blocks(self.model)[self.k], self)}):
                 yield
         except BaseException:
-            self.hidden = None  # a failed pass leaves nothing to replay
+            self.hidden = []  # a failed pass leaves nothing to replay
             raise
 
     @contextmanager
@@ -123,7 +123,7 @@ class SharedTrunk:
             with self._swapped({i: _Replay(blocks[i], self, i == 0) for i in range(self.k)}):
                 yield
         finally:
-            self.hidden = None  # the graph holds it now; keep no traced array alive here
+            self.hidden = []  # the graph holds them now; keep no traced array alive here
 
     @staticmethod
     def find(model: nn.Module, atol: float = 1e-6) -> "SharedTrunk | None":
@@ -158,7 +158,7 @@ class SharedTrunk:
         finally:
             for m, b in zip(adapters, saved):
                 m.lora_b = b
-            trunk.hidden = None
+            trunk.hidden = []
             if was_training:
                 model.train()
         # A valid replay runs the very same operations on the same inputs: the

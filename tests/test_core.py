@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import chat
+from mlx.utils import tree_flatten
 
 from mlxpost.batching import BatchSource, _stack, pack_rows, selection
 from mlxpost.data import Example, Renderer
@@ -220,3 +221,86 @@ def test_selection_buckets():
     index, valid = selection(w, bucket=16)
     assert index.shape == (16,) and valid.sum().item() == 11
     assert sorted(np.array(index)[:11].tolist()) == list(range(3, 9)) + list(range(90, 95))
+
+
+# ---------------------------------------------------------------------------
+# Attention in query chunks
+# ---------------------------------------------------------------------------
+
+
+def test_chunk_bounds():
+    from mlxpost.batching import chunk_bounds
+
+    assert chunk_bounds(416, 96) == [0, 104, 208, 312, 416]
+    assert chunk_bounds(416, None) == [0, 416] and chunk_bounds(416, 0) == [0, 416]
+    assert chunk_bounds(150, 96) == [0, 150]  # shorter than two chunks: whole
+    b = chunk_bounds(4096, 96)
+    assert len(b) == 9 and b[0] == 0 and b[-1] == 4096  # at most 8 chunks
+    assert all(y > x for x, y in zip(b, b[1:]))
+
+
+@pytest.mark.parametrize("fixture", ["llama", "qwen"])
+def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
+    """Rows fed in query chunks (keys carried over, RoPE at the chunk's offset) give the log-probs and
+    LoRA gradients of whole rows, padded or packed."""
+    from mlxpost.batching import chunk_bounds, set_attention_chunk
+
+    if fixture == "qwen":
+        lm = load_model(str(tiny_qwen))
+        attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"))
+        randomize_adapters(lm.model)
+    else:
+        lm = request.getfixturevalue("llama")
+    model = lm.model
+    split = HeadSplit.find(model)
+    exs = make_examples(lm.tokenizer, 8, seed=3)
+    for packed in (False, True):
+        rows = [exs[:4], exs[4:]] if packed else [[e] for e in exs]
+        width = max(sum(len(e) - 1 for e in r) for r in rows)
+        b = _stack(rows, width, 0, packed=packed)
+        b.select = selection(np.array(b.weights), bucket=16)
+        assert len(chunk_bounds(width, 8)) > 3  # really chunked
+
+        def loss(m):
+            return logprobs(m, b, reduction="sum", split=split, select=b.select, num_segments=4).sum()
+
+        results = []
+        for chunk in (None, 8):
+            set_attention_chunk(model, chunk)
+            try:
+                tok = logprobs(model, b, split=split, select=b.select)
+                value, grads = nn.value_and_grad(model, loss)(model)
+            finally:
+                set_attention_chunk(model, None)
+            results.append((np.array(tok), value.item(), dict(tree_flatten(grads))))
+        (t0, v0, g0), (t1, v1, g1) = results
+        np.testing.assert_allclose(t1, t0, atol=2e-5)
+        assert v1 == pytest.approx(v0, rel=1e-5)
+        assert g0.keys() == g1.keys()
+        for k in g0:
+            np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_chunking_is_checked_on_the_model(llama):
+    from mlxpost.runner import chunking_is_exact, resolve_attention_chunk
+
+    assert chunking_is_exact(llama.model)
+
+    class NoCache(nn.Module):  # runs every chunk as if it were a whole row: positions and earlier keys lost
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner.model
+            self.inner = inner
+
+        @property
+        def layers(self):
+            return self.inner.layers
+
+        def __call__(self, x, cache=None):
+            return self.inner(x)
+
+    assert not chunking_is_exact(NoCache(llama.model))
+    assert resolve_attention_chunk(-1, NoCache(llama.model)) is None
+    assert resolve_attention_chunk(0, llama.model) is None
+    assert resolve_attention_chunk(32, llama.model) == 32
+    assert resolve_attention_chunk(32, llama.model, grad_checkpoint=True) is None

@@ -630,3 +630,35 @@ def test_pair_layout_chooses_the_fewest_positions():
     assert pair_layout([30, 30, 10], 8, 64)[0] == 40 and len(pair_layout([30, 30, 10], 8, 64)[1]) == 2
     width, rows = pair_layout([30, 30, 10], 8, 36)
     assert (width, len(rows)) == (32, 3)
+
+
+def test_pair_layout_weighs_attention_against_positions():
+    """A row of ``w`` positions costs ``w * (1 + w / span)``: wide rows pay for attention over the whole row."""
+    from mlxpost.batching import pair_layout
+
+    # Positions alone: 2 rows of 152 (100 + 50, 50 + 50 + 50: 304 positions) beat 3 rows of 104 (312).
+    assert pair_layout([50, 50, 50, 50, 100], 8, 1000) == (152, [[4, 0], [1, 2, 3]])
+    # Attention as costly as the linear layers at 20 positions: 3 * 104 * (1 + 104/20) = 1934 beats
+    # 2 * 152 * (1 + 152/20) = 2614.
+    assert pair_layout([50, 50, 50, 50, 100], 8, 1000, span=20) == (104, [[4], [0, 1], [2, 3]])
+    # 60 + 44 share one row of 104 (104 positions against 2 x 64 = 128) until attention weighs:
+    # at span 40, 104 * (1 + 104/40) = 374 > 128 * (1 + 64/40) = 333.
+    assert pair_layout([60, 44], 8, 1000)[0] == 104
+    assert pair_layout([60, 44], 8, 1000, span=40) == (64, [[0], [1]])
+    # When one width wins on both counts the span changes nothing.
+    assert pair_layout([100, 60, 60, 20], 8, 1000, span=20) == pair_layout([100, 60, 60, 20], 8, 1000)
+
+
+def test_attention_span_from_the_model_blocks(tiny_model):
+    from mlxpost.batching import attention_span
+    from mlxpost.model import load_model
+
+    model = load_model(str(tiny_model)).model
+    args = model.args
+    d = args.hidden_size // args.num_attention_heads
+    kv = args.num_key_value_heads * d
+    weights = 2 * args.hidden_size * args.hidden_size + 2 * args.hidden_size * kv + 3 * args.hidden_size * \
+        args.intermediate_size
+    cpu = attention_span(model, cpu=True)
+    assert cpu == pytest.approx(2 * weights / (4 * args.hidden_size + 1500 * args.num_attention_heads))
+    assert attention_span(model, cpu=False) > 10 * cpu  # on a GPU the softmax is cheap

@@ -14,6 +14,7 @@ from conftest import preference_rows, write_jsonl
 from mlx.utils import tree_flatten
 
 from mlxpost import reference
+from mlxpost.batching import attention_chunk
 from mlxpost.config import build_config
 from mlxpost.errors import ConfigError, MlxpostError
 from mlxpost.health import PreferenceHealth, Thresholds
@@ -235,6 +236,34 @@ def test_reference_pass_reuses_the_policys_unadapted_lower_blocks(tiny_model, pr
     assert pre.trunk is None
 
 
+def test_shared_trunk_replays_each_query_chunk(tiny_model, pref_data):
+    """In query chunks the policy pass records the trunk's output once per chunk and the reference pass
+    replays them in order: loss and gradients as with whole rows and a full reference pass."""
+    from mlxpost.batching import batch_from_arrays, chunk_bounds, set_attention_chunk
+
+    prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "train.batch_size=4", "lora.num_layers=1",
+                            "train.attention_chunk=8"), NullReporter())
+    model = prep.loaded.model
+    assert prep.trunk is not None
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    batch = next(iter(prep.train))
+    assert len(chunk_bounds(batch.inputs.shape[1], 8)) > 3
+    results = []
+    for trunk, chunk in ((prep.trunk, 8), (None, None)):
+        set_attention_chunk(model, chunk)
+        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, trunk=trunk)
+        loss, grads = nn.value_and_grad(model, lambda m, a: objective.loss(m, batch_from_arrays(a))[0])(
+            model, batch.arrays())
+        results.append((loss.item(), {k: np.array(v) for k, v in tree_flatten(grads)}))
+        assert prep.trunk.hidden == []  # every recorded chunk was replayed (or none recorded)
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, abs=1e-5) and l1 != pytest.approx(LOG2, abs=1e-3)
+    for k in g2:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
 def test_a_compiled_dpo_run_with_a_shared_trunk_learns(tmp_path, tiny_model, pref_data):
     cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.steps=8", "train.lr=5e-3", "train.batch_size=4",
                    "lora.num_layers=1", f"output.dir={tmp_path}", "output.name=t")
@@ -419,6 +448,12 @@ def test_preference_configuration_errors(tiny_model, pref_data):
     with pytest.raises(ConfigError, match="dpo.label_smoothing: must be in"):
         build_config(None, ["dpo.label_smoothing=0.5"], method="dpo")
     assert build_config(None, ["data.batching=pack"], method="dpo").data.batching == "pack"  # pairs pack too
+    with pytest.raises(ConfigError, match="train.attention_chunk: must be -1"):
+        build_config(None, ["train.attention_chunk=-2"], method="dpo")
+    with pytest.raises(ConfigError, match="cannot be combined with train.grad_checkpoint"):
+        build_config(None, ["train.attention_chunk=64", "train.grad_checkpoint=true"], method="dpo")
+    prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "train.grad_checkpoint=true"), NullReporter())
+    assert attention_chunk(prep.loaded.model) is None  # auto: off with checkpointing
     cfg = build_config(None, [], method="dpo")
     assert cfg.train.lr == 5e-5 and "dpo" in cfg.to_dict() and "orpo" not in cfg.to_dict()
     assert "dpo" not in build_config(None, []).to_dict()

@@ -1,0 +1,112 @@
+"""Whole rows against query chunks (``train.attention_chunk``): one training step, timed interleaved.
+
+    python benchmarks/bench_attention_chunk.py                     # DPO on SmolLM2-135M, top 16 of 30 blocks
+    python benchmarks/bench_attention_chunk.py --method sft --batch-size 4
+    python benchmarks/bench_attention_chunk.py --chunks 0,64,96,128 --num-layers -1
+
+A training forward pass on MLX's CPU backend computes attention scores for
+every pair of positions of a row, and the causal mask throws half of them
+away; the softmax's scalar ``exp`` makes those scores the costliest part of
+a block at a few hundred positions. Fed in query chunks (chunked prefill),
+only the scores on and below the diagonal between chunks are computed
+(:func:`mlxpost.batching.forward`).
+
+One process, one prepared run (the method's own objective: for DPO the
+shared-trunk reference pass), adapters moved away from zero; for each chunk
+setting a compiled value-and-gradient step is traced, then the settings are
+timed in turn, ``--rounds`` times over the same ``--batches`` batches, so
+machine noise hits them alike. Prints a table and writes
+``benchmarks/results/attention_chunk-<method>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCH_PAIRS = RESULTS / "dpo-work" / "pairs-32-default"  # written by bench_dpo.py --model default --pairs 32
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--method", default="dpo", choices=["dpo", "orpo", "sft"])
+    ap.add_argument("--data", default=None,
+                    help="data directory (default: bench_dpo.py's SmolLM2 pairs when written, else the bundled data)")
+    ap.add_argument("--num-layers", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=2, help="pairs (or SFT rows) per step")
+    ap.add_argument("--chunks", default="0,96", help="attention chunk settings to compare; 0 = whole rows")
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    from mlxpost.system import maybe_reexec
+
+    maybe_reexec()
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxpost.batching import batch_from_arrays, set_attention_chunk
+    from mlxpost.config import build_config
+    from mlxpost.methods import get as get_method
+    from mlxpost.runner import prepare
+    from mlxpost.ui import NullReporter
+
+    chunks = [int(c) for c in args.chunks.split(",")]
+    data = args.data or (str(BENCH_PAIRS) if args.method != "sft" and BENCH_PAIRS.exists() else None)
+    sets = [f"model.path={args.model}", f"lora.num_layers={args.num_layers}", f"train.batch_size={args.batch_size}",
+            "model.dtype=float32", "train.attention_chunk=0"]
+    if data:
+        sets.append(f"data.path={data}")
+    prep = prepare(build_config(None, sets, method=args.method), NullReporter())
+    model = prep.loaded.model
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(1)) * 0.01
+    it = iter(prep.train)
+    batches = [next(it) for _ in range(args.batches)]
+
+    steps, losses = {}, {}
+    for c in chunks:
+        set_attention_chunk(model, c or None)  # read when the step is traced
+        objective = get_method(args.method).objective(prep)
+        vg = nn.value_and_grad(model, lambda m, a, o=objective: o.loss(m, batch_from_arrays(a))[0])
+        step = mx.compile(lambda a, vg=vg: vg(model, a), inputs=[model.state], outputs=[model.state])
+        losses[c] = [step(b.arrays())[0].item() for b in batches]  # traces every shape once
+        steps[c] = step
+    set_attention_chunk(model, None)
+
+    seconds = {c: 0.0 for c in chunks}
+    for _ in range(args.rounds):
+        for c in chunks:
+            for b in batches:
+                t = time.perf_counter()
+                mx.eval(steps[c](b.arrays()))
+                seconds[c] += time.perf_counter() - t
+    per_step = {c: seconds[c] / (args.rounds * len(batches)) for c in chunks}
+
+    shapes = [tuple(b.inputs.shape) for b in batches]
+    print(f"\n{args.method} on {args.model}: LoRA on the top {args.num_layers} blocks "
+          f"(of {len(model.layers)}), batch shapes {shapes} ({prep.batching}); "
+          f"{args.rounds} interleaved rounds")
+    base = per_step[chunks[0]]
+    print(f"{'attention chunk':<18}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}")
+    for c in chunks:
+        diff = max(abs(a - b) for a, b in zip(losses[c], losses[chunks[0]]))
+        print(f"{(str(c) if c else 'whole rows'):<18}{per_step[c]:>9.3f}{base / per_step[c]:>9.2f}x{diff:>17.2e}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"model": args.model, "method": args.method, "num_layers": args.num_layers, "batch_size": args.batch_size,
+           "data": data or "bundled", "shapes": shapes, "batching": prep.batching, "rounds": args.rounds,
+           "seconds_per_step": {str(c): v for c, v in per_step.items()},
+           "losses": {str(c): v for c, v in losses.items()}}
+    path = RESULTS / f"attention_chunk-{args.method}.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
