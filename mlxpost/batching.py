@@ -126,6 +126,7 @@ class ChunkCache(MaskCache):
         self.keys = self.values = None
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_):
+        # Always an array (``return_array`` asks for one where a string such as "causal" would do).
         a, b = self.offset, self.offset + N
         mask = self.mask[..., a:b, :b]
         if window_size is not None and window_size < b:
@@ -176,9 +177,13 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     masks out half of them (causality); in ``n`` chunks the scores computed
     drop to ``(n + 1) / (2n)`` of that. On MLX's CPU backend, where the
     softmax's ``exp`` is the costliest part of attention, this is what makes
-    long rows cheaper (``benchmarks/bench_attention_chunk.py``). The
-    result is the same up to float rounding; whether a model allows it is
-    checked once (:func:`mlxpost.runner.chunking_is_exact`).
+    long rows cheaper (``benchmarks/bench_attention_chunk.py``). For a model
+    that passes :func:`mlxpost.runner.chunking_is_exact` (training runs check
+    it once) the result is the same up to float rounding. Memory: the
+    attention scores shrink like the work; each block keeps the keys and
+    values of the growing prefix for the backward pass, about ``(n + 1) / 2``
+    times a whole row's (small against the scores). Without a head split the
+    chunks' logits are concatenated (a copy of the largest activation).
     """
     fn = body or model
     bounds = chunk_bounds(inputs.shape[1], attention_chunk(model) if chunk is None else chunk)
@@ -424,7 +429,10 @@ def attention_span(model, cpu: bool | None = None) -> float | None:
     matmuls run at 130-180 GFLOP/s), so ``c`` is about 1500 and attention
     dominates from a few hundred positions on (measured on SmolLM2-135M:
     equal at about 425 positions, estimated here 448); on a GPU ``c`` is
-    small. ``None`` when the model's blocks cannot be read.
+    small (16 here: an estimate, not measured). The first block stands for
+    all (a mixture-of-experts block's experts are not counted); ``None``
+    when its linear layers or heads cannot be read (fused QKV projections,
+    for one), and layouts then count positions only.
     """
     import mlx.nn as nn
 

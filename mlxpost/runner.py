@@ -107,13 +107,24 @@ def packing_is_exact(model, atol: float = 1e-4) -> bool:
 
 
 def chunking_is_exact(model, chunk: int = 8) -> bool:
-    """Does a forward pass in query chunks (:func:`mlxpost.batching.forward`) give the same log-probs?
+    """Does a forward pass in query chunks (:func:`mlxpost.batching.forward`) give the same logits?"""
+    return chunking_problem(model, chunk) is None
+
+
+def chunking_problem(model, chunk: int = 8) -> str | None:
+    """Why this model cannot run in query chunks, or None when it can.
 
     A random row of ``3 * chunk`` positions goes through the model whole and
     in chunks, unpacked and as two packed sequences. Models whose blocks do
     not place RoPE at the cache's offset, or keep keys in other ways, fail
-    and are run whole.
+    and are run whole; so are models whose RoPE depends on the length seen
+    so far (dynamic NTK scaling: each chunk would rotate with another base
+    once rows are longer than the model's trained context, which a short
+    probe cannot show).
     """
+    for _, m in model.named_modules():
+        if "Dynamic" in type(m).__name__ and "RoPE" in type(m).__name__:
+            return f"its RoPE ({type(m).__name__}) depends on the length seen so far"
     rng = np.random.default_rng(1)
     vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") and hasattr(
         model.model, "embed_tokens") else 100
@@ -121,31 +132,38 @@ def chunking_is_exact(model, chunk: int = 8) -> bool:
     x = mx.array(rng.integers(1, min(vocab, 1000), (1, L)).astype(np.int32))
     segments = mx.array((np.arange(L) >= L // 2 + 1).astype(np.int32)[None])
     try:
-        errs, scale, exact_dtype = [], 1.0, True
+        err, exact_dtype = 0.0, True
         for seg in (None, segments):
             whole, parts = forward(model, x, seg, chunk=0), forward(model, x, seg, chunk=chunk)
             exact_dtype = exact_dtype and whole.dtype == mx.float32
-            whole = whole.astype(mx.float32) - mx.logsumexp(whole.astype(mx.float32), axis=-1, keepdims=True)
-            parts = parts.astype(mx.float32) - mx.logsumexp(parts.astype(mx.float32), axis=-1, keepdims=True)
-            errs.append(mx.abs(whole - parts).max().item())
-            scale = max(scale, mx.abs(whole).max().item())
-    except Exception:
-        return False
-    # The same operations on differently shaped pieces: rounding differences only.
-    return max(errs) <= (1e-4 if exact_dtype else 2e-2) * scale
+            whole, parts = whole.astype(mx.float32), parts.astype(mx.float32)
+            err = max(err, (mx.linalg.norm(whole - parts) / mx.linalg.norm(whole)).item())
+    except Exception as e:  # a cache protocol this model does not follow: run it whole
+        return f"its attention does not follow the cache protocol of chunked prefill ({type(e).__name__}: {e})"
+    # The same operations on differently shaped pieces differ by rounding only;
+    # a misplaced position or a lost key changes the logits at order 1.
+    if err > (1e-5 if exact_dtype else 1e-2):
+        return f"its logits in query chunks differ from whole rows (relative error {err:.1e})"
+    return None
 
 
-def resolve_attention_chunk(setting: int, model, grad_checkpoint: bool = False) -> int | None:
+def resolve_attention_chunk(setting: int, model, grad_checkpoint: bool = False, warn=None) -> int | None:
     """``train.attention_chunk``: -1 (auto) chunks on MLX's CPU backend only, where it is measured faster.
 
     Not with gradient checkpointing: a checkpointed block runs again in the
     backward pass, and a chunk's keys are state of the pass that it must not
-    append twice.
+    append twice. ``warn``: called when an explicit length cannot be used.
     """
     if setting == 0 or grad_checkpoint:
         return None
     chunk = setting if setting > 0 else (DEFAULT_ATTENTION_CHUNK if mx.default_device() == mx.cpu else None)
-    if chunk is None or not chunking_is_exact(model):
+    if chunk is None:
+        return None
+    problem = chunking_problem(model)
+    if problem is not None:
+        if setting > 0 and warn is not None:
+            warn(f"train.attention_chunk={setting}: this model cannot run in query chunks: {problem}; "
+                 "running whole rows")
         return None
     return chunk
 
@@ -343,9 +361,11 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
                           dora=dora, extra=extra)
 
     split = HeadSplit.find(model)
-    set_attention_chunk(model, resolve_attention_chunk(cfg.train.attention_chunk, model, cfg.train.grad_checkpoint))
+    set_attention_chunk(model, None)  # the probes below run whole rows
+    chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, cfg.train.grad_checkpoint, warn=rep.warn)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     if method.data == "prompts":
+        set_attention_chunk(model, chunk)
         return _prepare_rl(cfg, loaded, split, pad_id, acfg, trainable, rep)
 
     with rep.status("reading and tokenizing data"):
@@ -360,8 +380,11 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
 
     # Pairs: chosen and rejected sides of a batch in one forward pass, packed or padded.
     batching = choose_batching(cfg.data.batching, model, pairs=method.data == "pairs")
+    set_attention_chunk(model, chunk)
     if cfg.data.batching == "auto" and batching == "pad" and (method.data == "pairs" or mx.default_device() != mx.cpu):
         rep.warn("this model does not isolate packed examples; using padded batches")
+
+    span = attention_span(model) if method.data == "pairs" else None  # weighs wide pair rows' attention
 
     def source(examples: list, shuffle: bool) -> BatchSource:
         # Each source sizes its own rows: long validation chats must not widen
@@ -374,7 +397,6 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
             return PairSource(examples, span=span, **kw)
         return BatchSource(examples, **kw)
 
-    span = attention_span(model) if method.data == "pairs" else None
 
     train_src = source(train, shuffle=True)
     valid_src = source(valid, shuffle=False) if valid is not None else None
@@ -682,7 +704,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
             ("batching", prep.batching), ("steps", steps), ("processes", size),
             ("logits", "trained positions only" if prep.split else "all positions")]
     chunk = attention_chunk(prep.loaded.model)
-    info.append(("attention", f"queries in chunks of ~{chunk} positions" if chunk else "whole rows"))
+    info.append(("attention", f"rows in query chunks of ~{chunk} positions (at most 8 a row)" if chunk
+                 else "whole rows"))
     if method.data == "pairs":
         info[4:6] = [("train pairs", prep.stats["train_examples"] * size),
                      ("valid pairs", prep.stats["valid_examples"] * size)]

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from .batching import Batch, BatchSource, batch_from_arrays
+from .batching import Batch, BatchSource, attention_chunk, batch_from_arrays
 from .config import TrainConfig
 from .errors import MlxpostError
 from .runs import RunDir, load_checkpoint
@@ -180,6 +180,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, total_steps)
         self.optimizer.init(model.trainable_parameters())
         if cfg.grad_checkpoint:
+            if attention_chunk(model):
+                raise MlxpostError("gradient checkpointing cannot run on query chunks (a recomputed block would "
+                                   "append its chunk's keys twice): set_attention_chunk(model, None) first")
             enable_grad_checkpoint(model)
         self.step = 0
         self.best_val: float | None = None

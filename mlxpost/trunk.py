@@ -122,6 +122,9 @@ class SharedTrunk:
         try:
             with self._swapped({i: _Replay(blocks[i], self, i == 0) for i in range(self.k)}):
                 yield
+            if self.hidden:  # the passes went through the blocks a different number of times
+                raise RuntimeError(f"the reference pass replayed fewer chunks than the policy pass recorded "
+                                   f"({len(self.hidden)} left)")
         finally:
             self.hidden = []  # the graph holds them now; keep no traced array alive here
 

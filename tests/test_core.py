@@ -282,7 +282,9 @@ def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
 
 
 def test_chunking_is_checked_on_the_model(llama):
-    from mlxpost.runner import chunking_is_exact, resolve_attention_chunk
+    from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE
+
+    from mlxpost.runner import chunking_is_exact, chunking_problem, resolve_attention_chunk
 
     assert chunking_is_exact(llama.model)
 
@@ -301,6 +303,19 @@ def test_chunking_is_checked_on_the_model(llama):
 
     assert not chunking_is_exact(NoCache(llama.model))
     assert resolve_attention_chunk(-1, NoCache(llama.model)) is None
+    warnings = []
+    assert resolve_attention_chunk(32, NoCache(llama.model), warn=warnings.append) is None
+    assert len(warnings) == 1 and "train.attention_chunk=32" in warnings[0] and "whole rows" in warnings[0]
+
+    class Scaled(NoCache):  # exact on a short probe, not on rows past the trained context
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.rope = DynamicNTKScalingRoPE(8, 16, False, 10000.0, 2.0)
+
+        def __call__(self, x, cache=None):
+            return self.inner(x, cache=cache)
+
+    assert "DynamicNTKScalingRoPE" in chunking_problem(Scaled(llama.model))
     assert resolve_attention_chunk(0, llama.model) is None
     assert resolve_attention_chunk(32, llama.model) == 32
     assert resolve_attention_chunk(32, llama.model, grad_checkpoint=True) is None

@@ -257,7 +257,6 @@ def test_shared_trunk_replays_each_query_chunk(tiny_model, pref_data):
         loss, grads = nn.value_and_grad(model, lambda m, a: objective.loss(m, batch_from_arrays(a))[0])(
             model, batch.arrays())
         results.append((loss.item(), {k: np.array(v) for k, v in tree_flatten(grads)}))
-        assert prep.trunk.hidden == []  # every recorded chunk was replayed (or none recorded)
     (l1, g1), (l2, g2) = results
     assert l1 == pytest.approx(l2, abs=1e-5) and l1 != pytest.approx(LOG2, abs=1e-3)
     for k in g2:
