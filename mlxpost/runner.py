@@ -397,7 +397,6 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
             return PairSource(examples, span=span, **kw)
         return BatchSource(examples, **kw)
 
-
     train_src = source(train, shuffle=True)
     valid_src = source(valid, shuffle=False) if valid is not None else None
     prep = Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
