@@ -65,63 +65,40 @@ def batch_from_arrays(arrays: dict) -> Batch:
 # ---------------------------------------------------------------------------
 
 
+def causal_mask(length: int) -> mx.array:
+    """(1, 1, L, L) bool: position i sees positions j <= i."""
+    idx = mx.arange(length)
+    return (idx[:, None] >= idx[None, :])[None, None]
+
+
 def segment_mask(segments: mx.array) -> mx.array:
     """(B, L) segment ids -> (B, 1, L, L) bool: causal within a segment."""
-    L = segments.shape[1]
-    causal = mx.arange(L)[:, None] >= mx.arange(L)[None, :]  # (L, L)
-    same = segments[:, :, None] == segments[:, None, :]  # (B, L, L)
-    return (same & causal)[:, None]
-
-
-class MaskCache:
-    """A pass-through "cache" that hands mlx-lm models a given attention mask.
-
-    mlx-lm models build their mask from the first layer's cache
-    (``cache.make_mask``) and feed keys/values through ``update_and_fetch``;
-    this object returns the block-diagonal mask and the keys/values as they
-    are, so one forward pass treats each packed example separately.
-    """
-
-    offset = 0
-
-    def __init__(self, mask: mx.array):
-        self.mask = mask
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_):
-        if window_size is not None and window_size < N:
-            idx = mx.arange(self.mask.shape[-1])
-            return self.mask & ((idx[:, None] - idx[None, :]) < window_size)
-        return self.mask
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-    @property
-    def state(self):
-        return ()
-
-    def is_trimmable(self):
-        return False
+    same = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, L, L)
+    return same & causal_mask(segments.shape[1])
 
 
 DEFAULT_ATTENTION_CHUNK = 96  # positions per query chunk on the CPU (train.attention_chunk=-1)
 
 
-class ChunkCache(MaskCache):
-    """One block's cache for a forward pass in query chunks (:func:`forward`).
+class MaskCache:
+    """One block's "cache" that hands an mlx-lm model a given attention mask, for a row fed whole or in chunks.
 
-    The row is fed to the model a chunk of positions at a time, like the
-    chunked prefill of generation: each chunk's queries attend to the keys
-    and values of the chunks before it (kept here) and its own, so the
-    attention scores above the causal diagonal between chunks are never
-    computed. ``offset`` (set by :func:`forward` before each chunk, also
-    for blocks that a shared trunk skips) places the chunk's RoPE positions,
-    and the mask is the chunk's rows of the full (block-diagonal or causal)
-    mask.
+    mlx-lm models build their mask from the first block's cache
+    (``cache.make_mask``) and feed keys/values through ``update_and_fetch``.
+    Given the row's full mask (block-diagonal for packed examples, so one
+    forward pass treats each separately; causal otherwise), this object
+    returns the rows of it that belong to the positions being fed.
+
+    The row may be fed a chunk of positions at a time, like the chunked
+    prefill of generation (:func:`forward`): each chunk's queries attend to
+    the keys and values of the chunks before it (kept here) and its own, so
+    the attention scores above the causal diagonal between chunks are never
+    computed. ``offset`` (set by :func:`forward` before each chunk, also for
+    blocks that a shared trunk skips) places the chunk's RoPE positions.
     """
 
     def __init__(self, mask: mx.array):
-        super().__init__(mask)
+        self.mask = mask
         self.offset = 0
         self.keys = self.values = None
 
@@ -135,18 +112,21 @@ class ChunkCache(MaskCache):
         return mask
 
     def update_and_fetch(self, keys, values):
-        if self.keys is None:
+        # A row's first chunk (or the whole row) starts afresh: a whole row run
+        # again by gradient checkpointing sees only its own keys.
+        if self.offset == 0:
             self.keys, self.values = keys, values
         else:
             self.keys = mx.concatenate([self.keys, keys], axis=2)
             self.values = mx.concatenate([self.values, values], axis=2)
         return self.keys, self.values
 
+    @property
+    def state(self):
+        return ()
 
-def causal_mask(length: int) -> mx.array:
-    """(1, 1, L, L) bool: position i sees positions j <= i."""
-    idx = mx.arange(length)
-    return (idx[:, None] >= idx[None, :])[None, None]
+    def is_trimmable(self):
+        return False
 
 
 def chunk_bounds(length: int, chunk: int | None) -> list[int]:
@@ -172,7 +152,7 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     """Run ``model`` (or its ``body``) on ``inputs`` with packing isolation when segmented.
 
     ``chunk`` (default: the model's :func:`set_attention_chunk`): feed the
-    rows in query chunks of about that many positions (:class:`ChunkCache`).
+    rows in query chunks of about that many positions (:class:`MaskCache`).
     A full pass computes attention scores for every pair of positions and
     masks out half of them (causality); in ``n`` chunks the scores computed
     drop to ``(n + 1) / (2n)`` of that. On MLX's CPU backend, where the
@@ -187,19 +167,16 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     """
     fn = body or model
     bounds = chunk_bounds(inputs.shape[1], attention_chunk(model) if chunk is None else chunk)
-    if len(bounds) == 2:
-        if segments is None:
-            return fn(inputs)
-        cache = [MaskCache(segment_mask(segments))] * len(model.layers)
-        return fn(inputs, cache=cache)
+    if len(bounds) == 2 and segments is None:
+        return fn(inputs)  # the model's own causal mask
     mask = causal_mask(inputs.shape[1]) if segments is None else segment_mask(segments)
-    cache = [ChunkCache(mask) for _ in model.layers]
+    cache = [MaskCache(mask) for _ in model.layers]
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         for c in cache:
             c.offset = a
         outs.append(fn(inputs[:, a:b], cache=cache))
-    return mx.concatenate(outs, axis=1)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
 
 def selection(weights: np.ndarray, bucket: int) -> tuple[mx.array, mx.array]:

@@ -82,19 +82,24 @@ def agree(world, fn: Callable, what: str):
 # ---------------------------------------------------------------------------
 
 
+def _probe_tokens(model, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` random token ids (int32) within the model's vocabulary (at most the first 1000), for probes."""
+    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") and hasattr(
+        model.model, "embed_tokens") else 100
+    return rng.integers(1, min(vocab, 1000), n).astype(np.int32)
+
+
 def packing_is_exact(model, atol: float = 1e-4) -> bool:
     """Do packed rows give the same log-probs as one-by-one rows for this model?
 
-    Two random sequences are run packed (block-diagonal mask through the
-    pass-through cache) and separately. Architectures that do not build their
+    Two random sequences are run packed (block-diagonal mask through
+    :class:`mlxpost.batching.MaskCache`) and separately. Architectures that do not build their
     mask from the cache, or whose layers mix positions in other ways, fail
     this check and are trained with padding instead.
     """
     rng = np.random.default_rng(0)
-    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") and hasattr(
-        model.model, "embed_tokens") else 100
-    a = Example(rng.integers(1, min(vocab, 1000), 9).astype(np.int32), np.ones(9, bool))
-    b = Example(rng.integers(1, min(vocab, 1000), 7).astype(np.int32), np.ones(7, bool))
+    a = Example(_probe_tokens(model, rng, 9), np.ones(9, bool))
+    b = Example(_probe_tokens(model, rng, 7), np.ones(7, bool))
     try:
         packed = logprobs(model, _stack([[a, b]], 16, 0, packed=True))
         one = logprobs(model, _stack([[a]], 8, 0, packed=False))
@@ -125,11 +130,8 @@ def chunking_problem(model, chunk: int = 8) -> str | None:
     for _, m in model.named_modules():
         if "Dynamic" in type(m).__name__ and "RoPE" in type(m).__name__:
             return f"its RoPE ({type(m).__name__}) depends on the length seen so far"
-    rng = np.random.default_rng(1)
-    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") and hasattr(
-        model.model, "embed_tokens") else 100
     L = 3 * chunk
-    x = mx.array(rng.integers(1, min(vocab, 1000), (1, L)).astype(np.int32))
+    x = mx.array(_probe_tokens(model, np.random.default_rng(1), L)[None])
     segments = mx.array((np.arange(L) >= L // 2 + 1).astype(np.int32)[None])
     try:
         err, exact_dtype = 0.0, True

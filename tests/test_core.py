@@ -115,17 +115,21 @@ def test_head_split_on_selected_positions_equals_full_logits(llama, tiny_qwen):
             assert mx.abs(full - part).max().item() < 1e-5
 
 
+class Wrapped(nn.Module):
+    """A model around an mlx-lm model (same body and blocks): subclasses change what a call computes."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.model = inner.model
+        self.inner = inner
+
+    @property
+    def layers(self):
+        return self.inner.layers
+
+
 def test_head_split_refuses_models_it_cannot_reproduce(llama):
-    class Capped(nn.Module):  # a soft-capped head: head(body(x)) != model(x)
-        def __init__(self, inner):
-            super().__init__()
-            self.model = inner.model
-            self.inner = inner
-
-        @property
-        def layers(self):
-            return self.inner.layers
-
+    class Capped(Wrapped):  # a soft-capped head: head(body(x)) != model(x)
         def __call__(self, x, cache=None):
             return 5.0 * mx.tanh(self.inner(x, cache=cache) / 5.0)
 
@@ -288,16 +292,7 @@ def test_chunking_is_checked_on_the_model(llama):
 
     assert chunking_is_exact(llama.model)
 
-    class NoCache(nn.Module):  # runs every chunk as if it were a whole row: positions and earlier keys lost
-        def __init__(self, inner):
-            super().__init__()
-            self.model = inner.model
-            self.inner = inner
-
-        @property
-        def layers(self):
-            return self.inner.layers
-
+    class NoCache(Wrapped):  # runs every chunk as if it were a whole row: positions and earlier keys lost
         def __call__(self, x, cache=None):
             return self.inner(x)
 
