@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
 from .data import Example
 from .errors import MlxpostError
 
@@ -164,18 +165,23 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     values of the growing prefix for the backward pass, about ``(n + 1) / 2``
     times a whole row's (small against the scores). Without a head split the
     chunks' logits are concatenated (a copy of the largest activation).
+
+    On MLX's CPU backend with the JIT's vectorizing flags, attention runs
+    through :func:`mlxpost.kernels.attention` (the same result, its softmax
+    vectorized).
     """
     fn = body or model
     bounds = chunk_bounds(inputs.shape[1], attention_chunk(model) if chunk is None else chunk)
-    if len(bounds) == 2 and segments is None:
-        return fn(inputs)  # the model's own causal mask
-    mask = causal_mask(inputs.shape[1]) if segments is None else segment_mask(segments)
-    cache = [MaskCache(mask) for _ in model.layers]
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        for c in cache:
-            c.offset = a
-        outs.append(fn(inputs[:, a:b], cache=cache))
+    with kernels.cpu_attention():
+        if len(bounds) == 2 and segments is None:
+            return fn(inputs)  # the model's own causal mask
+        mask = causal_mask(inputs.shape[1]) if segments is None else segment_mask(segments)
+        cache = [MaskCache(mask) for _ in model.layers]
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            for c in cache:
+                c.offset = a
+            outs.append(fn(inputs[:, a:b], cache=cache))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .batching import Batch, forward
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -61,7 +62,8 @@ def _target_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
     """log softmax(logits)[target], computed in float32. (..., V), (...) -> (...)"""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    lse = kernels.logsumexp(logits) if kernels.enabled() else mx.logsumexp(logits, axis=-1)
+    return picked - lse
 
 
 def token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | None = None,

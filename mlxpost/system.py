@@ -398,12 +398,17 @@ def _reexec_argv(argv=None) -> list[str] | None:
 def maybe_reexec(argv=None) -> None:
     """Re-execute this interpreter once with a fast BLAS preloaded.
 
-    Call it first thing in the CLI, before heavy imports.  Does nothing when
+    Call it first thing in the CLI, before heavy imports.  It first points
+    MLX's CPU JIT at vectorizing compiler flags (:func:`mlxpost.jit.apply`,
+    an environment change that needs no re-exec).  Then it does nothing when
     :func:`fast_blas_env` has no changes or when ``MLXPOST_REEXEC`` is set
     (the re-executed process sets it, so this can never loop).  ``argv``
     (without the interpreter) overrides ``sys.orig_argv``.  Returns normally
     when it does not re-exec, or when ``execve`` fails.
     """
+    from . import jit
+
+    jit.apply()
     if os.environ.get(REEXEC_MARKER):
         return
     if not sys.executable or getattr(sys, "frozen", False):
@@ -496,6 +501,7 @@ DOCTOR_ITEMS = (
     "memory total",
     "memory available",
     "g++",
+    "jit flags",
     "hf token",
     "cache dir",
 )
@@ -762,6 +768,22 @@ def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
         add("g++", "not found: mx.compile silently runs unfused on the CPU (install g++)", "warn")
     else:
         add("g++", "not found (not needed on this platform)", "info")
+
+    from . import jit
+
+    if jit.active():
+        add("jit flags", f"{os.environ[jit.ACTIVE_VAR]} (vectorized CPU kernels; cache in "
+                         f"{os.environ.get('TMPDIR', '/tmp')}/mlx)", "ok")
+    elif linux and gxx:
+        if jit.opted_out():
+            why = f"{jit.OPT_OUT_VAR}=0 is set"
+        elif jit.jit_env() is None:
+            why = f"{gxx} rejects them"
+        else:
+            why = "the mlxpost command applies them"
+        add("jit flags", f"not applied ({why}): MLX's CPU kernels run scalar", "info")
+    else:
+        add("jit flags", "not used on this platform", "info")
 
     src = _hf_token_source()
     add("hf token", f"yes ({src})" if src else "no", "info")

@@ -2,7 +2,8 @@
 
 On Linux the test process re-executes itself with the system OpenBLAS when
 one is installed (as the ``mlxpost`` command does), so MLX's matmuls do not
-run on the bundled reference BLAS.
+run on the bundled reference BLAS, and MLX's CPU JIT builds vectorized
+kernels (``mlxpost.jit``), so the tests run the code paths users get.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def pytest_configure(config):
     # Re-exec with OpenBLAS preloaded (see mlxpost.system). pytest captures
     # the standard streams by now; give them back first, or the new process
     # would write into the capture files.
+    from mlxpost import jit
     from mlxpost.system import fast_blas_env, maybe_reexec
 
+    jit.apply()  # vectorized MLX CPU kernels, as the CLI has them (an environment change, no re-exec)
     if fast_blas_env() and not os.environ.get("MLXPOST_REEXEC"):
         capture = config.pluginmanager.getplugin("capturemanager")
         if capture is not None:

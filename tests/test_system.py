@@ -248,6 +248,10 @@ def test_doctor_rows():
         assert status in {"ok", "warn", "info"}, (item, status)
     d = {r[0]: r for r in rows}
     assert d["matmul fp32"][1] == "not measured"
+    from mlxpost import jit
+
+    if jit.active():  # the test session applies the JIT flags as the CLI does
+        assert d["jit flags"][2] == "ok" and "-march=native" in d["jit flags"][1]
     assert d["hf token"][1].split()[0] in {"yes", "no"}
 
 

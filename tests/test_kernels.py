@@ -1,0 +1,227 @@
+"""Vectorizing JIT flags (mlxpost.jit) and the fused softmax / log-sum-exp / attention (mlxpost.kernels)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from test_core import llama, make_examples  # noqa: F401 (llama: a fixture)
+
+from mlxpost import jit, kernels
+from mlxpost.batching import _stack, selection, set_attention_chunk
+from mlxpost.logprobs import HeadSplit, logprobs
+
+linux_gxx = pytest.mark.skipif(not sys.platform.startswith("linux") or not jit.shutil.which("g++"),
+                               reason="the JIT shim is for Linux with g++")
+
+
+# --------------------------------------------------------------------------- jit
+
+
+def fake_compiler(dir_: Path, exit_code: int = 0) -> Path:
+    """A ``g++`` on a PATH of its own that logs its arguments (and fails when asked to)."""
+    dir_.mkdir(parents=True, exist_ok=True)
+    gxx = dir_ / "g++"
+    gxx.write_text(f'#!/bin/sh\necho "$@" >> "{dir_}/calls"\nexit {exit_code}\n')
+    gxx.chmod(0o755)
+    return gxx
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_jit_env_writes_a_shim_and_a_cache_dir_of_its_own(tmp_path):
+    gxx = fake_compiler(tmp_path / "bin")
+    env = {"PATH": str(gxx.parent), "TMPDIR": str(tmp_path / "tmp")}
+    changes = jit.jit_env(env)
+    assert changes is not None
+    shim_dir, rest = changes["PATH"].split(os.pathsep, 1)
+    assert rest == str(gxx.parent)  # prepended, the user's PATH kept
+    shim = Path(shim_dir) / "g++"
+    text = shim.read_text()
+    assert f'exec "{gxx}" "$@" ' + " ".join(jit.FLAGS) in text
+    assert os.access(shim, os.X_OK)
+    assert Path(changes["TMPDIR"]).parent == tmp_path / "tmp"  # MLX's kernel cache: $TMPDIR/mlx/...
+    assert Path(changes["TMPDIR"]) == Path(shim_dir).parent
+    assert changes[jit.ACTIVE_VAR] == " ".join(jit.FLAGS)
+    assert all(f in (gxx.parent / "calls").read_text() for f in jit.FLAGS)  # the flags were tried once
+    # Same machine, same compiler: the same directory, and the compiler is not asked again.
+    (gxx.parent / "calls").unlink()
+    assert jit.jit_env(env) == changes
+    assert not (gxx.parent / "calls").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_jit_env_stays_out_of_the_way(tmp_path):
+    gxx = fake_compiler(tmp_path / "bin")
+    base = {"PATH": str(gxx.parent), "TMPDIR": str(tmp_path)}
+    assert jit.jit_env({**base, "MLXPOST_JIT": "0"}) is None  # opted out
+    assert jit.jit_env({**base, jit.ACTIVE_VAR: "-march=native"}) is None  # already applied (a child process)
+    assert jit.jit_env({"PATH": str(tmp_path / "nothing"), "TMPDIR": str(tmp_path)}) is None  # no g++
+    bad = fake_compiler(tmp_path / "bad", exit_code=1)
+    assert jit.jit_env({"PATH": str(bad.parent), "TMPDIR": str(tmp_path)}) is None  # flags rejected
+
+
+def test_jit_env_is_linux_only(monkeypatch, tmp_path):
+    monkeypatch.setattr(jit.sys, "platform", "darwin")
+    assert jit.jit_env({"PATH": os.environ.get("PATH", ""), "TMPDIR": str(tmp_path)}) is None
+
+
+@linux_gxx
+def test_shimmed_jit_builds_vectorized_kernels_with_the_same_results(tmp_path):
+    """A compiled exp/sigmoid graph gives bit-identical results with and without the flags, and the
+    kernels land in the shim's cache directory."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import mlx.core as mx
+        import numpy as np
+        x = mx.random.normal((4096,), key=mx.random.key(0)) * 30  # overflows exp: the inf branch too
+        x = mx.concatenate([x, mx.array([float("nan"), float("inf"), -float("inf"), 88.5, -88.5])])
+        f = mx.compile(lambda a: mx.exp(a - 3.0) * mx.sigmoid(a) + mx.tanh(a))
+        np.save(sys.argv[1], np.array(f(x)))
+    """))
+    clean = {k: v for k, v in os.environ.items() if k not in (jit.ACTIVE_VAR, "TMPDIR")}
+    clean["PATH"] = os.pathsep.join(p for p in clean.get("PATH", "").split(os.pathsep) if "mlxpost-jit-" not in p)
+    plain_env = {**clean, "TMPDIR": str(tmp_path / "plain"), "MLXPOST_JIT": "0"}
+    (tmp_path / "plain").mkdir()
+    fast_env = {**clean, "TMPDIR": str(tmp_path / "fast")}
+    (tmp_path / "fast").mkdir()
+    fast_env.update(jit.jit_env(fast_env))
+    for name, env in (("plain", plain_env), ("fast", fast_env)):
+        subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npy")], env=env, check=True)
+    plain, fast = np.load(tmp_path / "plain.npy"), np.load(tmp_path / "fast.npy")
+    assert np.isinf(plain).any() and np.isnan(plain).any() and np.isfinite(plain).sum() > 4000
+    np.testing.assert_array_equal(fast, plain)
+    kernels_built = list(Path(fast_env["TMPDIR"]).glob("mlx/*/cpu/*.so"))
+    assert kernels_built, "the shimmed run built no kernel in its own cache directory"
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def sdpa_inputs(B=2, H=6, Hkv=2, L=5, S=9, D=8):
+    k = mx.random.key(7)
+    k1, k2, k3, k4 = mx.random.split(k, 4)
+    q = mx.random.normal((B, H, L, D), key=k1)
+    keys = mx.random.normal((B, Hkv, S, D), key=k2)
+    values = mx.random.normal((B, Hkv, S, D), key=k3)
+    bool_mask = (mx.random.uniform(shape=(B, 1, L, S), key=k4) > 0.3) | (mx.arange(S) == S - 1)
+    return q, keys, values, bool_mask
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool-4d", "bool-2d", "additive"])
+def test_attention_equals_mlx_sdpa(mask_kind):
+    q, k, v, bool_mask = sdpa_inputs()
+    mask = {"none": None, "causal": "causal", "bool-4d": bool_mask, "bool-2d": bool_mask[0, 0],
+            "additive": mx.random.normal((5, 9), key=mx.random.key(3))}[mask_kind]
+    w = mx.random.normal((2, 6, 5, 8), key=mx.random.key(4))
+
+    def f(fn):
+        return lambda q, k, v: (fn(q, k, v, scale=0.3, mask=mask) * w).sum()
+
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    mine = kernels.attention(q, k, v, scale=0.3, mask=mask)
+    np.testing.assert_allclose(np.array(mine), np.array(ref), atol=1e-6)
+    g_ref = mx.grad(f(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    g_mine = mx.grad(f(kernels.attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_mine, g_ref):
+        assert np.abs(np.array(b)).max() > 0
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+
+
+def test_attention_row_with_nothing_to_attend_is_finite():
+    q, k, v, _ = sdpa_inputs()
+    mask = mx.zeros((5, 9), mx.bool_)
+    out = kernels.attention(q, k, v, scale=0.3, mask=mask)
+    expected = mx.broadcast_to(mx.repeat(v.mean(axis=2, keepdims=True), 3, axis=1), (2, 6, 5, 8))
+    np.testing.assert_allclose(np.array(out), np.array(expected), atol=1e-5)
+
+
+def test_softmax_and_logsumexp_equal_mlx():
+    x = mx.random.normal((3, 7, 50), key=mx.random.key(0)) * 5
+    w = mx.random.normal((3, 7, 50), key=mx.random.key(1))
+    np.testing.assert_allclose(np.array(kernels.softmax(x)), np.array(mx.softmax(x, axis=-1)), atol=1e-7)
+    np.testing.assert_allclose(np.array(kernels.logsumexp(x)), np.array(mx.logsumexp(x, axis=-1)), rtol=1e-6)
+    for mine, ref in ((lambda a: (kernels.softmax(a) * w).sum(), lambda a: (mx.softmax(a, axis=-1) * w).sum()),
+                      (lambda a: (kernels.logsumexp(a) * w[..., 0]).sum(),
+                       lambda a: (mx.logsumexp(a, axis=-1) * w[..., 0]).sum())):
+        g_mine, g_ref = mx.grad(mine)(x), mx.grad(ref)(x)
+        np.testing.assert_allclose(np.array(g_mine), np.array(g_ref), atol=1e-6)
+        np.testing.assert_allclose(np.array(mx.compile(mx.grad(mine))(x)), np.array(g_ref), atol=1e-6)
+
+
+def test_cpu_attention_patches_only_inside_the_block():
+    original = mx.fast.scaled_dot_product_attention
+    with kernels.cpu_attention(True):
+        assert mx.fast.scaled_dot_product_attention is kernels.attention
+    assert mx.fast.scaled_dot_product_attention is original
+    with kernels.cpu_attention(False):
+        assert mx.fast.scaled_dot_product_attention is original
+    with pytest.raises(RuntimeError):
+        with kernels.cpu_attention(True):
+            raise RuntimeError("boom")
+    assert mx.fast.scaled_dot_product_attention is original
+
+
+def test_enabled_follows_the_jit_flags(monkeypatch):
+    monkeypatch.setenv(jit.ACTIVE_VAR, " ".join(jit.FLAGS))
+    assert kernels.enabled() == (mx.default_device() == mx.cpu)
+    monkeypatch.delenv(jit.ACTIVE_VAR)
+    assert not kernels.enabled()
+    kernels.set_enabled(True)
+    try:
+        assert kernels.enabled()
+    finally:
+        kernels.set_enabled(None)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_training_log_probs_and_gradients_are_the_same_with_the_kernels(llama, chunk):
+    """The whole training pass (padded and packed rows, whole or in query chunks, head split) gives
+    the same log-probs and LoRA gradients through mlxpost.kernels as through MLX's primitives."""
+    model = llama.model
+    split = HeadSplit.find(model)
+    exs = make_examples(llama.tokenizer, 8, seed=5)
+    for packed in (False, True):
+        rows = [exs[:4], exs[4:]] if packed else [[e] for e in exs]
+        width = max(sum(len(e) - 1 for e in r) for r in rows)
+        b = _stack(rows, width, 0, packed=packed)
+        b.select = selection(np.array(b.weights), bucket=16)
+
+        def loss(m):
+            return logprobs(m, b, reduction="sum", split=split, select=b.select, num_segments=4).sum()
+
+        results = []
+        calls = []
+        for on in (False, True):
+            kernels.set_enabled(on)
+            set_attention_chunk(model, chunk)
+            spy = kernels.attention
+            try:
+                def counting(*a, **k):
+                    calls.append(on)
+                    return spy(*a, **k)
+
+                kernels.attention, original = counting, kernels.attention
+                tok = logprobs(model, b, split=split, select=b.select)
+                vg = nn.value_and_grad(model, loss)
+                step = mx.compile(lambda x, vg=vg: vg(model), inputs=[model.state], outputs=[model.state])
+                value, grads = step(mx.array(0))
+            finally:
+                kernels.attention = original
+                kernels.set_enabled(None)
+                set_attention_chunk(model, None)
+            results.append((np.array(tok), value.item(), dict(tree_flatten(grads))))
+        assert calls and all(calls)  # only the "on" pass went through mlxpost.kernels
+        (t0, v0, g0), (t1, v1, g1) = results
+        np.testing.assert_allclose(t1, t0, atol=1e-5)
+        assert v1 == pytest.approx(v0, rel=1e-6)
+        for k in g0:
+            np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-4, atol=1e-6, err_msg=k)
