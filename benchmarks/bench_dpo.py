@@ -59,11 +59,14 @@ The comparison is kept fair:
   length (1024, longer than any example: nothing is truncated), float32 on
   MLX's CPU backend, each tool's default compile settings, no validation, no
   checkpoints in between;
-* the same BLAS: the driver re-executes itself with the system OpenBLAS
-  preloaded (``mlxpost.system.maybe_reexec``), and every worker inherits that
-  environment (``LD_PRELOAD``, ``OPENBLAS_CORETYPE``), whichever virtual
-  environment its interpreter comes from; both environments hold the same
-  MLX release (the versions are recorded in ``dpo.json``).
+* the same BLAS and JIT: the driver re-executes itself with the system
+  OpenBLAS preloaded and points MLX's CPU JIT at vectorizing compiler flags
+  (``mlxpost.system.maybe_reexec``, ``mlxpost.jit``), and every worker
+  inherits that environment (``LD_PRELOAD``, ``OPENBLAS_CORETYPE``, the
+  ``g++`` shim on ``PATH``, ``TMPDIR``), whichever virtual environment its
+  interpreter comes from, so mlx-lm-lora's compiled kernels are vectorized
+  too; both environments hold the same MLX release (the versions are
+  recorded in ``dpo.json``).
 
 Reported per trainer (a table on stdout and ``benchmarks/results/dpo.json``):
 trained tokens per second = tokens that get a loss (chosen + rejected
@@ -508,7 +511,8 @@ def main():
                                                                  "num_layers": args.num_layers},
              "max_seq_len": MAX_SEQ_LEN, "tokens": info["tokens"], "tokens_per_word": info["tokens_per_word"],
              "blas": loaded_blas().get("name"),
-             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "versions": {"mlx": version("mlx"),
+             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+             "jit_flags": os.environ.get("MLXPOST_JIT_FLAGS"), "versions": {"mlx": version("mlx"),
              "mlx-lm": version("mlx-lm"), "mlxpost": version("mlxpost")}}
     from mlxpost.tiny import count_parameters
 

@@ -493,6 +493,7 @@ def main():
              "lora": {"rank": RANK, "scale": SCALE, "dropout": 0.0, "targets": "all-linear"},
              "settings": {s: {**SETTINGS[s], "steps": steps_for(s)} for s in settings},
              "blas": loaded_blas().get("name"), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+             "jit_flags": os.environ.get("MLXPOST_JIT_FLAGS"),
              "cpu_count": os.cpu_count(),
              "versions": {"mlxpost": version("mlxpost"), "mlx": version("mlx"), "mlx-lm": version("mlx-lm")}}
 

@@ -1,28 +1,36 @@
-"""Whole rows against query chunks (``train.attention_chunk``): one training step, timed interleaved.
+"""One training step under different settings, timed interleaved: attention chunks, fused CPU kernels.
 
-    python benchmarks/bench_attention_chunk.py                     # DPO on SmolLM2-135M, top 16 of 30 blocks
-    python benchmarks/bench_attention_chunk.py --method sft --batch-size 4
-    python benchmarks/bench_attention_chunk.py --chunks 0,64,96,128 --num-layers -1
+    python benchmarks/bench_step.py                        # DPO on SmolLM2-135M, top 16 of 30 blocks
+    python benchmarks/bench_step.py --kernels off,on       # MLX's softmax/log-sum-exp against mlxpost.kernels
+    python benchmarks/bench_step.py --method sft --batch-size 4
+    python benchmarks/bench_step.py --chunks 0,64,96,128 --num-layers -1
 
-A training forward pass on MLX's CPU backend computes attention scores for
-every pair of positions of a row, and the causal mask throws half of them
-away; the softmax's scalar ``exp`` makes those scores the costliest part of
-a block at a few hundred positions. Fed in query chunks (chunked prefill),
-only the scores on and below the diagonal between chunks are computed
-(:func:`mlxpost.batching.forward`).
+Settings are the product of ``--chunks`` (``train.attention_chunk``; 0 =
+whole rows) and ``--kernels`` (``on``/``off``: whether training passes use
+:mod:`mlxpost.kernels`; ``auto``: what this process would do).
+
+* **Attention chunks.** A training forward pass on MLX's CPU backend computes
+  attention scores for every pair of positions of a row, and the causal mask
+  throws half of them away. Fed in query chunks (chunked prefill), only the
+  scores on and below the diagonal between chunks are computed
+  (:func:`mlxpost.batching.forward`).
+* **Fused kernels.** MLX's softmax and log-sum-exp primitives run a scalar
+  ``exp`` on the CPU; written as ops and compiled by MLX's JIT with the flags
+  of :mod:`mlxpost.jit`, the same ``exp`` is vectorized.
 
 One process, one prepared run (the method's own objective: for DPO the
-shared-trunk reference pass), adapters moved away from zero; for each chunk
+shared-trunk reference pass), adapters moved away from zero; for each
 setting a compiled value-and-gradient step is traced, then the settings are
 timed in turn, ``--rounds`` times over the same ``--batches`` batches, so
 machine noise hits them alike. Prints a table and writes
-``benchmarks/results/attention_chunk-<method>.json``.
+``benchmarks/results/step-<method>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -40,6 +48,7 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=2, help="pairs (or SFT rows) per step")
     ap.add_argument("--chunks", default="0,96", help="attention chunk settings to compare; 0 = whole rows")
+    ap.add_argument("--kernels", default="auto", help="fused CPU kernels: on, off, auto, or a list (off,on)")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
@@ -50,13 +59,18 @@ def main() -> None:
     import mlx.core as mx
     import mlx.nn as nn
 
+    from mlxpost import jit, kernels
     from mlxpost.batching import batch_from_arrays, set_attention_chunk
     from mlxpost.config import build_config
     from mlxpost.methods import get as get_method
     from mlxpost.runner import prepare
     from mlxpost.ui import NullReporter
 
-    chunks = [int(c) for c in args.chunks.split(",")]
+    auto = "on" if kernels.enabled() else "off"
+    kernel_opts = [auto if k.strip() == "auto" else k.strip() for k in args.kernels.split(",")]
+    if any(k not in ("on", "off") for k in kernel_opts):
+        ap.error(f"--kernels: on, off or auto, got {args.kernels!r}")
+    settings = [(int(c), k) for c in args.chunks.split(",") for k in kernel_opts]
     data = args.data or (str(BENCH_PAIRS) if args.method != "sft" and BENCH_PAIRS.exists() else None)
     sets = [f"model.path={args.model}", f"lora.num_layers={args.num_layers}", f"train.batch_size={args.batch_size}",
             "model.dtype=float32", "train.attention_chunk=0"]
@@ -71,39 +85,43 @@ def main() -> None:
     batches = [next(it) for _ in range(args.batches)]
 
     steps, losses = {}, {}
-    for c in chunks:
-        set_attention_chunk(model, c or None)  # read when the step is traced
+    for c, k in settings:
+        set_attention_chunk(model, c or None)  # both read when the step is traced
+        kernels.set_enabled(k == "on")
         objective = get_method(args.method).objective(prep)
         vg = nn.value_and_grad(model, lambda m, a, o=objective: o.loss(m, batch_from_arrays(a))[0])
         step = mx.compile(lambda a, vg=vg: vg(model, a), inputs=[model.state], outputs=[model.state])
-        losses[c] = [step(b.arrays())[0].item() for b in batches]  # traces every shape once
-        steps[c] = step
+        losses[c, k] = [step(b.arrays())[0].item() for b in batches]  # traces every shape once
+        steps[c, k] = step
     set_attention_chunk(model, None)
+    kernels.set_enabled(None)
 
-    seconds = {c: 0.0 for c in chunks}
+    seconds = {s: 0.0 for s in settings}
     for _ in range(args.rounds):
-        for c in chunks:
+        for s in settings:
             for b in batches:
                 t = time.perf_counter()
-                mx.eval(steps[c](b.arrays()))
-                seconds[c] += time.perf_counter() - t
-    per_step = {c: seconds[c] / (args.rounds * len(batches)) for c in chunks}
+                mx.eval(steps[s](b.arrays()))
+                seconds[s] += time.perf_counter() - t
+    per_step = {s: seconds[s] / (args.rounds * len(batches)) for s in settings}
 
     shapes = [tuple(b.inputs.shape) for b in batches]
     print(f"\n{args.method} on {args.model}: LoRA on the top {args.num_layers} blocks "
           f"(of {len(model.layers)}), batch shapes {shapes} ({prep.batching}); "
-          f"{args.rounds} interleaved rounds")
-    base = per_step[chunks[0]]
-    print(f"{'attention chunk':<18}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}")
-    for c in chunks:
-        diff = max(abs(a - b) for a, b in zip(losses[c], losses[chunks[0]]))
-        print(f"{(str(c) if c else 'whole rows'):<18}{per_step[c]:>9.3f}{base / per_step[c]:>9.2f}x{diff:>17.2e}")
+          f"{args.rounds} interleaved rounds; JIT flags: {os.environ.get(jit.ACTIVE_VAR) or 'none'}")
+    base = per_step[settings[0]]
+    print(f"{'attention chunk':<18}{'kernels':<9}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}")
+    for s in settings:
+        diff = max(abs(a - b) for a, b in zip(losses[s], losses[settings[0]]))
+        c, k = s
+        print(f"{(str(c) if c else 'whole rows'):<18}{k:<9}{per_step[s]:>9.3f}{base / per_step[s]:>9.2f}x{diff:>17.2e}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model": args.model, "method": args.method, "num_layers": args.num_layers, "batch_size": args.batch_size,
            "data": data or "bundled", "shapes": shapes, "batching": prep.batching, "rounds": args.rounds,
-           "seconds_per_step": {str(c): v for c, v in per_step.items()},
-           "losses": {str(c): v for c, v in losses.items()}}
-    path = RESULTS / f"attention_chunk-{args.method}.json"
+           "jit_flags": os.environ.get(jit.ACTIVE_VAR),
+           "seconds_per_step": {f"chunk={c},kernels={k}": v for (c, k), v in per_step.items()},
+           "losses": {f"chunk={c},kernels={k}": v for (c, k), v in losses.items()}}
+    path = RESULTS / f"step-{args.method}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"\nwritten {path}")
 
