@@ -158,7 +158,7 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     masks out half of them (causality); in ``n`` chunks the scores computed
     drop to ``(n + 1) / (2n)`` of that. On MLX's CPU backend, where the
     softmax's ``exp`` is the costliest part of attention, this is what makes
-    long rows cheaper (``benchmarks/bench_attention_chunk.py``). For a model
+    long rows cheaper (``benchmarks/bench_step.py``). For a model
     that passes :func:`mlxpost.runner.chunking_is_exact` (training runs check
     it once) the result is the same up to float rounding. Memory: the
     attention scores shrink like the work; each block keeps the keys and

@@ -15,13 +15,21 @@ None of this changes a result: no fast-math, and ``-ffp-contract=off``
 target has it), so the same operations run in the same order and round the
 same way (a test checks bit for bit, inf and NaN included).
 
-MLX calls ``g++`` by name, so :func:`jit_env` puts a two-line ``g++`` shim
-that appends the flags first on ``PATH``, and points ``TMPDIR`` (where MLX
-keeps its kernel cache, ``$TMPDIR/mlx/<version>/cpu``) at a directory of its
-own: kernels built earlier without the flags are not reused, and kernels
+MLX calls ``g++`` by name, so :func:`jit_env` puts a ``g++`` shim (a shell
+script that runs the real compiler with the flags appended) first on
+``PATH``, and points ``TMPDIR`` (where MLX keeps its kernel cache,
+``$TMPDIR/mlx/<version>/cpu``) at a directory of its own, private to the
+user: kernels built earlier without the flags are not reused, and kernels
 built for this CPU stay apart from other machines' that may share ``/tmp``.
-:func:`mlxpost.system.maybe_reexec` applies it before MLX does any work.
-Opt out with ``MLXPOST_JIT=0``.
+The ``TMPDIR`` change is inherited by child processes, whose temporary files
+then land in that directory too (it is still under the temporary
+directory). :func:`mlxpost.system.maybe_reexec` applies it before MLX does
+any work. Opt out with ``MLXPOST_JIT=0``. Linux on x86-64 only: that is
+where the flags were checked (on aarch64 g++ already contracts to FMA by
+default, so ``-ffp-contract=off`` would change results there).
+
+Two processes that start on an empty kernel cache may both build a kernel
+(MLX writes it in place); that race is MLX's own, as with ``/tmp/mlx``.
 
 No MLX import here: this runs before MLX is loaded.
 """
@@ -30,7 +38,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,7 +56,7 @@ ACTIVE_VAR = "MLXPOST_JIT_FLAGS"  # set (to the flags) in a process whose MLX JI
 _SHIM = """#!/bin/sh
 # Written by mlxpost (mlxpost/jit.py): MLX's CPU JIT builds its fused kernels with
 # "g++ ..."; these flags let g++ inline and vectorize them (results unchanged).
-exec "{gxx}" "$@" {flags}
+exec {gxx} "$@" {flags}
 """
 
 
@@ -65,26 +76,39 @@ def _cpu_signature() -> str:
     return "\n".join(keep)
 
 
-def _flags_work(gxx: str, flags: tuple[str, ...]) -> bool:
-    """Whether ``gxx`` builds a shared object with ``flags`` (compilers differ)."""
+def _builds(gxx: str, flags: tuple[str, ...] = ()) -> bool:
+    """Whether ``gxx`` (a compiler, or the shim) builds a shared object the way MLX asks it to."""
     with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "probe.cpp"
+        src, out = Path(d) / "probe.cpp", Path(d) / "probe.so"
         src.write_text('extern "C" float probe(float x) { return x * 2.0f; }\n')
         try:
-            r = subprocess.run([gxx, "-std=c++17", "-O3", "-fPIC", "-shared", *flags, str(src),
-                                "-o", str(Path(d) / "probe.so")],
+            r = subprocess.run([gxx, "-std=c++17", "-O3", "-fPIC", "-shared", *flags, str(src), "-o", str(out)],
                                capture_output=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError):
             return False
-        return r.returncode == 0
+        return r.returncode == 0 and out.is_file()
+
+
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` for this user only, or check that an existing one is (it will hold an executable)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _write_shim(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)  # atomic: a concurrent run sees the old or the new file, never half of one
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".g++.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: a concurrent run sees the old or the new file, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def opted_out(environ=None) -> bool:
@@ -96,35 +120,45 @@ def opted_out(environ=None) -> bool:
 def jit_env(environ=None) -> dict | None:
     """Environment changes that make MLX's CPU JIT build vectorized kernels, or None.
 
-    None off Linux, with ``MLXPOST_JIT=0``, when already applied (the marker
-    ``MLXPOST_JIT_FLAGS`` is set), without a ``g++`` on ``PATH``, or when that
-    compiler rejects the flags. Otherwise ``{"PATH", "TMPDIR",
-    "MLXPOST_JIT_FLAGS"}``, with the shim written (once; it is keyed by the
-    flags, the compiler and the CPU).
+    None off Linux x86-64 (the flags are checked there; elsewhere the
+    baseline differs, e.g. aarch64 builds contract to FMA by default), with
+    ``MLXPOST_JIT=0``, when already applied (the marker ``MLXPOST_JIT_FLAGS``
+    is set), without a ``g++`` on ``PATH``, when the compiler rejects the
+    flags, when the shim cannot run (a ``noexec`` temporary directory), or
+    when its directory cannot be made private to this user. Otherwise
+    ``{"PATH", "TMPDIR", "MLXPOST_JIT_FLAGS"}``, with the shim written
+    (once; keyed by the user, the flags, the compiler and the CPU) in
+    ``$TMPDIR/mlxpost-jit-<uid>-<key>/bin``, a directory only this user can
+    write (it holds an executable and the kernels MLX loads).
     """
     env = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    if opted_out(env):
-        return None
-    if env.get(ACTIVE_VAR):
+    if opted_out(env) or env.get(ACTIVE_VAR):
         return None
     path = env.get("PATH", os.defpath)
     gxx = shutil.which("g++", path=path)
-    if gxx is None:
-        return None
-    gxx = os.path.realpath(gxx)
-    key = hashlib.sha256("\0".join([*FLAGS, gxx, _cpu_signature()]).encode()).hexdigest()[:12]
-    tmp = env.get("TMPDIR") or tempfile.gettempdir()
-    base = Path(tmp) / f"mlxpost-jit-{key}"
+    if gxx is None or Path(gxx).parent.parent.name.startswith("mlxpost-jit-"):
+        return None  # none, or a shim of ours (marker lost): never wrap a shim in a shim
+    gxx = os.path.abspath(gxx)  # not resolved: ccache and friends dispatch on the name they are called by
+    tmp = os.path.abspath(env.get("TMPDIR") or tempfile.gettempdir())
+    if os.pathsep in tmp:
+        return None  # cannot go on PATH
+    parts = [*FLAGS, os.path.realpath(gxx), _cpu_signature()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+    base = Path(tmp) / f"mlxpost-jit-{os.getuid()}-{key}"
     shim = base / "bin" / "g++"
-    text = _SHIM.format(gxx=gxx, flags=" ".join(FLAGS))
+    text = _SHIM.format(gxx=shlex.quote(gxx), flags=" ".join(shlex.quote(f) for f in FLAGS))
+    if not (_private_dir(base) and _private_dir(shim.parent)):
+        return None
     try:
-        current = shim.read_text() if shim.exists() else None
-        if current != text:
-            if not _flags_work(gxx, FLAGS):
+        if not shim.is_file() or shim.read_text() != text:
+            if not _builds(gxx, FLAGS):
                 return None
             _write_shim(shim, text)
+            if not _builds(str(shim)):  # e.g. a noexec /tmp: PATH would skip the shim silently
+                shim.unlink(missing_ok=True)
+                return None
     except OSError:
         return None
     return {"PATH": f"{shim.parent}{os.pathsep}{path}", "TMPDIR": str(base), ACTIVE_VAR: " ".join(FLAGS)}
@@ -139,5 +173,5 @@ def apply() -> bool:
 
 
 def active() -> bool:
-    """Whether this process's MLX JIT builds kernels with :data:`FLAGS`."""
-    return bool(os.environ.get(ACTIVE_VAR))
+    """Whether this process's MLX JIT builds kernels with :data:`FLAGS` (and ``MLXPOST_JIT`` is not 0)."""
+    return bool(os.environ.get(ACTIVE_VAR)) and not opted_out()

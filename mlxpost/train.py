@@ -29,6 +29,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from . import kernels
 from .batching import Batch, BatchSource, attention_chunk, batch_from_arrays
 from .config import TrainConfig
 from .errors import MlxpostError
@@ -132,9 +133,12 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         call = base.__call__
 
         def checkpointed(self, *args, _call=call, **kwargs):
+            fused = kernels.routing()  # the recomputation runs later, outside forward()'s block
+
             def inner(params, *a, **k):
                 self.update(params)
-                return _call(self, *a, **k)
+                with kernels.cpu_attention(fused):
+                    return _call(self, *a, **k)
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 

@@ -30,12 +30,18 @@ def fake_compiler(dir_: Path, exit_code: int = 0) -> Path:
     """A ``g++`` on a PATH of its own that logs its arguments (and fails when asked to)."""
     dir_.mkdir(parents=True, exist_ok=True)
     gxx = dir_ / "g++"
-    gxx.write_text(f'#!/bin/sh\necho "$@" >> "{dir_}/calls"\nexit {exit_code}\n')
+    gxx.write_text(f'#!/bin/sh\necho "$@" >> "{dir_}/calls"\n'
+                   'while [ $# -gt 0 ]; do [ "$1" = "-o" ] && touch "$2"; shift; done\n'
+                   f'exit {exit_code}\n')
     gxx.chmod(0o755)
     return gxx
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+x86_linux = pytest.mark.skipif(not sys.platform.startswith("linux") or jit.platform.machine() != "x86_64",
+                               reason="the JIT flags are for Linux on x86-64")
+
+
+@x86_linux
 def test_jit_env_writes_a_shim_and_a_cache_dir_of_its_own(tmp_path):
     gxx = fake_compiler(tmp_path / "bin")
     env = {"PATH": str(gxx.parent), "TMPDIR": str(tmp_path / "tmp")}
@@ -45,19 +51,21 @@ def test_jit_env_writes_a_shim_and_a_cache_dir_of_its_own(tmp_path):
     assert rest == str(gxx.parent)  # prepended, the user's PATH kept
     shim = Path(shim_dir) / "g++"
     text = shim.read_text()
-    assert f'exec "{gxx}" "$@" ' + " ".join(jit.FLAGS) in text
+    assert f'exec {gxx} "$@" ' + " ".join(jit.FLAGS) in text
     assert os.access(shim, os.X_OK)
+    assert (Path(shim_dir).parent.stat().st_mode & 0o777) == 0o700  # it holds an executable: this user's only
     assert Path(changes["TMPDIR"]).parent == tmp_path / "tmp"  # MLX's kernel cache: $TMPDIR/mlx/...
     assert Path(changes["TMPDIR"]) == Path(shim_dir).parent
     assert changes[jit.ACTIVE_VAR] == " ".join(jit.FLAGS)
-    assert all(f in (gxx.parent / "calls").read_text() for f in jit.FLAGS)  # the flags were tried once
+    calls = (gxx.parent / "calls").read_text().splitlines()
+    assert len(calls) == 2 and all(f in c for c in calls for f in jit.FLAGS)  # the compiler, then the shim
     # Same machine, same compiler: the same directory, and the compiler is not asked again.
     (gxx.parent / "calls").unlink()
     assert jit.jit_env(env) == changes
     assert not (gxx.parent / "calls").exists()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+@x86_linux
 def test_jit_env_stays_out_of_the_way(tmp_path):
     gxx = fake_compiler(tmp_path / "bin")
     base = {"PATH": str(gxx.parent), "TMPDIR": str(tmp_path)}
@@ -66,6 +74,21 @@ def test_jit_env_stays_out_of_the_way(tmp_path):
     assert jit.jit_env({"PATH": str(tmp_path / "nothing"), "TMPDIR": str(tmp_path)}) is None  # no g++
     bad = fake_compiler(tmp_path / "bad", exit_code=1)
     assert jit.jit_env({"PATH": str(bad.parent), "TMPDIR": str(tmp_path)}) is None  # flags rejected
+    changes = jit.jit_env(base)
+    shared = Path(changes["TMPDIR"])
+    shared.chmod(0o777)  # someone else could swap the shim: not used
+    assert jit.jit_env(base) is None
+    shared.chmod(0o700)
+    assert jit.jit_env(base) == changes
+    assert jit.jit_env({**base, "TMPDIR": str(tmp_path / "a:b")}) is None  # cannot go on PATH
+
+
+def test_active_needs_the_marker_and_no_opt_out(monkeypatch):
+    monkeypatch.setenv(jit.ACTIVE_VAR, " ".join(jit.FLAGS))
+    monkeypatch.delenv(jit.OPT_OUT_VAR, raising=False)
+    assert jit.active()
+    monkeypatch.setenv(jit.OPT_OUT_VAR, "0")  # a child process told to stop
+    assert not jit.active()
 
 
 def test_jit_env_is_linux_only(monkeypatch, tmp_path):
@@ -74,9 +97,10 @@ def test_jit_env_is_linux_only(monkeypatch, tmp_path):
 
 
 @linux_gxx
+@x86_linux
 def test_shimmed_jit_builds_vectorized_kernels_with_the_same_results(tmp_path):
-    """A compiled exp/sigmoid graph gives bit-identical results with and without the flags, and the
-    kernels land in the shim's cache directory."""
+    """A compiled exp/sigmoid graph gives bit-identical results with and without the flags; MLX's
+    builds went through the shim (the flags reached the compiler) into the shim's cache directory."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent("""
         import sys
@@ -91,9 +115,17 @@ def test_shimmed_jit_builds_vectorized_kernels_with_the_same_results(tmp_path):
     clean["PATH"] = os.pathsep.join(p for p in clean.get("PATH", "").split(os.pathsep) if "mlxpost-jit-" not in p)
     plain_env = {**clean, "TMPDIR": str(tmp_path / "plain"), "MLXPOST_JIT": "0"}
     (tmp_path / "plain").mkdir()
-    fast_env = {**clean, "TMPDIR": str(tmp_path / "fast")}
+    logger = tmp_path / "logbin" / "g++"  # the real compiler, logging how it is called
+    logger.parent.mkdir()
+    logger.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/gxx.log"\nexec "{jit.shutil.which("g++")}" "$@"\n')
+    logger.chmod(0o755)
+    fast_env = {**clean, "TMPDIR": str(tmp_path / "fast"), "PATH": f"{logger.parent}{os.pathsep}{clean['PATH']}"}
     (tmp_path / "fast").mkdir()
-    fast_env.update(jit.jit_env(fast_env))
+    changes = jit.jit_env(fast_env)
+    if changes is None:
+        pytest.skip("this g++ does not take the flags")
+    fast_env.update(changes)
+    (tmp_path / "gxx.log").unlink()  # jit_env's own probes
     for name, env in (("plain", plain_env), ("fast", fast_env)):
         subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npy")], env=env, check=True)
     plain, fast = np.load(tmp_path / "plain.npy"), np.load(tmp_path / "fast.npy")
@@ -101,6 +133,8 @@ def test_shimmed_jit_builds_vectorized_kernels_with_the_same_results(tmp_path):
     np.testing.assert_array_equal(fast, plain)
     kernels_built = list(Path(fast_env["TMPDIR"]).glob("mlx/*/cpu/*.so"))
     assert kernels_built, "the shimmed run built no kernel in its own cache directory"
+    builds = [ln for ln in (tmp_path / "gxx.log").read_text().splitlines() if "-shared" in ln]
+    assert builds and all("-march=native" in ln and "-ffp-contract=off" in ln for ln in builds)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -157,17 +191,59 @@ def test_softmax_and_logsumexp_equal_mlx():
         np.testing.assert_allclose(np.array(mx.compile(mx.grad(mine))(x)), np.array(g_ref), atol=1e-6)
 
 
-def test_cpu_attention_patches_only_inside_the_block():
-    original = mx.fast.scaled_dot_product_attention
+def test_cpu_attention_routes_only_inside_the_block(monkeypatch):
+    import threading
+
+    q, k, v, _ = sdpa_inputs()
+    calls = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def sdpa():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=None)
+
     with kernels.cpu_attention(True):
-        assert mx.fast.scaled_dot_product_attention is kernels.attention
-    assert mx.fast.scaled_dot_product_attention is original
+        sdpa()
+        assert kernels.routing()
+        seen_elsewhere = []
+        t = threading.Thread(target=lambda: seen_elsewhere.append(kernels.routing()))
+        t.start()
+        t.join()
+        assert seen_elsewhere == [False]  # another thread keeps MLX's own
+        with kernels.cpu_attention(False):  # a nested "off" leaves the outer setting
+            sdpa()
+    assert len(calls) == 2 and not kernels.routing()
+    sdpa()
     with kernels.cpu_attention(False):
-        assert mx.fast.scaled_dot_product_attention is original
+        sdpa()
     with pytest.raises(RuntimeError):
         with kernels.cpu_attention(True):
             raise RuntimeError("boom")
-    assert mx.fast.scaled_dot_product_attention is original
+    sdpa()
+    assert len(calls) == 2  # nothing outside a block, nor after an exception, went through mlxpost's
+
+
+def test_recomputed_blocks_keep_the_fused_attention(llama, monkeypatch):
+    """Gradient checkpointing recomputes a block in the backward pass, after forward() returned: the
+    recomputation goes through mlxpost.kernels too."""
+    import copy
+
+    from mlxpost.train import enable_grad_checkpoint
+
+    model = copy.deepcopy(llama.model)
+    enable_grad_checkpoint(model)
+    calls = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    exs = make_examples(llama.tokenizer, 2, seed=1)
+    b = _stack([[e] for e in exs], max(len(e) for e in exs) - 1, 0, packed=False)
+    kernels.set_enabled(True)
+    try:
+        _, grads = nn.value_and_grad(model, lambda m: logprobs(m, b, reduction="sum").sum())(model)
+        mx.eval(grads)
+    finally:
+        kernels.set_enabled(None)
+    assert len(calls) == 2 * len(model.layers)  # each block's forward, and its recomputation
 
 
 def test_enabled_follows_the_jit_flags(monkeypatch):
@@ -203,23 +279,29 @@ def test_training_log_probs_and_gradients_are_the_same_with_the_kernels(llama, c
         for on in (False, True):
             kernels.set_enabled(on)
             set_attention_chunk(model, chunk)
-            spy = kernels.attention
+            spy, lse = kernels.attention, kernels.logsumexp
             try:
                 def counting(*a, **k):
-                    calls.append(on)
+                    calls.append(("attention", on))
                     return spy(*a, **k)
 
+                def counting_lse(*a, **k):
+                    calls.append(("logsumexp", on))
+                    return lse(*a, **k)
+
                 kernels.attention, original = counting, kernels.attention
+                kernels.logsumexp = counting_lse
                 tok = logprobs(model, b, split=split, select=b.select)
                 vg = nn.value_and_grad(model, loss)
                 step = mx.compile(lambda x, vg=vg: vg(model), inputs=[model.state], outputs=[model.state])
                 value, grads = step(mx.array(0))
             finally:
-                kernels.attention = original
+                kernels.attention, kernels.logsumexp = original, lse
                 kernels.set_enabled(None)
                 set_attention_chunk(model, None)
             results.append((np.array(tok), value.item(), dict(tree_flatten(grads))))
-        assert calls and all(calls)  # only the "on" pass went through mlxpost.kernels
+        assert {c[0] for c in calls} == {"attention", "logsumexp"}
+        assert all(on for _, on in calls)  # only the "on" pass went through mlxpost.kernels
         (t0, v0, g0), (t1, v1, g1) = results
         np.testing.assert_allclose(t1, t0, atol=1e-5)
         assert v1 == pytest.approx(v0, rel=1e-6)
