@@ -46,6 +46,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .batching import Batch
 from .logprobs import HeadSplit, logprobs
 from .lora import adapters_off
@@ -184,7 +185,7 @@ def reference_token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | 
     """
     if batch.extra and "ref_logps" in batch.extra:
         return mx.stop_gradient(batch.extra["ref_logps"])
-    with adapters_off(model), (trunk.reference() if trunk is not None else nullcontext()):
+    with adapters_off(model), (trunk.reference() if trunk is not None else nullcontext()), kernels.no_grad_pass():
         ref = logprobs(model, batch, reduction="none", split=split, select=batch.select)
     return mx.stop_gradient(ref)
 

@@ -191,6 +191,20 @@ def test_softmax_and_logsumexp_equal_mlx():
         np.testing.assert_allclose(np.array(mx.compile(mx.grad(mine))(x)), np.array(g_ref), atol=1e-6)
 
 
+def test_no_grad_pass_uses_mlx_logsumexp(monkeypatch):
+    """The reference pass (under stop-gradient) keeps MLX's one-pass log-sum-exp: no logits-sized temporary."""
+    x = mx.random.normal((6, 40), key=mx.random.key(2))
+    used = []
+    real = kernels._logsumexp
+    monkeypatch.setattr(kernels, "_logsumexp", lambda a: used.append(1) or real(a))
+    with kernels.no_grad_pass():
+        inside = kernels.logsumexp(x)
+    assert not used
+    outside = kernels.logsumexp(x)
+    assert used
+    np.testing.assert_allclose(np.array(inside), np.array(outside), rtol=1e-6)
+
+
 def test_cpu_attention_routes_only_inside_the_block(monkeypatch):
     import threading
 
