@@ -15,7 +15,14 @@ masked softmax and a matmul anyway) through :func:`attention` while a
 training pass traces or runs. :func:`enabled` says when: the JIT flags are
 active in this process and the default device is the CPU. Without the
 flags a composed softmax is slower than the primitive (its ``exp`` stays
-scalar and it makes more passes), so nothing changes there.
+scalar and it makes more passes), so nothing changes there. The output
+layer's log-sum-exp (:mod:`mlxpost.logprobs`) uses :func:`logsumexp` in the
+policy pass and MLX's own in the reference pass (:func:`no_grad_pass`).
+
+Measured on (1024, 49152) logits: forward 200 ms against MLX's 600; value
+and gradient 430 ms against 784 inside ``mx.compile`` (training steps are
+compiled by default), but 1.3 s against 0.9 s when not compiled
+(``train.compile=false``), where the custom gradient rule runs unfused.
 """
 
 from __future__ import annotations
