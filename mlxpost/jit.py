@@ -47,11 +47,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ACTIVE_VAR", "FLAGS", "OPT_OUT_VAR", "active", "apply", "jit_env", "opted_out"]
+__all__ = ["ACTIVE_VAR", "FLAGS", "OPT_OUT_VAR", "SAVED_TMPDIR_VAR", "active", "apply", "jit_env", "opted_out"]
 
 FLAGS = ("-march=native", "-fno-trapping-math", "-finline-limit=10000", "-ffp-contract=off")
 OPT_OUT_VAR = "MLXPOST_JIT"
 ACTIVE_VAR = "MLXPOST_JIT_FLAGS"  # set (to the flags) in a process whose MLX JIT uses the shim
+SAVED_TMPDIR_VAR = "MLXPOST_JIT_TMPDIR"  # TMPDIR before the shim's directory replaced it ("" when unset)
 
 _SHIM = """#!/bin/sh
 # Written by mlxpost (mlxpost/jit.py): MLX's CPU JIT builds its fused kernels with
@@ -71,7 +72,7 @@ def _cpu_signature() -> str:
         if not line.strip():
             break  # first processor only
         key = line.partition(":")[0].strip()
-        if key in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
+        if key in ("model name", "flags"):
             keep.append(line)
     return "\n".join(keep)
 
@@ -123,10 +124,13 @@ def jit_env(environ=None) -> dict | None:
     None off Linux x86-64 (the flags are checked there; elsewhere the
     baseline differs, e.g. aarch64 builds contract to FMA by default), with
     ``MLXPOST_JIT=0``, when already applied (the marker ``MLXPOST_JIT_FLAGS``
-    is set), without a ``g++`` on ``PATH``, when the compiler rejects the
+    is set), without a ``g++`` on ``PATH`` (or when that is a shim of ours),
+    when ``TMPDIR`` holds the ``PATH`` separator, when the compiler rejects the
     flags, when the shim cannot run (a ``noexec`` temporary directory), or
     when its directory cannot be made private to this user. Otherwise
-    ``{"PATH", "TMPDIR", "MLXPOST_JIT_FLAGS"}``, with the shim written
+    ``{"PATH", "TMPDIR", "MLXPOST_JIT_FLAGS", "MLXPOST_JIT_TMPDIR"}`` (the
+    last: the ``TMPDIR`` replaced, so that :func:`apply` can undo the
+    changes in a child process told ``MLXPOST_JIT=0``), with the shim written
     (once; keyed by the user, the flags, the compiler and the CPU) in
     ``$TMPDIR/mlxpost-jit-<uid>-<key>/bin``, a directory only this user can
     write (it holds an executable and the kernels MLX loads).
@@ -161,11 +165,27 @@ def jit_env(environ=None) -> dict | None:
                 return None
     except OSError:
         return None
-    return {"PATH": f"{shim.parent}{os.pathsep}{path}", "TMPDIR": str(base), ACTIVE_VAR: " ".join(FLAGS)}
+    return {"PATH": f"{shim.parent}{os.pathsep}{path}", "TMPDIR": str(base), ACTIVE_VAR: " ".join(FLAGS),
+            SAVED_TMPDIR_VAR: env.get("TMPDIR", "")}
 
 
 def apply() -> bool:
-    """Apply :func:`jit_env` to this process (before MLX compiles anything). True when active."""
+    """Apply :func:`jit_env` to this process (before MLX compiles anything). True when active.
+
+    With ``MLXPOST_JIT=0`` in a process that inherited the changes (a child
+    of an mlxpost process), undo them: the shim leaves ``PATH`` and
+    ``TMPDIR`` gets its old value back.
+    """
+    if opted_out() and os.environ.get(ACTIVE_VAR):
+        undo = os.environ.get("PATH", "").split(os.pathsep)
+        os.environ["PATH"] = os.pathsep.join(
+            p for p in undo if not Path(p).parent.name.startswith("mlxpost-jit-"))
+        saved = os.environ.pop(SAVED_TMPDIR_VAR, None)
+        if saved:
+            os.environ["TMPDIR"] = saved
+        elif saved is not None:
+            os.environ.pop("TMPDIR", None)
+        os.environ.pop(ACTIVE_VAR, None)
     changes = jit_env()
     if changes:
         os.environ.update(changes)

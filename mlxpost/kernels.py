@@ -11,8 +11,9 @@ bit).
 
 :func:`cpu_attention` routes ``mx.fast.scaled_dot_product_attention`` (what
 mlx-lm's attention blocks call; on the CPU MLX composes it from a matmul, a
-masked softmax and a matmul anyway) through :func:`attention` while a
-training pass traces or runs. :func:`enabled` says when: the JIT flags are
+masked softmax and a matmul anyway) through :func:`attention` in every
+pass of :func:`mlxpost.batching.forward` (training, evaluation, the
+``--precompute-ref`` pass). :func:`enabled` says when: the JIT flags are
 active in this process and the default device is the CPU. Without the
 flags a composed softmax is slower than the primitive (its ``exp`` stays
 scalar and it makes more passes), so nothing changes there. The output
@@ -21,8 +22,9 @@ policy pass and MLX's own in the reference pass (:func:`no_grad_pass`).
 
 Measured on (1024, 49152) logits: forward 200 ms against MLX's 600; value
 and gradient 430 ms against 784 inside ``mx.compile`` (training steps are
-compiled by default), but 1.3 s against 0.9 s when not compiled
-(``train.compile=false``), where the custom gradient rule runs unfused.
+compiled by default), but 1.3 s against 0.9 s when the step is not
+compiled (``train.compile=false``; measured, cause not pinned down: the
+custom gradient's pieces are compiled, but nothing fuses across them).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import mlx.core as mx
 
 from . import jit
 
-__all__ = ["attention", "cpu_attention", "enabled", "logsumexp", "no_grad_pass", "routing", "set_enabled", "softmax"]
+__all__ = ["attention", "cpu_attention", "enabled", "logsumexp", "no_grad_pass", "routed", "routing", "set_enabled",
+           "softmax"]
 
 _override: bool | None = None
 _no_grad: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxpost_no_grad_pass", default=False)
@@ -178,6 +181,22 @@ def routing() -> bool:
 
 
 @contextmanager
+def routed(value: bool):
+    """Within the block, attention routing is ``value`` exactly (on or off), whatever it was outside.
+
+    For a gradient-checkpointed block recomputed in the backward pass: it
+    replays the setting :func:`routing` had at its first call.
+    """
+    if value and mx.fast.scaled_dot_product_attention is not _dispatch:
+        mx.fast.scaled_dot_product_attention = _dispatch
+    token = _routing.set(value)
+    try:
+        yield
+    finally:
+        _routing.reset(token)
+
+
+@contextmanager
 def cpu_attention(active: bool | None = None):
     """Within the block, ``mx.fast.scaled_dot_product_attention`` calls :func:`attention`.
 
@@ -187,16 +206,12 @@ def cpu_attention(active: bool | None = None):
     task (a context variable): other threads, and everything outside, get
     MLX's own function. Compiled functions keep what they traced, so
     wrapping the traced call (as :func:`mlxpost.batching.forward` does) is
-    enough; a block recomputed later (gradient checkpointing) enters it again
-    with the setting :func:`routing` had at its first call.
+    enough; a block recomputed later (gradient checkpointing) replays the
+    setting :func:`routing` had at its first call (:func:`routed`). A false
+    ``active`` inside an active block leaves the outer setting.
     """
     if not (enabled() if active is None else active):
         yield
         return
-    if mx.fast.scaled_dot_product_attention is not _dispatch:
-        mx.fast.scaled_dot_product_attention = _dispatch
-    token = _routing.set(True)
-    try:
+    with routed(True):
         yield
-    finally:
-        _routing.reset(token)

@@ -761,7 +761,10 @@ def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
             avail = min(avail, limit)
         add("memory available", _gib(avail), "ok" if avail >= 2 * 2**30 else "warn")
 
-    gxx = shutil.which("g++")
+    # The real compiler, not the shim of mlxpost.jit that comes first on PATH.
+    gxx = shutil.which("g++", path=os.pathsep.join(
+        p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if not Path(p).parent.name.startswith("mlxpost-jit-")))
     if gxx:
         add("g++", gxx, "ok")
     elif linux:
@@ -774,11 +777,11 @@ def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
     if jit.active():
         add("jit flags", f"{os.environ[jit.ACTIVE_VAR]} (vectorized CPU kernels; cache in "
                          f"{os.environ.get('TMPDIR', '/tmp')}/mlx)", "ok")
-    elif linux and gxx:
+    elif linux and gxx and _machine() in ("x86_64", "amd64"):
         if jit.opted_out():
             why = f"{jit.OPT_OUT_VAR}=0 is set"
         elif jit.jit_env() is None:
-            why = f"{gxx} rejects them"
+            why = f"could not be set up: {gxx} rejects them, or TMPDIR gives no private executable directory"
         else:
             why = "the mlxpost command applies them"
         add("jit flags", f"not applied ({why}): MLX's CPU kernels run scalar", "info")

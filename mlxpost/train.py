@@ -137,7 +137,7 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
             def inner(params, *a, **k):
                 self.update(params)
-                with kernels.cpu_attention(fused):
+                with kernels.routed(fused):
                     return _call(self, *a, **k)
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)

@@ -91,9 +91,34 @@ def test_active_needs_the_marker_and_no_opt_out(monkeypatch):
     assert not jit.active()
 
 
-def test_jit_env_is_linux_only(monkeypatch, tmp_path):
+def test_jit_env_is_for_linux_on_x86_64_only(monkeypatch, tmp_path):
+    gxx = fake_compiler(tmp_path / "bin")
+    env = {"PATH": str(gxx.parent), "TMPDIR": str(tmp_path)}
+    monkeypatch.setattr(jit.sys, "platform", "linux")
+    monkeypatch.setattr(jit.platform, "machine", lambda: "x86_64")
+    assert jit.jit_env(env) is not None
+    monkeypatch.setattr(jit.platform, "machine", lambda: "aarch64")
+    assert jit.jit_env(env) is None
+    monkeypatch.setattr(jit.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(jit.sys, "platform", "darwin")
-    assert jit.jit_env({"PATH": os.environ.get("PATH", ""), "TMPDIR": str(tmp_path)}) is None
+    assert jit.jit_env(env) is None
+
+
+@x86_linux
+def test_opting_out_in_a_child_undoes_the_changes(monkeypatch, tmp_path):
+    gxx = fake_compiler(tmp_path / "bin")
+    path = os.pathsep.join([str(gxx.parent), "/usr/bin", "/bin"])  # the fake compiler needs echo and touch
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv(jit.ACTIVE_VAR, raising=False)
+    monkeypatch.delenv(jit.SAVED_TMPDIR_VAR, raising=False)
+    monkeypatch.delenv(jit.OPT_OUT_VAR, raising=False)
+    assert jit.apply()  # the parent
+    assert os.environ["PATH"] != path and os.environ["TMPDIR"] != str(tmp_path)
+    monkeypatch.setenv(jit.OPT_OUT_VAR, "0")  # a child told to stop
+    assert not jit.apply()
+    assert os.environ["PATH"] == path and os.environ["TMPDIR"] == str(tmp_path)
+    assert jit.ACTIVE_VAR not in os.environ
 
 
 @linux_gxx
@@ -150,6 +175,9 @@ def sdpa_inputs(B=2, H=6, Hkv=2, L=5, S=9, D=8):
     return q, keys, values, bool_mask
 
 
+MLX_SDPA = kernels._MLX_SDPA  # MLX's own, even once the dispatcher is installed
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "bool-4d", "bool-2d", "additive"])
 def test_attention_equals_mlx_sdpa(mask_kind):
     q, k, v, bool_mask = sdpa_inputs()
@@ -160,14 +188,28 @@ def test_attention_equals_mlx_sdpa(mask_kind):
     def f(fn):
         return lambda q, k, v: (fn(q, k, v, scale=0.3, mask=mask) * w).sum()
 
-    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    ref = MLX_SDPA(q, k, v, scale=0.3, mask=mask)
     mine = kernels.attention(q, k, v, scale=0.3, mask=mask)
     np.testing.assert_allclose(np.array(mine), np.array(ref), atol=1e-6)
-    g_ref = mx.grad(f(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    g_ref = mx.grad(f(MLX_SDPA), argnums=(0, 1, 2))(q, k, v)
     g_mine = mx.grad(f(kernels.attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_mine, g_ref):
         assert np.abs(np.array(b)).max() > 0
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+
+
+def test_attention_hands_what_it_does_not_cover_to_mlx(monkeypatch):
+    q, k, v, _ = sdpa_inputs()
+    seen = []
+    monkeypatch.setattr(kernels, "_MLX_SDPA", lambda *a, **kw: seen.append(kw) or MLX_SDPA(*a, **kw))
+    kernels.attention(q, k, v, scale=0.3, mask=mx.zeros((5, 9), mx.float16))  # a mask of another dtype
+    kernels.attention(q, k, v, scale=0.3, mask=None, stream=mx.cpu)
+    k4, v4 = mx.repeat(k[:, :1], 4, axis=1), mx.repeat(v[:, :1], 4, axis=1)
+    with pytest.raises(ValueError):  # 6 query heads on 4 key heads: MLX's own error
+        kernels.attention(q, k4, v4, scale=0.3)
+    assert len(seen) == 3
+    kernels.attention(q, k, v, scale=0.3, mask="causal")
+    assert len(seen) == 3
 
 
 def test_attention_row_with_nothing_to_attend_is_finite():
@@ -208,6 +250,7 @@ def test_no_grad_pass_uses_mlx_logsumexp(monkeypatch):
 def test_cpu_attention_routes_only_inside_the_block(monkeypatch):
     import threading
 
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", MLX_SDPA)  # back to MLX's after the test
     q, k, v, _ = sdpa_inputs()
     calls = []
     real = kernels.attention
@@ -244,6 +287,7 @@ def test_recomputed_blocks_keep_the_fused_attention(llama, monkeypatch):
 
     from mlxpost.train import enable_grad_checkpoint
 
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", MLX_SDPA)
     model = copy.deepcopy(llama.model)
     enable_grad_checkpoint(model)
     calls = []
@@ -262,6 +306,7 @@ def test_recomputed_blocks_keep_the_fused_attention(llama, monkeypatch):
 
 def test_enabled_follows_the_jit_flags(monkeypatch):
     monkeypatch.setenv(jit.ACTIVE_VAR, " ".join(jit.FLAGS))
+    monkeypatch.delenv(jit.OPT_OUT_VAR, raising=False)
     assert kernels.enabled() == (mx.default_device() == mx.cpu)
     monkeypatch.delenv(jit.ACTIVE_VAR)
     assert not kernels.enabled()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .. import kernels
 from ..logprobs import HeadSplit, token_logprobs
 
 SCALES = ("group", "batch", "none")
@@ -121,7 +122,7 @@ def objective(split: HeadSplit | None, *, eps_low: float = 0.2, eps_high: float 
         n = mx.maximum(w.sum(), 1.0)
         metrics = {}
         if beta > 0:
-            with adapters_off(model):
+            with adapters_off(model), kernels.no_grad_pass():
                 ref = mx.stop_gradient(token_logprobs(model, batch, split, batch.select))
             kl = k3(logp, ref) * w
             tok_loss = tok_loss + beta * kl
