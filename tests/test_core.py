@@ -37,12 +37,31 @@ def randomize_adapters(model, scale=0.05):
                 m.m = m.m * (1 + mx.random.normal(m.m.shape) * 0.01)
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_model):
-    lm = load_model(str(tiny_model))
-    attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"))
+def adapted(path, keys: str):
+    """A tiny model with random-weight adapters on ``keys`` (``resolve_targets`` names)."""
+    lm = load_model(str(path))
+    attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, keys))
     randomize_adapters(lm.model)
     return lm
+
+
+def selected_batch(exs: list[Example], packed: bool, per_row: int):
+    """``exs`` one per row, or packed ``per_row`` to a row, with the trained positions selected."""
+    rows = [exs[i:i + per_row] for i in range(0, len(exs), per_row)] if packed else [[e] for e in exs]
+    width = max(sum(len(e) - 1 for e in r) for r in rows)
+    b = _stack(rows, width, 0, packed=packed)
+    b.select = selection(np.array(b.weights), bucket=16)
+    return b
+
+
+def selected_sum(b, split):
+    """The loss-shaped scalar of ``b``: summed log-probs of its selected positions, per segment."""
+    return lambda m: logprobs(m, b, reduction="sum", split=split, select=b.select, num_segments=4).sum()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model):
+    return adapted(tiny_model, "all-linear")
 
 
 def naive_token_logprobs(model, ex: Example) -> np.ndarray:
@@ -73,12 +92,7 @@ def test_logprobs_equal_a_naive_computation(llama):
 @pytest.mark.parametrize("fixture", ["llama", "qwen"])
 def test_packed_rows_equal_one_by_one(request, fixture, tiny_qwen):
     """No packed example attends to another: packed log-probs equal separate ones to 1e-5."""
-    if fixture == "qwen":
-        lm = load_model(str(tiny_qwen))
-        attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "attention"))
-        randomize_adapters(lm.model)
-    else:
-        lm = request.getfixturevalue("llama")
+    lm = adapted(tiny_qwen, "attention") if fixture == "qwen" else request.getfixturevalue("llama")
     exs = make_examples(lm.tokenizer, 9, seed=1)
     rows = [exs[:4], exs[4:7], exs[7:]]
     width = max(sum(len(e) - 1 for e in row) for row in rows) + 3
@@ -106,10 +120,7 @@ def test_head_split_on_selected_positions_equals_full_logits(llama, tiny_qwen):
         assert split is not None
         exs = make_examples(lm.tokenizer, 6, seed=2)
         for packed in (False, True):
-            rows = [exs[:3], exs[3:]] if packed else [[e] for e in exs]
-            width = max(sum(len(e) - 1 for e in r) for r in rows)
-            b = _stack(rows, width, 0, packed=packed)
-            b.select = selection(np.array(b.weights), bucket=16)
+            b = selected_batch(exs, packed, per_row=3)
             full = logprobs(lm.model, b)
             part = logprobs(lm.model, b, split=split, select=b.select)
             assert mx.abs(full - part).max().item() < 1e-5
@@ -249,24 +260,14 @@ def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
     LoRA gradients of whole rows, padded or packed."""
     from mlxpost.batching import chunk_bounds, set_attention_chunk
 
-    if fixture == "qwen":
-        lm = load_model(str(tiny_qwen))
-        attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"))
-        randomize_adapters(lm.model)
-    else:
-        lm = request.getfixturevalue("llama")
+    lm = adapted(tiny_qwen, "all-linear") if fixture == "qwen" else request.getfixturevalue("llama")
     model = lm.model
     split = HeadSplit.find(model)
     exs = make_examples(lm.tokenizer, 8, seed=3)
     for packed in (False, True):
-        rows = [exs[:4], exs[4:]] if packed else [[e] for e in exs]
-        width = max(sum(len(e) - 1 for e in r) for r in rows)
-        b = _stack(rows, width, 0, packed=packed)
-        b.select = selection(np.array(b.weights), bucket=16)
-        assert len(chunk_bounds(width, 8)) > 3  # really chunked
-
-        def loss(m):
-            return logprobs(m, b, reduction="sum", split=split, select=b.select, num_segments=4).sum()
+        b = selected_batch(exs, packed, per_row=4)
+        assert len(chunk_bounds(b.inputs.shape[1], 8)) > 3  # really chunked
+        loss = selected_sum(b, split)
 
         results = []
         for chunk in (None, 8):

@@ -13,10 +13,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_core import llama, make_examples  # noqa: F401 (llama: a fixture)
+from test_core import llama, make_examples, selected_batch, selected_sum  # noqa: F401 (llama: a fixture)
 
 from mlxpost import jit, kernels
-from mlxpost.batching import _stack, selection, set_attention_chunk
+from mlxpost.batching import _stack, set_attention_chunk
 from mlxpost.logprobs import HeadSplit, logprobs
 
 linux_gxx = pytest.mark.skipif(not sys.platform.startswith("linux") or not jit.shutil.which("g++"),
@@ -325,13 +325,8 @@ def test_training_log_probs_and_gradients_are_the_same_with_the_kernels(llama, c
     split = HeadSplit.find(model)
     exs = make_examples(llama.tokenizer, 8, seed=5)
     for packed in (False, True):
-        rows = [exs[:4], exs[4:]] if packed else [[e] for e in exs]
-        width = max(sum(len(e) - 1 for e in r) for r in rows)
-        b = _stack(rows, width, 0, packed=packed)
-        b.select = selection(np.array(b.weights), bucket=16)
-
-        def loss(m):
-            return logprobs(m, b, reduction="sum", split=split, select=b.select, num_segments=4).sum()
+        b = selected_batch(exs, packed, per_row=4)
+        loss = selected_sum(b, split)
 
         results = []
         calls = []
