@@ -47,7 +47,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ACTIVE_VAR", "FLAGS", "OPT_OUT_VAR", "SAVED_TMPDIR_VAR", "active", "apply", "jit_env", "opted_out"]
+__all__ = ["ACTIVE_VAR", "FLAGS", "OPT_OUT_VAR", "SAVED_TMPDIR_VAR", "active", "apply", "jit_env", "opted_out",
+           "without_shim"]
 
 FLAGS = ("-march=native", "-fno-trapping-math", "-finline-limit=10000", "-ffp-contract=off")
 OPT_OUT_VAR = "MLXPOST_JIT"
@@ -112,6 +113,16 @@ def _write_shim(path: Path, text: str) -> None:
         raise
 
 
+def _is_shim_dir(entry: str) -> bool:
+    """Whether a ``PATH`` entry is the ``bin`` directory of one of our shims."""
+    return Path(entry).parent.name.startswith("mlxpost-jit-")
+
+
+def without_shim(path: str) -> str:
+    """``path`` (a ``PATH`` value) without the directories of our shims: where the real compiler is."""
+    return os.pathsep.join(p for p in path.split(os.pathsep) if not _is_shim_dir(p))
+
+
 def opted_out(environ=None) -> bool:
     """Whether ``MLXPOST_JIT`` turns the flags off."""
     env = os.environ if environ is None else environ
@@ -142,7 +153,7 @@ def jit_env(environ=None) -> dict | None:
         return None
     path = env.get("PATH", os.defpath)
     gxx = shutil.which("g++", path=path)
-    if gxx is None or Path(gxx).parent.parent.name.startswith("mlxpost-jit-"):
+    if gxx is None or _is_shim_dir(os.path.dirname(gxx)):
         return None  # none, or a shim of ours (marker lost): never wrap a shim in a shim
     gxx = os.path.abspath(gxx)  # not resolved: ccache and friends dispatch on the name they are called by
     tmp = os.path.abspath(env.get("TMPDIR") or tempfile.gettempdir())
@@ -177,9 +188,7 @@ def apply() -> bool:
     ``TMPDIR`` gets its old value back.
     """
     if opted_out() and os.environ.get(ACTIVE_VAR):
-        undo = os.environ.get("PATH", "").split(os.pathsep)
-        os.environ["PATH"] = os.pathsep.join(
-            p for p in undo if not Path(p).parent.name.startswith("mlxpost-jit-"))
+        os.environ["PATH"] = without_shim(os.environ.get("PATH", ""))
         saved = os.environ.pop(SAVED_TMPDIR_VAR, None)
         if saved:
             os.environ["TMPDIR"] = saved

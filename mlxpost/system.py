@@ -761,18 +761,16 @@ def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
             avail = min(avail, limit)
         add("memory available", _gib(avail), "ok" if avail >= 2 * 2**30 else "warn")
 
+    from . import jit
+
     # The real compiler, not the shim of mlxpost.jit that comes first on PATH.
-    gxx = shutil.which("g++", path=os.pathsep.join(
-        p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
-        if not Path(p).parent.name.startswith("mlxpost-jit-")))
+    gxx = shutil.which("g++", path=jit.without_shim(os.environ.get("PATH", os.defpath)))
     if gxx:
         add("g++", gxx, "ok")
     elif linux:
         add("g++", "not found: mx.compile silently runs unfused on the CPU (install g++)", "warn")
     else:
         add("g++", "not found (not needed on this platform)", "info")
-
-    from . import jit
 
     if jit.active():
         add("jit flags", f"{os.environ[jit.ACTIVE_VAR]} (vectorized CPU kernels; cache in "
