@@ -5,6 +5,7 @@
     python benchmarks/bench_dpo.py --only mlx-lm-lora    # one side only (mlx-lm-lora or mlxpost)
     python benchmarks/bench_dpo.py --precompute-ref      # also mlxpost dpo --precompute-ref (a sixth run)
     python benchmarks/bench_dpo.py --padded-too          # also mlxpost dpo with padded pairs (packed is the default)
+    python benchmarks/bench_dpo.py --unshared-too        # also mlxpost dpo with each side repeating its prompt
     python benchmarks/bench_dpo.py --num-layers 4        # LoRA on the top 4 of 8 blocks (both tools)
     python benchmarks/bench_dpo.py --model default --num-layers 16   # the real SmolLM2-135M-Instruct, top 16 of 30
 
@@ -27,8 +28,10 @@ Same model, same pairs, one run. Five trainers, each in its own process:
   with the value 0 and changes nothing else.
 * mlxpost DPO and ORPO through the ``mlxpost dpo`` / ``mlxpost orpo`` CLI, at
   their defaults: the chosen and rejected sequences of a batch packed into as
-  few rows as fit (``--padded-too`` adds a DPO run with one padded row per
-  sequence, ``data.batching=pad``, for the difference).
+  few rows as fit, each pair's prompt once with both replies after it
+  (``preference.share_prompt=auto``; ``--padded-too`` adds a DPO run with one
+  padded row per sequence, ``data.batching=pad``, and ``--unshared-too`` one
+  with the prompt repeated on each side, for the differences).
 * mlxpost SFT through ``mlxpost sft`` on the very same sequences: every pair
   becomes two prompt/completion rows (prompt + chosen, prompt + rejected),
   2B rows per batch, padded, as many steps -- so the same tokens go through
@@ -372,9 +375,10 @@ def mlxpost_has(method: str) -> bool:
 
 
 def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: int, lr: float, beta: float,
-                precompute_ref: bool = False, padded_pairs: bool = False, num_layers: int = -1) -> dict:
+                precompute_ref: bool = False, padded_pairs: bool = False, num_layers: int = -1,
+                unshared: bool = False) -> dict:
     out_dir = WORK / "runs"
-    name = f"{method}-{n_pairs}{info['tag']}" + ("-precomputed-ref" if precompute_ref else "") + ("-padded" if padded_pairs else "")
+    name = f"{method}-{n_pairs}{info['tag']}" + ("-precomputed-ref" if precompute_ref else "") + ("-padded" if padded_pairs else "") + ("-unshared" if unshared else "")
     data = info["sft"] if method == "sft" else info["pairs"]
     rows = 2 * batch_size if method == "sft" else batch_size
     cmd = mlxpost_cmd(method) + [
@@ -397,6 +401,8 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         cmd += ["--set", f"orpo.lam={beta}"]
     if padded_pairs:
         cmd += ["--set", "data.batching=pad"]  # one padded row per sequence (the default packs pairs)
+    if unshared:
+        cmd += ["--set", "preference.share_prompt=off"]  # each side with its own copy of the prompt
     if precompute_ref:
         # A fresh cache directory, so that the one-off reference pass is measured, not read back.
         cache = WORK / "ref-cache"
@@ -423,13 +429,19 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         trained += [tok / k] * k
         losses += [rec["loss"]] * k
     label = f"mlxpost {method}" + (" (precomputed ref)" if precompute_ref else "") + (
-        " (padded pairs)" if padded_pairs else "")
+        " (padded pairs)" if padded_pairs else "") + (" (prompt per side)" if unshared else "")
     res = summarize(label, step_s, trained, losses, summary["peak_memory_gb"])
     # The run's own totals are authoritative; the per-step split only serves "steady".
     res.update(trained_tokens=summary["trained_tokens"], train_seconds=summary["train_seconds"],
                trained_tokens_per_s=summary["trained_tokens_per_s"], tokens=summary.get("tokens"),
                tokens_per_s=summary.get("tokens_per_s"), final_train_loss_summary=summary.get("final_train_loss"),
                run_dir=str(run_dir))
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "setup":
+            res["prompt_shared"] = rec.get("prompt_shared")
+            res["positions"] = rec.get("data", {}).get("train", {}).get("tokens")
+            break
     if precompute_ref and summary.get("precompute_ref_seconds") is not None:
         # Counted as training time too: that figure is what a user waits for.
         res["precompute_seconds"] = float(summary["precompute_ref_seconds"])
@@ -486,6 +498,8 @@ def main():
                     help="which trainers to run, of dpo,orpo,sft (default all three; sft is mlxpost's only)")
     ap.add_argument("--padded-too", action="store_true",
                     help="also run mlxpost dpo with padded pairs (data.batching=pad) next to the packed default")
+    ap.add_argument("--unshared-too", action="store_true",
+                    help="also run mlxpost dpo with the prompt repeated on each side (preference.share_prompt=off)")
     args = ap.parse_args()
 
     if args.worker:
@@ -540,7 +554,8 @@ def main():
             except RuntimeError as e:
                 skipped[f"mlxpost {method}"] = str(e)
         variants = [(args.precompute_ref, "--precompute-ref", "precomputed ref", {"precompute_ref": True}),
-                    (args.padded_too, "with padded pairs", "padded pairs", {"padded_pairs": True})]
+                    (args.padded_too, "with padded pairs", "padded pairs", {"padded_pairs": True}),
+                    (args.unshared_too, "with the prompt per side", "prompt per side", {"unshared": True})]
         for wanted, what, label, kw in variants:
             if not (wanted and "dpo" in methods and mlxpost_has("dpo")):
                 continue
@@ -569,6 +584,9 @@ def main():
     padded, packed = by.get("mlxpost dpo (padded pairs)"), by.get("mlxpost dpo")
     if padded and packed:
         ratios["dpo_packed_over_padded_pairs"] = packed["trained_tokens_per_s"] / padded["trained_tokens_per_s"]
+    unshared = by.get("mlxpost dpo (prompt per side)")
+    if unshared and packed:
+        ratios["dpo_shared_over_unshared_prompt"] = packed["trained_tokens_per_s"] / unshared["trained_tokens_per_s"]
     pre, theirs, sft = by.get("mlxpost dpo (precomputed ref)"), by.get("mlx-lm-lora dpo"), by.get("mlxpost sft")
     if pre and theirs:
         ratios["dpo_precomputed_ref_speedup_vs_mlx_lm_lora"] = (pre["trained_tokens_per_s"]

@@ -19,6 +19,7 @@ same batches in the same order (see :meth:`BatchSource.state`).
 from __future__ import annotations
 
 import bisect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -39,9 +40,18 @@ class Batch:
     n_tokens: int = 0  # real (non-padding) input positions
     n_targets: int = 0  # trained positions
     n_examples: int = 0
-    select: tuple[mx.array, mx.array] | None = None  # (index (K,), valid (K,)): see selection()
+    # (index (K,), valid (K,)): see selection(); shared-prompt pair batches add
+    # targets (K,): each entry is a (position, target) and a position may serve two.
+    select: tuple | None = None
     sources: list[str] | None = None  # "file:line" of each example, for error messages
     extra: dict | None = None  # further arrays a method needs (e.g. precomputed reference log-probs)
+    branches: mx.array | None = None  # (B, L) int32, shared-prompt pairs: 0 prompt, 1 chosen, 2 rejected
+    positions: mx.array | None = None  # (B, L) int32 RoPE positions, when they are not the row's own
+
+    @property
+    def entries(self) -> bool:
+        """Whether log-probs of this batch come per selected entry (K,) rather than per position (B, L)."""
+        return self.select is not None and len(self.select) == 3
 
     def arrays(self) -> dict:
         """The arrays a compiled step receives (same structure for a whole run)."""
@@ -52,13 +62,18 @@ class Batch:
             out["select"] = self.select
         if self.extra:
             out["extra"] = self.extra
+        if self.branches is not None:
+            out["branches"] = self.branches
+        if self.positions is not None:
+            out["positions"] = self.positions
         return out
 
 
 def batch_from_arrays(arrays: dict) -> Batch:
     """Rebuild a :class:`Batch` view (arrays only) inside a compiled function."""
     return Batch(arrays["inputs"], arrays["targets"], arrays["weights"], arrays.get("segments"),
-                 select=arrays.get("select"), extra=arrays.get("extra"))
+                 select=arrays.get("select"), extra=arrays.get("extra"), branches=arrays.get("branches"),
+                 positions=arrays.get("positions"))
 
 
 # ---------------------------------------------------------------------------
@@ -76,6 +91,68 @@ def segment_mask(segments: mx.array) -> mx.array:
     """(B, L) segment ids -> (B, 1, L, L) bool: causal within a segment."""
     same = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, L, L)
     return same & causal_mask(segments.shape[1])
+
+
+def tree_mask(segments: mx.array, branches: mx.array) -> mx.array:
+    """(B, L) segment and branch ids -> (B, 1, L, L) bool, for pairs that share their prompt.
+
+    A segment holds a prompt (branch 0) followed by two replies (branches 1
+    and 2): causal within the segment, and a reply does not see the other.
+    """
+    bq, bk = branches[:, None, :, None], branches[:, None, None, :]
+    return segment_mask(segments) & ((bk == 0) | (bk == bq))
+
+
+class _PositionedRope:
+    """Stands in for a block's RoPE: rotates each position by its own entry of ``positions``.
+
+    MLX's ``fast.rope`` takes one offset per batch element; folding the
+    positions into the batch axis, (B, H, L, D) -> (B * L, H, 1, D), gives
+    every position its own. The model passes the chunk's offset in the row
+    (:class:`MaskCache`), which picks the chunk's columns of ``positions``.
+    """
+
+    def __init__(self, rope, positions: mx.array):
+        self.rope, self.positions = rope, positions
+
+    def __call__(self, x, offset=0, **kwargs):
+        B, H, L, D = x.shape
+        pos = self.positions[:, offset:offset + L].reshape(-1)
+        y = self.rope(x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D), offset=pos, **kwargs)
+        return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+def rope_owners(model) -> list:
+    """(module, key) of every RoPE of the model's blocks (found once, on the real blocks)."""
+    owners = getattr(model, "_mlxpostrope_owners", None)
+    if owners is None:
+        import mlx.nn as nn
+
+        inner = getattr(model, "model", model)
+        owners = []
+        for block in getattr(inner, "layers", None) or getattr(model, "layers", None) or []:
+            block = getattr(block, "block", block)  # a shared trunk's stand-in
+            if isinstance(block, nn.Module):
+                owners += [(m, "rope") for _, m in block.named_modules() if "rope" in m and callable(m["rope"])]
+        object.__setattr__(model, "_mlxpostrope_owners", owners)
+    return owners
+
+
+@contextmanager
+def positioned(model, positions: mx.array | None) -> Iterator[None]:
+    """Within the block, the model's RoPE rotates position ``(b, i)`` by ``positions[b, i]``."""
+    if positions is None:
+        yield
+        return
+    owners = rope_owners(model)
+    saved = [m[k] for m, k in owners]
+    for m, k in owners:
+        m[k] = _PositionedRope(m[k], positions)
+    try:
+        yield
+    finally:
+        for (m, k), r in zip(owners, saved):
+            m[k] = r
 
 
 DEFAULT_ATTENTION_CHUNK = 96  # positions per query chunk on the CPU (train.attention_chunk=-1)
@@ -149,7 +226,8 @@ def attention_chunk(model) -> int | None:
 
 
 def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None,
-            chunk: int | None = None) -> mx.array:
+            chunk: int | None = None, branches: mx.array | None = None,
+            positions: mx.array | None = None) -> mx.array:
     """Run ``model`` (or its ``body``) on ``inputs`` with packing isolation when segmented.
 
     ``chunk`` (default: the model's :func:`set_attention_chunk`): feed the
@@ -169,13 +247,20 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     On MLX's CPU backend with the JIT's vectorizing flags, attention runs
     through :func:`mlxpost.kernels.attention` (the same result, its softmax
     vectorized).
+
+    ``branches`` and ``positions`` (pairs that share their prompt, see
+    :class:`PairSource`): the mask is :func:`tree_mask`, and RoPE rotates
+    each position by its entry of ``positions`` (:func:`positioned`).
     """
     fn = body or model
     bounds = chunk_bounds(inputs.shape[1], attention_chunk(model) if chunk is None else chunk)
-    with kernels.cpu_attention():
+    with kernels.cpu_attention(), positioned(model, positions):
         if len(bounds) == 2 and segments is None:
             return fn(inputs)  # the model's own causal mask
-        mask = causal_mask(inputs.shape[1]) if segments is None else segment_mask(segments)
+        if segments is None:
+            mask = causal_mask(inputs.shape[1])
+        else:
+            mask = segment_mask(segments) if branches is None else tree_mask(segments, branches)
         cache = [MaskCache(mask) for _ in model.layers]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -464,19 +549,34 @@ class PairSource(BatchSource):
     A short last batch is filled with empty pairs (no trained tokens), which
     the losses mask out.
 
+    ``share_prompt`` (packed only; needs ``select_bucket``, i.e. a head
+    split): each pair is one segment, its prompt once and both replies after
+    it (:func:`shared_segment`), instead of two sequences that each repeat
+    the prompt. The mask (:func:`tree_mask`, from ``branches``) keeps the
+    replies apart and ``positions`` gives the rejected reply the RoPE
+    positions it has after the prompt, so every log-prob is the one of the
+    unshared layout (float rounding aside); the prompt's positions go through
+    the model once. Log-probs then come per trained entry:
+    ``select = (index, valid, targets)`` (K,), where the prompt's last
+    position appears twice (it predicts the first token of both replies), and
+    ``extra["seq"]`` (K,) names each entry's sequence.
+
     ``ref``: optional precomputed reference log-probs, one
     ``(chosen_values, rejected_values)`` per pair, each holding the values at
     that side's trained positions in order; batches then carry them as
-    ``extra["ref_logps"]``, aligned with ``targets``.
+    ``extra["ref_logps"]``, aligned with ``targets`` (with entries: with them).
     """
 
     def __init__(self, pairs: list, *, mode: str = "pad", ref: list | None = None, span: float | None = None,
-                 **kw):
+                 share_prompt: bool = False, **kw):
         if mode not in ("pad", "pack"):
             raise MlxpostError(f"preference pairs are batched with data.batching=pad or pack, got {mode!r}")
         super().__init__(pairs, mode="pad", **kw)  # the plan: pairs in length-sorted batches
         self.pack = mode == "pack"
         self.span = span
+        if share_prompt and not (self.pack and self.select_bucket):
+            raise MlxpostError("pairs share their prompt only in packed batches with a head split")
+        self.share_prompt = share_prompt
         if ref is not None and len(ref) != len(pairs):
             raise MlxpostError(f"reference log-probs for {len(ref)} pairs, but there are {len(pairs)} pairs")
         self.ref = ref
@@ -493,6 +593,8 @@ class PairSource(BatchSource):
         """The batch of the pairs at positions ``idx`` (at most ``batch_size``); ``packed``: override the mode."""
         P = self.batch_size
         pairs = [self.examples[i] for i in idx]
+        if self.share_prompt and packed is not False:
+            return self._build_shared(idx, pairs)
         seqs = [p.chosen for p in pairs] + [None] * (P - len(pairs)) + [p.rejected for p in pairs]
         seqs += [None] * (2 * P - len(seqs))
         m = self.pad_multiple
@@ -532,3 +634,104 @@ class PairSource(BatchSource):
             extra["ref_logps"] = mx.array(ref)
         batch.extra = extra or None
         return batch
+
+    def _build_shared(self, idx: list[int], pairs: list) -> Batch:
+        """A packed batch of shared-prompt segments, one per pair (see the class doc)."""
+        P = self.batch_size
+        segs = [shared_segment(p.chosen, p.rejected) for p in pairs]
+        # A segment holds both replies: up to twice a sequence's row.
+        width, rows = pair_layout([len(s.inputs) for s in segs], self.pad_multiple, 2 * self.row_len, self.span)
+        R = len(rows)
+        inputs = np.full((R, width), self.pad_id, np.int32)
+        segments = np.full((R, width), -1, np.int32)
+        branches = np.zeros((R, width), np.int32)
+        positions = np.zeros((R, width), np.int32)
+        targets = np.zeros((R, width), np.int32)
+        weights = np.zeros((R, width), np.float32)
+        flat, tgt, seq, ref = [], [], [], []
+        n_tokens = 0
+        for r, row in enumerate(rows):
+            pos = 0
+            for s_, k in enumerate(row):
+                sg = segs[k]
+                n = len(sg.inputs)
+                sl = slice(pos, pos + n)
+                inputs[r, sl], branches[r, sl], positions[r, sl] = sg.inputs, sg.branches, sg.positions
+                segments[r, sl] = s_
+                for side, key in ((0, k), (1, P + k)):
+                    at = r * width + pos + sg.at[side]
+                    flat.append(at)
+                    tgt.append(sg.targets[side])
+                    seq.append(np.full(len(at), key, np.int32))
+                    if self.ref is not None:
+                        ref.append(np.asarray(self.ref[idx[k]][side], np.float32))
+                    targets.reshape(-1)[at] = sg.targets[side]
+                    weights.reshape(-1)[at] = 1.0
+                pos += n
+            n_tokens += pos
+        flat, tgt, seq = np.concatenate(flat), np.concatenate(tgt), np.concatenate(seq)
+        K = len(flat)
+        bucket = self.select_bucket
+        size = max(bucket, -(-K // bucket) * bucket)
+        index, valid = np.zeros(size, np.int32), np.zeros(size, np.float32)
+        etargets, eseq = np.zeros(size, np.int32), np.full(size, -1, np.int32)
+        index[:K], valid[:K], etargets[:K], eseq[:K] = flat, 1.0, tgt, seq
+        extra = {"seq": mx.array(eseq), "seq_ids": mx.arange(2 * P, dtype=mx.int32)}
+        if self.ref is not None:
+            values = np.zeros(size, np.float32)
+            values[:K] = np.concatenate(ref)
+            extra["ref_logps"] = mx.array(values)
+        return Batch(
+            inputs=mx.array(inputs), targets=mx.array(targets), weights=mx.array(weights),
+            segments=mx.array(segments), n_tokens=n_tokens, n_targets=K, n_examples=len(pairs),
+            select=(mx.array(index), mx.array(valid), mx.array(etargets)),
+            sources=[p.chosen.source for p in pairs] + [p.rejected.source for p in pairs], extra=extra,
+            branches=mx.array(branches), positions=mx.array(positions))
+
+
+@dataclass
+class SharedSegment:
+    """One pair as a prompt followed by both replies (see :func:`shared_segment`)."""
+
+    inputs: np.ndarray  # (n,) int32: prompt, chosen reply, rejected reply
+    branches: np.ndarray  # (n,) int32: 0, 1, 2
+    positions: np.ndarray  # (n,) int32: each token's position in its own sequence
+    at: tuple  # per side: offsets in the segment of that side's trained positions, in order
+    targets: tuple  # per side: the tokens they predict
+
+
+def shared_prefix(chosen: Example, rejected: Example) -> int:
+    """How many leading input positions the two sides of a pair can share.
+
+    The common prefix of their tokens, but no further than the first trained
+    position of either side: below it no position is trained on either side,
+    and the last shared position may be trained (it predicts each side's own
+    next token, so it appears once per side among the entries).
+    """
+    a, b = chosen.tokens, rejected.tokens
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    lcp = int(diff[0]) if len(diff) else n
+    first = [int(np.flatnonzero(ex.mask[1:])[0]) if ex.mask[1:].any() else len(ex) - 2 for ex in (chosen, rejected)]
+    return max(0, min(lcp, first[0] + 1, first[1] + 1))
+
+
+def shared_segment(chosen: Example, rejected: Example) -> SharedSegment:
+    """Lay out a pair as ``[prompt | chosen reply | rejected reply]`` input positions.
+
+    Sequence ``x`` of ``T`` tokens has input positions ``0..T-2`` (position
+    ``j`` predicts token ``j + 1``). The first ``p`` (:func:`shared_prefix`)
+    are common; then come the chosen side's positions ``p..Tc-2`` and the
+    rejected side's ``p..Tr-2``, each at its own RoPE position ``j``.
+    """
+    p = shared_prefix(chosen, rejected)
+    nc, nr = len(chosen) - 1 - p, len(rejected) - 1 - p
+    inputs = np.concatenate([chosen.tokens[:p], chosen.tokens[p:-1], rejected.tokens[p:-1]]).astype(np.int32)
+    branches = np.concatenate([np.zeros(p), np.ones(nc), np.full(nr, 2)]).astype(np.int32)
+    positions = np.concatenate([np.arange(p + nc), np.arange(p, p + nr)]).astype(np.int32)
+    at, targets = [], []
+    for ex, start in ((chosen, p), (rejected, p + nc)):
+        j = np.flatnonzero(ex.mask[1:])  # trained input positions of this side
+        at.append(np.where(j < p, j, start + (j - p)).astype(np.int64))
+        targets.append(ex.tokens[1:][j].astype(np.int32))
+    return SharedSegment(inputs, branches, positions, tuple(at), tuple(targets))

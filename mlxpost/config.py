@@ -148,6 +148,8 @@ class PreferenceConfig:
     from_run: str | None = None  # SFT run (or adapter dir) merged into the base: the start and the reference
     precompute_ref: bool = False  # reference log-probs once before training, cached beside the data
     ref_cache_dir: str | None = None  # where to cache them (default: .mlxpost-cache beside the data)
+    # The prompt once per pair, both replies after it (packed batches): auto = when the model passes the check.
+    share_prompt: str = "auto"  # auto | on | off
     # Health checks (live and in the summary).
     kl_max: float = 0.1  # drift: KL estimate to the reference (nats per token)
     collapse_loss: float = 0.05  # collapse: preference loss below this with accuracy 1.0 early on
@@ -452,6 +454,7 @@ CHOICES = {
     "data.overflow": ("truncate", "drop"),
     "data.chat_template": ("auto", "none"),
     "data.batching": ("auto", "pack", "pad"),
+    "preference.share_prompt": ("auto", "on", "off"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "adam", "sgd"),
 }
@@ -494,6 +497,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.attention_chunk > 0 and cfg.train.grad_checkpoint:
         raise ConfigError("train.attention_chunk: query chunks cannot be combined with train.grad_checkpoint "
                           "(a recomputed block would see its chunk's keys twice); set one of them to 0/false")
+    if cfg.preference.share_prompt == "on" and cfg.train.grad_checkpoint:
+        raise ConfigError("preference.share_prompt=on cannot be combined with train.grad_checkpoint (a recomputed "
+                          "block would rotate the rejected reply at the wrong positions); set one of them off")
+    if cfg.preference.share_prompt == "on" and cfg.data.batching == "pad":
+        raise ConfigError("preference.share_prompt=on needs packed pair batches: set data.batching to pack or auto")
     if cfg.data.pack_len is not None and cfg.data.pack_len <= 1:
         raise ConfigError(f"data.pack_len: must be more than 1, got {cfg.data.pack_len}")
     if cfg.model.quantize not in (None, 2, 3, 4, 6, 8):

@@ -73,14 +73,25 @@ def token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | None = Non
     ``select = (index, valid)``: flat positions (K,) whose log-probs are needed
     and a (K,) 0/1 mask for the padding entries of ``index``. With a head
     split, only those K hidden states go through the output layer.
+
+    ``select = (index, valid, targets)`` (pairs sharing their prompt, see
+    :class:`mlxpost.batching.PairSource`): per entry, shape (K,), each entry
+    the log-prob of its own target at its position (a position may appear
+    twice); 0 for padding entries. Needs the head split.
     """
     B, L = batch.inputs.shape
+    entries = select is not None and len(select) == 3
+    if entries and split is None:
+        raise ValueError("per-entry log-probs (a shared-prompt pair batch) need a head split")
     if split is None or select is None:
         logits = forward(model, batch.inputs, batch.segments)  # (B, L, V)
         return _target_logprobs(logits, batch.targets) * batch.weights
-    index, valid = select
-    h = forward(model, batch.inputs, batch.segments, body=split.body)  # (B, L, D)
+    index, valid = select[0], select[1]
+    h = forward(model, batch.inputs, batch.segments, body=split.body, branches=batch.branches,
+                positions=batch.positions)  # (B, L, D)
     h = h.reshape(B * L, -1)[index]  # (K, D): only trained positions
+    if entries:
+        return _target_logprobs(split.head(h), select[2]) * valid  # (K,)
     lp = _target_logprobs(split.head(h), batch.targets.reshape(-1)[index]) * valid  # (K,)
     out = mx.zeros((B * L,), mx.float32).at[index].add(lp)
     return out.reshape(B, L) * batch.weights
@@ -90,13 +101,16 @@ def logprobs(model: nn.Module, batch: Batch, *, reduction: str = "none", split: 
              select: tuple[mx.array, mx.array] | None = None, num_segments: int | None = None) -> mx.array:
     """Log-probs of the batch's targets, reduced as named.
 
-    * ``"none"``: per token, (B, L), zero at untrained positions.
+    * ``"none"``: per token, (B, L), zero at untrained positions (per entry,
+      (K,), for a ``select`` with targets: see :func:`token_logprobs`).
     * ``"sum"`` / ``"mean"``: per sequence over its trained tokens. For unpacked
       rows the result is (B,); for packed rows pass ``num_segments`` and get
       (B, num_segments) (segments that do not exist give 0).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction != "none" and select is not None and len(select) == 3:
+        raise ValueError("per-entry log-probs are reduced per sequence by their caller (preference.sequence_sums)")
     tok = token_logprobs(model, batch, split, select)
     if reduction == "none":
         return tok

@@ -120,8 +120,9 @@ def sequence_sums(x: mx.array, seq: mx.array | None = None, seq_ids: mx.array | 
     """Per-sequence sums of per-position values ``x``: (2P,).
 
     Padded pair batches hold one sequence per row (a row sum); packed ones
-    say which sequence each position belongs to (``seq``, -1 for padding)
-    and list the sequence ids ``seq_ids`` = ``arange(2P)``.
+    say which sequence each position (or entry, when pairs share their
+    prompt) belongs to (``seq``, -1 for padding) and list the sequence ids
+    ``seq_ids`` = ``arange(2P)``.
     """
     if seq is None:
         return x.sum(axis=1)
@@ -137,7 +138,8 @@ def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None
 
     tok, weights, ref_tok: (2P, L), rows ``i`` and ``P + i`` are pair ``i``;
     or, for packed batches, (R, W) with ``seq``/``seq_ids`` as in
-    :func:`sequence_sums`.
+    :func:`sequence_sums`; or per entry, (K,) with ``seq`` (K,) (pairs that
+    share their prompt).
     Padding pairs (no trained tokens) get harmless finite stand-in scores
     (-1 per token) so that no loss formula meets ``log 0`` on them; they are
     masked out of every sum by ``valid``.
@@ -209,7 +211,8 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
             tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)
         ref_tok = reference_token_logprobs(model, batch, split, trunk=live) if reference else None
         extra = batch.extra or {}
-        lp = pair_logps(tok, batch.weights, ref_tok, extra.get("seq"), extra.get("seq_ids"))
+        weights = batch.select[1] if batch.entries else batch.weights  # per entry (K,) or per position
+        lp = pair_logps(tok, weights, ref_tok, extra.get("seq"), extra.get("seq_ids"))
         out = score(lp)
         # Metrics carry no gradient.
         c, r = mx.stop_gradient(out.chosen_rewards), mx.stop_gradient(out.rejected_rewards)

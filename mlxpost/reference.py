@@ -120,6 +120,9 @@ def compute(model: nn.Module, source: PairSource, split: HeadSplit | None = None
                 p = source.examples[i]
                 sides = []
                 for key, ex in ((k, p.chosen), (P + k, p.rejected)):
+                    if batch.entries:  # pairs sharing their prompt: a sequence's trained entries, in order
+                        sides.append(tok[seq == key].astype(np.float32))
+                        continue
                     # A sequence's positions, in order: its row (padded) or its span of a packed row.
                     values = tok[key] if seq is None else tok[seq == key]
                     sides.append(values[np.flatnonzero(ex.mask[1:])].astype(np.float32))

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .batching import (DEFAULT_ATTENTION_CHUNK, BatchSource, PairSource, _stack, attention_chunk, attention_span,
-                       forward, set_attention_chunk)
+                       forward, rope_owners, set_attention_chunk)
 from .config import RunConfig, dump_yaml, load_recipe, set_value, validate
 from .data import (DataStats, Example, Renderer, resolve_data_files, split_examples, tokenize_file,
                    tokenize_pairs_file)
@@ -49,6 +49,7 @@ class Prepared:
     rl: dict = field(default_factory=dict)  # online RL: eval prompts, rewards, verifier, settings
     timings: dict = field(default_factory=dict)  # one-off work before training (seconds)
     trunk: object = None  # a SharedTrunk when the live reference pass can reuse the policy's lower blocks
+    prompt: str | None = None  # pairs: how each prompt goes through the model (shared or repeated, and why)
 
 
 def _world():
@@ -168,6 +169,89 @@ def resolve_attention_chunk(setting: int, model, grad_checkpoint: bool = False, 
                  "running whole rows")
         return None
     return chunk
+
+
+def prompt_sharing_problem(model, split) -> str | None:
+    """Why pairs cannot share their prompt on this model, or None when they can.
+
+    Two random pairs (a common prompt, replies of different lengths) go
+    through the model in a shared-prompt batch, whole and in query chunks,
+    and as ordinary packed sequences; the hidden states that score each
+    trained token must agree (hidden states, not log-probs: a random model's
+    log-probs hardly depend on the context, so they would hide a misplaced
+    position). Models whose blocks do not rotate keys and queries with a
+    ``rope`` module the way mlx-lm's do (taking one offset per batch
+    element), or that mix positions in other ways, fail and keep the
+    ordinary layout.
+    """
+    if split is None:
+        return "the model's output layer could not be split off (entries need the head split)"
+    from .batching import PairSource
+    from .data import PairExample
+
+    rng = np.random.default_rng(2)
+    pairs = []
+    for n_prompt, n_c, n_r in ((9, 5, 8), (6, 7, 3)):
+        prompt = _probe_tokens(model, rng, n_prompt)
+        sides = []
+        for n in (n_c, n_r):
+            tokens = np.concatenate([prompt, _probe_tokens(model, rng, n)])
+            sides.append(Example(tokens, np.arange(len(tokens)) >= n_prompt))
+        pairs.append(PairExample(*sides))
+
+    def scored_states(b) -> mx.array:
+        """Hidden states of the trained entries (valid ones), grouped by sequence in position order."""
+        h = forward(model, b.inputs, b.segments, body=split.body, branches=b.branches, positions=b.positions)
+        index, valid = np.array(b.select[0]), np.array(b.select[1]) > 0
+        seq = np.array(b.extra["seq"]) if b.entries else np.array(b.extra["seq"]).reshape(-1)[index]
+        order = np.argsort(np.where(valid, seq, 1 << 20), kind="stable")[: int(valid.sum())]
+        return h.reshape(-1, h.shape[-1])[mx.array(index[order])].astype(mx.float32)
+
+    try:
+        if not rope_owners(model):
+            return "no RoPE module found in its blocks"
+        states = []
+        saved = attention_chunk(model)
+        for share, chunk in ((False, None), (True, None), (True, 4)):
+            src = PairSource(pairs, mode="pack", batch_size=2, max_len=32, select_bucket=16, share_prompt=share,
+                             shuffle=False)
+            set_attention_chunk(model, chunk)
+            try:
+                states.append(scored_states(src.build_pairs([0, 1])))
+            finally:
+                set_attention_chunk(model, saved)
+        want = states[0]
+        err = max((mx.linalg.norm(s - want) / mx.linalg.norm(want)).item() for s in states[1:])
+        exact_dtype = want.dtype == mx.float32 and states[1].dtype == mx.float32
+    except Exception as e:
+        return f"its blocks do not take per-position RoPE ({type(e).__name__}: {e})"
+    # The same operations on differently laid out rows differ by rounding only;
+    # a misplaced position changes the states at order 1.
+    if err > (1e-5 if exact_dtype else 1e-2):
+        return f"its hidden states with a shared prompt differ from separate sequences (relative error {err:.1e})"
+    return None
+
+
+def resolve_share_prompt(setting: str, model, batching: str, split, grad_checkpoint: bool) -> tuple[bool, str]:
+    """``preference.share_prompt``: whether pair batches put each prompt through the model once, and why not.
+
+    ``auto`` shares when the batches are packed, gradient checkpointing is
+    off and the model passes :func:`prompt_sharing_problem`; ``on`` requires it.
+    """
+    if setting == "off":
+        return False, "off (preference.share_prompt=off)"
+    reason = None
+    if batching != "pack":
+        reason = "pair batches are padded, not packed"
+    elif grad_checkpoint:
+        reason = "gradient checkpointing is on"
+    else:
+        reason = prompt_sharing_problem(model, split)
+    if reason is None:
+        return True, "once per pair (both replies after it)"
+    if setting == "on":
+        raise MlxpostError(f"preference.share_prompt=on: {reason}")
+    return False, f"repeated on each side ({reason})"
 
 
 def choose_batching(mode: str, model, pairs: bool = False) -> str:
@@ -396,12 +480,18 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
         kw = dict(mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
                   select_bucket=bucket if split else None)
         if method.data == "pairs":
-            return PairSource(examples, span=span, **kw)
+            return PairSource(examples, span=span, share_prompt=share, **kw)
         return BatchSource(examples, **kw)
+
+    share, share_note = False, None
+    if method.data == "pairs":
+        share, share_note = resolve_share_prompt(cfg.preference.share_prompt, model, batching, split,
+                                                 cfg.train.grad_checkpoint)
 
     train_src = source(train, shuffle=True)
     valid_src = source(valid, shuffle=False) if valid is not None else None
     prep = Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
+    prep.prompt = share_note
     if method.reference and cfg.preference.precompute_ref:
         precompute_reference(prep, rep)
     elif method.reference:
@@ -717,6 +807,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
             if prep.trunk is not None:
                 ref += f" (blocks 0-{prep.trunk.k - 1} shared with the policy pass)"
         info.append(("reference", ref))
+        if prep.prompt:
+            info.append(("prompt", prep.prompt))
         if cfg.preference.from_run:
             info.append(("from", cfg.preference.from_run))
     if method.data == "prompts":
@@ -735,7 +827,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     rundir.write_json("data_stats.json", prep.stats)
     rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
                 "world_size": size, "data": prep.stats, "attention_chunk": chunk,
-                **({"reference_shares_blocks": prep.trunk.k} if prep.trunk is not None else {})})
+                **({"reference_shares_blocks": prep.trunk.k} if prep.trunk is not None else {}),
+                **({"prompt_shared": prep.train.share_prompt} if method.data == "pairs" else {})})
 
     prompts = sample_prompts(cfg)
     before = []

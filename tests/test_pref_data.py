@@ -615,6 +615,61 @@ def test_packed_pair_batches_hold_every_sequence_once_isolated(pairs):
     assert np.array(b.inputs).shape[0] == 8 and b.segments is None and "seq" not in b.extra
 
 
+def test_shared_prompt_batches_hold_each_prompt_once(pairs):
+    """Sharing: a pair is one segment, prompt then chosen reply then rejected reply, each token at its own
+    sequence's position; entries list every trained (position, target) of each side once, in order, the
+    prompt's last position once per side, with the reference values aligned."""
+    from mlxpost.batching import shared_prefix, tree_mask
+
+    ref = fake_ref(pairs)
+    shared = make_source(pairs, mode="pack", ref=ref, shuffle=False, select_bucket=16, share_prompt=True)
+    plain = make_source(pairs, mode="pack", ref=ref, shuffle=False, select_bucket=16)
+    idx = {p.source: i for i, p in enumerate(pairs)}
+    seen = []
+    for b, b0 in zip(shared, plain):
+        P = 4
+        assert b.entries and not b0.entries and b.sources == b0.sources
+        inputs, segments, branches, positions = (np.array(x) for x in (b.inputs, b.segments, b.branches, b.positions))
+        index, valid, targets = (np.array(x) for x in b.select)
+        seq, refs = np.array(b.extra["seq"]), np.array(b.extra["ref_logps"])
+        W = inputs.shape[1]
+        assert len(index) % 16 == 0 and (valid[seq < 0] == 0).all() and (refs[seq < 0] == 0).all()
+        assert b.n_targets == b0.n_targets == int(valid.sum())
+        assert b.n_tokens == b0.n_tokens - sum(shared_prefix(pairs[idx[s]].chosen, pairs[idx[s]].rejected)
+                                               for s in b.sources[:b.n_examples])
+        for k, source in enumerate(b.sources[:b.n_examples]):
+            i = idx[source]
+            seen.append(i)
+            c, r = pairs[i].chosen, pairs[i].rejected
+            p = shared_prefix(c, r)
+            assert p > 1 and (c.tokens[:p] == r.tokens[:p]).all() and not c.mask[1:p].any()
+            for key, ex, side in ((k, c, 0), (P + k, r, 1)):
+                at = index[seq == key]
+                assert len(at) == ex.n_targets
+                row = set((at // W).tolist())
+                assert len(row) == 1
+                row = row.pop()
+                # Walking the sequence's own positions through the segment gives back its tokens.
+                j = np.flatnonzero(ex.mask[1:])
+                assert targets[seq == key].tolist() == ex.tokens[1:][j].tolist()
+                assert positions[row, at % W].tolist() == j.tolist()
+                assert inputs[row, at % W].tolist() == ex.tokens[:-1][j].tolist()
+                assert set(branches[row, at % W].tolist()) <= {0, side + 1}
+                np.testing.assert_array_equal(refs[seq == key], ref[i][side])
+            # The last prompt position predicts the first token of both replies.
+            last = index[seq == k][0]
+            assert index[seq == P + k][0] == last and branches[last // W, last % W] == 0
+        # Rejected tokens never see chosen ones; the prompt sees only itself.
+        m = np.array(tree_mask(b.segments, b.branches))[:, 0]
+        rows, q, kk = np.nonzero(m)
+        bq, bk = branches[rows, q], branches[rows, kk]
+        assert ((bk == 0) | (bk == bq)).all() and (kk <= q).all()
+        assert (segments[rows, q] == segments[rows, kk]).all()
+    assert sorted(seen) == list(range(10))
+    with pytest.raises(MlxpostError, match="share their prompt only in packed batches"):
+        make_source(pairs, share_prompt=True, select_bucket=16)
+
+
 def test_pair_layout_chooses_the_fewest_positions():
     from mlxpost.batching import pair_layout
 

@@ -161,7 +161,8 @@ def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     out, refs = {}, {}
     for mode in ("pad", "pack"):
-        cfg = pref_cfg(tiny_model, data, method, "train.batch_size=4", f"data.batching={mode}")
+        cfg = pref_cfg(tiny_model, data, method, "train.batch_size=4", f"data.batching={mode}",
+                       "preference.share_prompt=off")  # sequences packed as they are (sharing: tested below)
         prep = prepare(cfg, NullReporter())
         assert prep.batching == mode
         model = prep.loaded.model
@@ -196,6 +197,87 @@ def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method
             assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-4), k
         for k in g1:
             np.testing.assert_allclose(g2[k], g1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("fixture,method,sets", [
+    ("tiny_model", "dpo", ()),
+    ("tiny_model", "dpo", ("lora.num_layers=1", "train.attention_chunk=8")),  # shared trunk, query chunks
+    ("tiny_model", "orpo", ("train.attention_chunk=8",)),
+    ("tiny_qwen", "dpo", ()),
+])
+def test_pairs_sharing_their_prompt_score_exactly_as_separate_sequences(request, tmp_path, fixture, method, sets):
+    """Each prompt once, both replies after it: the same loss, metrics, gradients and reference log-probs
+    as the chosen and rejected sequences each with their own copy of the prompt, with fewer positions."""
+    from mlxpost.batching import batch_from_arrays
+
+    model_path = request.getfixturevalue(fixture)
+    rows = preference_rows(12, seed=6)
+    for i, r in enumerate(rows):  # long prompts, replies of different lengths
+        if isinstance(r["prompt"], str):
+            r["prompt"] += " Think about it." * (i % 4 + 1)
+        if isinstance(r["rejected"], str):
+            r["rejected"] += " Let me explain why." * (i % 3)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = {}
+    for share in ("off", "on"):
+        cfg = pref_cfg(model_path, data, method, "train.batch_size=4", "data.batching=pack",
+                       f"preference.share_prompt={share}", *sets)
+        prep = prepare(cfg, NullReporter())
+        assert prep.train.share_prompt == (share == "on")
+        model = prep.loaded.model
+        mx.random.seed(5)
+        for _, m in model.named_modules():
+            if hasattr(m, "lora_b"):
+                m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+        objective = get(method).objective(prep)
+        batches = [next(it) for it in [iter(prep.train)] for _ in range(3)]
+        vg = nn.value_and_grad(model, lambda m, a: objective.loss(m, batch_from_arrays(a))[0])
+        res = []
+        for b in batches:
+            loss, grads = vg(model, b.arrays())
+            _, count, metrics = objective.loss(model, b)
+            res.append((loss.item(), count.item(), {k: v.item() for k, v in metrics.items()},
+                        {k: np.array(v) for k, v in tree_flatten(grads)}, b.n_tokens, b.n_targets))
+        out[share] = (res, reference.compute(model, prep.train, prep.split) if method == "dpo" else None)
+    (off, ref_off), (on, ref_on) = out["off"], out["on"]
+    for (l1, c1, m1, g1, n1, t1), (l2, c2, m2, g2, n2, t2) in zip(off, on):
+        assert n2 < n1 and t2 == t1  # fewer positions, the same trained tokens
+        assert c1 == c2 and l2 == pytest.approx(l1, rel=1e-4, abs=1e-4)
+        for k in m1:
+            assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-4), k
+        for k in g1:
+            np.testing.assert_allclose(g2[k], g1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    if ref_off is not None:
+        for (c1, r1), (c2, r2) in zip(ref_off, ref_on):
+            np.testing.assert_allclose(c2, c1, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(r2, r1, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_sharing_is_checked_on_the_model(tiny_model, pref_data, monkeypatch):
+    """A model whose blocks do not rotate by the positions given keeps separate sequences (auto) or
+    is refused (on); padded batches never share."""
+    import mlxpost.batching as batching
+    from mlxpost.runner import prompt_sharing_problem
+
+    prep = prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter())
+    assert prep.train.share_prompt and prep.prompt.startswith("once per pair")
+    model, split = prep.loaded.model, prep.split
+    assert prompt_sharing_problem(model, split) is None
+    assert "head split" in prompt_sharing_problem(model, None)
+
+    class Ignores(batching._PositionedRope):  # a RoPE that takes no per-position offsets
+        def __call__(self, x, offset=0, **kwargs):
+            return self.rope(x, offset=0)
+
+    monkeypatch.setattr(batching, "_PositionedRope", Ignores)
+    assert "differ from separate sequences" in prompt_sharing_problem(model, split)
+    prep = prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter())
+    assert not prep.train.share_prompt and "differ from separate sequences" in prep.prompt
+    with pytest.raises(MlxpostError, match="preference.share_prompt=on: its hidden states with a shared prompt"):
+        prepare(pref_cfg(tiny_model, pref_data, "dpo", "preference.share_prompt=on"), NullReporter())
+    monkeypatch.undo()
+    prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "data.batching=pad"), NullReporter())
+    assert not prep.train.share_prompt and "padded" in prep.prompt
 
 
 def test_reference_pass_reuses_the_policys_unadapted_lower_blocks(tiny_model, pref_data):
@@ -451,8 +533,15 @@ def test_preference_configuration_errors(tiny_model, pref_data):
         build_config(None, ["train.attention_chunk=-2"], method="dpo")
     with pytest.raises(ConfigError, match="cannot be combined with train.grad_checkpoint"):
         build_config(None, ["train.attention_chunk=64", "train.grad_checkpoint=true"], method="dpo")
+    with pytest.raises(ConfigError, match="share_prompt=on cannot be combined with train.grad_checkpoint"):
+        build_config(None, ["preference.share_prompt=on", "train.grad_checkpoint=true"], method="dpo")
+    with pytest.raises(ConfigError, match="share_prompt=on needs packed pair batches"):
+        build_config(None, ["preference.share_prompt=on", "data.batching=pad"], method="dpo")
+    with pytest.raises(ConfigError, match="preference.share_prompt: expected one of"):
+        build_config(None, ["preference.share_prompt=yes"], method="dpo")
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "train.grad_checkpoint=true"), NullReporter())
     assert attention_chunk(prep.loaded.model) is None  # auto: off with checkpointing
+    assert not prep.train.share_prompt and "gradient checkpointing" in prep.prompt
     cfg = build_config(None, [], method="dpo")
     assert cfg.train.lr == 5e-5 and "dpo" in cfg.to_dict() and "orpo" not in cfg.to_dict()
     assert "dpo" not in build_config(None, []).to_dict()
