@@ -11,6 +11,10 @@ tokens contributes ``T - 1`` positions: ``inputs = tokens[:-1]``,
   (``-1`` for padding); attention is causal *and* restricted to the same
   segment, so no example sees another. RoPE is relative, so positions need
   not restart per example: packed and one-by-one log-probs agree.
+* **pairs** (:class:`PairSource`): the chosen and rejected sides of a pair
+  batch in one batch, padded or packed; packed pairs may share their prompt
+  (one segment ``[prompt | chosen | rejected]``, :func:`tree_mask`, RoPE at
+  each token's own position through :func:`positioned`).
 
 Batch plans are pure functions of ``(seed, epoch)``, so a resumed run sees the
 same batches in the same order (see :meth:`BatchSource.state`).
@@ -175,8 +179,9 @@ class MaskCache:
     blocks that a shared trunk skips) places the chunk's RoPE positions.
     """
 
-    def __init__(self, mask: mx.array):
+    def __init__(self, mask: mx.array, positions: mx.array | None = None):
         self.mask = mask
+        self.positions = positions  # (B, L) token positions when they are not the row's slots
         self.offset = 0
         self.keys = self.values = None
 
@@ -184,7 +189,11 @@ class MaskCache:
         # Always an array (``return_array`` asks for one where a string such as "causal" would do).
         a, b = self.offset, self.offset + N
         mask = self.mask[..., a:b, :b]
-        if window_size is not None and window_size < b:
+        if window_size is not None and self.positions is not None:
+            # A sliding window counts positions in the sequence, not slots of the row.
+            pos = self.positions
+            mask = mask & ((pos[:, None, a:b, None] - pos[:, None, None, :b]) < window_size)
+        elif window_size is not None and window_size < b:
             q, k = mx.arange(a, b), mx.arange(b)
             mask = mask & ((q[:, None] - k[None, :]) < window_size)
         return mask
@@ -261,7 +270,7 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
             mask = causal_mask(inputs.shape[1])
         else:
             mask = segment_mask(segments) if branches is None else tree_mask(segments, branches)
-        cache = [MaskCache(mask) for _ in model.layers]
+        cache = [MaskCache(mask, positions) for _ in model.layers]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             for c in cache:
@@ -478,12 +487,17 @@ def pair_layout(lengths: Sequence[int], multiple: int, cap: int,
     best = None
     for width in range(w0, min(cap, 2 * w0) + 1, multiple):
         rows = pack_rows(lengths, width)
-        cost = len(rows) * width * (1 + (width / span if span else 0.0))
+        cost = layout_cost(width, len(rows), span)
         if best is None or cost < best[0]:
             best = (cost, width, rows)
         if len(rows) == 1:
             break
     return best[1], best[2]
+
+
+def layout_cost(width: int, rows: int, span: float | None) -> float:
+    """Estimated cost of ``rows`` rows of ``width`` positions (see :func:`pair_layout`)."""
+    return rows * width * (1 + (width / span if span else 0.0))
 
 
 def attention_span(model, cpu: bool | None = None) -> float | None:
@@ -559,7 +573,12 @@ class PairSource(BatchSource):
     the model once. Log-probs then come per trained entry:
     ``select = (index, valid, targets)`` (K,), where the prompt's last
     position appears twice (it predicts the first token of both replies), and
-    ``extra["seq"]`` (K,) names each entry's sequence.
+    ``extra["seq"]`` (K,) names each entry's sequence. A batch is laid out
+    this way when :func:`layout_cost` rates it no dearer than the ordinary
+    packing of the same pairs: a segment holds both replies, so its row may be
+    wider (up to twice ``max_len``), and the scores between the two replies
+    are computed, then masked (long replies after a short prompt: ordinary
+    packing). A sliding window counts ``positions`` (:class:`MaskCache`).
 
     ``ref``: optional precomputed reference log-probs, one
     ``(chosen_values, rejected_values)`` per pair, each holding the values at
@@ -589,12 +608,15 @@ class PairSource(BatchSource):
     def _build(self, plan_rows: list[list[int]]) -> Batch:
         return self.build_pairs([r[0] for r in plan_rows])
 
-    def build_pairs(self, idx: list[int], packed: bool | None = None) -> Batch:
-        """The batch of the pairs at positions ``idx`` (at most ``batch_size``); ``packed``: override the mode."""
+    def build_pairs(self, idx: list[int], packed: bool | None = None, shared: bool | None = None) -> Batch:
+        """The batch of the pairs at positions ``idx`` (at most ``batch_size``).
+
+        ``packed``: override the mode. ``shared`` (with ``share_prompt``): True
+        lays the pairs out with their prompt shared, False never, None when that
+        is the cheaper layout.
+        """
         P = self.batch_size
         pairs = [self.examples[i] for i in idx]
-        if self.share_prompt and packed is not False:
-            return self._build_shared(idx, pairs)
         seqs = [p.chosen for p in pairs] + [None] * (P - len(pairs)) + [p.rejected for p in pairs]
         seqs += [None] * (2 * P - len(seqs))
         m = self.pad_multiple
@@ -602,6 +624,15 @@ class PairSource(BatchSource):
         if pack:
             real = [k for k, ex in enumerate(seqs) if ex is not None]
             width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len, self.span)
+            if self.share_prompt and shared is not False:
+                # Shared when it is the cheaper layout: a segment holds both replies, so its row may be
+                # wider, and attention over a wide row can cost more than the prompt positions saved.
+                segs = [shared_segment(p.chosen, p.rejected) for p in pairs]
+                # A segment holds both replies: up to twice a sequence's row.
+                s_width, s_rows = pair_layout([len(s.inputs) for s in segs], m, 2 * self.row_len, self.span)
+                if shared or layout_cost(s_width, len(s_rows), self.span) <= layout_cost(width, len(layout),
+                                                                                         self.span):
+                    return self._build_shared(idx, pairs, segs, s_width, s_rows)
             rows = [[real[j] for j in row] for row in layout]
         else:
             longest = max(len(p) - 1 for p in pairs)
@@ -635,12 +666,9 @@ class PairSource(BatchSource):
         batch.extra = extra or None
         return batch
 
-    def _build_shared(self, idx: list[int], pairs: list) -> Batch:
-        """A packed batch of shared-prompt segments, one per pair (see the class doc)."""
+    def _build_shared(self, idx: list[int], pairs: list, segs: list, width: int, rows: list) -> Batch:
+        """A packed batch of shared-prompt segments, one per pair, in ``rows`` of ``width`` (see the class doc)."""
         P = self.batch_size
-        segs = [shared_segment(p.chosen, p.rejected) for p in pairs]
-        # A segment holds both replies: up to twice a sequence's row.
-        width, rows = pair_layout([len(s.inputs) for s in segs], self.pad_multiple, 2 * self.row_len, self.span)
         R = len(rows)
         inputs = np.full((R, width), self.pad_id, np.int32)
         segments = np.full((R, width), -1, np.int32)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .batching import (DEFAULT_ATTENTION_CHUNK, BatchSource, PairSource, _stack, attention_chunk, attention_span,
@@ -199,14 +200,8 @@ def prompt_sharing_problem(model, split) -> str | None:
             sides.append(Example(tokens, np.arange(len(tokens)) >= n_prompt))
         pairs.append(PairExample(*sides))
 
-    def scored_states(b) -> mx.array:
-        """Hidden states of the trained entries (valid ones), grouped by sequence in position order."""
-        h = forward(model, b.inputs, b.segments, body=split.body, branches=b.branches, positions=b.positions)
-        index, valid = np.array(b.select[0]), np.array(b.select[1]) > 0
-        seq = np.array(b.extra["seq"]) if b.entries else np.array(b.extra["seq"]).reshape(-1)[index]
-        order = np.argsort(np.where(valid, seq, 1 << 20), kind="stable")[: int(valid.sum())]
-        return h.reshape(-1, h.shape[-1])[mx.array(index[order])].astype(mx.float32)
-
+    was_training = model.training
+    model.eval()  # no dropout: both layouts must see the same weights
     try:
         if not rope_owners(model):
             return "no RoPE module found in its blocks"
@@ -215,21 +210,40 @@ def prompt_sharing_problem(model, split) -> str | None:
         for share, chunk in ((False, None), (True, None), (True, 4)):
             src = PairSource(pairs, mode="pack", batch_size=2, max_len=32, select_bucket=16, share_prompt=share,
                              shuffle=False)
+            b = src.build_pairs([0, 1], shared=share)
             set_attention_chunk(model, chunk)
             try:
-                states.append(scored_states(src.build_pairs([0, 1])))
+                states.append(scored_states(model, split, b))
+                if share and chunk is None:  # the backward pass through per-position RoPE runs too
+                    mx.eval(nn.value_and_grad(model, lambda m: scored_states(m, split, b).sum())(model))
             finally:
                 set_attention_chunk(model, saved)
-        want = states[0]
-        err = max((mx.linalg.norm(s - want) / mx.linalg.norm(want)).item() for s in states[1:])
-        exact_dtype = want.dtype == mx.float32 and states[1].dtype == mx.float32
+        exact_dtype = all(s.dtype == mx.float32 for s in states)
+        want = states[0].astype(mx.float32)
+        err = max((mx.linalg.norm(s.astype(mx.float32) - want) / mx.linalg.norm(want)).item() for s in states[1:])
     except Exception as e:
         return f"its blocks do not take per-position RoPE ({type(e).__name__}: {e})"
+    finally:
+        if was_training:
+            model.train()
     # The same operations on differently laid out rows differ by rounding only;
     # a misplaced position changes the states at order 1.
     if err > (1e-5 if exact_dtype else 1e-2):
         return f"its hidden states with a shared prompt differ from separate sequences (relative error {err:.1e})"
     return None
+
+
+def scored_states(model, split, b) -> mx.array:
+    """Hidden states (before the head) of a pair batch's trained entries, by sequence and position.
+
+    The same rows, in the same order, whether or not the pairs share their
+    prompt (the prompt's last position once per side); padding entries left out.
+    """
+    h = forward(model, b.inputs, b.segments, body=split.body, branches=b.branches, positions=b.positions)
+    index, valid = np.array(b.select[0]), np.array(b.select[1]) > 0
+    seq = np.array(b.extra["seq"]) if b.entries else np.array(b.extra["seq"]).reshape(-1)[index]
+    order = np.argsort(np.where(valid, seq, 1 << 20), kind="stable")[: int(valid.sum())]
+    return h.reshape(-1, h.shape[-1])[mx.array(index[order])]
 
 
 def resolve_share_prompt(setting: str, model, batching: str, split, grad_checkpoint: bool) -> tuple[bool, str]:

@@ -621,13 +621,16 @@ def test_shared_prompt_batches_hold_each_prompt_once(pairs):
     prompt's last position once per side, with the reference values aligned."""
     from mlxpost.batching import shared_prefix, tree_mask
 
+    from mlxpost.batching import segment_mask
+
     ref = fake_ref(pairs)
     shared = make_source(pairs, mode="pack", ref=ref, shuffle=False, select_bucket=16, share_prompt=True)
     plain = make_source(pairs, mode="pack", ref=ref, shuffle=False, select_bucket=16)
     idx = {p.source: i for i, p in enumerate(pairs)}
     seen = []
-    for b, b0 in zip(shared, plain):
+    for plan in plain._plan_for_epoch():
         P = 4
+        b, b0 = shared.build_pairs([r[0] for r in plan], shared=True), plain.build_pairs([r[0] for r in plan])
         assert b.entries and not b0.entries and b.sources == b0.sources
         inputs, segments, branches, positions = (np.array(x) for x in (b.inputs, b.segments, b.branches, b.positions))
         index, valid, targets = (np.array(x) for x in b.select)
@@ -659,15 +662,43 @@ def test_shared_prompt_batches_hold_each_prompt_once(pairs):
             # The last prompt position predicts the first token of both replies.
             last = index[seq == k][0]
             assert index[seq == P + k][0] == last and branches[last // W, last % W] == 0
-        # Rejected tokens never see chosen ones; the prompt sees only itself.
+            # The whole segment: prompt, chosen reply, rejected reply, each token at its sequence's position.
+            row, start = last // W, last % W - (p - 1)
+            n = len(c) + len(r) - 2 - p
+            assert (segments[row, start:start + n] == segments[row, start]).all()
+            assert np.sum(segments[row] == segments[row, start]) == n
+            assert inputs[row, start:start + n].tolist() == (c.tokens[:-1].tolist() + r.tokens[p:-1].tolist())
+            assert positions[row, start:start + n].tolist() == list(range(len(c) - 1)) + list(range(p, len(r) - 1))
+            nc = len(c) - 1 - p
+            assert branches[row, start:start + n].tolist() == [0] * p + [1] * nc + [2] * (n - p - nc)
+        # Causal within a segment; a reply sees the prompt and itself, never the other reply.
         m = np.array(tree_mask(b.segments, b.branches))[:, 0]
-        rows, q, kk = np.nonzero(m)
-        bq, bk = branches[rows, q], branches[rows, kk]
-        assert ((bk == 0) | (bk == bq)).all() and (kk <= q).all()
-        assert (segments[rows, q] == segments[rows, kk]).all()
+        bq, bk = branches[:, :, None], branches[:, None, :]
+        want = np.array(segment_mask(b.segments))[:, 0] & ((bk == 0) | (bk == bq))
+        np.testing.assert_array_equal(m, want)
+        assert m[segments >= 0].any(axis=-1).all()  # every real position sees at least itself
     assert sorted(seen) == list(range(10))
     with pytest.raises(MlxpostError, match="share their prompt only in packed batches"):
         make_source(pairs, share_prompt=True, select_bucket=16)
+
+
+def test_shared_prompt_layout_only_where_it_costs_less():
+    """A segment holds both replies: with long replies after a short prompt and costly attention, the
+    ordinary packing of the same pairs is cheaper and is kept; with a long prompt, sharing wins."""
+    from mlxpost.data import Example
+
+    def pair(n_prompt, n_reply, seed):
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(10, 500, n_prompt)
+        sides = [np.concatenate([prompt, rng.integers(10, 500, n_reply)]).astype(np.int32) for _ in range(2)]
+        sides[1][n_prompt] = sides[0][n_prompt] + 1  # the replies differ from their first token
+        return PairExample(*(Example(t, np.arange(len(t)) >= n_prompt, "x:1") for t in sides), source="x:1")
+
+    for n_prompt, n_reply, span, want in ((4, 60, 20.0, False), (60, 8, 20.0, True), (4, 60, None, True)):
+        src = PairSource([pair(n_prompt, n_reply, 0), pair(n_prompt, n_reply, 1)], mode="pack", batch_size=2,
+                         max_len=128, pad_id=PAD, pad_multiple=8, select_bucket=16, share_prompt=True, span=span)
+        assert src.build_pairs([0, 1]).entries == want, (n_prompt, n_reply, span)
+        assert src.build_pairs([0, 1], shared=True).entries and not src.build_pairs([0, 1], shared=False).entries
 
 
 def test_pair_layout_chooses_the_fewest_positions():

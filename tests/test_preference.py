@@ -241,16 +241,81 @@ def test_pairs_sharing_their_prompt_score_exactly_as_separate_sequences(request,
         out[share] = (res, reference.compute(model, prep.train, prep.split) if method == "dpo" else None)
     (off, ref_off), (on, ref_on) = out["off"], out["on"]
     for (l1, c1, m1, g1, n1, t1), (l2, c2, m2, g2, n2, t2) in zip(off, on):
-        assert n2 < n1 and t2 == t1  # fewer positions, the same trained tokens
+        assert n2 <= n1 and t2 == t1  # fewer positions (where sharing is the cheaper layout), the same targets
         assert c1 == c2 and l2 == pytest.approx(l1, rel=1e-4, abs=1e-4)
         for k in m1:
             assert m2[k] == pytest.approx(m1[k], rel=1e-3, abs=1e-4), k
         for k in g1:
             np.testing.assert_allclose(g2[k], g1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    assert any(n2 < n1 for (*_, n1, _t1), (*_, n2, _t2) in zip(off, on))
     if ref_off is not None:
         for (c1, r1), (c2, r2) in zip(ref_off, ref_on):
             np.testing.assert_allclose(c2, c1, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(r2, r1, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def windowed_model(tiny_model, tmp_path_factory):
+    """The tiny llama with a sliding window of 6 positions in its first block."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("windowed") / "model"
+    shutil.copytree(tiny_model, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(sliding_window=6, layer_types=["sliding_attention"] + ["full_attention"] * (cfg["num_hidden_layers"] - 1))
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("fixture,dtype,chunk", [("tiny_model", "float32", 0), ("tiny_model", "float32", 8),
+                                                 ("tiny_qwen", "float32", 8), ("windowed_model", "float32", 8),
+                                                 ("tiny_model", "bfloat16", 0)])
+def test_shared_prompt_hidden_states_equal_separate_sequences(request, tmp_path, monkeypatch, fixture, dtype, chunk):
+    """What scores each trained token, the hidden state before the head, is the one of separate sequences
+    (to float rounding; the comparison sees a misplaced position, unlike a random model's log-probs):
+    whole rows and query chunks, a sliding window counted in positions, bfloat16 (checked by the probe)."""
+    import mlxpost.batching as batching
+    from mlxpost.batching import set_attention_chunk
+    from mlxpost.runner import scored_states
+
+    rows = preference_rows(8, seed=3)
+    for i, r in enumerate(rows):
+        if isinstance(r["prompt"], str):
+            r["prompt"] += " Think about it." * (i % 3 + 2)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    prep = prepare(pref_cfg(request.getfixturevalue(fixture), data, "dpo", "train.batch_size=4",
+                            f"model.dtype={dtype}", "train.attention_chunk=0"), NullReporter())
+    assert prep.train.share_prompt, prep.prompt
+    model = prep.loaded.model
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape).astype(m.lora_b.dtype) * 0.05
+    set_attention_chunk(model, chunk or None)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+
+    def err(a, b):
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+        return (mx.linalg.norm(a - b) / mx.linalg.norm(a)).item()
+
+    for plan in prep.train._plan_for_epoch():
+        idx = [r[0] for r in plan]
+        b0, b1 = prep.train.build_pairs(idx, shared=False), prep.train.build_pairs(idx, shared=True)
+        assert b1.entries and b1.n_tokens < b0.n_tokens
+        want = scored_states(model, prep.split, b0)
+        assert err(want, scored_states(model, prep.split, b1)) < tol
+        if dtype != "float32":
+            continue
+        # Controls: the rejected reply at its slot in the row instead of its position in its sequence;
+        # for the windowed model, a window counted in row slots.
+        slots = mx.broadcast_to(mx.arange(b1.inputs.shape[1], dtype=mx.int32), b1.inputs.shape)
+        b1.positions, good = slots, b1.positions
+        assert err(want, scored_states(model, prep.split, b1)) > 1e-3
+        b1.positions = good
+        if fixture == "windowed_model":
+            with monkeypatch.context() as mp:
+                init = batching.MaskCache.__init__
+                mp.setattr(batching.MaskCache, "__init__", lambda self, mask, positions=None: init(self, mask))
+                assert err(want, scored_states(model, prep.split, b1)) > 1e-3
 
 
 def test_prompt_sharing_is_checked_on_the_model(tiny_model, pref_data, monkeypatch):
