@@ -440,7 +440,7 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
         rec = json.loads(line)
         if rec.get("kind") == "setup":
             res["prompt_shared"] = rec.get("prompt_shared")
-            res["positions"] = rec.get("data", {}).get("train", {}).get("tokens")
+            res["prompt_shared_batches"] = rec.get("prompt_shared_batches")
             break
     if precompute_ref and summary.get("precompute_ref_seconds") is not None:
         # Counted as training time too: that figure is what a user waits for.

@@ -58,7 +58,7 @@ class Batch:
         return self.select is not None and len(self.select) == 3
 
     def arrays(self) -> dict:
-        """The arrays a compiled step receives (same structure for a whole run)."""
+        """The arrays a compiled step receives (one structure per batch layout: a new one is traced once)."""
         out = {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
         if self.segments is not None:
             out["segments"] = self.segments
@@ -466,7 +466,7 @@ class BatchSource:
 
 
 def pair_layout(lengths: Sequence[int], multiple: int, cap: int,
-                span: float | None = None) -> tuple[int, list[list[int]]]:
+                span: float | None = None, chunk: int | None = None) -> tuple[int, list[list[int]]]:
     """Rows for the sequences of one pair batch: ``(width, rows)``, rows as lists of indices.
 
     Chosen and rejected replies differ in length, so padding every sequence
@@ -481,13 +481,15 @@ def pair_layout(lengths: Sequence[int], multiple: int, cap: int,
     over the whole row (the block-diagonal mask hides other sequences but
     their scores are still computed). ``span`` (:func:`attention_span`) is
     the width at which the two are equal; ``None`` counts positions only.
+    ``chunk``: the query chunk of training passes (:func:`forward`), which
+    computes only the scores on and below the diagonal between chunks.
     """
     longest = max(lengths)
     w0 = min(cap, -(-longest // multiple) * multiple)
     best = None
     for width in range(w0, min(cap, 2 * w0) + 1, multiple):
         rows = pack_rows(lengths, width)
-        cost = layout_cost(width, len(rows), span)
+        cost = layout_cost(width, len(rows), span, chunk)
         if best is None or cost < best[0]:
             best = (cost, width, rows)
         if len(rows) == 1:
@@ -495,9 +497,16 @@ def pair_layout(lengths: Sequence[int], multiple: int, cap: int,
     return best[1], best[2]
 
 
-def layout_cost(width: int, rows: int, span: float | None) -> float:
-    """Estimated cost of ``rows`` rows of ``width`` positions (see :func:`pair_layout`)."""
-    return rows * width * (1 + (width / span if span else 0.0))
+def layout_cost(width: int, rows: int, span: float | None, chunk: int | None = None) -> float:
+    """Estimated cost of ``rows`` rows of ``width`` positions (see :func:`pair_layout`).
+
+    In ``n`` query chunks a row computes ``(n + 1) / (2n)`` of its attention
+    scores (:func:`forward`).
+    """
+    if not span:
+        return rows * width
+    n = len(chunk_bounds(width, chunk)) - 1
+    return rows * width * (1 + width / span * (n + 1) / (2 * n))
 
 
 def attention_span(model, cpu: bool | None = None) -> float | None:
@@ -558,7 +567,8 @@ class PairSource(BatchSource):
     ``-1``) and ``extra["seq_ids"]`` is ``arange(2P)``, so the losses sum
     per sequence exactly as over padded rows. ``span``: the model's
     :func:`attention_span`, which weighs a wide row's attention against the
-    positions it saves.
+    positions it saves; ``chunk``: the query chunk of the training passes
+    (fewer scores computed per row, see :func:`layout_cost`).
 
     A short last batch is filled with empty pairs (no trained tokens), which
     the losses mask out.
@@ -587,12 +597,13 @@ class PairSource(BatchSource):
     """
 
     def __init__(self, pairs: list, *, mode: str = "pad", ref: list | None = None, span: float | None = None,
-                 share_prompt: bool = False, **kw):
+                 share_prompt: bool = False, chunk: int | None = None, **kw):
         if mode not in ("pad", "pack"):
             raise MlxpostError(f"preference pairs are batched with data.batching=pad or pack, got {mode!r}")
         super().__init__(pairs, mode="pad", **kw)  # the plan: pairs in length-sorted batches
         self.pack = mode == "pack"
         self.span = span
+        self.chunk = chunk  # the training passes' query chunk, which the layout costs count
         if share_prompt and not (self.pack and self.select_bucket):
             raise MlxpostError("pairs share their prompt only in packed batches with a head split")
         self.share_prompt = share_prompt
@@ -623,15 +634,10 @@ class PairSource(BatchSource):
         pack = self.pack if packed is None else packed
         if pack:
             real = [k for k, ex in enumerate(seqs) if ex is not None]
-            width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len, self.span)
+            width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len, self.span, self.chunk)
             if self.share_prompt and shared is not False:
-                # Shared when it is the cheaper layout: a segment holds both replies, so its row may be
-                # wider, and attention over a wide row can cost more than the prompt positions saved.
-                segs = [shared_segment(p.chosen, p.rejected) for p in pairs]
-                # A segment holds both replies: up to twice a sequence's row.
-                s_width, s_rows = pair_layout([len(s.inputs) for s in segs], m, 2 * self.row_len, self.span)
-                if shared or layout_cost(s_width, len(s_rows), self.span) <= layout_cost(width, len(layout),
-                                                                                         self.span):
+                segs, s_width, s_rows, cheaper = self._shared_layout(pairs, width, len(layout))
+                if shared or cheaper:
                     return self._build_shared(idx, pairs, segs, s_width, s_rows)
             rows = [[real[j] for j in row] for row in layout]
         else:
@@ -665,6 +671,33 @@ class PairSource(BatchSource):
             extra["ref_logps"] = mx.array(ref)
         batch.extra = extra or None
         return batch
+
+    def _shared_layout(self, pairs: list, width: int, n_rows: int) -> tuple:
+        """Shared-prompt segments of ``pairs``, their rows, and whether they cost no more than ``n_rows`` of ``width``.
+
+        A segment holds both replies, so its row may be wider (up to twice a
+        sequence's row), and attention over a wide row can cost more than the
+        prompt positions saved.
+        """
+        segs = [shared_segment(p.chosen, p.rejected) for p in pairs]
+        s_width, s_rows = pair_layout([len(s.inputs) for s in segs], self.pad_multiple, 2 * self.row_len, self.span,
+                                      self.chunk)
+        cheaper = (layout_cost(s_width, len(s_rows), self.span, self.chunk)
+                   <= layout_cost(width, n_rows, self.span, self.chunk))
+        return segs, s_width, s_rows, cheaper
+
+    def shared_batches(self) -> tuple[int, int]:
+        """How many batches of this epoch's plan share their prompt, of how many (no arrays are built)."""
+        plan = self._plan_for_epoch()
+        if not (self.share_prompt and self.pack):
+            return 0, len(plan)
+        n = 0
+        for batch in plan:
+            pairs = [self.examples[r[0]] for r in batch]
+            lengths = [len(ex) - 1 for p in pairs for ex in (p.chosen, p.rejected)]
+            width, layout = pair_layout(lengths, self.pad_multiple, self.row_len, self.span, self.chunk)
+            n += self._shared_layout(pairs, width, len(layout))[3]
+        return n, len(plan)
 
     def _build_shared(self, idx: list[int], pairs: list, segs: list, width: int, rows: list) -> Batch:
         """A packed batch of shared-prompt segments, one per pair, in ``rows`` of ``width`` (see the class doc)."""

@@ -148,7 +148,8 @@ class PreferenceConfig:
     from_run: str | None = None  # SFT run (or adapter dir) merged into the base: the start and the reference
     precompute_ref: bool = False  # reference log-probs once before training, cached beside the data
     ref_cache_dir: str | None = None  # where to cache them (default: .mlxpost-cache beside the data)
-    # The prompt once per pair, both replies after it (packed batches): auto = when the model passes the check.
+    # The prompt once per pair, both replies after it, in the packed batches where that costs less:
+    # auto = when the model passes the check, on = the check must pass (else an error), off = never.
     share_prompt: str = "auto"  # auto | on | off
     # Health checks (live and in the summary).
     kl_max: float = 0.1  # drift: KL estimate to the reference (nats per token)

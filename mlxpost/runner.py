@@ -16,6 +16,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .batching import (DEFAULT_ATTENTION_CHUNK, BatchSource, PairSource, _stack, attention_chunk, attention_span,
                        forward, rope_owners, set_attention_chunk)
@@ -205,7 +206,7 @@ def prompt_sharing_problem(model, split) -> str | None:
     try:
         if not rope_owners(model):
             return "no RoPE module found in its blocks"
-        states = []
+        states, grads = [], []
         saved = attention_chunk(model)
         for share, chunk in ((False, None), (True, None), (True, 4)):
             src = PairSource(pairs, mode="pack", batch_size=2, max_len=32, select_bucket=16, share_prompt=share,
@@ -213,16 +214,24 @@ def prompt_sharing_problem(model, split) -> str | None:
             b = src.build_pairs([0, 1], shared=share)
             set_attention_chunk(model, chunk)
             try:
+                # The states, and the gradient of their sum (the same sum in both layouts) with respect to
+                # the trainable weights: the backward pass through per-position RoPE must agree too.
+                value, g = nn.value_and_grad(model, lambda m: scored_states(m, split, b).astype(mx.float32).sum())(
+                    model)
                 states.append(scored_states(model, split, b))
-                if share and chunk is None:  # the backward pass through per-position RoPE runs too
-                    mx.eval(nn.value_and_grad(model, lambda m: scored_states(m, split, b).sum())(model))
+                grads.append(mx.concatenate([x.reshape(-1).astype(mx.float32) for _, x in tree_flatten(g)]))
             finally:
                 set_attention_chunk(model, saved)
         exact_dtype = all(s.dtype == mx.float32 for s in states)
-        want = states[0].astype(mx.float32)
-        err = max((mx.linalg.norm(s.astype(mx.float32) - want) / mx.linalg.norm(want)).item() for s in states[1:])
+
+        def rel(xs):
+            want = xs[0].astype(mx.float32)
+            return max((mx.linalg.norm(x.astype(mx.float32) - want) / mx.linalg.norm(want)).item() for x in xs[1:])
+
+        err = rel(states)
+        grad_err = rel(grads) if grads[0].size else 0.0
     except Exception as e:
-        return f"its blocks do not take per-position RoPE ({type(e).__name__}: {e})"
+        return f"the probe failed to run its blocks with per-position RoPE ({type(e).__name__}: {e})"
     finally:
         if was_training:
             model.train()
@@ -230,6 +239,8 @@ def prompt_sharing_problem(model, split) -> str | None:
     # a misplaced position changes the states at order 1.
     if err > (1e-5 if exact_dtype else 1e-2):
         return f"its hidden states with a shared prompt differ from separate sequences (relative error {err:.1e})"
+    if grad_err > (1e-4 if exact_dtype else 5e-2):
+        return f"its gradients with a shared prompt differ from separate sequences (relative error {grad_err:.1e})"
     return None
 
 
@@ -262,7 +273,7 @@ def resolve_share_prompt(setting: str, model, batching: str, split, grad_checkpo
     else:
         reason = prompt_sharing_problem(model, split)
     if reason is None:
-        return True, "once per pair (both replies after it)"
+        return True, "once per pair (both replies after it) in the batches where that costs less"
     if setting == "on":
         raise MlxpostError(f"preference.share_prompt=on: {reason}")
     return False, f"repeated on each side ({reason})"
@@ -494,7 +505,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
         kw = dict(mode=batching, batch_size=B, max_len=L, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
                   select_bucket=bucket if split else None)
         if method.data == "pairs":
-            return PairSource(examples, span=span, share_prompt=share, **kw)
+            return PairSource(examples, span=span, share_prompt=share, chunk=chunk, **kw)
         return BatchSource(examples, **kw)
 
     share, share_note = False, None
@@ -506,6 +517,9 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
     valid_src = source(valid, shuffle=False) if valid is not None else None
     prep = Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
     prep.prompt = share_note
+    if share:
+        n, total = train_src.shared_batches()
+        prep.prompt = f"once per pair (both replies after it) in {n} of {total} batches an epoch (where that costs less)"
     if method.reference and cfg.preference.precompute_ref:
         precompute_reference(prep, rep)
     elif method.reference:
@@ -842,7 +856,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
                 "world_size": size, "data": prep.stats, "attention_chunk": chunk,
                 **({"reference_shares_blocks": prep.trunk.k} if prep.trunk is not None else {}),
-                **({"prompt_shared": prep.train.share_prompt} if method.data == "pairs" else {})})
+                **({"prompt_shared": prep.train.share_prompt,
+                    "prompt_shared_batches": list(prep.train.shared_batches())} if method.data == "pairs" else {})})
 
     prompts = sample_prompts(cfg)
     before = []

@@ -619,9 +619,7 @@ def test_shared_prompt_batches_hold_each_prompt_once(pairs):
     """Sharing: a pair is one segment, prompt then chosen reply then rejected reply, each token at its own
     sequence's position; entries list every trained (position, target) of each side once, in order, the
     prompt's last position once per side, with the reference values aligned."""
-    from mlxpost.batching import shared_prefix, tree_mask
-
-    from mlxpost.batching import segment_mask
+    from mlxpost.batching import segment_mask, shared_prefix, tree_mask
 
     ref = fake_ref(pairs)
     shared = make_source(pairs, mode="pack", ref=ref, shuffle=False, select_bucket=16, share_prompt=True)
@@ -699,6 +697,7 @@ def test_shared_prompt_layout_only_where_it_costs_less():
                          max_len=128, pad_id=PAD, pad_multiple=8, select_bucket=16, share_prompt=True, span=span)
         assert src.build_pairs([0, 1]).entries == want, (n_prompt, n_reply, span)
         assert src.build_pairs([0, 1], shared=True).entries and not src.build_pairs([0, 1], shared=False).entries
+        assert src.shared_batches() == (int(want), 1)
 
 
 def test_pair_layout_chooses_the_fewest_positions():
@@ -731,6 +730,14 @@ def test_pair_layout_weighs_attention_against_positions():
     # at span 40, 104 * (1 + 104/40) = 374 > 128 * (1 + 64/40) = 333.
     assert pair_layout([60, 44], 8, 1000)[0] == 104
     assert pair_layout([60, 44], 8, 1000, span=40) == (64, [[0], [1]])
+    # Query chunks compute (n + 1) / (2n) of a row's scores: 2 rows of 576 (6 chunks of 96) then beat
+    # 4 rows of 352 (3 chunks), which cost less when every score is counted.
+    from mlxpost.batching import layout_cost
+
+    assert layout_cost(576, 2, 448.0) > layout_cost(352, 4, 448.0)
+    assert layout_cost(576, 2, 448.0, 96) < layout_cost(352, 4, 448.0, 96)
+    assert layout_cost(576, 2, 448.0, 96) == pytest.approx(2 * 576 * (1 + 576 / 448 * 7 / 12))
+    assert layout_cost(100, 3, None, 96) == 300 and layout_cost(100, 3, 448.0, 96) == layout_cost(100, 3, 448.0)
     # When one width wins on both counts the span changes nothing.
     assert pair_layout([100, 60, 60, 20], 8, 1000, span=20) == pair_layout([100, 60, 60, 20], 8, 1000)
 

@@ -326,6 +326,8 @@ def test_prompt_sharing_is_checked_on_the_model(tiny_model, pref_data, monkeypat
 
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter())
     assert prep.train.share_prompt and prep.prompt.startswith("once per pair")
+    n, total = prep.train.shared_batches()
+    assert 0 < n <= total and f"in {n} of {total} batches" in prep.prompt
     model, split = prep.loaded.model, prep.split
     assert prompt_sharing_problem(model, split) is None
     assert "head split" in prompt_sharing_problem(model, None)
@@ -334,8 +336,15 @@ def test_prompt_sharing_is_checked_on_the_model(tiny_model, pref_data, monkeypat
         def __call__(self, x, offset=0, **kwargs):
             return self.rope(x, offset=0)
 
+    class WrongGradient(batching._PositionedRope):  # right forward, backward as at the row's slots
+        def __call__(self, x, offset=0, **kwargs):
+            right, slots = super().__call__(x, offset, **kwargs), self.rope(x, offset=offset)
+            return mx.stop_gradient(right) + (slots - mx.stop_gradient(slots))
+
+    monkeypatch.setattr(batching, "_PositionedRope", WrongGradient)
+    assert "its gradients with a shared prompt differ" in prompt_sharing_problem(model, split)
     monkeypatch.setattr(batching, "_PositionedRope", Ignores)
-    assert "differ from separate sequences" in prompt_sharing_problem(model, split)
+    assert "hidden states with a shared prompt differ" in prompt_sharing_problem(model, split)
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter())
     assert not prep.train.share_prompt and "differ from separate sequences" in prep.prompt
     with pytest.raises(MlxpostError, match="preference.share_prompt=on: its hidden states with a shared prompt"):
