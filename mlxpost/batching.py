@@ -110,20 +110,24 @@ def tree_mask(segments: mx.array, branches: mx.array) -> mx.array:
 class _PositionedRope:
     """Stands in for a block's RoPE: rotates each position by its own entry of ``positions``.
 
-    MLX's ``fast.rope`` takes one offset per batch element; folding the
-    positions into the batch axis, (B, H, L, D) -> (B * L, H, 1, D), gives
-    every position its own. The model passes the chunk's offset in the row
-    (:class:`MaskCache`), which picks the chunk's columns of ``positions``.
+    MLX's ``fast.rope`` takes one offset per batch element; folding every
+    (row, head, position) into the batch axis, (B, H, L, D) -> (B*H*L, 1, 1, D),
+    gives each its own. The model passes the chunk's offset in the row
+    (:class:`MaskCache`), which picks the chunk's columns of ``positions``; the
+    offsets of a chunk are built once and shared by every block (``shared``).
     """
 
-    def __init__(self, rope, positions: mx.array):
-        self.rope, self.positions = rope, positions
+    def __init__(self, rope, positions: mx.array, shared: dict):
+        self.rope, self.positions, self.shared = rope, positions, shared
 
     def __call__(self, x, offset=0, **kwargs):
         B, H, L, D = x.shape
-        pos = self.positions[:, offset:offset + L].reshape(-1)
-        y = self.rope(x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D), offset=pos, **kwargs)
-        return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+        key = (offset, L, H)
+        if key not in self.shared:
+            pos = self.positions[:, offset:offset + L]
+            self.shared[key] = mx.broadcast_to(pos[:, None, :], (B, H, L)).reshape(-1)
+        y = self.rope(x.reshape(B * H * L, 1, 1, D), offset=self.shared[key], **kwargs)
+        return y.reshape(B, H, L, D)
 
 
 def rope_owners(model) -> list:
@@ -150,8 +154,9 @@ def positioned(model, positions: mx.array | None) -> Iterator[None]:
         return
     owners = rope_owners(model)
     saved = [m[k] for m, k in owners]
+    shared: dict = {}
     for m, k in owners:
-        m[k] = _PositionedRope(m[k], positions)
+        m[k] = _PositionedRope(m[k], positions, shared)
     try:
         yield
     finally:
