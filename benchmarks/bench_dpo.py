@@ -417,9 +417,11 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
     summary = json.loads((run_dir / "summary.json").read_text())
     # Per-step figures from metrics.jsonl (report_every=1; a window of k steps
     # is split evenly when a report covers several).
-    step_s, trained, losses, prev = [], [], [], 0
+    step_s, trained, losses, prev, setup = [], [], [], 0, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
+        if rec.get("kind") == "setup":
+            setup = rec
         if rec.get("kind") != "train":
             continue
         k = rec["step"] - prev
@@ -436,12 +438,8 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
                trained_tokens_per_s=summary["trained_tokens_per_s"], tokens=summary.get("tokens"),
                tokens_per_s=summary.get("tokens_per_s"), final_train_loss_summary=summary.get("final_train_loss"),
                run_dir=str(run_dir))
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "setup":
-            res["prompt_shared"] = rec.get("prompt_shared")
-            res["prompt_shared_batches"] = rec.get("prompt_shared_batches")
-            break
+    res["prompt_shared"] = setup.get("prompt_shared")
+    res["prompt_shared_batches"] = setup.get("prompt_shared_batches")
     if precompute_ref and summary.get("precompute_ref_seconds") is not None:
         # Counted as training time too: that figure is what a user waits for.
         res["precompute_seconds"] = float(summary["precompute_ref_seconds"])

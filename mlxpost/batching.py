@@ -55,7 +55,7 @@ class Batch:
     @property
     def entries(self) -> bool:
         """Whether log-probs of this batch come per selected entry (K,) rather than per position (B, L)."""
-        return self.select is not None and len(self.select) == 3
+        return per_entry(self.select)
 
     def arrays(self) -> dict:
         """The arrays a compiled step receives (one structure per batch layout: a new one is traced once)."""
@@ -71,6 +71,11 @@ class Batch:
         if self.positions is not None:
             out["positions"] = self.positions
         return out
+
+
+def per_entry(select: tuple | None) -> bool:
+    """Whether a selection carries its own targets, ``(index, valid, targets)`` (see :class:`Batch`)."""
+    return select is not None and len(select) == 3
 
 
 def batch_from_arrays(arrays: dict) -> Batch:
@@ -284,6 +289,11 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
 
+def bucketed(n: int, bucket: int) -> int:
+    """``n`` rounded up to a multiple of ``bucket`` (at least one bucket)."""
+    return max(bucket, -(-n // bucket) * bucket)
+
+
 def selection(weights: np.ndarray, bucket: int) -> tuple[mx.array, mx.array]:
     """Flat indices of the trained positions of (B, L) ``weights``, padded to a multiple of ``bucket``.
 
@@ -292,8 +302,7 @@ def selection(weights: np.ndarray, bucket: int) -> tuple[mx.array, mx.array]:
     """
     w = weights.reshape(-1)
     idx = np.flatnonzero(w > 0).astype(np.int32)
-    k = max(bucket, -(-len(idx) // bucket) * bucket)
-    k = min(k, w.size)
+    k = min(bucketed(len(idx), bucket), w.size)
     index = np.zeros(k, np.int32)
     valid = np.zeros(k, np.float32)
     index[: len(idx)] = idx
@@ -633,17 +642,13 @@ class PairSource(BatchSource):
         """
         P = self.batch_size
         pairs = [self.examples[i] for i in idx]
-        seqs = [p.chosen for p in pairs] + [None] * (P - len(pairs)) + [p.rejected for p in pairs]
-        seqs += [None] * (2 * P - len(seqs))
+        seqs = self._sequences(pairs)
         m = self.pad_multiple
         pack = self.pack if packed is None else packed
         if pack:
-            real = [k for k, ex in enumerate(seqs) if ex is not None]
-            width, layout = pair_layout([len(seqs[k]) - 1 for k in real], m, self.row_len, self.span, self.chunk)
-            if self.share_prompt and shared is not False:
-                segs, s_width, s_rows, cheaper = self._shared_layout(pairs, width, len(layout))
-                if shared or cheaper:
-                    return self._build_shared(idx, pairs, segs, s_width, s_rows)
+            real, width, layout, segmented = self._packed_layout(pairs, seqs, shared)
+            if segmented is not None:
+                return self._build_shared(idx, pairs, *segmented)
             rows = [[real[j] for j in row] for row in layout]
         else:
             longest = max(len(p) - 1 for p in pairs)
@@ -677,19 +682,33 @@ class PairSource(BatchSource):
         batch.extra = extra or None
         return batch
 
-    def _shared_layout(self, pairs: list, width: int, n_rows: int) -> tuple:
-        """Shared-prompt segments of ``pairs``, their rows, and whether they cost no more than ``n_rows`` of ``width``.
+    def _sequences(self, pairs: list) -> list:
+        """The 2P sequence slots of a batch: chosen sides, then rejected sides (None for missing pairs)."""
+        P = self.batch_size
+        seqs = [p.chosen for p in pairs] + [None] * (P - len(pairs)) + [p.rejected for p in pairs]
+        return seqs + [None] * (2 * P - len(seqs))
 
-        A segment holds both replies, so its row may be wider (up to twice a
-        sequence's row), and attention over a wide row can cost more than the
-        prompt positions saved.
+    def _packed_layout(self, pairs: list, seqs: list, shared: bool | None) -> tuple:
+        """``(real, width, layout, segmented)``: the packed rows of the sequences, and the shared-prompt
+        ``(segments, width, rows)`` when the batch takes that layout (else None).
+
+        Shared when asked (``shared=True``) or, with ``shared=None``, when it
+        costs no more: a segment holds both replies, so its row may be wider
+        (up to twice a sequence's row), and attention over a wide row can cost
+        more than the prompt positions saved.
         """
+        real = [k for k, ex in enumerate(seqs) if ex is not None]
+        width, layout = pair_layout([len(seqs[k]) - 1 for k in real], self.pad_multiple, self.row_len, self.span,
+                                    self.chunk)
+        if not self.share_prompt or shared is False:
+            return real, width, layout, None
         segs = [shared_segment(p.chosen, p.rejected) for p in pairs]
         s_width, s_rows = pair_layout([len(s.inputs) for s in segs], self.pad_multiple, 2 * self.row_len, self.span,
                                       self.chunk)
-        cheaper = (layout_cost(s_width, len(s_rows), self.span, self.chunk)
-                   <= layout_cost(width, n_rows, self.span, self.chunk))
-        return segs, s_width, s_rows, cheaper
+        if shared or (layout_cost(s_width, len(s_rows), self.span, self.chunk)
+                      <= layout_cost(width, len(layout), self.span, self.chunk)):
+            return real, width, layout, (segs, s_width, s_rows)
+        return real, width, layout, None
 
     def shared_batches(self) -> tuple[int, int]:
         """How many batches of this epoch's plan share their prompt, of how many (no arrays are built)."""
@@ -699,9 +718,7 @@ class PairSource(BatchSource):
         n = 0
         for batch in plan:
             pairs = [self.examples[r[0]] for r in batch]
-            lengths = [len(ex) - 1 for p in pairs for ex in (p.chosen, p.rejected)]
-            width, layout = pair_layout(lengths, self.pad_multiple, self.row_len, self.span, self.chunk)
-            n += self._shared_layout(pairs, width, len(layout))[3]
+            n += self._packed_layout(pairs, self._sequences(pairs), None)[3] is not None
         return n, len(plan)
 
     def _build_shared(self, idx: list[int], pairs: list, segs: list, width: int, rows: list) -> Batch:
@@ -737,8 +754,7 @@ class PairSource(BatchSource):
             n_tokens += pos
         flat, tgt, seq = np.concatenate(flat), np.concatenate(tgt), np.concatenate(seq)
         K = len(flat)
-        bucket = self.select_bucket
-        size = max(bucket, -(-K // bucket) * bucket)
+        size = bucketed(K, self.select_bucket)
         index, valid = np.zeros(size, np.int32), np.zeros(size, np.float32)
         etargets, eseq = np.zeros(size, np.int32), np.full(size, -1, np.int32)
         index[:K], valid[:K], etargets[:K], eseq[:K] = flat, 1.0, tgt, seq

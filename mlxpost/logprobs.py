@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels
-from .batching import Batch, forward
+from .batching import Batch, forward, per_entry
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -80,7 +80,7 @@ def token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | None = Non
     twice); 0 for padding entries. Needs the head split.
     """
     B, L = batch.inputs.shape
-    entries = select is not None and len(select) == 3
+    entries = per_entry(select)
     if entries and split is None:
         raise ValueError("per-entry log-probs (a shared-prompt pair batch) need a head split")
     if split is None or select is None:
@@ -109,7 +109,7 @@ def logprobs(model: nn.Module, batch: Batch, *, reduction: str = "none", split: 
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if reduction != "none" and select is not None and len(select) == 3:
+    if reduction != "none" and per_entry(select):
         raise ValueError("per-entry log-probs are reduced per sequence by their caller (preference.sequence_sums)")
     tok = token_logprobs(model, batch, split, select)
     if reduction == "none":

@@ -216,9 +216,12 @@ def prompt_sharing_problem(model, split) -> str | None:
             try:
                 # The states, and the gradient of their sum (the same sum in both layouts) with respect to
                 # the trainable weights: the backward pass through per-position RoPE must agree too.
-                value, g = nn.value_and_grad(model, lambda m: scored_states(m, split, b).astype(mx.float32).sum())(
-                    model)
-                states.append(scored_states(model, split, b))
+                def summed(m):
+                    h = scored_states(m, split, b)
+                    return h.astype(mx.float32).sum(), h
+
+                (_, h), g = nn.value_and_grad(model, summed)(model)  # one pass gives the states and the gradient
+                states.append(h)
                 grads.append(mx.concatenate([x.reshape(-1).astype(mx.float32) for _, x in tree_flatten(g)]))
             finally:
                 set_attention_chunk(model, saved)
