@@ -173,50 +173,36 @@ DEFAULT_ATTENTION_CHUNK = 96  # positions per query chunk on the CPU (train.atte
 
 
 class MaskCache:
-    """One block's "cache" that hands an mlx-lm model a given attention mask, for a row fed whole or in chunks.
+    """One block's "cache" that hands an mlx-lm model a given attention mask for a whole row.
 
     mlx-lm models build their mask from the first block's cache
     (``cache.make_mask``) and feed keys/values through ``update_and_fetch``.
     Given the row's full mask (block-diagonal for packed examples, so one
-    forward pass treats each separately; causal otherwise), this object
-    returns the rows of it that belong to the positions being fed.
-
-    The row may be fed a chunk of positions at a time, like the chunked
-    prefill of generation (:func:`forward`): each chunk's queries attend to
-    the keys and values of the chunks before it (kept here) and its own, so
-    the attention scores above the causal diagonal between chunks are never
-    computed. ``offset`` (set by :func:`forward` before each chunk, also for
-    blocks that a shared trunk skips) places the chunk's RoPE positions.
+    forward pass treats each separately; a tree for pairs that share their
+    prompt), this object returns it, narrowed to a sliding window where a
+    block asks for one. ``offset`` is always 0: the row starts at its first
+    position (query chunks are cut inside attention, :func:`forward`).
     """
 
     def __init__(self, mask: mx.array, positions: mx.array | None = None):
         self.mask = mask
         self.positions = positions  # (B, L) token positions when they are not the row's slots
         self.offset = 0
-        self.keys = self.values = None
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_):
         # Always an array (``return_array`` asks for one where a string such as "causal" would do).
-        a, b = self.offset, self.offset + N
-        mask = self.mask[..., a:b, :b]
+        mask = self.mask[..., :N, :N]
         if window_size is not None and self.positions is not None:
             # A sliding window counts positions in the sequence, not slots of the row.
-            pos = self.positions
-            mask = mask & ((pos[:, None, a:b, None] - pos[:, None, None, :b]) < window_size)
-        elif window_size is not None and window_size < b:
-            q, k = mx.arange(a, b), mx.arange(b)
-            mask = mask & ((q[:, None] - k[None, :]) < window_size)
+            pos = self.positions[:, None, :N]
+            mask = mask & ((pos[..., :, None] - pos[..., None, :]) < window_size)
+        elif window_size is not None and window_size < N:
+            idx = mx.arange(N)
+            mask = mask & ((idx[:, None] - idx[None, :]) < window_size)
         return mask
 
     def update_and_fetch(self, keys, values):
-        # A row's first chunk (or the whole row) starts afresh: a whole row run
-        # again by gradient checkpointing sees only its own keys.
-        if self.offset == 0:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = mx.concatenate([self.keys, keys], axis=2)
-            self.values = mx.concatenate([self.values, values], axis=2)
-        return self.keys, self.values
+        return keys, values
 
     @property
     def state(self):
@@ -249,19 +235,19 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
             positions: mx.array | None = None) -> mx.array:
     """Run ``model`` (or its ``body``) on ``inputs`` with packing isolation when segmented.
 
-    ``chunk`` (default: the model's :func:`set_attention_chunk`): feed the
-    rows in query chunks of about that many positions (:class:`MaskCache`).
-    A full pass computes attention scores for every pair of positions and
-    masks out half of them (causality); in ``n`` chunks the scores computed
-    drop to ``(n + 1) / (2n)`` of that. On MLX's CPU backend, where the
-    softmax's ``exp`` is the costliest part of attention, this is what makes
-    long rows cheaper (``benchmarks/bench_step.py``). For a model
-    that passes :func:`mlxpost.runner.chunking_is_exact` (training runs check
-    it once) the result is the same up to float rounding. Memory: the
-    attention scores shrink like the work; each block keeps the keys and
-    values of the growing prefix for the backward pass, about ``(n + 1) / 2``
-    times a whole row's (small against the scores). Without a head split the
-    chunks' logits are concatenated (a copy of the largest activation).
+    ``chunk`` (default: the model's :func:`set_attention_chunk`): attention
+    over a row longer than two chunks runs in query chunks of about that many
+    positions (:func:`mlxpost.kernels.query_chunks`): each chunk's queries
+    against the keys up to its end. A full pass computes attention scores for
+    every pair of positions and masks out half of them (causality); in ``n``
+    chunks the scores computed drop to ``(n + 1) / (2n)`` of that. On MLX's
+    CPU backend, where the softmax's ``exp`` is the costliest part of
+    attention, this is what makes long rows cheaper
+    (``benchmarks/bench_step.py``). Everything else (projections, MLP, RoPE)
+    runs on the whole row at once. For a model that passes
+    :func:`mlxpost.runner.chunking_is_exact` (training runs check it once)
+    the result is the same up to float rounding. Memory: the attention scores
+    shrink like the work.
 
     On MLX's CPU backend with the JIT's vectorizing flags, attention runs
     through :func:`mlxpost.kernels.attention` (the same result, its softmax
@@ -273,20 +259,11 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     """
     fn = body or model
     bounds = chunk_bounds(inputs.shape[1], attention_chunk(model) if chunk is None else chunk)
-    with kernels.cpu_attention(), positioned(model, positions):
-        if len(bounds) == 2 and segments is None:
-            return fn(inputs)  # the model's own causal mask
+    with kernels.cpu_attention(), kernels.query_chunks(bounds), positioned(model, positions):
         if segments is None:
-            mask = causal_mask(inputs.shape[1])
-        else:
-            mask = segment_mask(segments) if branches is None else tree_mask(segments, branches)
-        cache = [MaskCache(mask, positions) for _ in model.layers]
-        outs = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            for c in cache:
-                c.offset = a
-            outs.append(fn(inputs[:, a:b], cache=cache))
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+            return fn(inputs)  # the model's own causal mask
+        mask = segment_mask(segments) if branches is None else tree_mask(segments, branches)
+        return fn(inputs, cache=[MaskCache(mask, positions) for _ in model.layers])
 
 
 def bucketed(n: int, bucket: int) -> int:

@@ -495,9 +495,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.attention_chunk < -1:
         raise ConfigError(f"train.attention_chunk: must be -1 (auto), 0 (off) or a length, "
                           f"got {cfg.train.attention_chunk}")
-    if cfg.train.attention_chunk > 0 and cfg.train.grad_checkpoint:
-        raise ConfigError("train.attention_chunk: query chunks cannot be combined with train.grad_checkpoint "
-                          "(a recomputed block would see its chunk's keys twice); set one of them to 0/false")
     if cfg.preference.share_prompt == "on" and cfg.train.grad_checkpoint:
         raise ConfigError("preference.share_prompt=on cannot be combined with train.grad_checkpoint (a recomputed "
                           "block would rotate the rejected reply at the wrong positions); set one of them off")

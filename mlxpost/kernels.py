@@ -170,9 +170,73 @@ _MLX_SDPA = mx.fast.scaled_dot_product_attention
 _routing: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxpost_cpu_attention", default=False)
 
 
-def _dispatch(*args, **kwargs):
+_chunks: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("mlxpost_query_chunks", default=None)
+
+
+def _dispatch(queries, keys, values, *, scale, mask=None, **kwargs):
     """What ``mx.fast.scaled_dot_product_attention`` is once :func:`cpu_attention` has been used."""
-    return (attention if _routing.get() else _MLX_SDPA)(*args, **kwargs)
+    inner = attention if _routing.get() else _MLX_SDPA
+    bounds = _chunks.get()
+    if bounds and mask is not None and queries.shape[2] == bounds[-1] == keys.shape[2]:
+        return _chunked(inner, queries, keys, values, scale, mask, bounds, kwargs)
+    return inner(queries, keys, values, scale=scale, mask=mask, **kwargs)
+
+
+def _chunked(inner, queries, keys, values, scale, mask, bounds, kwargs):
+    """:func:`query_chunks`' attention: the chunks' outputs, concatenated along the positions."""
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if isinstance(mask, str):  # "causal": a whole row's queries against its own keys
+            m = mx.arange(a, b)[:, None] >= mx.arange(b)[None]
+        else:
+            m = mask if mask.ndim < 2 or mask.shape[-2] == 1 else mask[..., a:b, :]
+            m = m if m.shape[-1] == 1 else m[..., :b]
+        outs.append(inner(queries[:, :, a:b], keys[:, :, :b], values[:, :, :b], scale=scale, mask=m, **kwargs))
+    return mx.concatenate(outs, axis=2)
+
+
+@contextmanager
+def query_chunks(bounds):
+    """Within the block, attention over a whole row runs one query chunk at a time.
+
+    ``bounds``: the cut points of the row (``[0, ..., L]``,
+    :func:`mlxpost.batching.chunk_bounds`); None or a single span: whole rows.
+    A call of ``mx.fast.scaled_dot_product_attention`` whose queries and keys
+    both span the row, with a mask, computes each chunk's queries against
+    the keys up to the chunk's end, with the matching rows and columns of the
+    mask: the scores above the diagonal between chunks are never computed.
+    Exact for masks that never let a position see a later one (causal,
+    packed, tree and sliding-window masks); :func:`mlxpost.runner.chunking_problem`
+    checks a model before training uses this. Calls without a mask
+    (bidirectional attention) and with queries that are not the whole row
+    (generation) run unchanged. The chunks go through whatever the call
+    would have used (:func:`attention` where routed, else MLX's own).
+    """
+    bounds = tuple(bounds) if bounds is not None and len(bounds) > 2 else None
+    if bounds and mx.fast.scaled_dot_product_attention is not _dispatch:
+        mx.fast.scaled_dot_product_attention = _dispatch
+    token = _chunks.set(bounds)
+    try:
+        yield
+    finally:
+        _chunks.reset(token)
+
+
+def setting() -> tuple:
+    """This context's attention setting (routing, query chunks), for :func:`replayed`."""
+    return _routing.get(), _chunks.get()
+
+
+@contextmanager
+def replayed(value: tuple):
+    """Within the block, the attention setting is ``value`` (from :func:`setting`) exactly.
+
+    For a gradient-checkpointed block recomputed in the backward pass,
+    outside the forward pass's context.
+    """
+    routing_on, bounds = value
+    with routed(routing_on), query_chunks(bounds):
+        yield
 
 
 def routing() -> bool:
@@ -207,7 +271,7 @@ def cpu_attention(active: bool | None = None):
     MLX's own function. Compiled functions keep what they traced, so
     wrapping the traced call (as :func:`mlxpost.batching.forward` does) is
     enough; a block recomputed later (gradient checkpointing) replays the
-    setting :func:`routing` had at its first call (:func:`routed`). A false
+    setting it had at its first call (:func:`setting`, :func:`replayed`). A false
     ``active`` inside an active block leaves the outer setting.
     """
     if not (enabled() if active is None else active):

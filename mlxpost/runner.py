@@ -120,19 +120,15 @@ def chunking_is_exact(model, chunk: int = 8) -> bool:
 
 
 def chunking_problem(model, chunk: int = 8) -> str | None:
-    """Why this model cannot run in query chunks, or None when it can.
+    """Why this model cannot run attention in query chunks, or None when it can.
 
     A random row of ``3 * chunk`` positions goes through the model whole and
-    in chunks, unpacked and as two packed sequences. Models whose blocks do
-    not place RoPE at the cache's offset, or keep keys in other ways, fail
-    and are run whole; so are models whose RoPE depends on the length seen
-    so far (dynamic NTK scaling: each chunk would rotate with another base
-    once rows are longer than the model's trained context, which a short
-    probe cannot show).
+    with attention in chunks (:func:`mlxpost.kernels.query_chunks`),
+    unpacked and as two packed sequences. A model whose attention lets a
+    position see later ones while still passing a mask (a bidirectional span
+    of the prompt, say) fails and is run whole; so would anything else that
+    changes its logits.
     """
-    for _, m in model.named_modules():
-        if "Dynamic" in type(m).__name__ and "RoPE" in type(m).__name__:
-            return f"its RoPE ({type(m).__name__}) depends on the length seen so far"
     L = 3 * chunk
     x = mx.array(_probe_tokens(model, np.random.default_rng(1), L)[None])
     segments = mx.array((np.arange(L) >= L // 2 + 1).astype(np.int32)[None])
@@ -143,23 +139,21 @@ def chunking_problem(model, chunk: int = 8) -> str | None:
             exact_dtype = exact_dtype and whole.dtype == mx.float32
             whole, parts = whole.astype(mx.float32), parts.astype(mx.float32)
             err = max(err, (mx.linalg.norm(whole - parts) / mx.linalg.norm(whole)).item())
-    except Exception as e:  # a cache protocol this model does not follow: run it whole
-        return f"its attention does not follow the cache protocol of chunked prefill ({type(e).__name__}: {e})"
+    except Exception as e:  # an attention call this cannot cut: run it whole
+        return f"its attention cannot run in query chunks ({type(e).__name__}: {e})"
     # The same operations on differently shaped pieces differ by rounding only;
-    # a misplaced position or a lost key changes the logits at order 1.
+    # a lost key changes the logits at order 1.
     if err > (1e-5 if exact_dtype else 1e-2):
-        return f"its logits in query chunks differ from whole rows (relative error {err:.1e})"
+        return f"its logits with attention in query chunks differ from whole rows (relative error {err:.1e})"
     return None
 
 
-def resolve_attention_chunk(setting: int, model, grad_checkpoint: bool = False, warn=None) -> int | None:
+def resolve_attention_chunk(setting: int, model, warn=None) -> int | None:
     """``train.attention_chunk``: -1 (auto) chunks on MLX's CPU backend only, where it is measured faster.
 
-    Not with gradient checkpointing: a checkpointed block runs again in the
-    backward pass, and a chunk's keys are state of the pass that it must not
-    append twice. ``warn``: called when an explicit length cannot be used.
+    ``warn``: called when an explicit length cannot be used.
     """
-    if setting == 0 or grad_checkpoint:
+    if setting == 0:
         return None
     chunk = setting if setting > 0 else (DEFAULT_ATTENTION_CHUNK if mx.default_device() == mx.cpu else None)
     if chunk is None:
@@ -476,7 +470,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
 
     split = HeadSplit.find(model)
     set_attention_chunk(model, None)  # the probes below run whole rows
-    chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, cfg.train.grad_checkpoint, warn=rep.warn)
+    chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, warn=rep.warn)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     if method.data == "prompts":
         set_attention_chunk(model, chunk)

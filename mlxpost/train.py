@@ -30,7 +30,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from . import kernels
-from .batching import Batch, BatchSource, attention_chunk, batch_from_arrays
+from .batching import Batch, BatchSource, batch_from_arrays
 from .config import TrainConfig
 from .errors import MlxpostError
 from .runs import RunDir, load_checkpoint
@@ -133,11 +133,11 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         call = base.__call__
 
         def checkpointed(self, *args, _call=call, **kwargs):
-            fused = kernels.routing()  # the recomputation runs later, outside forward()'s block
+            setting = kernels.setting()  # the recomputation runs later, outside forward()'s block
 
             def inner(params, *a, **k):
                 self.update(params)
-                with kernels.routed(fused):
+                with kernels.replayed(setting):
                     return _call(self, *a, **k)
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
@@ -184,9 +184,6 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, total_steps)
         self.optimizer.init(model.trainable_parameters())
         if cfg.grad_checkpoint:
-            if attention_chunk(model):
-                raise MlxpostError("gradient checkpointing cannot run on query chunks (a recomputed block would "
-                                   "append its chunk's keys twice): set_attention_chunk(model, None) first")
             enable_grad_checkpoint(model)
         self.step = 0
         self.best_val: float | None = None

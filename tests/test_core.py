@@ -256,8 +256,8 @@ def test_chunk_bounds():
 
 @pytest.mark.parametrize("fixture", ["llama", "qwen"])
 def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
-    """Rows fed in query chunks (keys carried over, RoPE at the chunk's offset) give the log-probs and
-    LoRA gradients of whole rows, padded or packed."""
+    """Attention in query chunks (each chunk's queries against the keys up to its end) gives the log-probs
+    and LoRA gradients of whole rows, padded or packed."""
     from mlxpost.batching import chunk_bounds, set_attention_chunk
 
     lm = adapted(tiny_qwen, "all-linear") if fixture == "qwen" else request.getfixturevalue("llama")
@@ -287,31 +287,66 @@ def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
 
 
 def test_chunking_is_checked_on_the_model(llama):
-    from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE
-
     from mlxpost.runner import chunking_is_exact, chunking_problem, resolve_attention_chunk
 
     assert chunking_is_exact(llama.model)
 
-    class NoCache(Wrapped):  # runs every chunk as if it were a whole row: positions and earlier keys lost
+    class SeesAhead(Wrapped):  # a mask that lets every position see later ones: cutting the keys loses them
         def __call__(self, x, cache=None):
-            return self.inner(x)
-
-    assert not chunking_is_exact(NoCache(llama.model))
-    assert resolve_attention_chunk(-1, NoCache(llama.model)) is None
-    warnings = []
-    assert resolve_attention_chunk(32, NoCache(llama.model), warn=warnings.append) is None
-    assert len(warnings) == 1 and "train.attention_chunk=32" in warnings[0] and "whole rows" in warnings[0]
-
-    class Scaled(NoCache):  # exact on a short probe, not on rows past the trained context
-        def __init__(self, inner):
-            super().__init__(inner)
-            self.rope = DynamicNTKScalingRoPE(8, 16, False, 10000.0, 2.0)
-
-        def __call__(self, x, cache=None):
+            cache = [_AllVisible() for _ in self.layers]
             return self.inner(x, cache=cache)
 
-    assert "DynamicNTKScalingRoPE" in chunking_problem(Scaled(llama.model))
+    assert "differ from whole rows" in chunking_problem(SeesAhead(llama.model))
+    assert resolve_attention_chunk(-1, SeesAhead(llama.model)) is None
+    warnings = []
+    assert resolve_attention_chunk(32, SeesAhead(llama.model), warn=warnings.append) is None
+    assert len(warnings) == 1 and "train.attention_chunk=32" in warnings[0] and "whole rows" in warnings[0]
     assert resolve_attention_chunk(0, llama.model) is None
     assert resolve_attention_chunk(32, llama.model) == 32
-    assert resolve_attention_chunk(32, llama.model, grad_checkpoint=True) is None
+
+
+class _AllVisible:
+    """A block cache whose mask lets every position of the row see every other."""
+
+    offset = 0
+
+    def make_mask(self, N, **_):
+        return mx.ones((N, N), dtype=mx.bool_)
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def test_checkpointed_blocks_recompute_attention_in_the_same_chunks(tiny_model, monkeypatch):
+    """Gradient checkpointing with query chunks: the recomputed blocks cut attention as the forward pass
+    did (the setting is replayed outside forward()'s context), and loss and gradients match."""
+    from mlxpost import kernels
+    from mlxpost.batching import chunk_bounds, set_attention_chunk
+    from mlxpost.train import enable_grad_checkpoint
+
+    lm = adapted(tiny_model, "all-linear")  # its own instance: checkpointing changes its blocks
+    model = lm.model
+    split = HeadSplit.find(model)
+    b = selected_batch(make_examples(lm.tokenizer, 8, seed=4), True, per_row=4)
+    assert len(chunk_bounds(b.inputs.shape[1], 8)) > 3
+    loss = selected_sum(b, split)
+    cuts = []
+    real = kernels._chunked
+    monkeypatch.setattr(kernels, "_chunked", lambda *a: cuts.append(len(a[6]) - 1) or real(*a))
+    set_attention_chunk(model, 8)
+    try:
+        value, grads = nn.value_and_grad(model, loss)(model)
+        mx.eval(value, grads)
+        plain = len(cuts)
+        enable_grad_checkpoint(model)
+        value_c, grads_c = nn.value_and_grad(model, loss)(model)
+        mx.eval(value_c, grads_c)
+    finally:
+        set_attention_chunk(model, None)
+    assert plain == len(model.layers) and len(set(cuts)) == 1 and cuts[0] > 2
+    assert len(cuts) == 3 * plain  # checkpointed: the forward pass, then each block again in the backward pass
+    assert value_c.item() == pytest.approx(value.item(), rel=1e-6)
+    g, gc = dict(tree_flatten(grads)), dict(tree_flatten(grads_c))
+    assert g.keys() == gc.keys() and g
+    for k in g:
+        np.testing.assert_allclose(np.array(gc[k]), np.array(g[k]), rtol=1e-4, atol=1e-6, err_msg=k)

@@ -14,7 +14,7 @@ from conftest import preference_rows, write_jsonl
 from mlx.utils import tree_flatten
 
 from mlxpost import reference
-from mlxpost.batching import attention_chunk
+from mlxpost.batching import DEFAULT_ATTENTION_CHUNK, attention_chunk
 from mlxpost.config import build_config
 from mlxpost.errors import ConfigError, MlxpostError
 from mlxpost.health import PreferenceHealth, Thresholds
@@ -605,8 +605,7 @@ def test_preference_configuration_errors(tiny_model, pref_data):
     assert build_config(None, ["data.batching=pack"], method="dpo").data.batching == "pack"  # pairs pack too
     with pytest.raises(ConfigError, match="train.attention_chunk: must be -1"):
         build_config(None, ["train.attention_chunk=-2"], method="dpo")
-    with pytest.raises(ConfigError, match="cannot be combined with train.grad_checkpoint"):
-        build_config(None, ["train.attention_chunk=64", "train.grad_checkpoint=true"], method="dpo")
+    assert build_config(None, ["train.attention_chunk=64", "train.grad_checkpoint=true"], method="dpo")
     with pytest.raises(ConfigError, match="share_prompt=on cannot be combined with train.grad_checkpoint"):
         build_config(None, ["preference.share_prompt=on", "train.grad_checkpoint=true"], method="dpo")
     with pytest.raises(ConfigError, match="share_prompt=on needs packed pair batches"):
@@ -614,7 +613,7 @@ def test_preference_configuration_errors(tiny_model, pref_data):
     with pytest.raises(ConfigError, match="preference.share_prompt: expected one of"):
         build_config(None, ["preference.share_prompt=yes"], method="dpo")
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "train.grad_checkpoint=true"), NullReporter())
-    assert attention_chunk(prep.loaded.model) is None  # auto: off with checkpointing
+    assert attention_chunk(prep.loaded.model) == DEFAULT_ATTENTION_CHUNK  # recomputed blocks replay the chunks
     assert not prep.train.share_prompt and "gradient checkpointing" in prep.prompt
     cfg = build_config(None, [], method="dpo")
     assert cfg.train.lr == 5e-5 and "dpo" in cfg.to_dict() and "orpo" not in cfg.to_dict()
