@@ -6,6 +6,7 @@
     python benchmarks/bench_dpo.py --precompute-ref      # also mlxpost dpo --precompute-ref (a sixth run)
     python benchmarks/bench_dpo.py --padded-too          # also mlxpost dpo with padded pairs (packed is the default)
     python benchmarks/bench_dpo.py --unshared-too        # also mlxpost dpo with each side repeating its prompt
+    python benchmarks/bench_dpo.py --methods dpo --rounds 3   # each trainer 3 times, back to back with its peer
     python benchmarks/bench_dpo.py --num-layers 4        # LoRA on the top 4 of 8 blocks (both tools)
     python benchmarks/bench_dpo.py --model default --num-layers 16   # the real SmolLM2-135M-Instruct, top 16 of 30
 
@@ -83,6 +84,12 @@ the mean training loss of the last 10% of steps (each tool's own loss
 definition: comparable between tools for DPO, not always for ORPO). Ratios:
 mlxpost DPO / ORPO throughput over mlx-lm-lora's (target >= 2x for DPO) and
 peak memory over mlxpost SFT's at the same tokens (target <= 1.2x for DPO).
+
+Each mlxpost trainer runs right after its mlx-lm-lora counterpart. A small
+shared machine drifts 10-20% between minutes; ``--rounds N`` runs every
+trainer N times (round after round), shows each trainer's median run, and
+prints the speedup of every round (a pair of runs back to back) and the
+lowest of them (``*_lowest_round`` in the JSON).
 """
 
 from __future__ import annotations
@@ -496,6 +503,9 @@ def main():
                     help="which trainers to run, of dpo,orpo,sft (default all three; sft is mlxpost's only)")
     ap.add_argument("--padded-too", action="store_true",
                     help="also run mlxpost dpo with padded pairs (data.batching=pad) next to the packed default")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every trainer this many times, each mlxpost run right after its mlx-lm-lora "
+                         "counterpart; rows show each trainer's median run, and the speedups of every round")
     ap.add_argument("--unshared-too", action="store_true",
                     help="also run mlxpost dpo with the prompt repeated on each side (preference.share_prompt=off)")
     args = ap.parse_args()
@@ -511,6 +521,8 @@ def main():
     methods = {m.strip() for m in args.methods.split(",") if m.strip()}
     if not methods or methods - {"dpo", "orpo", "sft"}:
         raise SystemExit(f"--methods: choose among dpo, orpo, sft (got {args.methods!r})")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: at least 1 (got {args.rounds})")
     n_pairs = 16 if args.quick else args.pairs
     steps = args.steps or n_pairs // args.batch_size
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -533,43 +545,65 @@ def main():
     results, skipped = [], {}
     if args.only != "mlxpost":
         setup["mlx_lm_lora_env"] = ensure_mlx_lm_lora_venv()
-        for mode in [m for m in ("dpo", "orpo") if m in methods]:
-            print(f"running mlx-lm-lora {mode} ...", flush=True)
-            try:
-                results.append(run_lora_worker(mode, info, args.batch_size, steps, args.lr, args.beta,
-                                               args.num_layers))
-            except RuntimeError as e:
-                skipped[f"mlx-lm-lora {mode}"] = str(e)
-    if args.only != "mlx-lm-lora":
-        for method in [m for m in ("dpo", "orpo", "sft") if m in methods]:
+    setup["rounds"] = args.rounds
+    # One round runs every trainer once; a trainer and its mlx-lm-lora counterpart run back to back, so
+    # that the machine's drift (10-20% between minutes on a small shared machine) hits both alike.
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        tag = f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""
+        for method in ("dpo", "orpo", "sft"):
+            if method not in methods:
+                continue
+            if method != "sft" and args.only != "mlxpost":
+                print(f"running mlx-lm-lora {method}{tag} ...", flush=True)
+                try:
+                    res = run_lora_worker(method, info, args.batch_size, steps, args.lr, args.beta, args.num_layers)
+                    runs.setdefault(res["trainer"], []).append(res)
+                except RuntimeError as e:
+                    skipped[f"mlx-lm-lora {method}"] = str(e)
+            if args.only == "mlx-lm-lora":
+                continue
             if not mlxpost_has(method):
                 skipped[f"mlxpost {method}"] = f"`mlxpost {method}` does not exist in this checkout"
                 continue
-            print(f"running mlxpost {method} ...", flush=True)
+            print(f"running mlxpost {method}{tag} ...", flush=True)
             try:
-                results.append(run_mlxpost(method, info, n_pairs, args.batch_size, steps, args.lr, args.beta,
-                                           num_layers=args.num_layers))
+                res = run_mlxpost(method, info, n_pairs, args.batch_size, steps, args.lr, args.beta,
+                                  num_layers=args.num_layers)
+                runs.setdefault(res["trainer"], []).append(res)
             except RuntimeError as e:
                 skipped[f"mlxpost {method}"] = str(e)
         variants = [(args.precompute_ref, "--precompute-ref", "precomputed ref", {"precompute_ref": True}),
                     (args.padded_too, "with padded pairs", "padded pairs", {"padded_pairs": True}),
                     (args.unshared_too, "with the prompt per side", "prompt per side", {"unshared": True})]
         for wanted, what, label, kw in variants:
-            if not (wanted and "dpo" in methods and mlxpost_has("dpo")):
+            if not (wanted and "dpo" in methods and args.only != "mlx-lm-lora" and mlxpost_has("dpo")):
                 continue
-            print(f"running mlxpost dpo {what} ...", flush=True)
+            print(f"running mlxpost dpo {what}{tag} ...", flush=True)
             try:
-                results.append(run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
-                                           num_layers=args.num_layers, **kw))
+                res = run_mlxpost("dpo", info, n_pairs, args.batch_size, steps, args.lr, args.beta,
+                                  num_layers=args.num_layers, **kw)
+                runs.setdefault(res["trainer"], []).append(res)
             except RuntimeError as e:
                 skipped[f"mlxpost dpo ({label})"] = str(e)
+    # Each trainer's row is its median run by throughput (all runs recorded with it).
+    for name, rs in runs.items():
+        med = sorted(rs, key=lambda x: x["trained_tokens_per_s"])[(len(rs) - 1) // 2]
+        results.append(dict(med, rounds_trained_tokens_per_s=[x["trained_tokens_per_s"] for x in rs]))
 
     by = {r["trainer"]: r for r in results}
     ratios = {}
+    per_round = {}  # ours over mlx-lm-lora's, round by round (runs back to back)
+    for m in ("dpo", "orpo"):
+        ours, theirs = runs.get(f"mlxpost {m}", []), runs.get(f"mlx-lm-lora {m}", [])
+        if len(ours) == len(theirs) == args.rounds > 1:
+            per_round[m] = [a["trained_tokens_per_s"] / b["trained_tokens_per_s"] for a, b in zip(ours, theirs)]
     for m in ("dpo", "orpo"):
         ours, theirs, sft = by.get(f"mlxpost {m}"), by.get(f"mlx-lm-lora {m}"), by.get("mlxpost sft")
         if ours and theirs:
             ratios[f"{m}_speedup_vs_mlx_lm_lora"] = ours["trained_tokens_per_s"] / theirs["trained_tokens_per_s"]
+            if m in per_round:
+                ratios[f"{m}_speedup_vs_mlx_lm_lora_lowest_round"] = min(per_round[m])
             if ours.get("steady_trained_tokens_per_s") and theirs.get("steady_trained_tokens_per_s"):
                 ratios[f"{m}_steady_speedup_vs_mlx_lm_lora"] = (ours["steady_trained_tokens_per_s"]
                                                                 / theirs["steady_trained_tokens_per_s"])
@@ -620,11 +654,13 @@ def main():
         print()
         for k, v in ratios.items():
             print(f"{k:<60}{v:>7.2f}")
+    for m, rs in per_round.items():
+        print(f"{m} speedup vs mlx-lm-lora, round by round: " + ", ".join(f"{x:.2f}" for x in rs))
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'NOT met'}")
     out = RESULTS / f"dpo{info['tag']}.json"
     out.write_text(json.dumps({"setup": setup, "runs": results, "skipped": skipped, "ratios": ratios,
-                               "targets": targets}, indent=2))
+                               "per_round_speedups": per_round, "targets": targets}, indent=2))
     print(f"\nwritten {out}")
 
 

@@ -11,9 +11,9 @@ whole rows) and ``--kernels`` (``on``/``off``: whether training passes use
 
 * **Attention chunks.** A training forward pass on MLX's CPU backend computes
   attention scores for every pair of positions of a row, and the causal mask
-  throws half of them away. Fed in query chunks (chunked prefill), only the
-  scores on and below the diagonal between chunks are computed
-  (:func:`mlxpost.batching.forward`).
+  throws half of them away. With attention in query chunks (each chunk's
+  queries against the keys up to its end), only the scores on and below the
+  diagonal between chunks are computed (:func:`mlxpost.kernels.query_chunks`).
 * **Fused kernels.** MLX's softmax and log-sum-exp primitives run a scalar
   ``exp`` on the CPU; written as ops and compiled by MLX's JIT with the flags
   of :mod:`mlxpost.jit`, the same ``exp`` is vectorized.
