@@ -117,9 +117,9 @@ class _PositionedRope:
 
     MLX's ``fast.rope`` takes one offset per batch element; folding every
     (row, head, position) into the batch axis, (B, H, L, D) -> (B*H*L, 1, 1, D),
-    gives each its own. The model passes the chunk's offset in the row
-    (:class:`MaskCache`), which picks the chunk's columns of ``positions``; the
-    offsets of a chunk are built once and shared by every block (``shared``).
+    gives each its own. The offsets are built once and shared by every block
+    (``shared``); ``offset`` (the cache's, 0 for a whole row) picks the
+    columns of ``positions`` that a call rotates.
     """
 
     def __init__(self, rope, positions: mx.array, shared: dict):
@@ -188,6 +188,7 @@ class MaskCache:
         self.mask = mask
         self.positions = positions  # (B, L) token positions when they are not the row's slots
         self.offset = 0
+        self.keys = self.values = None
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_):
         # Always an array (``return_array`` asks for one where a string such as "causal" would do).
@@ -202,6 +203,7 @@ class MaskCache:
         return mask
 
     def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values  # some models read them back from the cache
         return keys, values
 
     @property
@@ -236,7 +238,7 @@ def forward(model, inputs: mx.array, segments: mx.array | None = None, body=None
     """Run ``model`` (or its ``body``) on ``inputs`` with packing isolation when segmented.
 
     ``chunk`` (default: the model's :func:`set_attention_chunk`): attention
-    over a row longer than two chunks runs in query chunks of about that many
+    over a row at least two chunks long runs in query chunks of about that many
     positions (:func:`mlxpost.kernels.query_chunks`): each chunk's queries
     against the keys up to its end. A full pass computes attention scores for
     every pair of positions and masks out half of them (causality); in ``n``

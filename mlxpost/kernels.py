@@ -36,8 +36,8 @@ import mlx.core as mx
 
 from . import jit
 
-__all__ = ["attention", "cpu_attention", "enabled", "logsumexp", "no_grad_pass", "routed", "routing", "set_enabled",
-           "softmax"]
+__all__ = ["attention", "cpu_attention", "enabled", "logsumexp", "no_grad_pass", "query_chunks", "replayed", "routed",
+           "routing", "set_enabled", "setting", "softmax"]
 
 _override: bool | None = None
 _no_grad: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxpost_no_grad_pass", default=False)
@@ -173,25 +173,35 @@ _routing: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxpost_cpu_att
 _chunks: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("mlxpost_query_chunks", default=None)
 
 
-def _dispatch(queries, keys, values, *, scale, mask=None, **kwargs):
-    """What ``mx.fast.scaled_dot_product_attention`` is once :func:`cpu_attention` has been used."""
+def _dispatch(*args, **kwargs):
+    """What ``mx.fast.scaled_dot_product_attention`` is once :func:`cpu_attention` or :func:`query_chunks` ran."""
     inner = attention if _routing.get() else _MLX_SDPA
+    if not args and {"q", "k", "v"} <= kwargs.keys():  # MLX's own keyword names
+        args = (kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"))
     bounds = _chunks.get()
-    if bounds and mask is not None and queries.shape[2] == bounds[-1] == keys.shape[2]:
-        return _chunked(inner, queries, keys, values, scale, mask, bounds, kwargs)
-    return inner(queries, keys, values, scale=scale, mask=mask, **kwargs)
+    if bounds and len(args) == 3 and _cuttable(args[0], args[1], kwargs.get("mask"), bounds):
+        return _chunked(inner, *args, bounds=bounds, **kwargs)
+    return inner(*args, **kwargs)
 
 
-def _chunked(inner, queries, keys, values, scale, mask, bounds, kwargs):
-    """:func:`query_chunks`' attention: the chunks' outputs, concatenated along the positions."""
+def _cuttable(queries, keys, mask, bounds) -> bool:
+    """Whether a call is a whole row's self-attention under a mask with a row per query (causal-shaped)."""
+    L = bounds[-1]
+    if queries.shape[2] != L or keys.shape[2] != L:
+        return False
+    if isinstance(mask, str):
+        return mask == "causal"
+    # No mask, or one not given per query and key (keys only, say), may let a position see later keys: run whole.
+    return isinstance(mask, mx.array) and mask.ndim >= 2 and mask.shape[-2:] == (L, L)
+
+
+def _chunked(inner, queries, keys, values, *, bounds, mask, **kwargs):
+    """:func:`query_chunks`' attention: each chunk's queries against the keys up to its end, concatenated."""
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        if isinstance(mask, str):  # "causal": a whole row's queries against its own keys
-            m = mx.arange(a, b)[:, None] >= mx.arange(b)[None]
-        else:
-            m = mask if mask.ndim < 2 or mask.shape[-2] == 1 else mask[..., a:b, :]
-            m = m if m.shape[-1] == 1 else m[..., :b]
-        outs.append(inner(queries[:, :, a:b], keys[:, :, :b], values[:, :, :b], scale=scale, mask=m, **kwargs))
+        # "causal" is aligned to the last query and key, as both MLX's function and attention() read it.
+        m = mask if isinstance(mask, str) else mask[..., a:b, :b]
+        outs.append(inner(queries[:, :, a:b], keys[:, :, :b], values[:, :, :b], mask=m, **kwargs))
     return mx.concatenate(outs, axis=2)
 
 

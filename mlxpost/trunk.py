@@ -68,7 +68,7 @@ class _Tap(_StandIn):
     """Stands in for the first adapted block: records its input, then runs it."""
 
     def __call__(self, h, *args, **kwargs):
-        self.trunk.hidden.append(h)  # one per call: a pass in query chunks calls the blocks once per chunk
+        self.trunk.hidden.append(h)  # one per call of the block (one per pass)
         return self.block(h, *args, **kwargs)
 
 
@@ -123,8 +123,8 @@ class SharedTrunk:
             with self._swapped({i: _Replay(blocks[i], self, i == 0) for i in range(self.k)}):
                 yield
             if self.hidden:  # the passes went through the blocks a different number of times
-                raise RuntimeError(f"the reference pass replayed fewer chunks than the policy pass recorded "
-                                   f"({len(self.hidden)} left)")
+                raise RuntimeError(f"the reference pass replayed fewer block inputs than the policy pass "
+                                   f"recorded ({len(self.hidden)} left)")
         finally:
             self.hidden = []  # the graph holds them now; keep no traced array alive here
 

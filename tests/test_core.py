@@ -304,6 +304,15 @@ def test_chunking_is_checked_on_the_model(llama):
     assert resolve_attention_chunk(0, llama.model) is None
     assert resolve_attention_chunk(32, llama.model) == 32
 
+    class OwnAttention(Wrapped):  # attention that never reaches mx.fast.scaled_dot_product_attention's dispatcher
+        def __call__(self, x, cache=None):
+            from mlxpost import kernels
+
+            with kernels.query_chunks(None):
+                return self.inner(x, cache=cache)
+
+    assert "does not go through mx.fast.scaled_dot_product_attention" in chunking_problem(OwnAttention(llama.model))
+
 
 class _AllVisible:
     """A block cache whose mask lets every position of the row see every other."""
@@ -332,7 +341,7 @@ def test_checkpointed_blocks_recompute_attention_in_the_same_chunks(tiny_model, 
     loss = selected_sum(b, split)
     cuts = []
     real = kernels._chunked
-    monkeypatch.setattr(kernels, "_chunked", lambda *a: cuts.append(len(a[6]) - 1) or real(*a))
+    monkeypatch.setattr(kernels, "_chunked", lambda *a, **k: cuts.append(len(k["bounds"]) - 1) or real(*a, **k))
     set_attention_chunk(model, 8)
     try:
         value, grads = nn.value_and_grad(model, loss)(model)

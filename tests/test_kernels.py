@@ -212,6 +212,54 @@ def test_attention_hands_what_it_does_not_cover_to_mlx(monkeypatch):
     assert len(seen) == 3
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_query_chunks_cut_attention_exactly_where_masks_allow(monkeypatch, routed):
+    """Within query_chunks, a whole row's self-attention runs chunk by chunk with the same result and
+    gradients for every mask form mlx-lm passes (causal string, bool and additive arrays of 2 or 4
+    dimensions, a sliding window, packed segments); calls it cannot cut run whole."""
+    L = 12
+    q = mx.random.normal((2, 6, L, 8), key=mx.random.key(1))
+    k, v = (mx.random.normal((2, 3, L, 8), key=mx.random.key(i)) for i in (2, 3))
+    idx = mx.arange(L)
+    causal = idx[:, None] >= idx[None]
+    seg = mx.array([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])
+    packed = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
+    masks = {"causal": "causal", "bool-2d": causal, "window": causal & ((idx[:, None] - idx[None]) < 4),
+             "additive": mx.where(causal, 0.0, -1e9)[None, None], "packed": packed}
+    cuts = []
+    real = kernels._chunked
+    monkeypatch.setattr(kernels, "_chunked", lambda *a, **k: cuts.append(1) or real(*a, **k))
+    sdpa = kernels._dispatch
+    w = mx.random.normal((2, 6, L, 8), key=mx.random.key(4))
+    with kernels.routed(routed):
+        for name, mask in masks.items():
+            def f(q, k, v, mask=mask):
+                return (sdpa(q, k, v, scale=0.3, mask=mask) * w).sum()
+
+            whole, g_whole = f(q, k, v), mx.grad(f, argnums=(0, 1, 2))(q, k, v)
+            n = len(cuts)
+            with kernels.query_chunks([0, 4, 8, L]):
+                cut, g_cut = sdpa(q, k, v, scale=0.3, mask=mask), mx.grad(f, argnums=(0, 1, 2))(q, k, v)
+            assert len(cuts) == n + 2, name  # the call, and the one under grad
+            np.testing.assert_allclose(np.array(cut), np.array(sdpa(q, k, v, scale=0.3, mask=mask)), atol=1e-6,
+                                       err_msg=name)
+            for a, b in zip(g_cut, g_whole):
+                np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, err_msg=name)
+        # Not cut: no mask (bidirectional), a mask over keys only (lets a query see later keys), queries that
+        # are not the whole row (generation). Cut: q, k, v given by MLX's own keyword names.
+        keys_only = mx.array([[True] * 10 + [False] * 2, [True] * L])[:, None, None, :]
+        with kernels.query_chunks([0, 4, 8, L]):
+            n = len(cuts)
+            for mask in (None, keys_only):
+                np.testing.assert_allclose(np.array(sdpa(q, k, v, scale=0.3, mask=mask)),
+                                           np.array(MLX_SDPA(q, k, v, scale=0.3, mask=mask)), atol=1e-6)
+            sdpa(q[:, :, -1:], k, v, scale=0.3, mask="causal")
+            assert len(cuts) == n
+            np.testing.assert_allclose(np.array(sdpa(q=q, k=k, v=v, scale=0.3, mask="causal")),
+                                       np.array(MLX_SDPA(q, k, v, scale=0.3, mask="causal")), atol=1e-6)
+            assert len(cuts) == n + 1
+
+
 def test_attention_row_with_nothing_to_attend_is_finite():
     q, k, v, _ = sdpa_inputs()
     mask = mx.zeros((5, 9), mx.bool_)
