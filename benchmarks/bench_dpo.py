@@ -87,7 +87,8 @@ peak memory over mlxpost SFT's at the same tokens (target <= 1.2x for DPO).
 
 Each mlxpost trainer runs right after its mlx-lm-lora counterpart. A small
 shared machine drifts 10-20% between minutes; ``--rounds N`` runs every
-trainer N times (round after round), shows each trainer's median run, and
+trainer N times (round after round), shows each trainer's median run (of
+an even number, the slower middle one), and
 prints the speedup of every round (a pair of runs back to back) and the
 lowest of them (``*_lowest_round`` in the JSON).
 """
@@ -589,7 +590,9 @@ def main():
     # Each trainer's row is its median run by throughput (all runs recorded with it).
     for name, rs in runs.items():
         med = sorted(rs, key=lambda x: x["trained_tokens_per_s"])[(len(rs) - 1) // 2]
-        results.append(dict(med, rounds_trained_tokens_per_s=[x["trained_tokens_per_s"] for x in rs]))
+        results.append(dict(med, rounds_trained_tokens_per_s=[x["trained_tokens_per_s"] for x in rs],
+                            rounds=[{k: x.get(k) for k in ("trained_tokens_per_s", "train_seconds", "peak_memory_gb",
+                                                           "precompute_seconds")} for x in rs]))
 
     by = {r["trainer"]: r for r in results}
     ratios = {}
