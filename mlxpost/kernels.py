@@ -176,8 +176,8 @@ _chunks: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar
 def _dispatch(*args, **kwargs):
     """What ``mx.fast.scaled_dot_product_attention`` is once :func:`cpu_attention` or :func:`query_chunks` ran."""
     inner = attention if _routing.get() else _MLX_SDPA
-    if not args and {"q", "k", "v"} <= kwargs.keys():  # MLX's own keyword names
-        args = (kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"))
+    if len(args) < 3:  # some of q, k, v given by MLX's own keyword names
+        args += tuple(kwargs.pop(n) for n in ("q", "k", "v")[len(args):] if n in kwargs)
     bounds = _chunks.get()
     if bounds and len(args) == 3 and _cuttable(args[0], args[1], kwargs.get("mask"), bounds):
         return _chunked(inner, *args, bounds=bounds, **kwargs)
@@ -210,7 +210,8 @@ def query_chunks(bounds):
     """Within the block, attention over a whole row runs one query chunk at a time.
 
     ``bounds``: the cut points of the row (``[0, ..., L]``,
-    :func:`mlxpost.batching.chunk_bounds`); None or a single span: whole rows.
+    :func:`mlxpost.batching.chunk_bounds`); None or a single span: whole rows,
+    also inside an outer block that cuts (unlike ``cpu_attention(False)``).
     A call of ``mx.fast.scaled_dot_product_attention`` whose queries and keys
     both span the row, with a mask, computes each chunk's queries against
     the keys up to the chunk's end, with the matching rows and columns of the

@@ -255,11 +255,15 @@ def test_chunk_bounds():
 
 
 @pytest.mark.parametrize("fixture", ["llama", "qwen"])
-def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
+def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen, monkeypatch):
     """Attention in query chunks (each chunk's queries against the keys up to its end) gives the log-probs
     and LoRA gradients of whole rows, padded or packed."""
+    from mlxpost import kernels
     from mlxpost.batching import chunk_bounds, set_attention_chunk
 
+    cuts = []
+    real = kernels._chunked
+    monkeypatch.setattr(kernels, "_chunked", lambda *a, **k: cuts.append(1) or real(*a, **k))
     lm = adapted(tiny_qwen, "all-linear") if fixture == "qwen" else request.getfixturevalue("llama")
     model = lm.model
     split = HeadSplit.find(model)
@@ -272,11 +276,13 @@ def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
         results = []
         for chunk in (None, 8):
             set_attention_chunk(model, chunk)
+            n = len(cuts)
             try:
                 tok = logprobs(model, b, split=split, select=b.select)
                 value, grads = nn.value_and_grad(model, loss)(model)
             finally:
                 set_attention_chunk(model, None)
+            assert len(cuts) - n == (2 * len(model.layers) if chunk else 0)  # every block's attention was cut
             results.append((np.array(tok), value.item(), dict(tree_flatten(grads))))
         (t0, v0, g0), (t1, v1, g1) = results
         np.testing.assert_allclose(t1, t0, atol=2e-5)
@@ -289,6 +295,9 @@ def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen):
 def test_chunking_is_checked_on_the_model(llama):
     from mlxpost.runner import chunking_is_exact, chunking_problem, resolve_attention_chunk
 
+    from mlxpost import kernels
+
+    real = kernels._chunked
     assert chunking_is_exact(llama.model)
 
     class SeesAhead(Wrapped):  # a mask that lets every position see later ones: cutting the keys loses them
@@ -312,6 +321,17 @@ def test_chunking_is_checked_on_the_model(llama):
                 return self.inner(x, cache=cache)
 
     assert "does not go through mx.fast.scaled_dot_product_attention" in chunking_problem(OwnAttention(llama.model))
+
+    class Fails(Wrapped):  # attention that raises once cut
+        def __call__(self, x, cache=None):
+            from mlxpost import kernels
+
+            if kernels._chunks.get():
+                raise ValueError("no chunks here")
+            return self.inner(x, cache=cache)
+
+    assert "cannot run in query chunks (ValueError: no chunks here)" in chunking_problem(Fails(llama.model))
+    assert kernels._chunked is real  # the probe's counter is gone after every outcome
 
 
 class _AllVisible:

@@ -292,6 +292,11 @@ def test_shared_prompt_hidden_states_equal_separate_sequences(request, tmp_path,
             m.lora_b = mx.random.normal(m.lora_b.shape).astype(m.lora_b.dtype) * 0.05
     set_attention_chunk(model, chunk or None)
     tol = 1e-5 if dtype == "float32" else 2e-2
+    from mlxpost import kernels
+
+    cuts = []
+    real = kernels._chunked
+    monkeypatch.setattr(kernels, "_chunked", lambda *a, **k: cuts.append(1) or real(*a, **k))
 
     def err(a, b):
         a, b = a.astype(mx.float32), b.astype(mx.float32)
@@ -302,7 +307,9 @@ def test_shared_prompt_hidden_states_equal_separate_sequences(request, tmp_path,
         b0, b1 = prep.train.build_pairs(idx, shared=False), prep.train.build_pairs(idx, shared=True)
         assert b1.entries and b1.n_tokens < b0.n_tokens
         want = scored_states(model, prep.split, b0)
+        n = len(cuts)
         assert err(want, scored_states(model, prep.split, b1)) < tol
+        assert (len(cuts) > n) == bool(chunk)  # the tree mask is cut in chunks where asked
         if dtype != "float32":
             continue
         # Controls: the rejected reply at its slot in the row instead of its position in its sequence;
