@@ -224,13 +224,8 @@ def query_chunks(bounds):
     would have used (:func:`attention` where routed, else MLX's own).
     """
     bounds = tuple(bounds) if bounds is not None and len(bounds) > 2 else None
-    if bounds and mx.fast.scaled_dot_product_attention is not _dispatch:
-        mx.fast.scaled_dot_product_attention = _dispatch
-    token = _chunks.set(bounds)
-    try:
+    with _scoped(_chunks, bounds):
         yield
-    finally:
-        _chunks.reset(token)
 
 
 def setting() -> tuple:
@@ -257,18 +252,21 @@ def routing() -> bool:
 
 @contextmanager
 def routed(value: bool):
-    """Within the block, attention routing is ``value`` exactly (on or off), whatever it was outside.
+    """Within the block, attention routing is ``value`` exactly (on or off), whatever it was outside."""
+    with _scoped(_routing, value):
+        yield
 
-    For a gradient-checkpointed block recomputed in the backward pass: it
-    replays the setting :func:`routing` had at its first call.
-    """
+
+@contextmanager
+def _scoped(var: contextvars.ContextVar, value):
+    """Within the block, ``var`` (read by :func:`_dispatch`) is ``value``; a true value installs the dispatcher."""
     if value and mx.fast.scaled_dot_product_attention is not _dispatch:
         mx.fast.scaled_dot_product_attention = _dispatch
-    token = _routing.set(value)
+    token = var.set(value)
     try:
         yield
     finally:
-        _routing.reset(token)
+        var.reset(token)
 
 
 @contextmanager

@@ -52,6 +52,7 @@ class Prepared:
     timings: dict = field(default_factory=dict)  # one-off work before training (seconds)
     trunk: object = None  # a SharedTrunk when the live reference pass can reuse the policy's lower blocks
     prompt: str | None = None  # pairs: how each prompt goes through the model (shared or repeated, and why)
+    shared_batches: tuple | None = None  # pairs: (batches of the first epoch that share their prompt, batches)
 
 
 def _world():
@@ -533,9 +534,11 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None)
     valid_src = source(valid, shuffle=False) if valid is not None else None
     prep = Prepared(cfg, loaded, train_src, valid_src, stats, split, acfg, trainable, batching)
     prep.prompt = share_note
-    if share:
-        n, total = train_src.shared_batches()
-        prep.prompt = f"once per pair (both replies after it) in {n} of {total} batches an epoch (where that costs less)"
+    if method.data == "pairs":
+        prep.shared_batches = n, total = train_src.shared_batches()
+        if share:
+            prep.prompt = (f"once per pair (both replies after it) in {n} of {total} batches an epoch "
+                           "(where that costs less)")
     if method.reference and cfg.preference.precompute_ref:
         precompute_reference(prep, rep)
     elif method.reference:
@@ -873,7 +876,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
                 "world_size": size, "data": prep.stats, "attention_chunk": chunk,
                 **({"reference_shares_blocks": prep.trunk.k} if prep.trunk is not None else {}),
                 **({"prompt_shared": prep.train.share_prompt,
-                    "prompt_shared_batches": list(prep.train.shared_batches())} if method.data == "pairs" else {})})
+                    "prompt_shared_batches": list(prep.shared_batches)} if method.data == "pairs" else {})})
 
     prompts = sample_prompts(cfg)
     before = []
