@@ -65,7 +65,7 @@ The comparison is kept fair:
   checkpoints in between;
 * the same BLAS and JIT: the driver re-executes itself with the system
   OpenBLAS preloaded and points MLX's CPU JIT at vectorizing compiler flags
-  (``mlxpost.system.maybe_reexec``, ``mlxpost.jit``), and every worker
+  (``mlxpost.backend.blas.maybe_reexec``, ``mlxpost.backend.jit``), and every worker
   inherits that environment (``LD_PRELOAD``, ``OPENBLAS_CORETYPE``, the
   ``g++`` shim on ``PATH``, ``TMPDIR``), whichever virtual environment its
   interpreter comes from, so mlx-lm-lora's compiled kernels are vectorized
@@ -166,7 +166,7 @@ def build_model(model_dir: Path) -> None:
     """bench_sft.py's tiny llama, bit for bit (same corpus, same seed)."""
     from bench_sft import make_rows
 
-    from mlxpost.tiny import build_tiny_model
+    from mlxpost.model.tiny import build_tiny_model
 
     if (model_dir / "config.json").exists():
         return
@@ -209,7 +209,7 @@ def resolve_model(spec: str | None) -> tuple[Path, str]:
         build_model(model_dir)
         return model_dir, ""
     if spec == "default":
-        from mlxpost.defaults import default_model_path
+        from mlxpost.model.default import default_model_path
 
         model_dir = Path(default_model_path())
         tag = "default"
@@ -516,7 +516,7 @@ def main():
         print(json.dumps(worker_mlx_lm_lora(args)))
         return
 
-    from mlxpost.system import loaded_blas, maybe_reexec
+    from mlxpost.backend.blas import loaded_blas, maybe_reexec
 
     maybe_reexec()
     sys.path.insert(0, str(HERE))
@@ -540,7 +540,7 @@ def main():
              "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
              "jit_flags": os.environ.get("MLXPOST_JIT_FLAGS"), "versions": {"mlx": version("mlx"),
              "mlx-lm": version("mlx-lm"), "mlxpost": version("mlxpost")}}
-    from mlxpost.tiny import count_parameters
+    from mlxpost.model.tiny import count_parameters
 
     setup["params"] = count_parameters(Path(info["model"]))
 

@@ -10,8 +10,8 @@ compiled forward + backward of the DPO loss is timed (mean over ``--repeat``
 calls after two warm-up calls) with
 
 * the full reference pass: the model with adapters off, from the embedding up;
-* the shared trunk (the default): the reference pass starts from the policy
-  pass's hidden state at the first adapted block (:mod:`mlxpost.trunk`);
+* the shared shared_blocks (the default): the reference pass starts from the policy
+  pass's hidden state at the first adapted block (:mod:`mlxpost.core.shared_blocks`);
 * a precomputed reference (``--precompute-ref``): no reference pass at all,
   the lower bound;
 
@@ -41,18 +41,19 @@ def main() -> None:
                     help="train.attention_chunk: -1 auto (96 on the CPU), 0 off (whole rows)")
     args = ap.parse_args()
 
-    from mlxpost.system import maybe_reexec
+    from mlxpost.backend.blas import maybe_reexec
 
     maybe_reexec()
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlxpost.batching import attention_chunk, batch_from_arrays
     from mlxpost.config import build_config
+    from mlxpost.core.batches import batch_from_arrays
+    from mlxpost.core.forward import attention_chunk
+    from mlxpost.core.shared_blocks import SharedBlocks
     from mlxpost.methods import dpo
-    from mlxpost.preference import reference_token_logprobs
-    from mlxpost.runner import prepare
-    from mlxpost.trunk import SharedTrunk
+    from mlxpost.methods.preference import reference_token_logprobs
+    from mlxpost.training.pipeline import prepare
     from mlxpost.ui import NullReporter
 
     sets = [f"model.path={args.model}", f"lora.num_layers={args.num_layers}", f"train.batch_size={args.batch_size}",
@@ -69,7 +70,7 @@ def main() -> None:
     mx.eval(ref)
     pre = batch_from_arrays(batch.arrays())
     pre.extra = {**(batch.extra or {}), "ref_logps": ref}
-    trunk = SharedTrunk.find(model)
+    shared_blocks = SharedBlocks.find(model)
 
     def timed(fn, arrays) -> float:
         for _ in range(2):  # compilation, then a warm call
@@ -79,23 +80,23 @@ def main() -> None:
             mx.eval(fn(arrays))
         return (time.perf_counter() - t) / args.repeat
 
-    def step(trunk_):
-        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, trunk=trunk_)
+    def step(blocks_):
+        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, shared_blocks=blocks_)
         vg = nn.value_and_grad(model, lambda m, a: objective.loss(m, batch_from_arrays(a))[0])
         return mx.compile(lambda a: vg(model, a), inputs=[model.state], outputs=[model.state])
 
     forward = mx.compile(lambda a: reference_token_logprobs(model, batch_from_arrays(a), prep.split),
                          inputs=[model.state], outputs=[model.state])
     rows = {"full reference pass": timed(step(None), batch.arrays())}
-    if trunk is not None:
-        rows["shared trunk"] = timed(step(trunk), batch.arrays())
+    if shared_blocks is not None:
+        rows["shared shared_blocks"] = timed(step(shared_blocks), batch.arrays())
     rows["precomputed reference"] = timed(step(None), pre.arrays())
     rows["one forward pass, adapters off"] = timed(forward, batch.arrays())
 
     blocks = len(model.layers)
     print(f"\nmodel {args.model}: {blocks} blocks, LoRA on the top {args.num_layers if args.num_layers > 0 else blocks}; "
           f"batch {args.batch_size} pairs, shape {tuple(batch.inputs.shape)} ({prep.batching}), "
-          f"{batch.n_targets} answer tokens; shared blocks: {trunk.k if trunk else 0}; "
+          f"{batch.n_targets} answer tokens; shared blocks: {shared_blocks.k if shared_blocks else 0}; "
           f"attention chunk: {attention_chunk(model) or 'off'}")
     base = rows["full reference pass"]
     print(f"{'DPO step':<34}{'seconds':>9}{'vs full':>9}")
@@ -104,7 +105,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model": args.model, "blocks": blocks, "num_layers": args.num_layers, "batch_pairs": args.batch_size,
            "attention_chunk": attention_chunk(model),
-           "shape": list(batch.inputs.shape), "batching": prep.batching, "shared_blocks": trunk.k if trunk else 0,
+           "shape": list(batch.inputs.shape), "batching": prep.batching, "shared_blocks": shared_blocks.k if shared_blocks else 0,
            "seconds": rows}
     (RESULTS / "dpo_step.json").write_text(json.dumps(out, indent=2))
     print(f"\nwritten {RESULTS / 'dpo_step.json'}")

@@ -48,7 +48,7 @@ rollout -- set to 0 so that the step times compare), the same number of
 optimizer steps, learning rate 1e-5 constant, AdamW (weight decay 0), LoRA
 rank 8, scale 2, dropout 0 on every linear layer of every block, one rollout
 per step (no reuse), no validation, no checkpoints in between, the system
-OpenBLAS for both (``mlxpost.system.maybe_reexec``; every worker inherits
+OpenBLAS for both (``mlxpost.backend.blas.maybe_reexec``; every worker inherits
 the environment). The loss itself differs in details (mlx-lm-lora clips the
 ratio at 1e-4, its default epsilon; mlxpost at 0.2; on-policy the ratio is
 exactly 1 for both) -- irrelevant to the timings. Rewards: mlxpost's built-in
@@ -79,7 +79,7 @@ Measured per trainer (a table on stdout and ``benchmarks/results/grpo.json``):
 * total wall time of the worker process (loading included).
 
 mlxpost runs as ``mlxpost grpo`` inside a worker process of this script (the
-exact command line is recorded in the results), with ``mlxpost.rl.sample_groups``
+exact command line is recorded in the results), with ``mlxpost.rl.source.sample_groups``
 wrapped only to read its CPU time; mlx-lm-lora in a worker inside its own
 virtual environment ``benchmarks/results/venv-mlx-lm-lora`` (created by
 ``bench_dpo.ensure_mlx_lm_lora_venv``: ``pip install mlx-lm-lora mlx[cpu]``).
@@ -171,8 +171,7 @@ def check_same_prompts(model_dir: Path, rows: list[dict]) -> list[int]:
     """Token ids of every prompt as mlxpost renders it == as mlx-lm-lora's GRPODataset renders it."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlxpost.data import Renderer
-    from mlxpost.rl import render_prompt
+    from mlxpost.data.render import Renderer, render_prompt
 
     wrapper = load_tokenizer(model_dir)  # what both tools load
     tok = wrapper._tokenizer
@@ -209,7 +208,6 @@ def worker_mlx_lm_lora(args) -> dict:
     # No device_info shim here (unlike bench_dpo.py): its GRPO path never indexes the Metal-only
     # "max_recommended_working_set_size" key (mlx-lm's BatchGenerator uses .get() and skips the wired
     # limit when it is missing), and adding the key would change that path (set_wired_limit calls).
-
     import mlx_lm_lora.train as T
     import mlx_lm_lora.trainer.grpo_trainer as G
 
@@ -327,7 +325,7 @@ def worker_mlxpost(args) -> list[dict]:
     the wrapper adds the process CPU time, which other jobs on a shared machine
     disturb less than the wall time.)
     """
-    import mlxpost.rl as RL
+    import mlxpost.rl.source as RL
 
     orig, recs = RL.sample_groups, []
 
@@ -337,8 +335,8 @@ def worker_mlxpost(args) -> list[dict]:
         recs.append({"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "tokens": ro.sampled_tokens})
         return ro
 
-    RL.sample_groups = timed  # RolloutSource.rollout looks the name up in mlxpost.rl
-    from mlxpost.cli import main
+    RL.sample_groups = timed  # RolloutSource.rollout looks the name up in mlxpost.rl.source
+    from mlxpost.cli.main import main
 
     sys.argv = ["mlxpost", "grpo", *json.loads(args.cli)]
     try:
@@ -466,7 +464,7 @@ def main():
         print("\n" + json.dumps(recs), flush=True)
         return
 
-    from mlxpost.system import loaded_blas, maybe_reexec
+    from mlxpost.backend.blas import loaded_blas, maybe_reexec
 
     maybe_reexec()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -484,7 +482,7 @@ def main():
 
     from importlib.metadata import version
 
-    from mlxpost.tiny import count_parameters
+    from mlxpost.model.tiny import count_parameters
 
     setup = {"model": info["model"], "params": count_parameters(Path(info["model"])), "dtype": "float32",
              "prompts": N_PROMPTS, "prompt_tokens_mean": info["prompt_tokens_mean"],

@@ -67,7 +67,7 @@ def make_rows(n: int, tokens_lo: int, tokens_hi: int, seed: int) -> list[dict]:
 
 
 def prepare(workdir: Path, n_train: int, kind: str) -> dict:
-    from mlxpost.tiny import build_tiny_model, count_parameters
+    from mlxpost.model.tiny import build_tiny_model, count_parameters
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = workdir / "model"
@@ -123,9 +123,10 @@ def fix_length(rows: list[dict], model_dir: Path, length: int) -> list[dict]:
 def _valid_loss(model, tokenizer, data_dir: str) -> float:
     """Mean NLL of the assistant tokens of valid.jsonl, computed by mlxpost's core for both trainers."""
 
-    from mlxpost.batching import BatchSource
-    from mlxpost.data import Renderer, tokenize_file
-    from mlxpost.logprobs import logprobs
+    from mlxpost.core.batches import BatchSource
+    from mlxpost.core.logprobs import logprobs
+    from mlxpost.data.load import tokenize_file
+    from mlxpost.data.render import Renderer
 
     exs, _ = tokenize_file(Path(data_dir) / "valid.jsonl", Renderer(tokenizer), max_seq_len=1024)
     src = BatchSource(exs, mode="pad", batch_size=4, max_len=1024, shuffle=False)
@@ -186,9 +187,10 @@ def worker_mlxpost(args) -> dict:
 
     from mlxpost.config import build_config
     from mlxpost.methods import sft
-    from mlxpost.runner import prepare as prepare_run, total_steps
-    from mlxpost.runs import RunDir
-    from mlxpost.train import Trainer
+    from mlxpost.training.loop import Trainer
+    from mlxpost.training.pipeline import prepare as prepare_run
+    from mlxpost.training.pipeline import total_steps
+    from mlxpost.training.rundir import RunDir
     from mlxpost.ui import NullReporter
 
     cfg = build_config(None, [
@@ -269,7 +271,7 @@ def main():
         print(json.dumps(res))
         return
 
-    from mlxpost.system import loaded_blas, maybe_reexec
+    from mlxpost.backend.blas import loaded_blas, maybe_reexec
 
     maybe_reexec()
     n = 48 if args.quick else args.examples

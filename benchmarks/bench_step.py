@@ -1,25 +1,25 @@
 """One training step under different settings, timed interleaved: attention chunks, fused CPU kernels.
 
     python benchmarks/bench_step.py                        # DPO on SmolLM2-135M, top 16 of 30 blocks
-    python benchmarks/bench_step.py --kernels off,on       # MLX's softmax/log-sum-exp against mlxpost.kernels
+    python benchmarks/bench_step.py --kernels off,on       # MLX's softmax/log-sum-exp against mlxpost.backend.kernels
     python benchmarks/bench_step.py --method sft --batch-size 4
     python benchmarks/bench_step.py --chunks 0,64,96,128 --num-layers -1
 
 Settings are the product of ``--chunks`` (``train.attention_chunk``; 0 =
 whole rows) and ``--kernels`` (``on``/``off``: whether training passes use
-:mod:`mlxpost.kernels`; ``auto``: what this process would do).
+:mod:`mlxpost.backend.kernels`; ``auto``: what this process would do).
 
 * **Attention chunks.** A training forward pass on MLX's CPU backend computes
   attention scores for every pair of positions of a row, and the causal mask
   throws half of them away. With attention in query chunks (each chunk's
   queries against the keys up to its end), only the scores on and below the
-  diagonal between chunks are computed (:func:`mlxpost.kernels.query_chunks`).
+  diagonal between chunks are computed (:func:`mlxpost.backend.kernels.query_chunks`).
 * **Fused kernels.** MLX's softmax and log-sum-exp primitives run a scalar
   ``exp`` on the CPU; written as ops and compiled by MLX's JIT with the flags
-  of :mod:`mlxpost.jit`, the same ``exp`` is vectorized.
+  of :mod:`mlxpost.backend.jit`, the same ``exp`` is vectorized.
 
 One process, one prepared run (the method's own objective: for DPO the
-shared-trunk reference pass), adapters moved away from zero; for each
+reference pass that shares the lower blocks), adapters moved away from zero; for each
 setting a compiled value-and-gradient step is traced, then the settings are
 timed in turn, ``--rounds`` times over the same ``--batches`` batches, so
 machine noise hits them alike. Prints a table and writes
@@ -53,17 +53,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    from mlxpost.system import maybe_reexec
+    from mlxpost.backend.blas import maybe_reexec
 
     maybe_reexec()
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlxpost import jit, kernels
-    from mlxpost.batching import batch_from_arrays, set_attention_chunk
+    from mlxpost.backend import jit, kernels
     from mlxpost.config import build_config
+    from mlxpost.core.batches import batch_from_arrays
+    from mlxpost.core.forward import set_attention_chunk
     from mlxpost.methods import get as get_method
-    from mlxpost.runner import prepare
+    from mlxpost.training.pipeline import prepare
     from mlxpost.ui import NullReporter
 
     auto = "on" if kernels.enabled() else "off"

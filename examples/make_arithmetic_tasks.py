@@ -8,7 +8,7 @@ step by step ::
      "solution": "3 + 4 = 7\\n7 * 2 = 14\\n14 - 5 = 9\\nAnswer: 9"}
 
 Use them with the ``accuracy`` and ``format`` rewards and the ``arithmetic``
-step verifier (``mlxpost.rewards``, ``mlxpost.verifiers``). With ``--sft`` the
+step verifier (``mlxpost.rl.rewards``, ``mlxpost.rl.verifiers``). With ``--sft`` the
 rows are ``{"prompt": ..., "completion": <solution>}`` for supervised
 fine-tuning on the worked solutions instead.
 
@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from mlxpost.errors import MlxpostError  # noqa: E402
-from mlxpost.tasks import ARITH_TASKS_DIR, write_task_files  # noqa: E402
+from mlxpost.errors import MlxpostError
+from mlxpost.rl.tasks import ARITH_TASKS_DIR, write_task_files
 
 
 def main(argv: list[str] | None = None) -> int:

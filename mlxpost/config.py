@@ -1,7 +1,8 @@
 """Typed run configuration: defaults < recipe YAML < command line.
 
 A run is described by one :class:`RunConfig` made of sections (``model``,
-``lora``, ``data``, ``train``, ``output``). Recipes are YAML files with the
+``lora``, ``data``, ``train``, ``output``, ``sample``, and those its method
+declares, e.g. ``dpo`` and ``preference``). Recipes are YAML files with the
 same nesting; ``--set section.key=value`` overrides any field. Unknown keys
 and wrongly typed values are errors that name the key (and, for recipes, the
 file and line)::
@@ -23,6 +24,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .methods import METHODS
+from .methods import get as get_method
+from .methods.base import check_choice, check_fraction, check_non_negative, check_positive
 
 
 @dataclass
@@ -116,129 +120,47 @@ class SampleConfig:
     temperature: float = 0.0
 
 
-@dataclass
-class DPOConfig:
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    beta: float = 0.1  # strength of the tie to the reference (IPO: its tau)
-    label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: assumed rate of flipped labels (< 0.5)
+COMMON_SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "train": TrainConfig,
+                   "output": OutputConfig, "sample": SampleConfig}
 
 
-@dataclass
-class ORPOConfig:
-    lam: float = 0.1  # lambda: weight of the odds-ratio term next to the NLL of chosen (TRL calls it beta)
-
-
-@dataclass
-class CPOConfig:
-    beta: float = 0.1
-    alpha: float = 1.0  # weight of the behaviour-cloning term (NLL of chosen)
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class SimPOConfig:
-    beta: float = 2.0  # scale of the length-normalized reward
-    gamma: float = 0.5  # target reward margin
-    alpha: float = 0.0  # optional NLL of chosen (0 = pure SimPO)
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class PreferenceConfig:
-    from_run: str | None = None  # SFT run (or adapter dir) merged into the base: the start and the reference
-    precompute_ref: bool = False  # reference log-probs once before training, cached beside the data
-    ref_cache_dir: str | None = None  # where to cache them (default: .mlxpost-cache beside the data)
-    # The prompt once per pair, both replies after it, in the packed batches where that costs less:
-    # auto = when the model passes the check, on = the check must pass (else an error), off = never.
-    share_prompt: str = "auto"  # auto | on | off
-    # Health checks (live and in the summary).
-    kl_max: float = 0.1  # drift: KL estimate to the reference (nats per token)
-    collapse_loss: float = 0.05  # collapse: preference loss below this with accuracy 1.0 early on
-    collapse_fraction: float = 0.05  # "early on": this fraction of the steps
-    rejected_drop: float = 2.0  # rejected log-prob per token fallen this far below its start, still falling
-    chosen_drop: float = 0.1  # chosen log-prob per token fallen this far below its start, with rejected
-    # Quality gate on the validation pairs at the end.
-    gate_min_margin: float = 0.0  # mean reward margin must exceed this
-    gate_min_accuracy: float = 0.6  # fraction of pairs ranked right must reach this
-
-
-@dataclass
-class GRPOConfig:
-    group_size: int = 8  # completions sampled per prompt
-    prompts_per_step: int = 2  # prompts per optimizer step
-    micro_batch: int | None = None  # completions per forward pass (None: all of the step's, at most 16)
-    num_iterations: int = 1  # optimizer steps per rollout (> 1: the ratio to the sampling policy is clipped)
-    epsilon_low: float = 0.2  # clip range below 1
-    epsilon_high: float = 0.2  # clip range above 1 (DAPO: 0.28)
-    beta: float = 0.0  # KL penalty (k3) against the reference (adapters off); 0 = no reference pass
-    loss_norm: str = "grpo"  # grpo (per sequence) | dapo (per token) | dr_grpo (constant)
-    scale_rewards: str = "group"  # group | batch | none
-    mask_truncated: bool = False  # no loss on completions that hit max_new_tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    max_prompt_len: int = 512  # longer prompts are dropped (counted)
-    stop: list = field(default_factory=list)  # stop strings
-    rewards: list = field(default_factory=list)  # "name[@weight]": built-in, file.py:function or module:function
-    all_equal_warn: float = 0.8  # warn when this fraction of groups has equal rewards for 5 steps running
-    eval_prompts: int = 64  # validation prompts answered (greedy) before and after training
-    from_run: str | None = None  # an earlier run (SFT, DPO, ...) merged into the base: the start and the reference
-
-
-@dataclass
-class RLVRConfig:
-    verifier: str = "arithmetic"  # arithmetic | exact | file.py:function | module:function
-    step_weight: float = 1.0  # lam: penalty on the tokens of a wrong step (see mlxpost.rl)
-    final_weight: float = 1.0  # weight of the final-answer score in the completion's reward
-    gate_step_acc: float = 0.8  # end-of-run gates on the validation prompts
-    gate_final_acc: float = 0.9
-
-
-# Sections that belong to one method (or to a family); other methods refuse them.
-METHOD_SECTIONS = {
-    "dpo": ("dpo", "preference"),
-    "orpo": ("orpo", "preference"),
-    "cpo": ("cpo", "preference"),
-    "simpo": ("simpo", "preference"),
-    "grpo": ("grpo",),
-    "rlvr": ("grpo", "rlvr"),
-}
-PREFERENCE_METHODS = ("dpo", "orpo", "cpo", "simpo")
-RL_METHODS = ("grpo", "rlvr")
-_OWNED = {s for secs in METHOD_SECTIONS.values() for s in secs}
-
-
-@dataclass
 class RunConfig:
-    method: str = "sft"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    orpo: ORPOConfig = field(default_factory=ORPOConfig)
-    cpo: CPOConfig = field(default_factory=CPOConfig)
-    simpo: SimPOConfig = field(default_factory=SimPOConfig)
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    rlvr: RLVRConfig = field(default_factory=RLVRConfig)
+    """A run's settings: the common sections, and the sections of its method.
+
+    Which sections a method adds (``dpo`` and ``preference`` for DPO, ...) is
+    declared by the method (:attr:`mlxpost.methods.base.Method.sections`).
+    Changing ``method`` replaces the method's sections with the new
+    method's defaults; the common ones are kept.
+    """
+
+    def __init__(self, method: str = "sft"):
+        for name, cls in COMMON_SECTIONS.items():
+            setattr(self, name, cls())
+        self.method = ""
+        self._own: list[str] = []
+        self.set_method(method)
+
+    def set_method(self, name: str) -> None:
+        if name == self.method:
+            return
+        sections = get_method(name).sections
+        for s in self._own:
+            delattr(self, s)
+        self.method = name
+        self._own = list(sections)
+        for s, cls in sections.items():
+            setattr(self, s, cls())
 
     def sections(self) -> list[str]:
         """The sections that apply to this run's method."""
-        own = METHOD_SECTIONS.get(self.method, ())
-        return [f.name for f in dataclasses.fields(self) if f.name not in _OWNED or f.name in own]
+        return list(COMMON_SECTIONS) + self._own
 
     def to_dict(self) -> dict:
         """The configuration of this method (sections of other methods left out)."""
-        full = dataclasses.asdict(self)
-        return {k: full[k] for k in self.sections()}
+        return {"method": self.method, **{s: dataclasses.asdict(getattr(self, s)) for s in self.sections()}}
 
-
-# ---------------------------------------------------------------------------
-# Type checking of values
-# ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"RunConfig({self.to_dict()!r})"
 
 
 def _type_name(tp) -> str:
@@ -296,26 +218,19 @@ def _coerce(value: Any, tp) -> Any:
     raise ValueError
 
 
-def _fields(obj) -> dict[str, dataclasses.Field]:
+def _fields(obj) -> dict[str, Any]:
+    """Field name -> type, of a section or of a :class:`RunConfig` (``method`` and its sections)."""
+    if isinstance(obj, RunConfig):
+        return {"method": str, **{s: type(getattr(obj, s)) for s in obj.sections()}}
     hints = typing.get_type_hints(type(obj))
-    out = {}
-    for f in dataclasses.fields(obj):
-        f.type = hints[f.name]
-        out[f.name] = f
-    return out
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
 def known_keys(cfg: RunConfig | None = None) -> list[str]:
     cfg = cfg or RunConfig()
-    keys = []
-    for name in _fields(cfg):
-        if name not in cfg.sections() and name != "method":
-            continue
-        sub = getattr(cfg, name)
-        if dataclasses.is_dataclass(sub):
-            keys += [f"{name}.{k}" for k in _fields(sub)]
-        else:
-            keys.append(name)
+    keys = ["method"]
+    for name in cfg.sections():
+        keys += [f"{name}.{k}" for k in _fields(getattr(cfg, name))]
     return keys
 
 
@@ -326,24 +241,30 @@ def _unknown(key: str, where: str, cfg: RunConfig) -> ConfigError:
 
 
 def set_value(cfg: RunConfig, key: str, value: Any, where: str, raw: str | None = None) -> None:
-    """Set ``section.field`` (or a top-level field) with type checking.
+    """Set ``section.field`` (or ``method``) with type checking.
 
     ``raw``: the text as typed on the command line; a string field takes it
     as is when YAML read something else (``--set output.name=2024-01-01``).
     """
     parts = key.split(".")
-    if parts[0] in _OWNED and parts[0] not in METHOD_SECTIONS.get(cfg.method, ()):
-        users = [m for m, secs in METHOD_SECTIONS.items() if parts[0] in secs]
-        raise ConfigError(f"{where}: '{key}' is a setting of {' / '.join(users)}, not of {cfg.method}")
+    if parts[0] != "method" and parts[0] not in cfg.sections():
+        users = [m.name for m in METHODS.values() if parts[0] in m.sections]
+        if users:
+            raise ConfigError(f"{where}: '{key}' is a setting of {' / '.join(users)}, not of {cfg.method}")
+        raise _unknown(key, where, cfg)
+    if key == "method":
+        if value not in METHODS:
+            raise ConfigError(f"{where}: method: expected one of {', '.join(METHODS)}, got {value!r}")
+        cfg.set_method(value)
+        return
     target = cfg
     for i, part in enumerate(parts):
         fields = _fields(target)
         if part not in fields:
             raise _unknown(key, where, cfg)
         if i == len(parts) - 1:
-            tp = fields[part].type
-            sub = getattr(target, part)
-            if dataclasses.is_dataclass(sub):
+            tp = fields[part]
+            if dataclasses.is_dataclass(getattr(target, part)):
                 raise ConfigError(f"{where}: '{key}' is a section; set its keys ({key}.<name>)")
             try:
                 setattr(target, part, _coerce(value, tp))
@@ -358,11 +279,6 @@ def set_value(cfg: RunConfig, key: str, value: Any, where: str, raw: str | None 
         target = getattr(target, part)
         if not dataclasses.is_dataclass(target):
             raise _unknown(key, where, cfg)
-
-
-# ---------------------------------------------------------------------------
-# YAML recipes (with line numbers) and --set overrides
-# ---------------------------------------------------------------------------
 
 
 def _yaml_items(node, prefix: str = ""):
@@ -422,15 +338,10 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: dict[str, Any] | None = None,
                  method: str = "sft") -> RunConfig:
-    """Defaults < recipe < command-line options (``cli``: dotted key -> value) < ``--set``."""
+    """Defaults < the method's defaults < recipe < command-line options (``cli``: dotted key -> value) < ``--set``."""
     cfg = RunConfig(method=method)
-    if method in PREFERENCE_METHODS:
-        # LoRA preference tuning moves far less than SFT: a gentler default.
-        cfg.train.lr = 5e-5
-    if method in RL_METHODS:
-        cfg.train.lr = 2e-5
-        cfg.train.eval_at_start = False
-        cfg.data.valid_fraction = 0.0
+    for key, value in get_method(method).defaults.items():
+        set_value(cfg, key, value, f"the defaults of {method}")
     if recipe:
         cfg = load_recipe(recipe, cfg)
         if cfg.method != method:
@@ -446,60 +357,38 @@ def build_config(recipe: str | Path | None = None, sets: list[str] = (), cli: di
 
 
 CHOICES = {
-    "method": ("sft",) + PREFERENCE_METHODS + RL_METHODS,
-    "dpo.loss": ("sigmoid", "ipo", "hinge", "robust"),
-    "grpo.loss_norm": ("grpo", "dapo", "dr_grpo"),
-    "grpo.scale_rewards": ("group", "batch", "none"),
     "lora.type": ("lora", "dora"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overflow": ("truncate", "drop"),
     "data.chat_template": ("auto", "none"),
     "data.batching": ("auto", "pack", "pad"),
-    "preference.share_prompt": ("auto", "on", "off"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "adam", "sgd"),
 }
 
 POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr",
             "train.report_every", "sample.max_tokens", "model.quantize_group_size")
+
 NON_NEGATIVE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.warmup_steps",
                 "train.weight_decay", "train.early_stopping_patience", "train.early_stopping_min_delta",
                 "sample.temperature")
+
 FRACTIONS = ("train.warmup_ratio", "train.min_lr_ratio")
 
 
-def _get(cfg: RunConfig, key: str):
-    obj = cfg
-    for p in key.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
 def validate(cfg: RunConfig) -> None:
+    """Check the common settings, then the method's own (:meth:`mlxpost.methods.base.Method.validate`)."""
     for key, choices in CHOICES.items():
-        v = _get(cfg, key)
-        if v not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {v!r}")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
-    for key in FRACTIONS:
-        if not 0 <= _get(cfg, key) <= 1:
-            raise ConfigError(f"{key}: must be between 0 and 1, got {_get(cfg, key)}")
+        check_choice(cfg, key, choices)
+    check_positive(cfg, *POSITIVE)
+    check_non_negative(cfg, *NON_NEGATIVE)
+    check_fraction(cfg, *FRACTIONS)
     if cfg.train.max_grad_norm is not None and cfg.train.max_grad_norm <= 0:
         raise ConfigError(f"train.max_grad_norm: must be positive (or null for no clipping), "
                           f"got {cfg.train.max_grad_norm}")
     if cfg.train.attention_chunk < -1:
         raise ConfigError(f"train.attention_chunk: must be -1 (auto), 0 (off) or a length, "
                           f"got {cfg.train.attention_chunk}")
-    if cfg.preference.share_prompt == "on" and cfg.train.grad_checkpoint:
-        raise ConfigError("preference.share_prompt=on cannot be combined with train.grad_checkpoint (a recomputed "
-                          "block would rotate the rejected reply at the wrong positions); set one of them off")
-    if cfg.preference.share_prompt == "on" and cfg.data.batching == "pad":
-        raise ConfigError("preference.share_prompt=on needs packed pair batches: set data.batching to pack or auto")
     if cfg.data.pack_len is not None and cfg.data.pack_len <= 1:
         raise ConfigError(f"data.pack_len: must be more than 1, got {cfg.data.pack_len}")
     if cfg.model.quantize not in (None, 2, 3, 4, 6, 8):
@@ -516,64 +405,7 @@ def validate(cfg: RunConfig) -> None:
     if not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
         raise ConfigError(f"lora.targets: expected all-linear, attention, mlp or a list of names, got {t!r}")
     cfg.lora.resolved_scale()
-    if cfg.method in PREFERENCE_METHODS:
-        _validate_preference(cfg)
-    if cfg.method in RL_METHODS:
-        _validate_rl(cfg)
-
-
-def _validate_rl(cfg: RunConfig) -> None:
-    g = cfg.grpo
-    for key in ("grpo.group_size", "grpo.prompts_per_step", "grpo.num_iterations", "grpo.max_new_tokens",
-                "grpo.max_prompt_len", "grpo.top_p"):
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
-    if g.group_size < 2:
-        raise ConfigError(f"grpo.group_size: group-relative advantages need at least 2 completions per prompt, "
-                          f"got {g.group_size}")
-    for key in ("grpo.epsilon_low", "grpo.epsilon_high", "grpo.beta", "grpo.temperature", "rlvr.step_weight",
-                "rlvr.final_weight"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
-    if g.epsilon_low >= 1:
-        raise ConfigError(f"grpo.epsilon_low: must be below 1, got {g.epsilon_low}")
-    if g.top_p > 1:
-        raise ConfigError(f"grpo.top_p: must be at most 1, got {g.top_p}")
-    for key in ("grpo.all_equal_warn", "rlvr.gate_step_acc", "rlvr.gate_final_acc"):
-        if not 0 <= _get(cfg, key) <= 1:
-            raise ConfigError(f"{key}: must be between 0 and 1, got {_get(cfg, key)}")
-    n = g.group_size * g.prompts_per_step
-    if g.micro_batch is not None and (g.micro_batch <= 0 or n % g.micro_batch):
-        raise ConfigError(f"grpo.micro_batch: must divide prompts_per_step x group_size = {n}, got {g.micro_batch}")
-    if cfg.train.grad_accum != 1:
-        raise ConfigError("train.grad_accum: for grpo/rlvr it follows from grpo.micro_batch (completions per "
-                          "forward pass); leave it at 1")
-    if not isinstance(g.stop, list) or not all(isinstance(x, str) for x in g.stop):
-        raise ConfigError(f"grpo.stop: expected a list of strings, got {g.stop!r}")
-    if not isinstance(g.rewards, list) or not all(isinstance(x, str) for x in g.rewards):
-        raise ConfigError(f"grpo.rewards: expected a list of 'name[@weight]' strings, got {g.rewards!r}")
-    if cfg.method == "grpo" and not g.rewards:
-        raise ConfigError("grpo needs at least one reward: --reward accuracy, --reward path/to/file.py:function, ...")
-    if cfg.data.batching == "pack":
-        raise ConfigError("data.batching=pack: rollouts are batched with padding; use pad or auto")
-
-
-def _validate_preference(cfg: RunConfig) -> None:
-    positive = {"dpo": ("dpo.beta",), "orpo": ("orpo.lam",), "cpo": ("cpo.beta",), "simpo": ("simpo.beta",)}
-    for key in positive[cfg.method] + ("preference.kl_max",):
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
-    for key in ("cpo.alpha", "simpo.alpha", "simpo.gamma", "preference.rejected_drop", "preference.chosen_drop"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
-    for key in ("preference.collapse_fraction", "preference.gate_min_accuracy"):
-        if not 0 <= _get(cfg, key) <= 1:
-            raise ConfigError(f"{key}: must be between 0 and 1, got {_get(cfg, key)}")
-    for key in ("dpo.label_smoothing", "cpo.label_smoothing", "simpo.label_smoothing"):
-        if not 0 <= _get(cfg, key) < 0.5:
-            raise ConfigError(f"{key}: must be in [0, 0.5), got {_get(cfg, key)}")
-    if cfg.method == "dpo" and cfg.dpo.loss in ("ipo", "hinge") and cfg.dpo.label_smoothing:
-        raise ConfigError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {cfg.dpo.loss}")
+    get_method(cfg.method).validate(cfg)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -3,7 +3,7 @@
 On Linux the test process re-executes itself with the system OpenBLAS when
 one is installed (as the ``mlxpost`` command does), so MLX's matmuls do not
 run on the bundled reference BLAS, and MLX's CPU JIT builds vectorized
-kernels (``mlxpost.jit``), so the tests run the code paths users get.
+kernels (``mlxpost.backend.jit``), so the tests run the code paths users get.
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ import json
 import os
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
-import mlx.core as mx
-
-from mlxpost.tiny import build_tiny_model
+from mlxpost.model.tiny import build_tiny_model
 
 
 def pytest_configure(config):
-    # Re-exec with OpenBLAS preloaded (see mlxpost.system). pytest captures
+    # Re-exec with OpenBLAS preloaded (see mlxpost.backend.blas). pytest captures
     # the standard streams by now; give them back first, or the new process
     # would write into the capture files.
-    from mlxpost import jit
-    from mlxpost.system import fast_blas_env, maybe_reexec
+    from mlxpost.backend import jit
+    from mlxpost.backend.blas import fast_blas_env, maybe_reexec
 
     jit.apply()  # vectorized MLX CPU kernels, as the CLI has them (an environment change, no re-exec)
     if fast_blas_env() and not os.environ.get("MLXPOST_REEXEC"):

@@ -9,13 +9,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mlxpost.batching import _stack  # noqa: E402
-from mlxpost.config import build_config  # noqa: E402
-from mlxpost.methods import sft  # noqa: E402
-from mlxpost.runner import prepare  # noqa: E402
-from mlxpost.runs import RunDir  # noqa: E402
-from mlxpost.train import Trainer  # noqa: E402
-from mlxpost.ui import NullReporter  # noqa: E402
+from mlxpost.config import build_config
+from mlxpost.core.batches import _stack
+from mlxpost.methods import sft
+from mlxpost.training.loop import Trainer
+from mlxpost.training.pipeline import prepare
+from mlxpost.training.rundir import RunDir
+from mlxpost.ui import NullReporter
 
 
 class Fixed:

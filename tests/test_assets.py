@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlxpost.assets.behaviour import DATASET_DIR, SAMPLE_PROMPTS, check_json_answer, json_answer_rate
-from mlxpost.data import validate_sft_row
+from mlxpost.data.rows import validate_sft_row
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "examples" / "make_sft_dataset.py"

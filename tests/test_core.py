@@ -9,11 +9,13 @@ import pytest
 from conftest import chat
 from mlx.utils import tree_flatten
 
-from mlxpost.batching import BatchSource, _stack, pack_rows, selection
-from mlxpost.data import Example, Renderer
-from mlxpost.logprobs import HeadSplit, logprobs
-from mlxpost.lora import DoRALinear, LoRALinear, adapters_off
-from mlxpost.model import attach_adapters, load_model, resolve_targets
+from mlxpost.core.batches import BatchSource, _stack, pack_rows, selection
+from mlxpost.core.logprobs import HeadSplit, logprobs
+from mlxpost.data.load import Example
+from mlxpost.data.render import Renderer
+from mlxpost.model.adapters import attach_adapters, resolve_targets
+from mlxpost.model.load import load_model
+from mlxpost.model.lora import DoRALinear, LoRALinear, adapters_off
 
 
 def make_examples(tokenizer, n: int, seed: int = 0) -> list[Example]:
@@ -185,7 +187,7 @@ def test_fused_adapter_equals_unfused(tiny_model):
         attach_adapters(lm.model, rank=4, scale=2.0, keys=resolve_targets(lm.model, "all-linear"), dora=dora)
         randomize_adapters(lm.model)
         before = lm.model(x)
-        from mlxpost.model import fuse_adapters
+        from mlxpost.model.adapters import fuse_adapters
 
         fuse_adapters(lm.model)
         assert not any(isinstance(m, LoRALinear) for _, m in lm.model.named_modules())
@@ -244,7 +246,7 @@ def test_selection_buckets():
 
 
 def test_chunk_bounds():
-    from mlxpost.batching import chunk_bounds
+    from mlxpost.core.forward import chunk_bounds
 
     assert chunk_bounds(416, 96) == [0, 104, 208, 312, 416]
     assert chunk_bounds(416, None) == [0, 416] and chunk_bounds(416, 0) == [0, 416]
@@ -258,8 +260,8 @@ def test_chunk_bounds():
 def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen, monkeypatch):
     """Attention in query chunks (each chunk's queries against the keys up to its end) gives the log-probs
     and LoRA gradients of whole rows, padded or packed."""
-    from mlxpost import kernels
-    from mlxpost.batching import chunk_bounds, set_attention_chunk
+    from mlxpost.backend import kernels
+    from mlxpost.core.forward import chunk_bounds, set_attention_chunk
 
     cuts = []
     real = kernels._chunked
@@ -293,9 +295,8 @@ def test_chunked_attention_equals_whole_rows(request, fixture, tiny_qwen, monkey
 
 
 def test_chunking_is_checked_on_the_model(llama):
-    from mlxpost.runner import chunking_is_exact, chunking_problem, resolve_attention_chunk
-
-    from mlxpost import kernels
+    from mlxpost.backend import kernels
+    from mlxpost.core.probes import chunking_is_exact, chunking_problem, resolve_attention_chunk
 
     real = kernels._chunked
     assert chunking_is_exact(llama.model)
@@ -315,7 +316,7 @@ def test_chunking_is_checked_on_the_model(llama):
 
     class OwnAttention(Wrapped):  # attention that never reaches mx.fast.scaled_dot_product_attention's dispatcher
         def __call__(self, x, cache=None):
-            from mlxpost import kernels
+            from mlxpost.backend import kernels
 
             with kernels.query_chunks(None):
                 return self.inner(x, cache=cache)
@@ -324,7 +325,7 @@ def test_chunking_is_checked_on_the_model(llama):
 
     class Fails(Wrapped):  # attention that raises once cut
         def __call__(self, x, cache=None):
-            from mlxpost import kernels
+            from mlxpost.backend import kernels
 
             if kernels._chunks.get():
                 raise ValueError("no chunks here")
@@ -349,9 +350,9 @@ class _AllVisible:
 def test_checkpointed_blocks_recompute_attention_in_the_same_chunks(tiny_model, monkeypatch):
     """Gradient checkpointing with query chunks: the recomputed blocks cut attention as the forward pass
     did (the setting is replayed outside forward()'s context), and loss and gradients match."""
-    from mlxpost import kernels
-    from mlxpost.batching import chunk_bounds, set_attention_chunk
-    from mlxpost.train import enable_grad_checkpoint
+    from mlxpost.backend import kernels
+    from mlxpost.core.forward import chunk_bounds, set_attention_chunk
+    from mlxpost.training.loop import enable_grad_checkpoint
 
     lm = adapted(tiny_model, "all-linear")  # its own instance: checkpointing changes its blocks
     model = lm.model

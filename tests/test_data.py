@@ -8,7 +8,9 @@ import pytest
 from conftest import chat, write_jsonl
 from mlx_lm.utils import load_tokenizer
 
-from mlxpost.data import Renderer, split_examples, tokenize_file, validate_sft_row
+from mlxpost.data.load import split_examples, tokenize_file
+from mlxpost.data.render import Renderer
+from mlxpost.data.rows import validate_sft_row
 from mlxpost.errors import DataError, MlxpostError
 
 
@@ -205,7 +207,7 @@ def test_overflow_truncate_and_drop(tmp_path, tok):
 
 
 def test_messages_rows_need_a_chat_template(tmp_path, models_dir):
-    from mlxpost.tiny import build_tiny_model
+    from mlxpost.model.tiny import build_tiny_model
 
     d = build_tiny_model(models_dir / "no-template", template=None)
     tok = load_tokenizer(d)

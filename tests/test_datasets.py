@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_jsonl
 
-from mlxpost.datasets import CONVERSION_FILE, completion_rating, convert
+from mlxpost.data.convert import CONVERSION_FILE, completion_rating, convert
 from mlxpost.errors import DataError, MlxpostError
 
 
@@ -408,7 +408,8 @@ def test_overwrite_and_conversion_record(tmp_path):
 def test_converted_output_loads_with_mlxpost_data(tmp_path, tiny_model):
     from mlx_lm.utils import load_tokenizer
 
-    from mlxpost.data import Renderer, tokenize_file, tokenize_pairs_file
+    from mlxpost.data.load import tokenize_file, tokenize_pairs_file
+    from mlxpost.data.render import Renderer
 
     renderer = Renderer(load_tokenizer(tiny_model))
     d = tmp_path / "in"
@@ -430,7 +431,7 @@ def test_converted_output_loads_with_mlxpost_data(tmp_path, tiny_model):
 def test_token_length_percentiles(tmp_path, tiny_model):
     from mlx_lm.utils import load_tokenizer
 
-    from mlxpost.data import Renderer
+    from mlxpost.data.render import Renderer
 
     rows = [{"instruction": "Q" * n, "output": "A"} for n in (1, 20, 60)]
     res = convert(write_jsonl(tmp_path / "a.jsonl", rows), tmp_path / "out", tokenizer=str(tiny_model))
@@ -450,8 +451,8 @@ def test_token_length_percentiles(tmp_path, tiny_model):
 
 
 def cli_group():
-    from mlxpost.cli import _Group
-    from mlxpost.cli_data import data, push
+    from mlxpost.cli.data import data, push
+    from mlxpost.cli.main import _Group
 
     return _Group(name="mlxpost", commands={"data": data, "push": push})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mlxpost.demo import STAGES, run_demo
+from mlxpost.tools.demo import STAGES, run_demo
 
 
 class _Rec:

@@ -17,12 +17,21 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
+from mlxpost.cli.tools import export_command
 from mlxpost.config import build_config, dump_yaml
 from mlxpost.errors import MlxpostError
-from mlxpost.export import export, export_command, load_init_adapter, load_peft_adapter
-from mlxpost.lora import DoRALinear, adapter_modules
-from mlxpost.model import (adapter_config, attach_adapters, fuse_adapters, is_quantized, load_adapter_stack,
-                           load_model, quantize_blocks, resolve_targets, save_adapters)
+from mlxpost.hub.export import export
+from mlxpost.model.adapters import (
+    adapter_config,
+    attach_adapters,
+    fuse_adapters,
+    load_adapter_stack,
+    resolve_targets,
+    save_adapters,
+)
+from mlxpost.model.load import is_quantized, load_model, quantize_blocks
+from mlxpost.model.lora import DoRALinear, adapter_modules
+from mlxpost.model.peft import load_init_adapter, load_peft_adapter
 
 IDS = [[1, 5, 9, 14, 3, 7, 22, 8, 40, 2, 17, 99]]
 TOL = 1e-4
@@ -38,7 +47,7 @@ def make_run(root: Path, base: Path, name: str, *, targets="all-linear", num_lay
     model = lm.model
     extra = {}
     if from_run is not None:
-        from mlxpost.reference import file_hash
+        from mlxpost.files import file_sha256 as file_hash
 
         load_adapter_stack(model, from_run)
         fuse_adapters(model)
@@ -243,7 +252,7 @@ def test_peft_adapter_made_by_peft_loads_and_matches(tmp_path, tiny_model):
 
 
 def test_sft_adapter_init_from_a_peft_directory(tmp_path, tiny_model, sft_data):
-    from mlxpost.runner import prepare
+    from mlxpost.training.pipeline import prepare
     from mlxpost.ui import NullReporter
 
     run = make_run(tmp_path, tiny_model, "run", targets="attention", num_layers=1, rank=4, scale=2.0)
@@ -313,7 +322,7 @@ def test_fused_config_keeps_the_rope_theta_that_was_trained(tmp_path, tiny_model
     export(run, "fused", tmp_path / "fused")
     out_cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
     assert out_cfg["rope_theta"] == 500.0 and out_cfg["rope_parameters"]["rope_theta"] == 500.0
-    from mlxpost.model import load_model
+    from mlxpost.model.load import load_model
 
     assert load_model(str(base), dtype="float32").model.args.rope_theta == 500.0
     assert close(torch_logits(tmp_path / "fused"), mlx_logits(base, run)) < TOL

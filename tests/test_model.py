@@ -8,9 +8,9 @@ import pytest
 from test_core import randomize_adapters
 
 from mlxpost.errors import MlxpostError
-from mlxpost.lora import LoRALinear
-from mlxpost.model import (adapter_config, attach_adapters, load_adapters, load_model, resolve_targets,
-                           save_adapters)
+from mlxpost.model.adapters import adapter_config, attach_adapters, load_adapters, resolve_targets, save_adapters
+from mlxpost.model.load import load_model
+from mlxpost.model.lora import LoRALinear
 
 X = mx.array([[1, 5, 9, 14, 3, 7, 22, 8]])
 
@@ -101,7 +101,7 @@ def test_qlora_on_a_quantized_base(tiny_model):
 
 
 def test_dtype_policy(tiny_model):
-    from mlxpost.model import default_dtype
+    from mlxpost.model.load import default_dtype
 
     lm = load_model(str(tiny_model), dtype="auto")
     want = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16

@@ -24,7 +24,7 @@ from mlxpost.assets.pref_behaviour import (
     extract_answer_object,
     pref_behaviour_scores,
 )
-from mlxpost.data import validate_sft_row
+from mlxpost.data.rows import validate_sft_row
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "examples" / "make_preference_dataset.py"

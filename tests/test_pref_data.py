@@ -9,15 +9,10 @@ import pytest
 from conftest import write_jsonl
 from mlx_lm.utils import load_tokenizer
 
-from mlxpost.batching import PairSource
-from mlxpost.data import (
-    PairExample,
-    Renderer,
-    normalize_pair_row,
-    render_pair,
-    tokenize_pairs_file,
-    validate_pair_row,
-)
+from mlxpost.core.pairs import PairSource
+from mlxpost.data.load import PairExample, tokenize_pairs_file
+from mlxpost.data.render import Renderer, render_pair
+from mlxpost.data.rows import normalize_pair_row, validate_pair_row
 from mlxpost.errors import DataError, MlxpostError
 
 
@@ -619,7 +614,8 @@ def test_shared_prompt_batches_hold_each_prompt_once(pairs):
     """Sharing: a pair is one segment, prompt then chosen reply then rejected reply, each token at its own
     sequence's position; entries list every trained (position, target) of each side once, in order, the
     prompt's last position once per side, with the reference values aligned."""
-    from mlxpost.batching import segment_mask, shared_prefix, tree_mask
+    from mlxpost.core.forward import segment_mask, tree_mask
+    from mlxpost.core.pairs import shared_prefix
 
     ref = fake_ref(pairs)
     shared = make_source(pairs, mode="pack", ref=ref, shuffle=False, select_bucket=16, share_prompt=True)
@@ -683,7 +679,7 @@ def test_shared_prompt_batches_hold_each_prompt_once(pairs):
 def test_shared_prompt_layout_only_where_it_costs_less():
     """A segment holds both replies: with long replies after a short prompt and costly attention, the
     ordinary packing of the same pairs is cheaper and is kept; with a long prompt, sharing wins."""
-    from mlxpost.data import Example
+    from mlxpost.data.load import Example
 
     def pair(n_prompt, n_reply, seed):
         rng = np.random.default_rng(seed)
@@ -701,7 +697,7 @@ def test_shared_prompt_layout_only_where_it_costs_less():
 
 
 def test_pair_layout_chooses_the_fewest_positions():
-    from mlxpost.batching import pair_layout
+    from mlxpost.core.pairs import pair_layout
 
     # Width 104 (the longest, 100, rounded to 8) needs 3 rows (312 positions);
     # width 120 takes 100 + 20 and 60 + 60 in 2 rows (240).
@@ -719,7 +715,7 @@ def test_pair_layout_chooses_the_fewest_positions():
 
 def test_pair_layout_weighs_attention_against_positions():
     """A row of ``w`` positions costs ``w * (1 + w / span)``: wide rows pay for attention over the whole row."""
-    from mlxpost.batching import pair_layout
+    from mlxpost.core.pairs import pair_layout
 
     # Positions alone: 2 rows of 152 (100 + 50, 50 + 50 + 50: 304 positions) beat 3 rows of 104 (312).
     assert pair_layout([50, 50, 50, 50, 100], 8, 1000) == (152, [[4, 0], [1, 2, 3]])
@@ -732,7 +728,7 @@ def test_pair_layout_weighs_attention_against_positions():
     assert pair_layout([60, 44], 8, 1000, span=40) == (64, [[0], [1]])
     # Query chunks compute (n + 1) / (2n) of a row's scores: 2 rows of 576 (6 chunks of 96) then beat
     # 4 rows of 352 (3 chunks), which cost less when every score is counted.
-    from mlxpost.batching import layout_cost
+    from mlxpost.core.pairs import layout_cost
 
     assert layout_cost(576, 2, 448.0) > layout_cost(352, 4, 448.0)
     assert layout_cost(576, 2, 448.0, 96) < layout_cost(352, 4, 448.0, 96)
@@ -743,8 +739,8 @@ def test_pair_layout_weighs_attention_against_positions():
 
 
 def test_attention_span_from_the_model_blocks(tiny_model):
-    from mlxpost.batching import attention_span
-    from mlxpost.model import load_model
+    from mlxpost.core.forward import attention_span
+    from mlxpost.model.load import load_model
 
     model = load_model(str(tiny_model)).model
     args = model.args

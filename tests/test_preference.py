@@ -13,18 +13,19 @@ import pytest
 from conftest import preference_rows, write_jsonl
 from mlx.utils import tree_flatten
 
-from mlxpost import reference
-from mlxpost.batching import DEFAULT_ATTENTION_CHUNK, attention_chunk
 from mlxpost.config import build_config
+from mlxpost.core.forward import DEFAULT_ATTENTION_CHUNK, attention_chunk
+from mlxpost.core.logprobs import logprobs
 from mlxpost.errors import ConfigError, MlxpostError
-from mlxpost.health import PreferenceHealth, Thresholds
-from mlxpost.logprobs import logprobs
-from mlxpost.methods import cpo, dpo, get, orpo, simpo
-from mlxpost.model import load_adapter_stack, load_adapters, load_model
-from mlxpost.preference import PairLogps, pair_logps, reference_token_logprobs
-from mlxpost.runner import precompute_reference, prepare, resolve_from_run, run, total_steps
-from mlxpost.runs import RunDir
-from mlxpost.train import Trainer
+from mlxpost.methods import cpo, dpo, get, orpo, reference, simpo
+from mlxpost.methods.preference import PairLogps, pair_logps, reference_token_logprobs
+from mlxpost.methods.preference_health import PreferenceHealth, Thresholds
+from mlxpost.methods.reference import precompute_reference
+from mlxpost.model.adapters import load_adapter_stack, load_adapters
+from mlxpost.model.load import load_model
+from mlxpost.training.loop import Trainer
+from mlxpost.training.pipeline import prepare, resolve_from_run, run, total_steps
+from mlxpost.training.rundir import RunDir
 from mlxpost.ui import NullReporter
 
 LOG2 = math.log(2.0)
@@ -126,7 +127,7 @@ def test_step_zero_policy_equals_reference_and_dpo_loss_is_log2(tiny_model, pref
     objective = get("dpo").objective(prep)
 
     def mean_loss(model, arrays):
-        from mlxpost.batching import batch_from_arrays
+        from mlxpost.core.batches import batch_from_arrays
 
         loss, count, _ = objective.loss(model, batch_from_arrays(arrays))
         return loss / count
@@ -150,7 +151,7 @@ def test_step_zero_policy_equals_reference_and_dpo_loss_is_log2(tiny_model, pref
 def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method):
     """Packing the chosen and rejected sequences into fewer rows changes nothing but the cost:
     the same loss, metrics and gradients as one padded row per sequence."""
-    from mlxpost.batching import batch_from_arrays
+    from mlxpost.core.batches import batch_from_arrays
 
     rows = preference_rows(16, seed=4)
     for i, r in enumerate(rows):  # replies of very different lengths, as in real preference data
@@ -201,14 +202,14 @@ def test_packed_pairs_score_exactly_as_padded_pairs(tmp_path, tiny_model, method
 
 @pytest.mark.parametrize("fixture,method,sets", [
     ("tiny_model", "dpo", ()),
-    ("tiny_model", "dpo", ("lora.num_layers=1", "train.attention_chunk=8")),  # shared trunk, query chunks
+    ("tiny_model", "dpo", ("lora.num_layers=1", "train.attention_chunk=8")),  # shared shared_blocks, query chunks
     ("tiny_model", "orpo", ("train.attention_chunk=8",)),
     ("tiny_qwen", "dpo", ()),
 ])
 def test_pairs_sharing_their_prompt_score_exactly_as_separate_sequences(request, tmp_path, fixture, method, sets):
     """Each prompt once, both replies after it: the same loss, metrics, gradients and reference log-probs
     as the chosen and rejected sequences each with their own copy of the prompt, with fewer positions."""
-    from mlxpost.batching import batch_from_arrays
+    from mlxpost.core.batches import batch_from_arrays
 
     model_path = request.getfixturevalue(fixture)
     rows = preference_rows(12, seed=6)
@@ -274,9 +275,9 @@ def test_shared_prompt_hidden_states_equal_separate_sequences(request, tmp_path,
     """What scores each trained token, the hidden state before the head, is the one of separate sequences
     (to float rounding; the comparison sees a misplaced position, unlike a random model's log-probs):
     whole rows and query chunks, a sliding window counted in positions, bfloat16 (checked by the probe)."""
-    import mlxpost.batching as batching
-    from mlxpost.batching import set_attention_chunk
-    from mlxpost.runner import scored_states
+    import mlxpost.core.forward as batching
+    from mlxpost.core.forward import set_attention_chunk
+    from mlxpost.core.probes import scored_states
 
     rows = preference_rows(8, seed=3)
     for i, r in enumerate(rows):
@@ -285,14 +286,14 @@ def test_shared_prompt_hidden_states_equal_separate_sequences(request, tmp_path,
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     prep = prepare(pref_cfg(request.getfixturevalue(fixture), data, "dpo", "train.batch_size=4",
                             f"model.dtype={dtype}", "train.attention_chunk=0"), NullReporter())
-    assert prep.train.share_prompt, prep.prompt
+    assert prep.train.share_prompt, dict(prep.rows)["prompt"]
     model = prep.loaded.model
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
             m.lora_b = mx.random.normal(m.lora_b.shape).astype(m.lora_b.dtype) * 0.05
     set_attention_chunk(model, chunk or None)
     tol = 1e-5 if dtype == "float32" else 2e-2
-    from mlxpost import kernels
+    from mlxpost.backend import kernels
 
     cuts = []
     real = kernels._chunked
@@ -328,13 +329,13 @@ def test_shared_prompt_hidden_states_equal_separate_sequences(request, tmp_path,
 def test_prompt_sharing_is_checked_on_the_model(tiny_model, pref_data, monkeypatch):
     """A model whose blocks do not rotate by the positions given keeps separate sequences (auto) or
     is refused (on); padded batches never share."""
-    import mlxpost.batching as batching
-    from mlxpost.runner import prompt_sharing_problem
+    import mlxpost.core.forward as batching
+    from mlxpost.core.probes import prompt_sharing_problem
 
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter())
-    assert prep.train.share_prompt and prep.prompt.startswith("once per pair")
+    assert prep.train.share_prompt and dict(prep.rows)["prompt"].startswith("once per pair")
     n, total = prep.train.shared_batches()
-    assert 0 < n <= total and f"in {n} of {total} batches" in prep.prompt
+    assert 0 < n <= total and f"in {n} of {total} batches" in dict(prep.rows)["prompt"]
     model, split = prep.loaded.model, prep.split
     assert prompt_sharing_problem(model, split) is None
     assert "head split" in prompt_sharing_problem(model, None)
@@ -353,31 +354,31 @@ def test_prompt_sharing_is_checked_on_the_model(tiny_model, pref_data, monkeypat
     monkeypatch.setattr(batching, "_PositionedRope", Ignores)
     assert "hidden states with a shared prompt differ" in prompt_sharing_problem(model, split)
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter())
-    assert not prep.train.share_prompt and "differ from separate sequences" in prep.prompt
+    assert not prep.train.share_prompt and "differ from separate sequences" in dict(prep.rows)["prompt"]
     with pytest.raises(MlxpostError, match="preference.share_prompt=on: its hidden states with a shared prompt"):
         prepare(pref_cfg(tiny_model, pref_data, "dpo", "preference.share_prompt=on"), NullReporter())
     monkeypatch.undo()
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "data.batching=pad"), NullReporter())
-    assert not prep.train.share_prompt and "padded" in prep.prompt
+    assert not prep.train.share_prompt and "padded" in dict(prep.rows)["prompt"]
 
 
 def test_reference_pass_reuses_the_policys_unadapted_lower_blocks(tiny_model, pref_data):
     """With adapters on the top block only, the reference pass starts from the policy pass's hidden state
     at that block: the same loss, metrics and gradients as a full adapters-off pass."""
-    from mlxpost.batching import batch_from_arrays
-    from mlxpost.trunk import SharedTrunk
+    from mlxpost.core.batches import batch_from_arrays
+    from mlxpost.core.shared_blocks import SharedBlocks
 
     cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.batch_size=4", "lora.num_layers=1")
     prep = prepare(cfg, NullReporter())
     model = prep.loaded.model
-    assert prep.trunk is not None and prep.trunk.k == len(model.layers) - 1
+    assert prep.state.get("shared_blocks") is not None and prep.state.get("shared_blocks").k == len(model.layers) - 1
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
             m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
     batch = next(iter(prep.train))
     results = []
-    for trunk in (prep.trunk, None):
-        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, trunk=trunk)
+    for shared_blocks in (prep.state.get("shared_blocks"), None):
+        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, shared_blocks=shared_blocks)
 
         def loss_fn(model, arrays):
             return objective.loss(model, batch_from_arrays(arrays))[0]
@@ -393,30 +394,31 @@ def test_reference_pass_reuses_the_policys_unadapted_lower_blocks(tiny_model, pr
     for k in g2:
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # Nothing to share when the lowest block is adapted, or when the reference is precomputed.
-    assert SharedTrunk.find(prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter()).loaded.model) is None
+    assert SharedBlocks.find(prepare(pref_cfg(tiny_model, pref_data, "dpo"), NullReporter()).loaded.model) is None
     pre = prepare(pref_cfg(tiny_model, pref_data, "dpo", "lora.num_layers=1", "preference.precompute_ref=true",
-                           f"preference.ref_cache_dir={pref_data}/.cache-trunk"), NullReporter())
-    assert pre.trunk is None
+                           f"preference.ref_cache_dir={pref_data}/.cache-shared_blocks"), NullReporter())
+    assert pre.state.get("shared_blocks") is None
 
 
-def test_shared_trunk_with_query_chunks(tiny_model, pref_data):
-    """With attention in query chunks, the reference pass that starts from the trunk's recorded output gives
+def test_shared_lower_blocks_with_query_chunks(tiny_model, pref_data):
+    """With attention in query chunks, the reference pass that starts from the shared_blocks's recorded output gives
     the loss and gradients of whole rows with a full reference pass."""
-    from mlxpost.batching import batch_from_arrays, chunk_bounds, set_attention_chunk
+    from mlxpost.core.batches import batch_from_arrays
+    from mlxpost.core.forward import chunk_bounds, set_attention_chunk
 
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "train.batch_size=4", "lora.num_layers=1",
                             "train.attention_chunk=8"), NullReporter())
     model = prep.loaded.model
-    assert prep.trunk is not None
+    assert prep.state.get("shared_blocks") is not None
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
             m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
     batch = next(iter(prep.train))
     assert len(chunk_bounds(batch.inputs.shape[1], 8)) > 3
     results = []
-    for trunk, chunk in ((prep.trunk, 8), (None, None)):
+    for shared_blocks, chunk in ((prep.state.get("shared_blocks"), 8), (None, None)):
         set_attention_chunk(model, chunk)
-        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, trunk=trunk)
+        objective = dpo.objective(prep.split, loss="sigmoid", beta=0.1, label_smoothing=0.0, shared_blocks=shared_blocks)
         loss, grads = nn.value_and_grad(model, lambda m, a: objective.loss(m, batch_from_arrays(a))[0])(
             model, batch.arrays())
         results.append((loss.item(), {k: np.array(v) for k, v in tree_flatten(grads)}))
@@ -426,14 +428,14 @@ def test_shared_trunk_with_query_chunks(tiny_model, pref_data):
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
-def test_a_compiled_dpo_run_with_a_shared_trunk_learns(tmp_path, tiny_model, pref_data):
+def test_a_compiled_dpo_run_with_shared_lower_blocks_learns(tmp_path, tiny_model, pref_data):
     cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.steps=8", "train.lr=5e-3", "train.batch_size=4",
                    "lora.num_layers=1", f"output.dir={tmp_path}", "output.name=t")
     path, result = run(cfg, reporter=NullReporter())
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("kind") == "train"]
     assert rows[0]["kind"] == "setup" and rows[0]["reference_shares_blocks"] == 1
-    assert train[0]["loss"] == pytest.approx(LOG2, abs=1e-5)  # step 0: policy == reference, trunk or not
+    assert train[0]["loss"] == pytest.approx(LOG2, abs=1e-5)  # step 0: policy == reference, shared_blocks or not
     assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
 
 
@@ -530,7 +532,7 @@ def test_dpo_from_an_sft_run(tmp_path, tiny_model, sft_data, pref_data):
     cfg = build_config(None, [f"data.path={pref_data}", f"preference.from_run={sft_dir}", "train.steps=4",
                               "train.lr=5e-3", "train.eval_every=0", "train.save_every=0",
                               "train.eval_at_start=false", "train.batch_size=4"], method="dpo")
-    resolve_from_run(cfg)
+    resolve_from_run(cfg, get("dpo"))
     assert cfg.model.path == str(tiny_model.resolve())  # the SFT run's base, found from its adapter
     prep = prepare(cfg, NullReporter())
     model = prep.loaded.model
@@ -538,7 +540,7 @@ def test_dpo_from_an_sft_run(tmp_path, tiny_model, sft_data, pref_data):
 
     sft_model = load_model(str(tiny_model)).model
     load_adapters(sft_model, sft_dir)
-    from mlxpost.lora import adapters_off
+    from mlxpost.model.lora import adapters_off
 
     with adapters_off(model):
         merged = model(x)
@@ -561,7 +563,7 @@ def test_dpo_from_an_sft_run(tmp_path, tiny_model, sft_data, pref_data):
 
     other = build_config(None, [f"model.path={tmp_path}", f"preference.from_run={sft_dir}"], method="dpo")
     with pytest.raises(MlxpostError, match="was trained on"):
-        resolve_from_run(other)
+        resolve_from_run(other, get("dpo"))
 
 
 # ---------------------------------------------------------------------------
@@ -583,7 +585,7 @@ def test_an_interrupted_dpo_run_resumes_to_the_same_result(tmp_path, tiny_model,
     path_a, res_a = run(pref_cfg(tiny_model, pref_data, "dpo", *sets, "output.name=a"), reporter=NullReporter())
     with pytest.raises(KeyboardInterrupt):
         run(pref_cfg(tiny_model, pref_data, "dpo", *sets, "output.name=b"), reporter=StopAt(5))
-    from mlxpost.runner import resume_config
+    from mlxpost.training.resume import resume_config
 
     path_b, res_b = run(resume_config(tmp_path / "b", []), reporter=NullReporter(), resume=tmp_path / "b")
     wa, wb = mx.load(str(path_a / "adapters.safetensors")), mx.load(str(path_b / "adapters.safetensors"))
@@ -622,7 +624,7 @@ def test_preference_configuration_errors(tiny_model, pref_data):
     prep = prepare(pref_cfg(tiny_model, pref_data, "dpo", "train.grad_checkpoint=true"), NullReporter())
     auto = DEFAULT_ATTENTION_CHUNK if mx.default_device() == mx.cpu else None
     assert attention_chunk(prep.loaded.model) == auto  # recomputed blocks replay the chunks
-    assert not prep.train.share_prompt and "gradient checkpointing" in prep.prompt
+    assert not prep.train.share_prompt and "gradient checkpointing" in dict(prep.rows)["prompt"]
     cfg = build_config(None, [], method="dpo")
     assert cfg.train.lr == 5e-5 and "dpo" in cfg.to_dict() and "orpo" not in cfg.to_dict()
     assert "dpo" not in build_config(None, []).to_dict()
@@ -682,8 +684,8 @@ def test_precompute_needs_pairs_of_this_data(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("module", ["mlxpost.methods.dpo", "mlxpost.methods.orpo", "mlxpost.methods.cpo",
-                                    "mlxpost.methods.simpo", "mlxpost.methods.sft", "mlxpost.preference",
-                                    "mlxpost.logprobs", "mlxpost.data"])
+                                    "mlxpost.methods.simpo", "mlxpost.methods.sft", "mlxpost.methods.preference",
+                                    "mlxpost.core.logprobs", "mlxpost.data.rows"])
 def test_docstring_examples(module):
     import doctest
     import importlib

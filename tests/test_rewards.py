@@ -1,4 +1,4 @@
-"""Reward functions (mlxpost.rewards): built-ins, loading, weights, and every error case."""
+"""Reward functions (mlxpost.rl.rewards): built-ins, loading, weights, and every error case."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxpost.errors import MlxpostError
-from mlxpost.rewards import (
+from mlxpost.rl.rewards import (
     BUILTIN_REWARDS,
     RewardScores,
     RewardSet,

@@ -12,11 +12,11 @@ import pytest
 
 from mlxpost.config import build_config
 from mlxpost.errors import ConfigError, MlxpostError
-from mlxpost.methods import grpo as G
-from mlxpost.model import load_model
-from mlxpost.rl import step_token_advantages, token_char_ends
-from mlxpost.rollout import Sampling, sample_groups
-from mlxpost.verifiers import Step
+from mlxpost.methods import online_rl as G
+from mlxpost.model.load import load_model
+from mlxpost.rl.rollout import Sampling, sample_groups
+from mlxpost.rl.source import step_token_advantages, token_char_ends
+from mlxpost.rl.verifiers import Step
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,10 @@ def test_batched_greedy_rollouts_equal_one_by_one_decoding(which, request):
 def test_run_samples_batched_equal_generating_one_prompt_at_a_time(tiny_model):
     # The before/after samples of every run decode all prompts in one batch;
     # greedy, they are what mlx-lm's generate gives for each prompt alone.
-    from mlxpost.generate import generate_text
-    from mlxpost.runner import run_samples
-
     from mlx.utils import tree_map
+
+    from mlxpost.model.generate import generate_text
+    from mlxpost.training.samples import run_samples
 
     lm = load_model(str(tiny_model), dtype="float32")
     # Noisy weights, so that greedy decoding says something other than newlines.
@@ -252,11 +252,10 @@ def _first_token_logprob(model, tok, prompt_ids, target):
 
 
 def test_grpo_raises_the_probability_of_the_rewarded_first_token(tmp_path):
-    from mlxpost.data import Renderer
-    from mlxpost.model import load_adapters
-    from mlxpost.rl import render_prompt
-    from mlxpost.runner import run
-    from mlxpost.tiny import build_tiny_model
+    from mlxpost.data.render import Renderer, render_prompt
+    from mlxpost.model.adapters import load_adapters
+    from mlxpost.model.tiny import build_tiny_model
+    from mlxpost.training.pipeline import run
 
     # An untied output head with a larger scale: the test models' default heads
     # are so small (and tied) that no adapter can make one token likely.
@@ -300,15 +299,16 @@ def test_grpo_raises_the_probability_of_the_rewarded_first_token(tmp_path):
 
 
 def _source(lm, rows, settings, **kw):
-    from mlxpost.rl import RolloutSource
+    from mlxpost.rl.source import RolloutSource
 
     return RolloutSource(lm.model, lm.tokenizer, rows, settings, pad_id=0, **kw)
 
 
 def test_rlvr_batches_penalize_exactly_the_tokens_of_the_wrong_step(llama):
-    from mlxpost.rl import PromptRow, RLSettings
-    from mlxpost.rollout import Rollouts
-    from mlxpost.verifiers import StepVerifier
+    from mlxpost.data.load import PromptRow
+    from mlxpost.methods.online_rl import RLSettings
+    from mlxpost.rl.rollout import Rollouts
+    from mlxpost.rl.verifiers import StepVerifier
 
     tok = llama.tokenizer
     prompt = tok.encode("Compute (3 + 4) * 2 - 5.", add_special_tokens=False)
@@ -357,10 +357,11 @@ def test_rlvr_batches_penalize_exactly_the_tokens_of_the_wrong_step(llama):
 
 
 def test_a_failing_reward_or_verifier_names_itself_and_the_row(llama, tmp_path):
-    from mlxpost.rewards import RewardSet
-    from mlxpost.rl import PromptRow, RLSettings
-    from mlxpost.rollout import Rollouts
-    from mlxpost.verifiers import StepVerifier
+    from mlxpost.data.load import PromptRow
+    from mlxpost.methods.online_rl import RLSettings
+    from mlxpost.rl.rewards import RewardSet
+    from mlxpost.rl.rollout import Rollouts
+    from mlxpost.rl.verifiers import StepVerifier
 
     tok = llama.tokenizer
     row = PromptRow(tok.encode("hi"), "hi", {"answer": "1"}, "p.jsonl:7")
@@ -390,7 +391,7 @@ def _rl_config(path, data, out, method="grpo", extra=()):
 
 
 def test_num_iterations_reuses_rollouts_and_clipping_engages(tiny_qwen, tmp_path):
-    from mlxpost.runner import run
+    from mlxpost.training.pipeline import run
 
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"word {i}"}) + "\n" for i in range(8)))
@@ -414,7 +415,8 @@ def test_num_iterations_reuses_rollouts_and_clipping_engages(tiny_qwen, tmp_path
 
 def test_rlvr_on_the_bundled_tasks_reports_step_and_final_accuracy_and_resumes(tiny_model, tmp_path):
     from mlxpost.assets import ARITH_TASKS_DIR
-    from mlxpost.runner import resume_config, run
+    from mlxpost.training.pipeline import run
+    from mlxpost.training.resume import resume_config
 
     cfg = _rl_config(tiny_model, ARITH_TASKS_DIR, tmp_path / "runs", method="rlvr",
                      extra=["train.steps=2", "train.save_every=1", "output.name=r", "grpo.rewards=[format@0.2]"])

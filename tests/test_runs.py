@@ -9,7 +9,7 @@ import pytest
 from test_train import make_cfg, trainer_for
 
 from mlxpost.errors import MlxpostError
-from mlxpost.runs import RunDir, _replace_dir, load_checkpoint, new_run_dir
+from mlxpost.training.rundir import RunDir, _replace_dir, load_checkpoint, new_run_dir
 
 
 @pytest.fixture()

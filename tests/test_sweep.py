@@ -11,11 +11,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlxpost.compare import collect_runs, compare, direction, plot_curves, run_verdict
 from mlxpost.config import build_config
 from mlxpost.errors import ConfigError, MlxpostError
-from mlxpost.sweep import (ModelSnapshot, PlainView, RunCache, Sweep, expand, parse_grid, plan_sweep, point_names,
-                           split_values)
+from mlxpost.tools.compare import collect_runs, compare, direction, plot_curves, run_verdict
+from mlxpost.tools.run_cache import ModelSnapshot, RunCache
+from mlxpost.tools.sweep import PlainView, Sweep
+from mlxpost.tools.sweep_plan import expand, parse_grid, plan_sweep, point_names, split_values
 from mlxpost.ui import NullReporter
 
 FAST = ["train.eval_every=0", "train.save_every=0", "train.report_every=1", "train.batch_size=4",
@@ -35,11 +36,12 @@ def run_quiet(sweep, **kw):
 
 
 def cli():
-    from mlxpost.cli import cli as group
-    from mlxpost.cli_sweep import ablate, compare_command
+    from mlxpost.cli.compare import compare_command
+    from mlxpost.cli.main import cli as group
+    from mlxpost.cli.sweep import ablate
 
     for c in (ablate, compare_command):
-        if c.name not in group.commands:  # until mlxpost.cli registers them
+        if c.name not in group.commands:  # until mlxpost.cli.main registers them
             group.add_command(c)
     return group
 
@@ -137,9 +139,10 @@ def test_the_method_comes_from_the_recipe(tmp_path, tiny_model, pref_data):
 def test_restoring_the_snapshot_gives_back_a_clean_base_model(tiny_model):
     from mlx.utils import tree_flatten
 
-    from mlxpost.lora import adapter_modules
-    from mlxpost.model import attach_adapters, fuse_adapters, load_model, resolve_targets
-    from mlxpost.train import enable_grad_checkpoint
+    from mlxpost.model.adapters import attach_adapters, fuse_adapters, resolve_targets
+    from mlxpost.model.load import load_model
+    from mlxpost.model.lora import adapter_modules
+    from mlxpost.training.loop import enable_grad_checkpoint
 
     lm = load_model(str(tiny_model), dtype="float32")
     model = lm.model
@@ -170,7 +173,7 @@ def _adapter(run_dir):
 
 
 def test_a_sweep_point_equals_the_same_run_alone(tmp_path, tiny_model, sft_data):
-    from mlxpost.runner import run
+    from mlxpost.training.pipeline import run
 
     more = ["train.steps=3", "lora.dropout=0.1", "train.lr=1e-3", "train.eval_every=2"]
     alone_cfg = build_config(None, base_sets(tiny_model, sft_data, *more, "lora.rank=4", "output.dir=" + str(tmp_path),
@@ -267,7 +270,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model,
     calls = []
 
     def run_fn(cfg, **kw):
-        from mlxpost.runner import run
+        from mlxpost.training.pipeline import run
 
         calls.append(cfg.output.name)
         return run(cfg, **kw)
@@ -292,7 +295,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model,
     def broken(cfg, **kw):
         if cfg.lora.rank == 2:
             raise RuntimeError("something broke")
-        from mlxpost.runner import run
+        from mlxpost.training.pipeline import run
 
         return run(cfg, **kw)
 
@@ -325,7 +328,7 @@ def test_an_interrupted_sweep_resumes_only_what_is_missing(tmp_path, tiny_model,
     seen = []
 
     def run_fn(cfg, *, reporter, resume=None, cache=None):
-        from mlxpost.runner import run
+        from mlxpost.training.pipeline import run
 
         seen.append((cfg.output.name, resume))
         return run(cfg, reporter=reporter, resume=resume, cache=cache)
@@ -438,7 +441,7 @@ def test_ablate_and_compare_refuse_bad_arguments(tmp_path, tiny_model, sft_data)
 
 
 def test_ablate_runs_a_sweep_from_the_command_line(tmp_path, tiny_model, sft_data, monkeypatch):
-    monkeypatch.setattr("mlxpost.compare.plot_available", lambda: False)  # no matplotlib: the tables still come
+    monkeypatch.setattr("mlxpost.tools.compare.plot_available", lambda: False)  # no matplotlib: the tables still come
     runner = CliRunner()
     args = ["ablate", "--model", str(tiny_model), "--data", str(sft_data), "--out", str(tmp_path), "--name", "cli",
             "--steps", "1", "--plain", "--grid", "lora.num_layers=1,99"] + [a for s in FAST for a in ("--set", s)]

@@ -1,4 +1,4 @@
-"""Tests for mlxpost.system: BLAS detection, the LD_PRELOAD re-exec, doctor rows."""
+"""Tests for mlxpost.backend.blas: BLAS detection, the LD_PRELOAD re-exec, doctor rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mlxpost import system
+from mlxpost.backend import blas as system
+from mlxpost.backend import doctor
 
 LINUX = sys.platform.startswith("linux")
 
@@ -228,7 +229,7 @@ def test_loaded_blas_known_name():
 
 @pytest.mark.skipif(not LINUX, reason="/proc/self/maps is Linux only")
 def test_loaded_blas_ignores_numpy_openblas():
-    import numpy  # noqa: F401  (maps numpy's symbol-suffixed scipy_openblas64_)
+    import numpy
 
     info = system.loaded_blas()
     assert "numpy.libs" not in (info["path"] or "")
@@ -241,14 +242,14 @@ def test_find_openblas_is_a_file():
 
 
 def test_doctor_rows():
-    rows = system.doctor_rows(measure=False)
-    assert [r[0] for r in rows] == list(system.DOCTOR_ITEMS)
+    rows = doctor.doctor_rows(measure=False)
+    assert [r[0] for r in rows] == list(doctor.DOCTOR_ITEMS)
     for item, value, status in rows:
         assert isinstance(value, str) and value
         assert status in {"ok", "warn", "info"}, (item, status)
     d = {r[0]: r for r in rows}
     assert d["matmul fp32"][1] == "not measured"
-    from mlxpost import jit
+    from mlxpost.backend import jit
 
     if jit.active():  # the test session applies the JIT flags as the CLI does
         assert d["jit flags"][2] == "ok" and "-march=native" in d["jit flags"][1]
@@ -258,13 +259,13 @@ def test_doctor_rows():
 def test_doctor_never_prints_hf_token(monkeypatch):
     secret = "hf_" + "Zq9" * 12
     monkeypatch.setenv("HF_TOKEN", secret)
-    rows = system.doctor_rows(measure=False)
+    rows = doctor.doctor_rows(measure=False)
     assert all(secret not in v for _, v, _ in rows)
     assert dict((r[0], r[1]) for r in rows)["hf token"].startswith("yes")
 
 
 def test_doctor_measures_matmul():
-    rows = dict((r[0], r) for r in system.doctor_rows(measure=True))
+    rows = dict((r[0], r) for r in doctor.doctor_rows(measure=True))
     _, value, status = rows["matmul fp32"]
     assert "GFLOP/s" in value
     assert status in {"ok", "warn"}
@@ -276,7 +277,7 @@ def test_reexec_subprocess_uses_openblas():
     if lib is None:
         pytest.skip("no system OpenBLAS installed (e.g. apt-get install libopenblas0-pthread)")
     code = (
-        "import mlxpost.system as s; s.maybe_reexec(); import mlx.core as mx; "
+        "import mlxpost.backend.blas as s; s.maybe_reexec(); import mlx.core as mx; "
         "print(s.loaded_blas()['name'])"
     )
     out = subprocess.run(

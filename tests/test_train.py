@@ -12,9 +12,9 @@ from mlx.utils import tree_flatten
 
 from mlxpost.config import build_config
 from mlxpost.methods import sft
-from mlxpost.runner import prepare, total_steps
-from mlxpost.runs import RunDir
-from mlxpost.train import NonFiniteError, Trainer, build_schedule
+from mlxpost.training.loop import NonFiniteError, Trainer, build_schedule
+from mlxpost.training.pipeline import prepare, total_steps
+from mlxpost.training.rundir import RunDir
 from mlxpost.ui import NullReporter
 
 
@@ -68,7 +68,7 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, tiny_model, sft_d
         prep, tr = trainer_for(cfg, tmp_path, name=f"r{bs}")
         # Same examples in the same order for both: feed the 4-row plan's rows two at a time.
         ex = prep.train.examples[:8]
-        from mlxpost.batching import _stack
+        from mlxpost.core.batches import _stack
 
         batches4 = [_stack([[e] for e in ex[i:i + 4]], 64, 0, packed=False) for i in (0, 4)]
         batches2 = [_stack([[e] for e in ex[i:i + 2]], 64, 0, packed=False) for i in (0, 2, 4, 6)]

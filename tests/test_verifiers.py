@@ -1,4 +1,4 @@
-"""Step verifiers (mlxpost.verifiers) and the arithmetic task generator (mlxpost.tasks)."""
+"""Step verifiers (mlxpost.rl.verifiers) and the arithmetic task generator (mlxpost.rl.tasks)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mlxpost.data import validate_sft_row
+from mlxpost.data.rows import validate_sft_row
 from mlxpost.errors import MlxpostError
-from mlxpost.tasks import ARITH_TASKS_DIR, INSTRUCTIONS, generate_tasks, to_sft_rows, write_task_files
-from mlxpost.verifiers import (
+from mlxpost.rl.tasks import ARITH_TASKS_DIR, INSTRUCTIONS, generate_tasks, to_sft_rows, write_task_files
+from mlxpost.rl.verifiers import (
     BUILTIN_VERIFIERS,
     Step,
     StepVerifier,

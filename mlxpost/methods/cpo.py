@@ -13,8 +13,23 @@ Implicit rewards: ``beta * s``.
 
 from __future__ import annotations
 
-from ..logprobs import HeadSplit
-from ..preference import PairLogps, PairLoss, pair_objective, smoothed_sigmoid_loss
+from dataclasses import dataclass
+
+import click
+
+from ..core.logprobs import HeadSplit
+from .base import check_non_negative
+from .preference import (
+    DATA_HELP,
+    FROM_OPTION,
+    PairLogps,
+    PairLoss,
+    PreferenceConfig,
+    PreferenceMethod,
+    check_label_smoothing,
+    pair_objective,
+    smoothed_sigmoid_loss,
+)
 
 
 def cpo_loss(chosen, rejected, chosen_mean, *, beta: float, alpha: float, label_smoothing: float = 0.0):
@@ -41,3 +56,34 @@ def objective(split: HeadSplit | None, *, beta: float, alpha: float, label_smoot
         return cpo_score(lp, beta=beta, alpha=alpha, label_smoothing=label_smoothing)
 
     return pair_objective(score, split=split, reference=False, monitor=monitor)
+
+
+@dataclass
+class CPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0  # weight of the behaviour-cloning term (NLL of chosen)
+    label_smoothing: float = 0.0
+
+
+class CPO(PreferenceMethod):
+    name = "cpo"
+    help = "CPO: reference-free DPO on summed log-probs, plus NLL of the chosen answer." + DATA_HELP
+    sections = {"cpo": CPOConfig, "preference": PreferenceConfig}
+    options = (
+        FROM_OPTION,
+        click.option("--beta", "cpo__beta", type=float, help="Scale of the preference logit (default 0.1)."),
+        click.option("--alpha", "cpo__alpha", type=float,
+                     help="Weight of the NLL (behaviour cloning) term (default 1.0)."),
+        click.option("--label-smoothing", "cpo__label_smoothing", type=float, help="Label noise."),
+    )
+    positive = ("cpo.beta",)
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        check_non_negative(cfg, "cpo.alpha")
+        check_label_smoothing(cfg, "cpo.label_smoothing")
+
+    def objective(self, prep):
+        c = prep.cfg.cpo
+        return objective(prep.split, beta=c.beta, alpha=c.alpha, label_smoothing=c.label_smoothing,
+                         monitor=self.monitor(prep.cfg))

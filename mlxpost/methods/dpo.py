@@ -22,10 +22,25 @@ loss is exactly ``log 2``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import click
 import mlx.core as mx
 
-from ..logprobs import HeadSplit
-from ..preference import PairLogps, PairLoss, pair_objective, smoothed_sigmoid_loss
+from ..core.logprobs import HeadSplit
+from ..errors import ConfigError
+from .base import check_choice
+from .preference import (
+    DATA_HELP,
+    FROM_OPTION,
+    PairLogps,
+    PairLoss,
+    PreferenceConfig,
+    PreferenceMethod,
+    check_label_smoothing,
+    pair_objective,
+    smoothed_sigmoid_loss,
+)
 
 # loss name -> the per-sequence reduction its scores use
 REDUCTION = {"sigmoid": "sum", "ipo": "mean", "hinge": "sum", "robust": "sum"}
@@ -95,11 +110,53 @@ def dpo_score(lp: PairLogps, *, loss: str = "sigmoid", beta: float = 0.1, label_
 
 
 def objective(split: HeadSplit | None, *, loss: str, beta: float, label_smoothing: float, monitor=None,
-              trunk=None):
+              shared_blocks=None):
     if loss not in REDUCTION:
         raise ValueError(f"unknown DPO loss {loss!r}")
 
     def score(lp):
         return dpo_score(lp, loss=loss, beta=beta, label_smoothing=label_smoothing)
 
-    return pair_objective(score, split=split, reference=True, monitor=monitor, trunk=trunk)
+    return pair_objective(score, split=split, reference=True, monitor=monitor, shared_blocks=shared_blocks)
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    beta: float = 0.1  # strength of the tie to the reference (IPO: its tau)
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: assumed rate of flipped labels (< 0.5)
+
+
+class DPO(PreferenceMethod):
+    name = "dpo"
+    help = """Direct Preference Optimization (reference = the same weights with adapters off).
+
+\b
+Examples:
+  mlxpost dpo --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl
+  mlxpost dpo --from runs/my-sft --data prefs/ --loss ipo --beta 0.5
+  mlxpost dpo --config recipes/smollm2-135m-dpo.yaml --precompute-ref
+""" + DATA_HELP
+    sections = {"dpo": DPOConfig, "preference": PreferenceConfig}
+    options = (
+        FROM_OPTION,
+        click.option("--loss", "dpo__loss", type=click.Choice(list(REDUCTION)), help="DPO variant (default: sigmoid)."),
+        click.option("--beta", "dpo__beta", type=float, help="Strength of the tie to the reference (default 0.1)."),
+        click.option("--label-smoothing", "dpo__label_smoothing", type=float, help="Label noise (sigmoid, robust)."),
+        click.option("--precompute-ref", "preference__precompute_ref", is_flag=True, default=None,
+                     help="Reference log-probs once before training (cached beside the data)."),
+    )
+    reference = True
+    positive = ("dpo.beta",)
+
+    def validate(self, cfg) -> None:
+        check_choice(cfg, "dpo.loss", tuple(REDUCTION))
+        super().validate(cfg)
+        check_label_smoothing(cfg, "dpo.label_smoothing")
+        if cfg.dpo.loss in ("ipo", "hinge") and cfg.dpo.label_smoothing:
+            raise ConfigError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {cfg.dpo.loss}")
+
+    def objective(self, prep):
+        c = prep.cfg.dpo
+        return objective(prep.split, loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing,
+                         monitor=self.monitor(prep.cfg), shared_blocks=prep.state.get("shared_blocks"))

@@ -14,10 +14,22 @@ Implicit rewards (as TRL reports them): ``lam * m``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import click
 import mlx.core as mx
 
-from ..logprobs import HeadSplit
-from ..preference import PairLogps, PairLoss, log_sigmoid, pair_objective
+from ..core.logprobs import HeadSplit
+from .preference import (
+    DATA_HELP,
+    FROM_OPTION,
+    PairLogps,
+    PairLoss,
+    PreferenceConfig,
+    PreferenceMethod,
+    log_sigmoid,
+    pair_objective,
+)
 
 
 def log1m_exp(m: mx.array) -> mx.array:
@@ -52,3 +64,25 @@ def orpo_score(lp: PairLogps, *, lam: float = 0.1) -> PairLoss:
 
 def objective(split: HeadSplit | None, *, lam: float, monitor=None):
     return pair_objective(lambda lp: orpo_score(lp, lam=lam), split=split, reference=False, monitor=monitor)
+
+
+@dataclass
+class ORPOConfig:
+    lam: float = 0.1  # lambda: weight of the odds-ratio term next to the NLL of chosen (TRL calls it beta)
+
+
+class ORPO(PreferenceMethod):
+    name = "orpo"
+    help = """ORPO: NLL of the chosen answer plus an odds-ratio preference term; no reference model.
+
+\b
+Examples:
+  mlxpost orpo --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl --lam 0.1
+""" + DATA_HELP
+    sections = {"orpo": ORPOConfig, "preference": PreferenceConfig}
+    options = (FROM_OPTION,
+               click.option("--lam", "orpo__lam", type=float, help="Weight of the odds-ratio term (default 0.1)."))
+    positive = ("orpo.lam",)
+
+    def objective(self, prep):
+        return objective(prep.split, lam=prep.cfg.orpo.lam, monitor=self.monitor(prep.cfg))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..logprobs import HeadSplit, logprobs
-from ..train import Objective
+from ..assets import DEFAULT_SFT_RECIPE
+from ..core.logprobs import HeadSplit, logprobs
+from ..training.loop import Objective
+from .base import Bundled, Method
 
 
 def sft_loss(token_logprobs: mx.array, weights: mx.array) -> tuple[mx.array, mx.array, dict]:
@@ -35,3 +37,22 @@ def objective(split: HeadSplit | None = None) -> Objective:
         return sft_loss(lp, batch.weights)
 
     return Objective(loss=loss, unit="token", perplexity=True)
+
+
+class SFT(Method):
+    name = "sft"
+    help = """Fine-tune with LoRA on chat, prompt/completion or text data.
+
+\b
+Examples:
+  mlxpost sft                                   # built-in default
+  mlxpost sft --model Qwen/Qwen2.5-0.5B-Instruct --data data/ --steps 500
+  mlxpost sft --config recipes/smollm2-135m-sft.yaml --set train.lr=2e-4
+  mlxpost sft --resume runs/sft-20260101-120000  # continue after a kill
+"""
+    data = "sft"
+    bundled = Bundled(f"no --data and no --config: the built-in default run ({DEFAULT_SFT_RECIPE.name})",
+                      recipe=DEFAULT_SFT_RECIPE)
+
+    def objective(self, prep) -> Objective:
+        return objective(prep.split)

@@ -13,8 +13,23 @@ label smoothing, and ``alpha`` an optional NLL of the chosen completion
 
 from __future__ import annotations
 
-from ..logprobs import HeadSplit
-from ..preference import PairLogps, PairLoss, pair_objective, smoothed_sigmoid_loss
+from dataclasses import dataclass
+
+import click
+
+from ..core.logprobs import HeadSplit
+from .base import check_non_negative
+from .preference import (
+    DATA_HELP,
+    FROM_OPTION,
+    PairLogps,
+    PairLoss,
+    PreferenceConfig,
+    PreferenceMethod,
+    check_label_smoothing,
+    pair_objective,
+    smoothed_sigmoid_loss,
+)
 
 
 def simpo_loss(chosen_mean, rejected_mean, *, beta: float, gamma: float, alpha: float = 0.0,
@@ -44,3 +59,35 @@ def objective(split: HeadSplit | None, *, beta: float, gamma: float, alpha: floa
         return simpo_score(lp, beta=beta, gamma=gamma, alpha=alpha, label_smoothing=label_smoothing)
 
     return pair_objective(score, split=split, reference=False, monitor=monitor)
+
+
+@dataclass
+class SimPOConfig:
+    beta: float = 2.0  # scale of the length-normalized reward
+    gamma: float = 0.5  # target reward margin
+    alpha: float = 0.0  # optional NLL of chosen (0 = pure SimPO)
+    label_smoothing: float = 0.0
+
+
+class SimPO(PreferenceMethod):
+    name = "simpo"
+    help = "SimPO: length-normalized, reference-free preference loss with a target margin." + DATA_HELP
+    sections = {"simpo": SimPOConfig, "preference": PreferenceConfig}
+    options = (
+        FROM_OPTION,
+        click.option("--beta", "simpo__beta", type=float, help="Scale of the length-normalized reward (default 2.0)."),
+        click.option("--gamma", "simpo__gamma", type=float, help="Target reward margin (default 0.5)."),
+        click.option("--alpha", "simpo__alpha", type=float, help="Optional NLL of the chosen answer (default 0)."),
+        click.option("--label-smoothing", "simpo__label_smoothing", type=float, help="Label noise."),
+    )
+    positive = ("simpo.beta",)
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        check_non_negative(cfg, "simpo.alpha", "simpo.gamma")
+        check_label_smoothing(cfg, "simpo.label_smoothing")
+
+    def objective(self, prep):
+        c = prep.cfg.simpo
+        return objective(prep.split, beta=c.beta, gamma=c.gamma, alpha=c.alpha, label_smoothing=c.label_smoothing,
+                         monitor=self.monitor(prep.cfg))

@@ -1,0 +1,340 @@
+"""``mlxpost doctor``: the MLX backend, BLAS, JIT flags, memory and versions, one row each."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .blas import (
+    OPT_OUT_VAR,
+    _machine,
+    _opted_out,
+    _preloaded_blas,
+    _read_text,
+    blas_advice,
+    find_openblas,
+    loaded_blas,
+    openblas_coretype,
+)
+
+DOCTOR_ITEMS = (
+    "platform",
+    "cpu",
+    "python",
+    "mlx",
+    "mlx-lm",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "numpy",
+    "mlx device",
+    "metal",
+    "cuda",
+    "blas",
+    "OPENBLAS_CORETYPE",
+    "threads",
+    "matmul fp32",
+    "memory total",
+    "memory available",
+    "g++",
+    "jit flags",
+    "hf token",
+    "cache dir",
+)
+
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _cpu_model() -> str:
+    import subprocess
+
+    model = None
+    if sys.platform == "darwin":
+        try:
+            model = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True, text=True, timeout=5, check=False,
+            ).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    else:
+        for line in (_read_text("/proc/cpuinfo") or "").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() in ("model name", "Model", "cpu model"):
+                model = value.strip()
+                break
+    model = model or platform.processor() or _machine()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
+    total = os.cpu_count() or usable
+    cores = f"{usable} cpus" if usable == total else f"{usable} of {total} cpus usable"
+    return f"{model}, {cores}"
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cgroup_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        text = (_read_text(path) or "").strip()
+        if text.isdigit() and int(text) < 2**60:
+            return int(text)
+    return None
+
+
+def _memory() -> tuple[int | None, int | None]:
+    """(total, available) bytes; either may be None."""
+    import subprocess
+
+    total = avail = None
+    if sys.platform.startswith("linux"):
+        info = {}
+        for line in (_read_text("/proc/meminfo") or "").splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                info[key] = int(parts[0]) * 1024
+        total, avail = info.get("MemTotal"), info.get("MemAvailable")
+    elif sys.platform == "darwin":
+        try:
+            total = int(subprocess.run(
+                ["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
+                timeout=5, check=False,
+            ).stdout.strip())
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+        try:
+            out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5,
+                                 check=False).stdout
+            page = int(re.search(r"page size of (\d+)", out).group(1))
+            pages = sum(
+                int(m.group(2))
+                for m in re.finditer(r"Pages (free|inactive|speculative):\s+(\d+)", out)
+            )
+            avail = pages * page
+        except Exception:
+            pass
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return total, avail
+
+
+def _hf_token_source() -> str | None:
+    """Where a Hugging Face token comes from (never the token itself)."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(var, "").strip():
+            return f"{var} env"
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    path = os.environ.get("HF_TOKEN_PATH") or os.path.join(hf_home, "token")
+    try:
+        if os.path.getsize(path) > 0:
+            return "token file"
+    except OSError:
+        pass
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MLXPOST_CACHE") or Path.home() / ".cache" / "mlxpost").expanduser()
+
+
+def _measure_matmul(mx, n: int = 1024, reps: int = 5) -> float:
+    a = mx.random.normal((n, n), dtype=mx.float32)
+    b = mx.random.normal((n, n), dtype=mx.float32)
+    mx.eval(a, b)
+    mx.eval(a @ b)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(a @ b)
+    dt = (time.perf_counter() - t0) / reps
+    return 2 * n**3 / dt / 1e9
+
+
+def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
+    """Rows of ``(item, value, status)`` with status "ok" / "warn" / "info".
+
+    Items are :data:`DOCTOR_ITEMS`, in that order.  Never raises for a missing
+    package or an API an MLX build lacks; never shows the Hugging Face token.
+    """
+    rows: list[tuple[str, str, str]] = []
+    add = lambda item, value, status: rows.append((item, str(value), status))  # noqa: E731
+    linux = sys.platform.startswith("linux")
+
+    add("platform", f"{platform.system()} {platform.release()} ({_machine()})", "info")
+    add("cpu", _cpu_model(), "info")
+    py_ok = sys.version_info >= (3, 10)
+    add("python", f"{platform.python_version()} ({sys.executable})", "ok" if py_ok else "warn")
+
+    required = {"mlx", "mlx-lm", "tokenizers", "huggingface_hub", "numpy"}
+    for dist in ("mlx", "mlx-lm", "transformers", "tokenizers", "huggingface_hub", "numpy"):
+        v = _version(dist)
+        if v is None:
+            add(dist, "not installed", "warn" if dist in required else "info")
+        else:
+            extra = ""
+            if dist == "mlx" and _version("mlx-cpu"):
+                extra = " (CPU backend wheel)"
+            elif dist == "mlx" and _version("mlx-cuda"):
+                extra = " (CUDA backend wheel)"
+            add(dist, v + extra, "ok")
+
+    try:
+        import mlx.core as mx
+    except Exception as e:  # noqa: BLE001
+        mx = None
+        err = f"mlx.core import failed: {type(e).__name__}: {e}"
+
+    def _avail(mod_name: str) -> bool | None:
+        try:
+            return bool(getattr(mx, mod_name).is_available())
+        except Exception:  # noqa: BLE001
+            return None
+
+    if mx is None:
+        for item in ("mlx device", "metal", "cuda"):
+            add(item, err, "warn")
+    else:
+        try:
+            add("mlx device", str(mx.default_device()), "info")
+        except Exception as e:  # noqa: BLE001
+            add("mlx device", f"unknown ({e})", "warn")
+        metal, cuda = _avail("metal"), _avail("cuda")
+        on_mac = sys.platform == "darwin"
+        add("metal", {True: "available", False: "not available", None: "unknown"}[metal],
+            "ok" if metal else ("warn" if on_mac else "info"))
+        add("cuda", {True: "available", False: "not available", None: "unknown"}[cuda],
+            "ok" if cuda else "info")
+
+    blas = loaded_blas(import_mlx=mx is not None)
+    value = blas["name"]
+    if blas.get("config"):
+        value += f" [{blas['config']}]"
+    if blas.get("core"):
+        value += f" core={blas['core']}"
+    if blas.get("threads"):
+        value += f" threads={blas['threads']}"
+    if blas.get("path"):
+        value += f" {blas['path']}"
+    if _preloaded_blas():
+        value += " (via LD_PRELOAD)"
+    if blas["fast"] is True:
+        status = "ok"
+    elif blas["name"] == "reference":
+        status = "warn"
+        advice = blas_advice()
+        if advice:
+            value += f" -- {advice}"
+        elif find_openblas():
+            value += f" -- {find_openblas()} is installed but not preloaded" + (
+                f" ({OPT_OUT_VAR}=0 is set)" if _opted_out()
+                else "; the mlxpost CLI preloads it automatically"
+            )
+    else:
+        status = "info"
+    add("blas", value, status)
+
+    ct = os.environ.get("OPENBLAS_CORETYPE")
+    rec = openblas_coretype()
+    if ct is not None:
+        add("OPENBLAS_CORETYPE", ct + (f" (recommended: {rec})" if rec and rec != ct else ""), "info")
+    else:
+        add("OPENBLAS_CORETYPE", "unset" + (f" (recommended: {rec})" if rec else ""), "info")
+
+    threads = ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in _THREAD_VARS)
+    add("threads", threads, "info")
+
+    if not measure or mx is None:
+        add("matmul fp32", "not measured" if mx is not None else "mlx unavailable", "info")
+    else:
+        try:
+            gflops = _measure_matmul(mx)
+            add("matmul fp32",
+                f"{gflops:.1f} GFLOP/s (1024x1024 on {mx.default_device()})",
+                "ok" if gflops >= 20 else "warn")
+        except Exception as e:  # noqa: BLE001
+            add("matmul fp32", f"failed: {type(e).__name__}: {e}", "warn")
+
+    total, avail = _memory()
+    limit = _cgroup_limit() if linux else None
+    tv = _gib(total) if total else "unknown"
+    if limit and total and limit < total:
+        tv += f" (cgroup limit {_gib(limit)})"
+    if mx is not None:
+        try:
+            info = mx.device_info()  # CPU backend: no Metal keys
+            ws = info.get("max_recommended_working_set_size")
+            if ws:
+                tv += f" (Metal working set {_gib(ws)})"
+        except Exception:  # noqa: BLE001
+            pass
+    add("memory total", tv, "info")
+    if avail is None:
+        add("memory available", "unknown", "info")
+    else:
+        if limit and total and limit < total:
+            avail = min(avail, limit)
+        add("memory available", _gib(avail), "ok" if avail >= 2 * 2**30 else "warn")
+
+    from . import jit
+
+    # The real compiler, not the shim of mlxpost.backend.jit that comes first on PATH.
+    gxx = shutil.which("g++", path=jit.without_shim(os.environ.get("PATH", os.defpath)))
+    if gxx:
+        add("g++", gxx, "ok")
+    elif linux:
+        add("g++", "not found: mx.compile silently runs unfused on the CPU (install g++)", "warn")
+    else:
+        add("g++", "not found (not needed on this platform)", "info")
+
+    if jit.active():
+        add("jit flags", f"{os.environ[jit.ACTIVE_VAR]} (vectorized CPU kernels; cache in "
+                         f"{os.environ.get('TMPDIR', '/tmp')}/mlx)", "ok")
+    elif linux and gxx and _machine() in ("x86_64", "amd64"):
+        if jit.opted_out():
+            why = f"{jit.OPT_OUT_VAR}=0 is set"
+        elif jit.jit_env() is None:
+            why = f"could not be set up: {gxx} rejects them, or TMPDIR gives no private executable directory"
+        else:
+            why = "the mlxpost command applies them"
+        add("jit flags", f"not applied ({why}): MLX's CPU kernels run scalar", "info")
+    else:
+        add("jit flags", "not used on this platform", "info")
+
+    src = _hf_token_source()
+    add("hf token", f"yes ({src})" if src else "no", "info")
+
+    cache = _cache_dir()
+    if cache.exists():
+        writable = os.access(cache, os.W_OK)
+        add("cache dir", f"{cache}" + ("" if writable else " (not writable)"),
+            "info" if writable else "warn")
+    else:
+        add("cache dir", f"{cache} (not created yet)", "info")
+    return rows

@@ -1,0 +1,114 @@
+"""Commands around runs: export, generate, doctor, demo, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..hub.export import FORMATS, export
+from .train import show_blas_advice
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="peft: PEFT adapter; fused: Hugging Face model with the adapter merged; mlx: mlx-lm adapter.")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write.")
+@click.option("--best", is_flag=True, help="Export the run's best/ adapter (lowest validation loss).")
+@click.option("--model", help="Base model (default: the one the run trained on).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="fused: weight dtype (auto: the base model's).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
+    """Export a run's adapter: PEFT adapter, merged Hugging Face model, or mlx-lm adapter.
+
+    \b
+    Examples:
+      mlxpost export runs/sft-default --format peft --out exports/sft-peft
+      mlxpost export runs/dpo-1 --format fused --out exports/dpo-merged --dtype bfloat16
+      mlxpost export runs/sft-default --best --format mlx --out exports/sft-mlx
+    """
+    result = export(run_dir, fmt, out, best=best, model=model, dtype=dtype, overwrite=overwrite)
+    click.echo(f"wrote {fmt} export of {result['source']} to {result['out']} (base: {result['base']})")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+
+
+@click.command()
+@click.option("--model", help="Base model (default: the one recorded in the adapter, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory.")
+@click.option("--best", is_flag=True, help="Use the run's best/ adapter (lowest validation loss).")
+@click.option("--prompt", "-p", required=True, help="The user message.")
+@click.option("--system", help="An optional system message.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
+    """Generate a reply (chat template applied), optionally with a trained adapter."""
+    from ..model.adapters import load_adapter_stack, read_adapter_config
+    from ..model.generate import stream_text
+    from ..model.load import load_model
+
+    quantize = group = None
+    dtype = "auto"
+    if adapter:
+        adapter = Path(adapter)
+        if best:
+            adapter = adapter / "best"
+        meta = read_adapter_config(adapter).get("mlxpost", {})
+        local = meta.get("model_dir")
+        model = model or (local if local and Path(local).exists() else meta.get("base_model"))
+        quantize, group = meta.get("quantize"), meta.get("quantize_group_size")
+        dtype = meta.get("dtype") or "auto"
+    loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
+    if adapter:
+        load_adapter_stack(loaded.model, adapter)
+    said = False
+    for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
+                             top_p=top_p, system=system):
+        said = said or bool(piece.strip())
+        click.echo(piece, nl=False)
+    click.echo()
+    if not said:
+        click.secho("(empty reply: the model wrote nothing but whitespace before ending its turn)", fg="yellow", err=True)
+
+
+@click.command()
+@click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
+def doctor(no_measure):
+    """Report the MLX backend, BLAS, memory and versions."""
+    from ..backend.doctor import doctor_rows
+    from ..ui import make_reporter
+
+    rows = doctor_rows(measure=not no_measure)
+    rep = make_reporter()
+    width = max(len(r[0]) for r in rows)
+    marks = {"ok": "ok  ", "warn": "WARN", "info": "    "}
+    for item, value, status in rows:
+        rep.info(f"{marks.get(status, status)} {item.ljust(width)}  {value}")
+
+
+@click.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Directory of the three stage runs.")
+@click.option("--full", is_flag=True, help="The recipes' full lengths instead of the few-minute version.")
+@click.option("--model", help="Another base model (default: SmolLM2-135M-Instruct).")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["sft", "dpo", "rlvr"]),
+              help="Run only these stages (each needs the one before it in --out).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key in every stage.")
+@click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display.")
+def demo(out, full, model, stages, sets, plain):
+    """The whole pipeline on the built-in model: SFT, then DPO from it, then step-verified RLVR, compared.
+
+    \b
+    SFT teaches one-line JSON answers (bundled chats); DPO prefers concise,
+    correct JSON (bundled pairs); RLVR checks every step of multi-step
+    arithmetic (generated tasks). A few minutes on a 2-core CPU; finished
+    stages in --out are reused, a killed stage resumes.
+    """
+    from ..tools.demo import run_demo
+    from ..ui import make_reporter
+
+    rep = make_reporter(0, plain=True if plain else None)
+    show_blas_advice(rep)
+    run_demo(out, full=full, model=model, reporter=rep, stages=list(stages) or None, extra_sets=list(sets))

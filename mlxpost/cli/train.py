@@ -1,0 +1,129 @@
+"""The training commands: one per registered method (``mlxpost sft``, ``mlxpost dpo``, ...).
+
+Every command takes the common options below plus the method's own
+(:attr:`mlxpost.methods.base.Method.options`), builds the configuration
+(defaults < the method's defaults < recipe < options < ``--set``) and runs the
+shared pipeline. Options default to None so that only what the user typed
+overrides a recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import mlx.core as mx
+
+from ..backend.blas import blas_advice
+from ..config import build_config
+from ..errors import MlxpostError
+from ..methods.base import Method
+from ..model.adapters import read_adapter_config
+from ..training.distributed import agree
+from ..training.pipeline import run
+from ..training.resume import resume_config
+from ..ui import make_reporter
+
+COMMON_OPTIONS = [
+    click.option("--model", "model__path",
+                 help="HF repo id, local HF directory or .gguf file (default: SmolLM2-135M-Instruct)."),
+    click.option("--data", "data__path",
+                 help="A .jsonl file or a directory with train.jsonl / valid.jsonl (default: bundled example)."),
+    click.option("--valid", "data__valid",
+                 help="Validation .jsonl (default: valid.jsonl beside the data, else a held-out 5%)."),
+    click.option("--out", "output__dir", help="Parent directory of run directories (default: runs)."),
+    click.option("--name", "output__name", help="Run directory name (default: <method>-<timestamp>)."),
+    click.option("--steps", "train__steps", type=int, help="Optimizer steps (default: one epoch)."),
+    click.option("--epochs", "train__epochs", type=float, help="Epochs, when --steps is not given."),
+    click.option("--batch-size", "train__batch_size", type=int, help="Rows per micro-batch."),
+    click.option("--grad-accum", "train__grad_accum", type=int, help="Micro-batches per optimizer step."),
+    click.option("--lr", "train__lr", type=float, help="Peak learning rate."),
+    click.option("--rank", "lora__rank", type=int, help="LoRA rank."),
+    click.option("--max-seq-len", "data__max_seq_len", type=int, help="Longest sequence in tokens."),
+    click.option("--batching", "data__batching", type=click.Choice(["auto", "pack", "pad"]),
+                 help="Pack several examples per row, or pad."),
+    click.option("--quantize", "model__quantize", type=int, help="Quantize the base to 4 or 8 bits (QLoRA)."),
+    click.option("--seed", "train__seed", type=int, help="Random seed."),
+    click.option("--config", "config", type=click.Path(dir_okay=False), help="A recipe YAML file."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override any config key, e.g. --set train.lr=2e-4 (repeatable)."),
+    click.option("--dora", is_flag=True, default=None, help="DoRA instead of LoRA."),
+    click.option("--skip-bad-rows", is_flag=True, default=None,
+                 help="Skip invalid data rows (counted) instead of failing."),
+    click.option("--adapter-init", "lora__init", help="Start from this adapter directory."),
+    click.option("--resume", type=click.Path(file_okay=False, exists=True),
+                 help="Continue a killed or finished run directory."),
+    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory of the same name."),
+    click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display."),
+]
+
+
+def method_command(method: Method) -> click.Command:
+    """The command of ``method``: the common options, then the method's own."""
+
+    def callback(**kwargs):
+        train_command(method, kwargs)
+
+    f = callback
+    for opt in reversed(COMMON_OPTIONS + list(method.options)):
+        f = opt(f)
+    return click.command(method.name, help=method.help)(f)
+
+
+def config_values(kwargs: dict) -> dict:
+    """Command-line values by dotted key (``train__lr`` -> ``train.lr``); a repeatable option not given is None."""
+    if kwargs.pop("dora"):
+        kwargs["lora.type"] = "dora"
+    if kwargs.pop("skip_bad_rows"):
+        kwargs["data.skip_bad_rows"] = True
+    if kwargs.pop("overwrite"):
+        kwargs["output.overwrite"] = True
+    out = {}
+    for k, v in kwargs.items():
+        out[k.replace("__", ".")] = (list(v) or None) if isinstance(v, tuple) else v
+    return out
+
+
+def show_blas_advice(rep) -> None:
+    advice = blas_advice()
+    if advice:
+        rep.warn(advice)
+
+
+def train_command(method: Method, kwargs: dict) -> None:
+    config, sets, resume, plain = (kwargs.pop(k) for k in ("config", "sets", "resume", "plain"))
+    values = config_values(kwargs)
+    group = mx.distributed.init()
+    rank = group.rank()
+    world = group if group.size() > 1 else None
+    rep = make_reporter(rank, plain=True if plain else None)
+    show_blas_advice(rep)
+    if resume:
+        given = [k for k, v in values.items() if v is not None]
+        if config or given:
+            raise MlxpostError("--resume uses the run's saved config.yaml; only --set of train.steps, eval/save "
+                               f"frequencies and early stopping may change (got {', '.join(given) or '--config'})")
+        cfg = agree(world, lambda: resume_config(Path(resume), list(sets)), "reading the run's config.yaml")
+    else:
+        if config is None and values.get("data.path") is None and method.bundled is not None:
+            config = method.bundled.recipe
+            for note in [method.bundled.note] + method.without_data(values):
+                rep.info(note)
+        cfg = agree(world, lambda: build_config(config, list(sets), cli=values, method=method.name),
+                    "reading the configuration")
+    run_dir, _ = run(cfg, reporter=rep, resume=Path(resume) if resume else None)
+    if rank == 0:
+        rep.info(try_it(run_dir))
+
+
+def try_it(run_dir: Path) -> str:
+    """What to type next: generate with the run's adapter."""
+    meta = read_adapter_config(run_dir).get("mlxpost", {})
+    model_dir = meta.get("model_dir", "<model dir>")
+    hint = f"\nadapter written to {run_dir}. Try it:\n  mlxpost generate --adapter {run_dir} --prompt \"...\""
+    if meta.get("from_adapter"):
+        hint += (f"\n(it was trained on top of {meta['from_adapter']}, which mlxpost generate merges first; "
+                 "mlx_lm.generate takes one adapter only)")
+    else:
+        hint += f"\n  mlx_lm.generate --model {model_dir} --adapter-path {run_dir} --prompt \"...\""
+    return hint

@@ -1,0 +1,44 @@
+"""Getting files from the Hugging Face Hub: is it reachable, and a model's snapshot."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+from ..errors import MlxpostError
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers within ``timeout`` seconds.
+
+    ``HF_HUB_OFFLINE=1`` counts as unreachable. Any HTTP answer counts as
+    reachable (the endpoint is up; errors for the repo show up later).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (OSError, ValueError):  # URLError, timeouts, refused, bad endpoint
+        return False
+
+
+def download_model(repo: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, no such repo, gated, ...
+        try:  # already in the local Hugging Face cache?
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            pass
+        raise MlxpostError(
+            f"could not get model {repo!r} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}).\n"
+            "Pass a local Hugging Face model directory or a .gguf file instead, or check the name / your network."
+        ) from None

@@ -1,0 +1,616 @@
+"""Convert a GGUF file (llama.cpp's format) into a Hugging Face model directory.
+
+mlx-lm loads Hugging Face directories; a GGUF file is turned into one once and
+cached (:func:`convert_gguf_cached`), so a ``.gguf`` file works wherever a
+model is named.
+
+What converts, and what is refused with a message that says so:
+
+- tensor types: F32, F16, BF16, Q8_0, Q4_0 and Q4_1 (dequantized into the
+  training dtype). Everything else is refused, K-quants included: MLX 0.32's
+  GGUF reader fails on most of them and decodes Q4_K wrongly.
+- architectures: ``llama`` (Llama 1-3, SmolLM, Mistral-style models) and
+  ``qwen2``. RoPE scaling: none, linear, and Llama-3's (recovered from the
+  ``rope_freqs`` tensor).
+- tokenizers: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with one
+  of the pre-tokenizers in :data:`PRE_TOKENIZERS`. SentencePiece
+  (``"llama"``) and other tokenizer models are refused.
+
+Two llama.cpp conventions are undone here. Its converter reorders the rows of
+each q/k projection head from Hugging Face's half-split RoPE layout into
+interleaved pairs (``blk.N.attn_q/attn_k``; ``llama`` only, ``qwen2`` is
+stored as is). And the RoPE base lives in ``llama.rope.freq_base``;
+config.json must carry it as top-level ``rope_theta``, because mlx-lm
+silently falls back to 10000 without it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxpostError
+from ..files import file_sha256
+
+Log = Callable[[str], None] | None
+
+
+# Bump when the output of convert_gguf changes, so old cache entries are redone.
+CONVERTER_VERSION = 1
+
+
+_MARKER = ".mlxpost-gguf.json"
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+# ggml tensor type ids (ggml.h) -> names, for messages.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
+    16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
+
+_F32, _F16, _Q4_0, _Q4_1, _Q8_0, _BF16 = 0, 1, 2, 3, 8, 30
+
+SUPPORTED_TYPES = (_F32, _F16, _BF16, _Q8_0, _Q4_0, _Q4_1)
+
+
+# Pre-tokenizers (``tokenizer.ggml.pre``) whose splitting rules are known here.
+# The regexes are the ones the models' own tokenizer.json files use.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+PRE_TOKENIZERS = {
+    "gpt-2": "GPT-2's regex (ByteLevel)",
+    "smollm": "each digit alone, then GPT-2's regex (SmolLM, StarCoder)",
+    "starcoder": "each digit alone, then GPT-2's regex (SmolLM, StarCoder)",
+    "llama-bpe": "Llama 3's regex (digits in groups of up to 3)",
+    "qwen2": "NFC, then Qwen2's regex (each digit alone)",
+}
+
+_ARCHS = {
+    # general.architecture -> (HF class, model_type, q/k rows permuted by llama.cpp)
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+}
+
+
+# GGUF tensor name (per block) -> Hugging Face name.
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # row-major (MLX / numpy order: ggml's dims reversed)
+    type: int
+    offset: int  # from the start of the file
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPE_NAMES.get(self.type, f"type {self.type}")
+
+
+# Byte sizes of the fixed-size GGUF metadata value types (gguf.md).
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+def read_tensor_infos(path: str | Path) -> list[TensorInfo]:
+    """Names, shapes, types and file offsets of the tensors in a GGUF file.
+
+    Reads only the header (metadata values are skipped), so unsupported
+    tensor types can be named before any data is loaded.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty file
+            raise MlxpostError(f"{path}: empty file, not a GGUF model") from None
+    try:
+        return _parse_header(buf, path)
+    except (struct.error, IndexError, UnicodeDecodeError):
+        raise MlxpostError(f"{path}: truncated or corrupt GGUF header") from None
+    finally:
+        buf.close()
+
+
+def _parse_header(buf: mmap.mmap, path: Path) -> list[TensorInfo]:
+    if buf[:4] != b"GGUF":
+        raise MlxpostError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise MlxpostError(f"{path}: GGUF version {version} is not supported (2 or 3; "
+                           "a huge number means a big-endian file)")
+    pos = 24
+    alignment = 32
+
+    def string(pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
+
+    def skip_value(vtype: int, pos: int) -> int:
+        if vtype in _VALUE_SIZES:
+            return pos + _VALUE_SIZES[vtype]
+        if vtype == _STRING:
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            return pos + 8 + n
+        if vtype == _ARRAY:
+            etype, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if etype in _VALUE_SIZES:
+                return pos + count * _VALUE_SIZES[etype]
+            for _ in range(count):  # strings (token lists) or nested arrays
+                pos = skip_value(etype, pos)
+            return pos
+        raise MlxpostError(f"{path}: unknown GGUF metadata value type {vtype}")
+
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if key == "general.alignment" and vtype == _UINT32:
+            (alignment,) = struct.unpack_from("<I", buf, pos)
+        pos = skip_value(vtype, pos)
+
+    raw = []
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (ndim,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+        ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+        pos += 4 + 8 * ndim + 12
+        raw.append((name, tuple(reversed(dims)), ttype, offset))
+    data_start = pos + (-pos) % alignment  # the data section is aligned
+    return [TensorInfo(n, s, t, data_start + o) for n, s, t, o in raw]
+
+
+def _read_bf16(path: Path, info: TensorInfo) -> mx.array:
+    """A BF16 tensor, exactly (MLX's GGUF reader rounds BF16 to float16)."""
+    count = int(np.prod(info.shape))
+    bits = np.fromfile(path, dtype="<u2", count=count, offset=info.offset)
+    # bfloat16 is the top half of a float32.
+    return mx.array((bits.astype(np.uint32) << 16).view(np.float32).reshape(info.shape))
+
+
+def check_tensor_types(path: str | Path, infos: list[TensorInfo]) -> None:
+    bad = [i for i in infos if i.type not in SUPPORTED_TYPES]
+    if not bad:
+        return
+    first = bad[0]
+    others = f" (and {len(bad) - 1} more tensors of types {', '.join(sorted({b.type_name for b in bad}))})" \
+        if len(bad) > 1 else ""
+    raise MlxpostError(
+        f"{path}: tensor {first.name!r} has GGUF type {first.type_name}{others}, which mlxpost cannot "
+        f"convert. Supported: {', '.join(GGML_TYPE_NAMES[t] for t in SUPPORTED_TYPES)}. "
+        "K-quants (Q4_K_M, Q5_K_M, Q6_K, ...) and I-quants are not supported: use a Q8_0, F16 or BF16 "
+        "GGUF of this model, or its Hugging Face repository."
+    )
+
+
+def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """All tensors of a GGUF file as plain arrays in ``dtype``, and its metadata.
+
+    Quantized tensors are dequantized: MLX returns Q4_0/Q4_1/Q8_0 as
+    ``name.weight`` (packed uint32) + ``name.scales`` + ``name.biases`` with
+    groups of 32; the bit width follows from the packed width.
+    """
+    path = Path(path)
+    if dtype not in _DTYPES:
+        raise MlxpostError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    infos = read_tensor_infos(path)
+    check_tensor_types(path, infos)
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # noqa: BLE001 - MLX raises plain RuntimeError/ValueError
+        raise MlxpostError(f"{path}: MLX could not read this GGUF file ({e})") from None
+
+    out_dtype = _DTYPES[dtype]
+    tensors: dict[str, mx.array] = {}
+    for info in infos:
+        name = info.name
+        if info.type == _BF16:
+            t = _read_bf16(path, info)
+        elif info.type in (_Q4_0, _Q4_1, _Q8_0):
+            stem = name[: -len(".weight")] if name.endswith(".weight") else name
+            w, scales, biases = arrays[name], arrays[f"{stem}.scales"], arrays[f"{stem}.biases"]
+            bits = w.shape[-1] // scales.shape[-1]  # 32 values per group, 32 bits per uint32
+            # Float32 scales/biases: the products are then exact (as llama.cpp computes them).
+            t = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits)
+        else:
+            t = arrays[name]
+        if tuple(t.shape) != info.shape:
+            raise MlxpostError(f"{path}: tensor {name!r} read with shape {tuple(t.shape)}, header says {info.shape}")
+        tensors[name] = t.astype(out_dtype)
+        mx.eval(tensors[name])  # one tensor at a time keeps peak memory near the output size
+    return tensors, metadata
+
+
+def _plain(v: Any) -> Any:
+    """MLX metadata value -> Python value (0-d arrays -> scalars, 1-d -> lists)."""
+    if isinstance(v, mx.array):
+        v = v.item() if v.ndim == 0 else v.tolist()
+    if isinstance(v, float):
+        # Most GGUF floats are float32 (1e-5 reads as 9.999999747378752e-06): take the
+        # shortest decimal that gives the same float32.
+        v = float(str(np.float32(v)))
+    return v
+
+
+def _unpermute_rope_rows(w: mx.array, n_head: int) -> mx.array:
+    """Undo llama.cpp's q/k row order: per head, interleaved pairs -> halves.
+
+    Hugging Face rotates dimension ``i`` of a head with ``i + half`` (two
+    halves); llama.cpp rotates ``2*i`` with ``2*i + 1`` (pairs), so its
+    converter moves Hugging Face row ``j*half + i`` (j = 0, 1) to row
+    ``2*i + j``: reshape ``(n_head, 2, half, ...)``, swap the middle axes.
+    Reading the GGUF rows as ``(n_head, half, 2, ...)`` and swapping back
+    restores Hugging Face's order. Works for weights (rows, in) and biases (rows,).
+    """
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(theta: float, head_dim: int, factor: float, low: float, high: float,
+                    original: int) -> np.ndarray:
+    """Per-frequency divisors of Llama-3 RoPE scaling (what ``rope_freqs`` stores)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid))
+
+
+def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Recover Llama-3 rope_scaling parameters from a ``rope_freqs`` tensor.
+
+    GGUF keeps only the resulting per-frequency factors; the few parameter
+    sets in use are tried and one that reproduces them exactly is returned.
+    """
+    factor = float(freqs.max())
+    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
+            ref = _llama3_factors(theta, head_dim, factor, low, high, original)
+            if ref.shape == freqs.shape and np.allclose(ref, freqs, rtol=1e-4, atol=1e-6):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                        "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise MlxpostError("this GGUF has a rope_freqs tensor that matches no known Llama-3 RoPE scaling; "
+                       "use the model's Hugging Face repository instead")
+
+
+def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple[dict, bool]:
+    """config.json for the model; also whether q/k rows must be unpermuted."""
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHS:
+        raise MlxpostError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})")
+    hf_class, model_type, permuted = _ARCHS[arch]
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        full = f"{arch}.{key}"
+        if full in meta:
+            return _plain(meta[full])
+        if default is KeyError:
+            raise MlxpostError(f"{path}: GGUF metadata has no {full!r}")
+        return default
+
+    if get("expert_count", 0):
+        raise MlxpostError(f"{path}: mixture-of-experts models ({arch}.expert_count) are not supported")
+    hidden = get("embedding_length")
+    n_head = get("attention.head_count")
+    n_kv = get("attention.head_count_kv", n_head)
+    if isinstance(n_head, list) or isinstance(n_kv, list):
+        raise MlxpostError(f"{path}: per-layer head counts are not supported")
+    head_dim = get("attention.key_length", hidden // n_head)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise MlxpostError(f"{path}: different key and value head sizes are not supported")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise MlxpostError(f"{path}: partial rotary embeddings (rope.dimension_count "
+                           f"{get('rope.dimension_count')} < head size {head_dim}) are not supported")
+    if model_type == "qwen2" and head_dim != hidden // n_head:
+        raise MlxpostError(f"{path}: qwen2 with head size {head_dim} != hidden/heads is not supported by mlx-lm")
+    rope_theta = float(get("rope.freq_base", 10000.0))
+
+    vocab = tensors["token_embd.weight"].shape[0]
+    tied = "output.weight" not in tensors
+    cfg: dict[str, Any] = {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope_theta,  # top level: mlx-lm reads it only here
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+    }
+    if model_type == "llama":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
+
+    scaling = get("rope.scaling.type", "none")
+    linear = get("rope.scale_linear", None)  # older files
+    if "rope_freqs.weight" in tensors:
+        freqs = np.array(tensors["rope_freqs.weight"].astype(mx.float32))
+        cfg["rope_scaling"] = _llama3_scaling(freqs, rope_theta, head_dim)
+    elif scaling == "linear" or linear:
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", linear or 1.0))}
+    elif scaling not in ("none", None):
+        raise MlxpostError(f"{path}: RoPE scaling {scaling!r} is not supported (none, linear or llama3)")
+
+    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                    ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            cfg[hf] = _plain(meta[f"tokenizer.ggml.{key}"])
+    eos = _eos_ids(meta)
+    if eos:
+        cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return cfg, permuted
+
+
+def _eos_ids(meta: dict) -> list[int]:
+    """EOS plus end-of-turn / end-of-message ids (Llama 3 ends turns with <|eot_id|>)."""
+    ids = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and _plain(v) not in ids:
+            ids.append(_plain(v))
+    return ids
+
+
+def _hf_weights(path: Path, tensors: dict[str, mx.array], cfg: dict, unpermute: bool) -> dict[str, mx.array]:
+    """Rename GGUF tensors to Hugging Face names (undoing the q/k row order)."""
+    out: dict[str, mx.array] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if name == "rope_freqs.weight":
+            continue  # now in config.json's rope_scaling
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
+            _, layer, kind, leaf = parts
+            if unpermute and kind == "attn_q":
+                t = _unpermute_rope_rows(t, cfg["num_attention_heads"])
+            elif unpermute and kind == "attn_k":
+                t = _unpermute_rope_rows(t, cfg["num_key_value_heads"])
+            out[f"model.layers.{layer}.{_BLOCK_NAMES[kind]}.{leaf}"] = t
+        elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            out[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = t
+        else:
+            raise MlxpostError(f"{path}: unexpected tensor {name!r} for a {cfg['model_type']} model")
+
+    expected = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        expected += [f"model.layers.{i}.{n}.weight" for n in _BLOCK_NAMES.values()]
+        if cfg["model_type"] == "qwen2":
+            expected += [f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"]
+    missing = [k for k in expected if k not in out]
+    if missing:
+        raise MlxpostError(f"{path}: missing tensors for a {cfg['model_type']} model: {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return out
+
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "gpt-2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}[pre]
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def build_tokenizer(path: Path, meta: dict):
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        what = {"llama": "SentencePiece (tokenizer.ggml.model 'llama')"}.get(kind, f"tokenizer.ggml.model {kind!r}")
+        raise MlxpostError(f"{path}: {what} tokenizers are not supported, only byte-level BPE ('gpt2'). "
+                           "Use the model's Hugging Face repository instead of the GGUF file.")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre is None:  # older files; guessing a split rule could tokenize silently wrong
+        raise MlxpostError(f"{path}: no tokenizer.ggml.pre in this (older) GGUF file, so its pre-tokenizer is "
+                           "unknown; convert the model again with a recent llama.cpp or use its Hugging Face repository")
+    if pre not in PRE_TOKENIZERS:
+        raise MlxpostError(f"{path}: pre-tokenizer {pre!r} is not supported "
+                           f"(supported: {', '.join(PRE_TOKENIZERS)}); use the model's Hugging Face repository")
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise MlxpostError(f"{path}: the GGUF vocabulary has duplicate tokens; cannot build a tokenizer")
+    merges = []
+    for m in meta.get("tokenizer.ggml.merges", []):
+        # "left right"; the separator is the first space after the first character,
+        # so a left part that is itself a space still splits correctly.
+        cut = m.find(" ", 1)
+        if cut < 0:
+            raise MlxpostError(f"{path}: malformed BPE merge {m!r}")
+        merges.append((m[:cut], m[cut + 1:]))
+
+    # Llama 3's tokenizer looks whole words up in the vocabulary before merging.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe",
+                               fuse_unk=False, byte_fallback=False))
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = _pre_tokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+
+    types = _plain(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    tok.add_special_tokens(specials)
+    tok.add_tokens(user)
+
+    add_bos = bool(_plain(meta.get("tokenizer.ggml.add_bos_token", False)))
+    add_eos = bool(_plain(meta.get("tokenizer.ggml.add_eos_token", False)))
+    bos, eos = _token(meta, tokens, "bos_token_id"), _token(meta, tokens, "eos_token_id")
+    head = [bos] if add_bos and bos else []
+    tail = [eos] if add_eos and eos else []
+    if head or tail:
+        # What Hugging Face writes for such tokenizers: "<bos> $A <eos>" per sequence.
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(head + ["$A"] + tail),
+            pair=" ".join(head + ["$A"] + tail + [f"{t}:1" for t in head] + ["$B:1"] + [f"{t}:1" for t in tail]),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)])
+    return tok, {"add_bos_token": add_bos, "add_eos_token": add_eos}
+
+
+def _token(meta: dict, tokens: list[str], key: str) -> str | None:
+    v = meta.get(f"tokenizer.ggml.{key}")
+    if v is None:
+        return None
+    i = _plain(v)
+    return tokens[i] if 0 <= i < len(tokens) else None
+
+
+def _write_tokenizer(tok, flags: dict, meta: dict, out: Path, context_length: int | None) -> None:
+    """tokenizer.json, tokenizer_config.json (chat template) and special_tokens_map.json."""
+    tok.save(str(out / "tokenizer.json"))
+    tokens = meta["tokenizer.ggml.tokens"]
+    named = {
+        "bos_token": _token(meta, tokens, "bos_token_id"),
+        "eos_token": _token(meta, tokens, "eos_token_id"),
+        "pad_token": _token(meta, tokens, "padding_token_id"),
+        "unk_token": _token(meta, tokens, "unknown_token_id"),
+    }
+    named = {k: v for k, v in named.items() if v is not None}
+    tcfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **named,
+        **flags,
+        "clean_up_tokenization_spaces": False,  # else decode() would not give the text back
+    }
+    if context_length:
+        tcfg["model_max_length"] = context_length
+    if "tokenizer.chat_template" in meta:
+        tcfg["chat_template"] = meta["tokenizer.chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(named, indent=2, ensure_ascii=False) + "\n")
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", *, log: Log = None) -> Path:
+    """Write a Hugging Face model directory for ``gguf_path`` into ``out_dir``.
+
+    Writes config.json, model.safetensors (dequantized to ``dtype``),
+    tokenizer.json, tokenizer_config.json (with the GGUF's chat template),
+    special_tokens_map.json and generation_config.json. Returns ``out_dir``.
+    """
+    src, out = Path(gguf_path), Path(out_dir)
+    if not src.is_file():
+        raise MlxpostError(f"GGUF file not found: {src}")
+    if log:
+        log(f"converting {src.name} to a Hugging Face directory ({dtype})")
+    tensors, meta = load_gguf(src, dtype)
+    if "token_embd.weight" not in tensors:
+        raise MlxpostError(f"{src}: no token_embd.weight tensor; not a language model GGUF")
+    cfg, unpermute = _model_config(src, meta, tensors)
+    tok, tok_flags = build_tokenizer(src, meta)  # may refuse: before anything is written
+    weights = _hf_weights(src, tensors, cfg, unpermute)
+    cfg["torch_dtype"] = dtype
+
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    _write_tokenizer(tok, tok_flags, meta, out, cfg.get("max_position_embeddings"))
+    return out
+
+
+def _complete(d: Path) -> bool:
+    try:
+        marker = json.loads((d / _MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("converter_version") == CONVERTER_VERSION and (d / "model.safetensors").exists()
+
+
+def convert_gguf_cached(gguf_path: str | Path, *, dtype: str = "float32", cache_dir: str | Path | None = None,
+                        log: Log = None) -> Path:
+    """Convert ``gguf_path`` once; later calls return the cached directory.
+
+    The cache entry is ``<cache>/gguf/<first 16 hex digits of the file's
+    sha256>/`` (``-<dtype>`` appended unless float32), where ``<cache>`` is
+    ``cache_dir``, ``$MLXPOST_CACHE`` or ``~/.cache/mlxpost``. It is written
+    into a temporary directory and renamed into place, so an interrupted
+    conversion never leaves a half-written entry behind.
+    """
+    from ..files import cache_root
+
+    src = Path(gguf_path).expanduser()
+    if not src.is_file():
+        raise MlxpostError(f"GGUF file not found: {src}")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    key = file_sha256(src)[:16] + ("" if dtype == "float32" else f"-{dtype}")
+    final = root / "gguf" / key
+    if _complete(final):
+        return final
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp", dir=final.parent))
+    try:
+        convert_gguf(src, tmp, dtype, log=log)
+        (tmp / _MARKER).write_text(json.dumps(
+            {"converter_version": CONVERTER_VERSION, "source": str(src.resolve()), "dtype": dtype}) + "\n")
+        if _complete(final):  # another process finished first
+            return final
+        if final.exists():  # stale (older converter) or incomplete: move it aside first
+            stale = final.with_name(f".{key}.stale{os.getpid()}")
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _complete(final):  # not just another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if log:
+        log(f"converted model cached at {final}")
+    return final

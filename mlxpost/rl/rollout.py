@@ -1,0 +1,236 @@
+"""Batched sampling for online RL: every completion of a step in one batch, with a KV cache.
+
+``sample_groups`` takes P prompts and draws G completions of each:
+
+1. The P prompts are left-padded into one (P, Lmax) batch and prefilled once
+   (mlx-lm's ``BatchKVCache`` keeps track of each row's padding, for the
+   attention mask and the rotary positions).
+2. The cache is then repeated G times along the batch axis (row ``p * G + g``
+   is sample ``g`` of prompt ``p``): the prompt is computed once per prompt,
+   not once per sample.
+3. All P * G rows decode together, one token per step. The next step's graph
+   is built and handed to MLX before the current tokens are read
+   (``mx.async_eval``), so the host's bookkeeping overlaps the compute.
+   Rows that have finished (end-of-sequence token or a stop string) are
+   dropped from the batch once they are at least a quarter of it
+   (``BatchKVCache.filter``), so long stragglers do not pay for finished rows.
+
+Models whose cache is not a plain KV cache in every layer (sliding windows,
+state-space layers) are sampled one prompt at a time, still with the
+G samples of that prompt in one batch over one prefill.
+
+Sampling: temperature (0 = greedy), nucleus top-p, a token limit and stop
+strings. A completion that reaches the limit without an end-of-sequence token
+or a stop string is *truncated* (:attr:`Rollouts.truncated`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..core.sampling import Sampling
+from ..errors import MlxpostError
+
+
+def kv_caches():
+    """mlx-lm's KV cache module, imported on first use.
+
+    Importing mlx-lm loads transformers (more than a second), which ``mlxpost --help``
+    and every command that never samples should not pay.
+    """
+    import mlx_lm.models.cache
+
+    return mlx_lm.models.cache
+
+
+@dataclass
+class Rollouts:
+    group_size: int
+    completions: list  # P*G lists of token ids (end-of-sequence token included when sampled)
+    texts: list  # P*G decoded completions (cut after a stop string)
+    truncated: np.ndarray  # (P*G,) bool: hit max_new_tokens without stopping
+    seconds: float = 0.0  # wall time of the sampling
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    row_steps: list = field(default_factory=list)  # batch size of every decode step
+
+    @property
+    def sampled_tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
+
+
+def sample_next(logits: mx.array, temperature: float, top_p: float) -> mx.array:
+    """One token per row of (N, V) ``logits``: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits.astype(mx.float32) / temperature
+    if top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the top token).
+        before = mx.cumsum(probs, axis=-1) - probs
+        sorted_logits = mx.where(before < top_p, sorted_logits, -mx.inf)
+        choice = mx.random.categorical(sorted_logits, axis=-1)
+        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return mx.random.categorical(logits, axis=-1)
+
+
+def _batch_cache(model: nn.Module, left_padding: list[int]):
+    return [kv_caches().BatchKVCache(left_padding) for _ in model.layers]
+
+
+def _repeat_cache(cache: list, G: int) -> None:
+    """Repeat every row of a prefilled cache G times in place (row p -> rows p*G .. p*G+G-1)."""
+    if G == 1:
+        return
+    for c in cache:
+        if isinstance(c, kv_caches().BatchKVCache):
+            c.keys = mx.repeat(c.keys, G, axis=0)
+            c.values = mx.repeat(c.values, G, axis=0)
+            c.offset = mx.repeat(c.offset, G, axis=0)
+            c.left_padding = mx.repeat(c.left_padding, G, axis=0)
+        elif hasattr(c, "keys") and hasattr(c, "values"):  # KVCache, RotatingKVCache
+            c.keys = mx.repeat(c.keys, G, axis=0)
+            c.values = mx.repeat(c.values, G, axis=0)
+        elif hasattr(c, "cache"):  # ArraysCache (state-space layers)
+            c.cache = [None if a is None else mx.repeat(a, G, axis=0) for a in c.cache]
+        else:
+            raise MlxpostError(f"group sampling does not support this model's {type(c).__name__} layers "
+                               "(their cache cannot be repeated per completion)")
+
+
+def _filter_cache(cache: list, keep: mx.array) -> None:
+    for c in cache:
+        if hasattr(c, "filter"):  # BatchKVCache, ArraysCache
+            c.filter(keep)
+        else:
+            c.keys = c.keys[keep]
+            c.values = c.values[keep]
+
+
+def _stop_cut(tokenizer, tokens: list[int], stop: tuple) -> int | None:
+    """If a stop string occurs in the decoded ``tokens``: how many tokens it takes to include it."""
+    text = tokenizer.decode(tokens)
+    hits = [text.find(s) + len(s) for s in stop if s and s in text]
+    if not hits:
+        return None
+    end = min(hits)
+    for k in range(1, len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:k])) >= end:
+            return k
+    return len(tokens)
+
+
+class _Book:
+    """Host-side bookkeeping: the tokens of each row and why it stopped."""
+
+    tail = 24  # tokens decoded to look for a stop string (longer stop strings are not supported)
+
+    def __init__(self, tokenizer, n: int, eos: set[int], sampling: Sampling):
+        self.tok = tokenizer
+        self.eos = eos
+        self.s = sampling
+        self.out: list[list[int]] = [[] for _ in range(n)]
+        self.truncated = np.zeros(n, bool)
+
+    def take(self, row: int, t: int) -> bool:
+        """Record token ``t`` of ``row``; True when the row is finished."""
+        seq = self.out[row]
+        seq.append(t)
+        if t in self.eos:
+            return True
+        if self.s.stop:
+            tail = seq[-self.tail:]
+            k = _stop_cut(self.tok, tail, self.s.stop)
+            if k is not None:
+                del seq[len(seq) - len(tail) + k:]
+                return True
+        if len(seq) >= self.s.max_new_tokens:
+            self.truncated[row] = True
+            return True
+        return False
+
+
+def _decode(model, cache, first_logits: mx.array, rows: list[int], book: _Book, stats: dict) -> None:
+    """Decode the batch positions of ``cache`` (global row ``rows[p]`` at position p) until all stop."""
+    s = book.s
+    rows = list(rows)
+    dead = np.zeros(len(rows), bool)
+    y = sample_next(first_logits, s.temperature, s.top_p)
+    mx.async_eval(y)
+    while True:
+        # The next step is built and started before this one's tokens are read.
+        logits = model(y[:, None], cache=cache)[:, -1, :]
+        nxt = sample_next(logits, s.temperature, s.top_p)
+        mx.async_eval(nxt)
+        stats["decode_steps"] += 1
+        stats["row_steps"].append(len(rows))
+        for p, t in enumerate(y.tolist()):
+            if not dead[p] and book.take(rows[p], t):
+                dead[p] = True
+        if dead.all():
+            return
+        if dead.sum() * 4 >= len(rows):  # drop finished rows from the batch
+            keep = np.flatnonzero(~dead)
+            idx = mx.array(keep.astype(np.int32))
+            _filter_cache(cache, idx)
+            nxt = nxt[idx]
+            rows = [rows[i] for i in keep]
+            dead = dead[keep]
+        y = nxt
+
+
+def sample_groups(model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, sampling: Sampling,
+                  *, eos_ids: set[int] | None = None, pad_id: int = 0) -> Rollouts:
+    """Draw ``group_size`` completions of each prompt (token lists); see the module docstring."""
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt cannot be sampled from")
+    G = group_size
+    eos = set(eos_ids if eos_ids is not None else getattr(tokenizer, "eos_token_ids", None) or
+              {tokenizer.eos_token_id})
+    book = _Book(tokenizer, len(prompts) * G, eos, sampling)
+    stats = {"decode_steps": 0, "row_steps": []}
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        if not all(type(c) is kv_caches().KVCache for c in kv_caches().make_prompt_cache(model)):
+            # Caches with their own layout: one prompt at a time (its G samples together).
+            for i, p in enumerate(prompts):
+                cache = kv_caches().make_prompt_cache(model)
+                logits = model(mx.array([p], mx.int32), cache=cache)[:, -1, :]
+                _repeat_cache(cache, G)
+                _decode(model, cache, mx.repeat(logits, G, axis=0), list(range(i * G, i * G + G)), book, stats)
+        else:
+            lens = [len(p) for p in prompts]
+            width = max(lens)
+            left = [width - n for n in lens]
+            x = np.full((len(prompts), width), pad_id, np.int32)
+            for i, p in enumerate(prompts):
+                x[i, left[i]:] = p
+            cache = _batch_cache(model, left)
+            logits = model(mx.array(x), cache=cache)[:, -1, :]
+            _repeat_cache(cache, G)
+            _decode(model, cache, mx.repeat(logits, G, axis=0), list(range(len(prompts) * G)), book, stats)
+    finally:
+        if was_training:
+            model.train()
+    texts = []
+    for seq in book.out:
+        body = [t for t in seq if t not in eos]
+        text = tokenizer.decode(body)
+        for stop in sampling.stop:
+            if stop and stop in text:
+                text = text[: text.find(stop) + len(stop)]
+        texts.append(text)
+    return Rollouts(group_size=G, completions=book.out, texts=texts, truncated=book.truncated,
+                    seconds=time.perf_counter() - t0, prefill_tokens=sum(len(p) for p in prompts),
+                    decode_steps=stats["decode_steps"], row_steps=stats["row_steps"])

@@ -1,0 +1,492 @@
+"""The training loop: one loop for every method.
+
+The loop is given an :class:`Objective` (the method's loss on a batch) and
+batch sources; it never imports a method. Contract of a loss function::
+
+    loss_fn(model, batch) -> (loss_sum, count, metric_sums)
+
+``loss_sum`` is a scalar summed over the batch's units (tokens for SFT, pairs
+for DPO), ``count`` the number of units, ``metric_sums`` a dict of scalars
+summed the same way. The loop differentiates ``loss_sum``, adds gradients
+over micro-batches (and ranks), and divides by the total ``count`` once per
+optimizer step: the gradient is exactly that of the mean over every unit in
+the step, however the work is split.
+
+Per optimizer step: ``grad_accum`` compiled micro-steps (forward + backward),
+one compiled update (all-reduce across ranks, normalise, clip, AdamW), one
+``mx.eval``. Scalars stay arrays until a report is printed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from ..backend import kernels
+from ..core.batches import Batch, BatchSource, batch_from_arrays
+from ..errors import MlxpostError
+from .rundir import RunDir, load_checkpoint
+
+if TYPE_CHECKING:  # annotations only: the configuration imports the methods, which import this loop
+    from ..config import TrainConfig
+
+LossFn = Callable[[nn.Module, Batch], tuple[mx.array, mx.array, dict]]
+
+
+@dataclass
+class Objective:
+    loss: LossFn
+    unit: str = "token"  # what ``count`` counts, for display
+    perplexity: bool = True  # report exp(val_loss)
+    display: tuple = ()  # metric names shown live next to the loss
+    # A factory ``monitor(total_steps) -> obj`` of a health monitor with
+    # ``observe(step, metrics) -> [Finding]`` and ``observe_eval(step, val) -> [Finding]``
+    # (see mlxpost.training.health); its findings are shown live and logged.
+    monitor: Callable | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped: str  # "completed" | "early_stopping" (a non-finite loss raises NonFiniteError)
+    final_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    val_loss: float | None
+    tokens: int
+    trained_tokens: int
+    train_seconds: float
+    peak_memory_gb: float
+    history: list = field(default_factory=list)
+    val_metrics: dict | None = None  # the last evaluation
+    health: dict | None = None  # the health monitor's summary, when the objective has one
+
+
+class NonFiniteError(MlxpostError):
+    pass
+
+
+def build_schedule(cfg: TrainConfig, total_steps: int):
+    """Learning rate as a function of the optimizer step (0 for the first update).
+
+    Warmup: ``lr * (s + 1) / W`` for the first W updates (no update is wasted
+    at lr 0). Then cosine or linear decay from ``lr`` to ``lr * min_lr_ratio``,
+    reached at the last update, or a constant.
+    """
+    lr, end = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    W = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    W = min(W, max(total_steps - 1, 0))
+    span = max(total_steps - 1 - W, 1)
+    kind = cfg.schedule
+
+    def schedule(step):
+        s = mx.array(step).astype(mx.float32)
+        t = mx.clip((s - W) / span, 0.0, 1.0)
+        if kind == "cosine":
+            main = end + (lr - end) * 0.5 * (1.0 + mx.cos(math.pi * t))
+        elif kind == "linear":
+            main = lr + (end - lr) * t
+        else:
+            main = mx.full(s.shape, lr, mx.float32)
+        if W == 0:
+            return main
+        return mx.where(s < W, lr * (s + 1.0) / W, main)
+
+    return schedule
+
+
+def build_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
+    lr = build_schedule(cfg, total_steps)
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           bias_correction=cfg.bias_correction)
+    if cfg.optimizer == "adam":
+        return optim.Adam(lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps, bias_correction=cfg.bias_correction)
+    return optim.SGD(lr, weight_decay=cfg.weight_decay)
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass.
+
+    Only this model's block instances change (their class is swapped for a
+    subclass), not every model of that class in the process.
+    """
+    for layer in model.layers:
+        base = type(layer)
+        if getattr(base, "_mlxpost_checkpointed", False):
+            continue
+        call = base.__call__
+
+        def checkpointed(self, *args, _call=call, **kwargs):
+            setting = kernels.setting()  # the recomputation runs later, outside forward()'s block
+
+            def inner(params, *a, **k):
+                self.update(params)
+                with kernels.replayed(setting):
+                    return _call(self, *a, **k)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(base.__name__, (base,), {"__call__": checkpointed, "_mlxpost_checkpointed": True})
+
+
+def _wire_memory() -> None:
+    """On Metal, keep up to the recommended working set wired (as mlx-lm does).
+
+    The CPU backend's ``device_info`` has no such key: then nothing happens.
+    """
+    try:
+        size = mx.device_info().get("max_recommended_working_set_size")
+        if size:
+            mx.set_wired_limit(size)
+    except (AttributeError, RuntimeError, ValueError):
+        pass
+
+
+def _sum_trees(a, b):
+    return b if a is None else tree_map(lambda x, y: x + y, a, b)
+
+
+class Trainer:
+    """Holds the compiled functions and the state of one training run."""
+
+    def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig, *, total_steps: int,
+                 run: RunDir, reporter, adapter_cfg: dict, world=None):
+        self.model = model
+        self.objective = objective
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.run = run
+        self.reporter = reporter
+        self.adapter_cfg = adapter_cfg
+        self.world = world
+        self.world_size = world.size() if world is not None else 1
+        self.optimizer = build_optimizer(cfg, total_steps)
+        self.optimizer.init(model.trainable_parameters())
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(model)
+        self.step = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.patience_ref: float | None = None
+        self.bad_evals = 0
+        self.tokens = 0
+        self.trained_tokens = 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+        self.stopped: str | None = None  # set when the run ends
+        self.monitor = objective.monitor(total_steps) if objective.monitor else None
+        self._build_functions()
+
+    # -- compiled pieces ------------------------------------------------------
+    def _build_functions(self):
+        model, opt, cfg = self.model, self.optimizer, self.cfg
+        loss_fn = self.objective.loss
+
+        def loss_on_arrays(model, arrays):
+            loss_sum, count, metrics = loss_fn(model, batch_from_arrays(arrays))
+            return loss_sum, (count, metrics)
+
+        value_and_grad = nn.value_and_grad(model, loss_on_arrays)
+
+        def micro(arrays, acc):
+            (loss_sum, (count, metrics)), grads = value_and_grad(model, arrays)
+            if acc is not None:
+                grads = _sum_trees(acc["grads"], grads)
+                loss_sum = loss_sum + acc["loss"]
+                count = count + acc["count"]
+                metrics = _sum_trees(acc["metrics"], metrics)
+            return {"grads": grads, "loss": loss_sum, "count": count, "metrics": metrics}
+
+        world = self.world if self.world_size > 1 else None
+
+        def update(acc, tokens):
+            # tokens: (2,) this rank's [input positions, trained positions] in the step.
+            grads, count, loss, metrics = acc["grads"], acc["count"], acc["loss"], acc["metrics"]
+            if world is not None:
+                # Sum gradients, unit counts and metrics over ranks, then normalise once.
+                grads = tree_map(lambda g: mx.distributed.all_sum(g, group=world), grads)
+                count = mx.distributed.all_sum(count, group=world)
+                loss = mx.distributed.all_sum(loss, group=world)
+                metrics = tree_map(lambda m: mx.distributed.all_sum(m, group=world), metrics)
+                tokens = mx.distributed.all_sum(tokens, group=world)
+            denom = mx.maximum(count, 1.0)
+            grads = tree_map(lambda g: g / denom, grads)
+            if cfg.max_grad_norm:
+                grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            else:
+                gnorm = mx.sqrt(sum(mx.sum(g * g) for _, g in tree_flatten(grads)))
+            opt.update(model, grads)
+            mean_loss = loss / denom
+            ok = mx.isfinite(mean_loss) & mx.isfinite(gnorm)
+            return {"loss": mean_loss, "grad_norm": gnorm, "ok": ok, "tokens": tokens,
+                    "metrics": tree_map(lambda m: m / denom, metrics)}
+
+        def evaluate(arrays):
+            loss_sum, count, metrics = loss_fn(model, batch_from_arrays(arrays))
+            return loss_sum, count, metrics
+
+        state = [model.state, opt.state, mx.random.state]
+        if cfg.compile:
+            self._micro = mx.compile(micro, inputs=state, outputs=state)
+            self._update = mx.compile(update, inputs=state, outputs=state)
+            self._eval = mx.compile(evaluate, inputs=state, outputs=state)
+        else:
+            self._micro, self._update, self._eval = micro, update, evaluate
+        self._state = state
+
+    # -- evaluation -----------------------------------------------------------
+    def evaluate(self, source: BatchSource | None, max_batches: int = -1) -> dict | None:
+        """Validation loss (and metric means) over ``source``, summed over ranks.
+
+        Every rank takes part in the reductions, also one whose share of the
+        validation rows is empty.
+        """
+        if source is None:
+            return None
+        self.model.eval()
+        total, count = mx.array(0.0), mx.array(0.0)
+        sums = None
+        n = 0
+        source.load_state({"epoch": 0, "index": 0})
+        for batch in source:
+            loss_sum, c, metrics = self._eval(batch.arrays())
+            total, count = total + loss_sum, count + c
+            sums = _sum_trees(sums, metrics)
+            mx.eval(total, count, sums)
+            n += 1
+            if 0 < max_batches <= n:
+                break
+        self.model.train()
+        sums = sums or {}
+        if self.world_size > 1:
+            g = self.world
+            total = mx.distributed.all_sum(total, group=g, stream=mx.cpu)
+            count = mx.distributed.all_sum(count, group=g, stream=mx.cpu)
+            everyone = mx.distributed.all_sum(mx.array(1 if n else 0), group=g, stream=mx.cpu).item()
+            # Metric names are known only where batches ran: reduce them when all ranks had some.
+            sums = ({k: mx.distributed.all_sum(v, group=g, stream=mx.cpu) for k, v in sorted(sums.items())}
+                    if everyone == self.world_size else {})
+        c = count.item()
+        if c == 0:
+            return None
+        out = {"val_loss": total.item() / c}
+        if self.objective.perplexity:
+            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        for k, v in sums.items():
+            out[f"val_{k}"] = v.item() / c
+        return out
+
+    # -- checkpoints ----------------------------------------------------------
+    def trainer_state(self, source: BatchSource) -> dict:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "data": source.state(),
+            "seed": self.cfg.seed,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "patience_ref": self.patience_ref,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "train_seconds": self.train_seconds,
+            "world_size": self.world_size,
+            "stopped": self.stopped,
+        }
+
+    def save(self, source: BatchSource) -> None:
+        path = self.run.save_checkpoint(self.step, self.model, self.optimizer, self.adapter_cfg,
+                                        self.trainer_state(source), keep=self.cfg.keep_checkpoints)
+        self.reporter.event(f"checkpoint saved: {path.name}", step=self.step)
+
+    def restore(self, path, source: BatchSource) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer)
+        if state.get("world_size", 1) != self.world_size:
+            raise MlxpostError(f"{path}: written by {state.get('world_size')} processes; resume with as many")
+        self.step = state["step"]
+        source.load_state(state["data"])
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        self.bad_evals, self.patience_ref = state["bad_evals"], state["patience_ref"]
+        self.tokens, self.trained_tokens = state["tokens"], state["trained_tokens"]
+        self.train_seconds = state["train_seconds"]
+
+    # -- main loop ------------------------------------------------------------
+    def fit(self, train_source: BatchSource, valid_source: BatchSource | None = None,
+            resume_from=None) -> TrainResult:
+        cfg, model, run, rep = self.cfg, self.model, self.run, self.reporter
+        _wire_memory()
+        if resume_from is not None:
+            self.restore(resume_from, train_source)
+            run.log({"kind": "resume", "step": self.step, "checkpoint": resume_from.name})
+            rep.event(f"resumed from {resume_from.name} (step {self.step})", step=self.step)
+            if self.monitor is not None:  # replay what the monitor saw before the interruption
+                for rec in run.read_metrics():
+                    if rec.get("kind") == "step" and rec["step"] <= self.step:
+                        self.monitor.observe(rec["step"], rec)
+        model.train()
+        batches: Iterator[Batch] = iter(train_source)
+        stopped = "completed"
+        last = {"loss": None}
+        win_loss = win_count = None
+        win_tokens = win_trained = 0
+        win_time = 0.0
+        win_steps = 0
+        val = None
+        rep.begin(self.total_steps, self.step, display=self.objective.display)
+
+        def do_eval():
+            nonlocal val
+            t0 = time.perf_counter()
+            rep.event("evaluating", step=self.step, transient=True)
+            val = self.evaluate(valid_source, cfg.eval_batches)
+            if val is None:
+                return False
+            val["eval_seconds"] = round(time.perf_counter() - t0, 2)
+            record = {"step": self.step, **val}
+            self.history.append({"kind": "eval", **record})
+            run.log({"kind": "eval", **record})
+            # best/ keeps the lowest validation loss; patience counts evaluations
+            # without an improvement of more than min_delta.
+            v = val["val_loss"]
+            improved = self.best_val is None or v < self.best_val
+            if improved:
+                self.best_val, self.best_step = v, self.step
+                run.save_best(model, self.adapter_cfg, {"step": self.step, **val})
+            if self.patience_ref is None or v < self.patience_ref - cfg.early_stopping_min_delta:
+                self.patience_ref, self.bad_evals = v, 0
+            else:
+                self.bad_evals += 1
+            rep.eval(self.step, val, best=self.best_val, improved=improved)
+            return cfg.early_stopping_patience > 0 and self.bad_evals >= cfg.early_stopping_patience
+
+        if self.step == 0 and valid_source is not None and cfg.eval_at_start:
+            do_eval()
+
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            # The random stream (LoRA dropout) restarts from (seed, step) at every
+            # step, so a resumed run draws exactly what an uninterrupted one draws.
+            mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
+            acc = None
+            used: list[Batch] = []
+            for i in range(cfg.grad_accum):
+                batch = next(batches)
+                used.append(batch)
+                acc = self._micro(batch.arrays(), acc)
+                if i + 1 < cfg.grad_accum:
+                    mx.eval(acc)  # bound memory to one micro-batch's graph
+            local = mx.array([sum(b.n_tokens for b in used), sum(b.n_targets for b in used)], mx.float32)
+            out = self._update(acc, local)
+            mx.eval(self._state, out)  # the one sync point of the step
+            dt = time.perf_counter() - t0
+            self.step += 1
+            n_tok, n_trained = (int(x) for x in out["tokens"].tolist())  # summed over ranks
+            self.tokens += n_tok
+            self.trained_tokens += n_trained
+            self.train_seconds += dt
+            # Reading one flag that the eval above already computed costs no extra
+            # sync, and stops a bad step before it can reach a checkpoint.
+            if not out["ok"].item():
+                self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
+            # Host-side metrics of the batch source (online RL: rewards, lengths, rollout speed).
+            host = dict(getattr(train_source, "last_metrics", None) or {})
+            if self.monitor is not None:
+                self._observe(out, host)
+            win_loss = out["loss"] if win_loss is None else win_loss + out["loss"]
+            win_count = (win_count or 0) + 1
+            win_tokens += n_tok
+            win_trained += n_trained
+            win_time += dt
+            win_steps += 1
+            rep.advance(self.step)
+
+            if self.step % cfg.report_every == 0 or self.step == self.total_steps or self.step == 1:
+                metrics = {
+                    "loss": win_loss.item() / win_count,
+                    "grad_norm": out["grad_norm"].item(),
+                    "lr": float(self.optimizer.learning_rate.item()),
+                    "tokens_per_s": win_tokens / max(win_time, 1e-9),
+                    "trained_tokens_per_s": win_trained / max(win_time, 1e-9),
+                    "step_s": win_time / max(win_steps, 1),
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    "epoch": round(train_source.epoch_progress, 3),
+                    "tokens": self.tokens,
+                }
+                if self.objective.perplexity:
+                    metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
+                for k, v in out["metrics"].items():  # the last step's, over all ranks
+                    metrics[k] = v.item()
+                metrics.update(host)
+                last["loss"] = metrics["loss"]
+                self.history.append({"kind": "train", "step": self.step, **metrics})
+                run.log({"kind": "train", "step": self.step, **metrics})
+                rep.report(self.step, metrics)
+                win_loss, win_count, win_tokens, win_trained, win_time, win_steps = None, 0, 0, 0, 0.0, 0
+
+            stop = False
+            if valid_source is not None and cfg.eval_every > 0 and self.step % cfg.eval_every == 0 \
+                    and self.step != self.total_steps:
+                stop = do_eval()
+            if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step != self.total_steps:
+                self.save(train_source)
+            if stop:
+                stopped = "early_stopping"
+                rep.event(f"early stopping: validation loss has not improved by more than "
+                          f"{cfg.early_stopping_min_delta} for {self.bad_evals} evaluations "
+                          f"(best {self.best_val:.4f} at step {self.best_step}, kept in best/)", step=self.step)
+                break
+
+        if stopped == "completed" and valid_source is not None:
+            do_eval()
+        self.stopped = stopped
+        self.save(train_source)
+        run.save_final(model, self.adapter_cfg)
+        return TrainResult(
+            steps=self.step, stopped=stopped, final_loss=last["loss"], best_val_loss=self.best_val,
+            best_step=self.best_step, val_loss=val["val_loss"] if val else None, tokens=self.tokens,
+            trained_tokens=self.trained_tokens, train_seconds=self.train_seconds,
+            peak_memory_gb=mx.get_peak_memory() / 1e9, history=self.history, val_metrics=val,
+            health=self.monitor.summary(val) if self.monitor is not None else None,
+        )
+
+    def _observe(self, out: dict, host: dict | None = None) -> None:
+        """Give this step's metrics (already evaluated) to the health monitor; report what it finds."""
+        m = {"loss": out["loss"].item(), **{k: v.item() for k, v in out["metrics"].items()}, **(host or {})}
+        # Kept so that a resumed run can replay the monitor's history.
+        self.run.log({"kind": "step", "step": self.step, **m})
+        for f in self.monitor.observe(self.step, m):
+            self.reporter.warn(str(f))
+            self.run.log({"kind": "health", "step": self.step, "check": f.check, "message": f.message,
+                          "advice": f.advice})
+
+    def _non_finite(self, loss: float, gnorm: float, used: list[Batch]) -> None:
+        last = self.run.latest_checkpoint()
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        sources = sorted({s for b in used for s in (b.sources or [])})
+        record = {
+            "kind": "failure", "step": self.step, "reason": f"non-finite {what}", "loss": loss, "grad_norm": gnorm,
+            "lr": float(self.optimizer.learning_rate.item()), "examples": sources[:50],
+            "last_good_checkpoint": str(last) if last else None,
+        }
+        self.run.log(record)
+        self.run.write_json("failure.json", record)
+        hint = ("Try a lower learning rate (train.lr), gradient clipping (train.max_grad_norm), or float32 "
+                "(model.dtype=float32); check the listed examples.")
+        keep = (f"The last good checkpoint is {last}; resume from it with --resume {self.run.path}."
+                if last else "No checkpoint had been written yet.")
+        shown = ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else "")
+        raise NonFiniteError(
+            f"non-finite {what} at step {self.step} (loss={loss}, grad_norm={gnorm}); "
+            f"batch examples: {shown or 'unknown'}.\n{keep}\n{hint}")
+
+
+def steps_for_epochs(source: BatchSource, epochs: float, grad_accum: int) -> int:
+    return max(1, int(math.ceil(source.batches_per_epoch() * epochs / grad_accum)))

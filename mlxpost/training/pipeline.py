@@ -1,0 +1,382 @@
+"""From a resolved configuration to a finished run: the pipeline every method shares.
+
+::
+
+    run directory -> load the model (merge --from) -> attach adapters -> probes
+      -> data (by kind: rows, pairs, prompts) -> the method's preparation
+      -> measure before -> the training loop -> measure after -> summary
+
+The pipeline holds no method names: what differs between methods it asks
+the method (:class:`mlxpost.methods.base.Method`: its objective, its
+preparation, its setup rows and summary lines) and the kind of data it trains
+on (:mod:`mlxpost.training.sources`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from ..config import RunConfig, dump_yaml
+from ..core.batches import BatchSource
+from ..core.forward import attention_chunk, set_attention_chunk
+from ..core.logprobs import HeadSplit
+from ..core.probes import resolve_attention_chunk
+from ..errors import MlxpostError
+from ..files import file_sha256
+from ..methods import get as get_method
+from ..methods.base import Method, value
+from ..model.adapters import (
+    adapter_config,
+    attach_adapters,
+    fuse_adapters,
+    load_adapter_stack,
+    read_adapter_config,
+    resolve_targets,
+    trainable_count,
+)
+from ..model.load import LoadedModel, is_quantized, load_model, quantize_blocks
+from ..model.peft import load_init_adapter
+from .distributed import agree, world_group
+from .loop import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
+from .resume import checkpoint_step, resume_point
+from .rundir import RunDir, new_run_dir
+from .sources import DataKind, data_kind
+
+
+@dataclass
+class Prepared:
+    """A run ready to train: the model with its adapters, the batch sources, and what was decided on the way."""
+
+    cfg: RunConfig
+    method: Method
+    loaded: LoadedModel
+    split: HeadSplit | None  # the model's body and head, when logits can be limited to trained positions
+    adapter_cfg: dict
+    trainable: int
+    chunk: int | None = None  # attention's query chunk in training passes (None: whole rows)
+    train: Any = None  # the batch source of training (BatchSource, PairSource or RolloutSource)
+    valid: BatchSource | None = None
+    stats: dict = field(default_factory=dict)  # what data_stats.json records
+    batching: str = "pad"
+    data_path: Path | None = None  # the data read (a file or directory): caches go beside it
+    rows: list = field(default_factory=list)  # setup-table rows of the data kind (they replace the common ones)
+    record: dict = field(default_factory=dict)  # fields the data kind adds to the setup record
+    state: dict = field(default_factory=dict)  # what the data kind and the method keep for later (see their hooks)
+    timings: dict = field(default_factory=dict)  # one-off work before training (seconds)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.loaded.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+
+# ---------------------------------------------------------------------------
+# Training on top of an earlier run (--from)
+# ---------------------------------------------------------------------------
+
+
+def from_run(cfg: RunConfig, method: Method) -> str | None:
+    """The run (or adapter directory) this run trains on top of, when the method has ``--from`` and it is set."""
+    return value(cfg, method.from_key) if method.from_key else None
+
+
+def resolve_from_run(cfg: RunConfig, method: Method) -> None:
+    """``--from``: train on top of an earlier run.
+
+    The run's adapter is merged into the base when the model is loaded
+    (:func:`prepare`); here the base model, dtype and quantization default
+    to the ones that run used, and a different base is refused.
+    """
+    src = from_run(cfg, method)
+    if not src:
+        return
+    d = Path(src).expanduser()
+    if not d.is_dir():
+        raise MlxpostError(f"--from {src}: not a directory (give an SFT run directory or an adapter directory)")
+    meta = read_adapter_config(d).get("mlxpost", {})
+    base = meta.get("base_model")
+    if cfg.model.path == "default" and base:
+        cfg.model.path = base
+        if cfg.model.quantize is None:
+            cfg.model.quantize = meta.get("quantize")
+            cfg.model.quantize_group_size = meta.get("quantize_group_size") or cfg.model.quantize_group_size
+        if cfg.model.dtype == "auto" and meta.get("dtype"):
+            cfg.model.dtype = meta["dtype"]
+    elif base and cfg.model.path != base and Path(cfg.model.path).expanduser().resolve() != Path(base):
+        raise MlxpostError(f"--from {src}: that adapter was trained on {base}, not on {cfg.model.path} "
+                           "(leave --model out to use the run's base model)")
+    section, key = method.from_key.split(".")
+    setattr(getattr(cfg, section), key, str(d.resolve()))
+
+
+def merge_from_run(model, cfg: RunConfig, directory: str, rep) -> dict:
+    """Merge the ``--from`` run's adapter (and whatever it was trained on top of) into the base in memory."""
+    d = Path(directory)
+    load_adapter_stack(model, d)
+    fuse_adapters(model)  # quantized layers come back dequantized ...
+    if cfg.model.quantize:  # ... and are quantized again, so memory stays that of a quantized base
+        quantize_blocks(model, cfg.model.quantize, cfg.model.quantize_group_size)
+    mx.eval(model.parameters())
+    rep.info(f"merged the adapter of {d} into the base: it is the starting policy and the reference")
+    return {"from_adapter": str(d), "from_adapter_sha256": file_sha256(d / "adapters.safetensors")}
+
+
+# ---------------------------------------------------------------------------
+# Preparation
+# ---------------------------------------------------------------------------
+
+
+def load_base(cfg: RunConfig, method: Method, rep, cache=None) -> tuple[LoadedModel, dict]:
+    """The base model (with the ``--from`` run merged into it), and what the adapter records of that run."""
+    m = cfg.model
+
+    def load() -> LoadedModel:
+        return load_model(m.path, dtype=m.dtype, quantize=m.quantize, group_size=m.quantize_group_size,
+                          revision=m.revision, trust_remote_code=m.trust_remote_code, log=rep.info)
+
+    with rep.status(f"loading model {m.path}"):
+        loaded = cache.model(m, load) if cache is not None else load()
+    # Building the model draws random initial weights (then overwritten); a model from a cache draws
+    # none. Seeding again makes the adapters' initial values depend on the seed alone.
+    mx.random.seed(cfg.train.seed)
+    src = from_run(cfg, method)
+    if not src:
+        return loaded, {}
+    with rep.status(f"merging the adapter of {src}"):
+        return loaded, merge_from_run(loaded.model, cfg, src, rep)
+
+
+def add_adapters(cfg: RunConfig, loaded: LoadedModel, from_info: dict, rep) -> tuple[dict, int]:
+    """Attach the run's LoRA / DoRA adapters (new, or ``lora.init``); their adapter_config.json and size."""
+    model, lcfg, m = loaded.model, cfg.lora, cfg.model
+    if lcfg.init:
+        init_cfg = load_init_adapter(model, lcfg.init, dropout=lcfg.dropout)
+        lp = init_cfg["lora_parameters"]
+        keys, rank, scale = lp["keys"], lp["rank"], lp["scale"]
+        num_layers, dora = init_cfg["num_layers"], init_cfg.get("fine_tune_type") == "dora"
+        rep.info(f"starting from adapter {lcfg.init}")
+    else:
+        keys = resolve_targets(model, lcfg.targets)
+        num_layers = len(model.layers) if lcfg.num_layers in (-1, 0) else lcfg.num_layers
+        rank, scale, dora = lcfg.rank, lcfg.resolved_scale(), lcfg.type == "dora"
+        attach_adapters(model, rank=rank, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
+                        dora=dora)
+    local = Path(m.path).expanduser()
+    extra = {"base_model": str(local.resolve()) if local.exists() else m.path,  # absolute: works from anywhere
+             "model_dir": str(Path(loaded.path).resolve()), "method": cfg.method, "alpha": scale * rank,
+             "quantize": m.quantize, "quantize_group_size": m.quantize_group_size if m.quantize else None,
+             "base_quantized": is_quantized(model), "dtype": m.dtype, **from_info}
+    acfg = adapter_config(rank=rank, scale=scale, dropout=lcfg.dropout, keys=keys, num_layers=num_layers,
+                          dora=dora, extra=extra)
+    return acfg, trainable_count(model)
+
+
+def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None,
+            method: Method | None = None) -> Prepared:
+    """Load, adapt, probe and read: everything before the first step.
+
+    ``cache``: reuse across runs in one process (see :class:`mlxpost.tools.run_cache.RunCache`): an object
+    with ``model(model_cfg, load) -> LoadedModel`` (a clean base model) and
+    ``data(cfg, loaded, kind, files, rank, world_size, read)`` (the data kind's tokenized examples).
+    """
+    method = method or get_method(cfg.method)
+    mx.random.seed(cfg.train.seed)
+    loaded, from_info = load_base(cfg, method, rep, cache)
+    adapter_cfg, trainable = add_adapters(cfg, loaded, from_info, rep)
+    model = loaded.model
+    model.eval()  # the probes below must not see dropout; the loop switches to train mode
+    prep = Prepared(cfg, method, loaded, HeadSplit.find(model), adapter_cfg, trainable)
+    set_attention_chunk(model, None)  # the probes run whole rows
+    prep.chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, warn=rep.warn)
+    kind = data_kind(method.data)
+    kind.read(prep, rep, rank=rank, world=world_size, cache=cache)
+    set_attention_chunk(model, prep.chunk)  # after the data kind's probes (packing runs whole rows)
+    method.prepare(prep, rep)
+    return prep
+
+
+def total_steps(cfg: RunConfig, source: BatchSource) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    return steps_for_epochs(source, cfg.train.epochs, cfg.train.grad_accum)
+
+
+# ---------------------------------------------------------------------------
+# A whole run
+# ---------------------------------------------------------------------------
+
+
+def setup_rows(prep: Prepared, kind: DataKind, steps: int, size: int) -> list[tuple[str, Any]]:
+    """The setup table: the common rows (the data kind's replace its examples and batching), then the method's."""
+    cfg, a = prep.cfg, prep.adapter_cfg
+    rows = {"model": cfg.model.path, "model dir": str(prep.loaded.path), "trainable params": f"{prep.trainable:,}",
+            "adapter": f"{a['fine_tune_type']} r={a['lora_parameters']['rank']}",
+            f"train {kind.examples}": prep.stats["train_examples"] * size,
+            f"valid {kind.examples}": prep.stats["valid_examples"] * size,
+            "batching": prep.batching, "steps": steps, "processes": size,
+            "logits": "trained positions only" if prep.split else "all positions"}
+    for key, v in prep.rows:
+        rows[key] = v
+    chunk = attention_chunk(prep.loaded.model)
+    rows["attention"] = f"in query chunks of ~{chunk} positions (at most 8 a row)" if chunk else "whole rows"
+    out = [(k, v) for k, v in rows.items() if v is not None]
+    out += prep.method.setup_rows(prep)
+    src = from_run(cfg, prep.method)
+    if src:
+        out.append(("from", src))
+    return out
+
+
+def start_run(cfg: RunConfig, world, rank: int, resume: Path | None) -> RunDir:
+    """The run directory (a new one, or the one resumed), with the resolved configuration in it."""
+    if world is not None and resume is None and cfg.output.name is None:
+        raise MlxpostError("distributed runs need an explicit run name (--name) so every rank writes the same place")
+
+    def make_run_dir() -> Path:
+        if resume is not None:
+            return Path(resume)
+        if rank == 0:
+            return new_run_dir(cfg.output.dir, cfg.output.name, cfg.method, cfg.output.overwrite)
+        return Path(cfg.output.dir) / cfg.output.name
+
+    run_path = agree(world, make_run_dir, "creating the run directory")
+    rundir = RunDir(run_path, writer=rank == 0)
+    rundir.write_text("config.yaml", dump_yaml(cfg))
+    return rundir
+
+
+def agree_on_data(prep: Prepared, world) -> None:
+    """Every rank drops batches beyond the smallest share's epoch, so that data positions agree and rank
+    0's checkpoint describes every rank."""
+    if world is None:
+        return
+    n = prep.train.batches_per_epoch()
+    n_min = int(mx.distributed.all_gather(mx.array([n]), group=world, stream=mx.cpu).min().item())
+    prep.train.limit_epoch(n_min)
+
+
+def checkpoint_to_resume(rundir: RunDir, steps: int, world, rep) -> Path | None:
+    """The checkpoint a resumed run continues from (the same on every rank), or None to start afresh."""
+    ckpt = agree(world, lambda: resume_point(rundir, steps), "reading the checkpoint")
+    if ckpt is None:
+        rep.warn(f"{rundir.path}: no checkpoint yet; starting this run from the beginning")
+    if world is not None:
+        mine = checkpoint_step(ckpt)
+        steps_seen = mx.distributed.all_gather(mx.array([mine]), group=world, stream=mx.cpu).tolist()
+        if len(set(steps_seen)) > 1:
+            raise MlxpostError(
+                f"the processes see different checkpoints in {rundir.path} (steps {steps_seen}, -1 = none): "
+                "resuming a run on several machines needs its run directory on every machine "
+                "(a shared filesystem, or copy it to each)")
+    return ckpt
+
+
+def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = None, *, reporter,
+        resume: Path | None = None, cache=None) -> tuple[Path, TrainResult]:
+    """Run one training job end to end; returns the run directory and the result.
+
+    ``objective_for``: builds the objective from the prepared run (default:
+    the method's own). ``cache``: see :func:`prepare`.
+    """
+    method = get_method(cfg.method)
+    kind = data_kind(method.data)
+    if resume is None:
+        resolve_from_run(cfg, method)
+    world = world_group()
+    rank, size = (world.rank(), world.size()) if world else (0, 1)
+    rep = reporter
+    if world is not None and not kind.distributed:
+        raise MlxpostError(f"{cfg.method} runs in one process for now (distributed rollouts are not supported)")
+    rundir = start_run(cfg, world, rank, resume)
+    rep.info(f"run directory: {rundir.path}")
+
+    t_start = time.time()
+    prep = agree(world, lambda: prepare(cfg, rep, rank, size, cache=cache, method=method),
+                 "loading the model or the data")
+    agree_on_data(prep, world)
+    steps = total_steps(cfg, prep.train)
+    ckpt = checkpoint_to_resume(rundir, steps, world, rep) if resume is not None else None
+
+    rep.table("setup", setup_rows(prep, kind, steps, size))
+    rundir.write_json("data_stats.json", prep.stats)
+    rundir.log({"kind": "setup", "steps": steps, "trainable_params": prep.trainable, "batching": prep.batching,
+                "world_size": size, "data": prep.stats, "attention_chunk": attention_chunk(prep.loaded.model),
+                **method.setup_record(prep), **prep.record})
+
+    before = None
+    if rank == 0:  # a resumed run measured before training the first time
+        before = kind.measure(prep, rep, rundir, "before") if ckpt is None else rundir.read_json(kind.before_file)
+
+    trainer = Trainer(prep.loaded.model, (objective_for or method.objective)(prep), cfg.train, total_steps=steps,
+                      run=rundir, reporter=rep, adapter_cfg=prep.adapter_cfg, world=world)
+    try:
+        result = trainer.fit(prep.train, prep.valid, resume_from=ckpt)
+    except NonFiniteError:
+        rundir.write_json("summary.json", {"run_dir": str(rundir.path), "method": cfg.method, "stopped": "non_finite",
+                                           "steps": trainer.step, "wall_seconds": round(time.time() - t_start, 1)})
+        raise
+    finally:
+        rep.end()
+
+    after = kind.measure(prep, rep, rundir, "after") if rank == 0 else None
+    summary = summarize(prep, kind, result, t_start, trainer.monitor, before, after, rundir.path)
+    rundir.write_json("summary.json", summary)
+    report_summary(summary, rundir.path, rep)
+    return rundir.path, result
+
+
+def summarize(prep: Prepared, kind: DataKind, result: TrainResult, t_start: float, monitor, before, after,
+              run_path: Path) -> dict:
+    """summary.json: the common figures, the method's lines, validation metrics, what the kind measured, health."""
+    summary = {
+        "run_dir": str(run_path), "method": prep.cfg.method, "stopped": result.stopped, "steps": result.steps,
+        "final_train_loss": result.final_loss, "val_loss": result.val_loss, "best_val_loss": result.best_val_loss,
+        "best_step": result.best_step, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
+        "train_seconds": round(result.train_seconds, 2),
+        "tokens_per_s": result.tokens / max(result.train_seconds, 1e-9),
+        "trained_tokens_per_s": result.trained_tokens / max(result.train_seconds, 1e-9),
+        "peak_memory_gb": result.peak_memory_gb, "wall_seconds": round(time.time() - t_start, 1),
+        **prep.timings,
+    }
+    prep.method.summarize(prep, result, summary, monitor=monitor, evals={"before": before, "after": after})
+    if result.val_metrics:
+        summary["val_metrics"] = {k: v for k, v in result.val_metrics.items() if k != "eval_seconds"}
+    kind.summarize(prep, summary, before, after)
+    if result.health is not None:
+        summary["health"] = result.health
+    return summary
+
+
+def report_summary(summary: dict, run_path: Path, rep) -> None:
+    skip = ("run_dir", "final_metrics", "val_metrics", "health", "eval_before", "eval_after")
+    rows = [(k, v) for k, v in summary.items() if k not in skip]
+    rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
+             if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
+    rep.table(f"summary: {run_path}", rows)
+    if summary.get("health") is not None:
+        report_health(summary["health"], rep)
+
+
+def report_health(health: dict, rep) -> None:
+    """The health checks' verdicts, one row each, with the first finding's reason."""
+    rows = []
+    for check, h in health.items():
+        verdict = h["verdict"]
+        if check == "quality_gate" and verdict in ("pass", "fail") and "step_acc" in h:
+            verdict += (f" (val step accuracy {h['step_acc']:.3f} vs > {h['min_step_acc']}, final accuracy "
+                        f"{h['final_acc']:.3f} vs > {h['min_final_acc']})")
+        elif check == "quality_gate" and verdict in ("pass", "fail"):
+            verdict += (f" (val margin {h['margin']:.3f} vs > {h['min_margin']}, accuracy {h['accuracy']:.3f} "
+                        f"vs >= {h['min_accuracy']})")
+        elif check == "quality_gate":
+            verdict += f" ({h.get('reason', '')})"
+        elif h.get("findings"):
+            f = h["findings"][0]
+            verdict += f" (step {f['step']}: {f['message'][:90]}...)"
+        rows.append((check, verdict))
+    rep.table("health checks", rows)

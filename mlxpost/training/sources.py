@@ -1,0 +1,342 @@
+"""A run's data, by kind: rows, preference pairs or prompts, read into batch sources.
+
+A method names the kind of data it trains on (:attr:`mlxpost.methods.base.Method.data`);
+the pipeline asks that kind (:func:`data_kind`) to
+
+* read and tokenize the files (or the bundled example) into batch sources
+  (:meth:`DataKind.read`), with the rows it adds to the setup table;
+* measure the model before and after training (:meth:`DataKind.measure`):
+  greedy replies to a few prompts for rows and pairs (and, on the bundled
+  data, the behaviour they show), greedy answers to the validation prompts,
+  scored by the rewards and the verifier, for prompts;
+* put what it measured in the summary (:meth:`DataKind.summarize`).
+
+The kinds know no method by name; what differs between methods of a kind
+they ask the method (:meth:`~mlxpost.methods.base.Method.share_prompt`,
+:meth:`~mlxpost.methods.base.Method.rollout`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+
+from ..assets import ARITH_TASKS_DIR, behaviour, pref_behaviour
+from ..core.batches import BatchSource
+from ..core.forward import attention_span
+from ..core.pairs import PairSource
+from ..core.probes import choose_batching, resolve_share_prompt
+from ..data.load import (
+    DataStats,
+    Example,
+    load_prompts,
+    resolve_data_files,
+    split_examples,
+    tokenize_file,
+    tokenize_pairs_file,
+)
+from ..data.render import Renderer
+from ..errors import MlxpostError
+from ..rl.evaluate import evaluate
+from ..rl.rewards import RewardSet, parse_reward_option
+from ..rl.source import RolloutSource
+from ..rl.verifiers import StepVerifier
+from .samples import run_samples
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from .pipeline import Prepared
+    from .rundir import RunDir
+
+
+def pack_length(cfg: RunConfig, examples: list[Example]) -> int:
+    """Tokens per packed row: ``data.pack_len``, else the longest example rounded up to 32.
+
+    Attention costs O(row length^2) whatever the mask, so rows no longer than
+    the longest example keep packing from paying for attention it discards
+    (this matters most on MLX's CPU backend).
+    """
+    longest = max(len(e) for e in examples)
+    if cfg.data.pack_len:
+        if cfg.data.pack_len < longest:
+            raise MlxpostError(f"data.pack_len={cfg.data.pack_len} is shorter than the longest example ({longest} "
+                               "tokens); raise it or lower data.max_seq_len")
+        return cfg.data.pack_len
+    return min(cfg.data.max_seq_len, -(-longest // 32) * 32)
+
+
+def warn_data(stats: DataStats, cfg: RunConfig, rep) -> None:
+    """Say what reading the data dropped, truncated or skipped."""
+    if stats.bad_rows:
+        rep.warn(f"skipped {stats.bad_rows} bad rows (data.skip_bad_rows)")
+    if stats.truncated:
+        rep.warn(f"{stats.truncated} examples were longer than data.max_seq_len={cfg.data.max_seq_len} "
+                 "tokens and were truncated (data.overflow=drop drops them instead)")
+    if stats.dropped_too_long:
+        rep.warn(f"dropped {stats.dropped_too_long} examples longer than data.max_seq_len={cfg.data.max_seq_len}")
+    if stats.dropped_no_targets:
+        rep.warn(f"dropped {stats.dropped_no_targets} examples with no trained tokens left (for pairs: the "
+                 "prompt filled data.max_seq_len)")
+    if stats.dropped_identical:
+        rep.warn(f"dropped {stats.dropped_identical} pairs whose chosen and rejected answers differ only beyond "
+                 f"data.max_seq_len={cfg.data.max_seq_len} tokens (raise it to keep them)")
+    if stats.prefix_fallback:
+        rep.warn(f"{stats.prefix_fallback} conversations: the chat template rewrites earlier turns, so only "
+                 "their final assistant turn is trained on")
+
+
+def data_stats(files: dict, train: list, valid: list | None, tstats: DataStats, vstats: DataStats | None) -> dict:
+    """What data_stats.json records: the files, their statistics, and the examples each split kept."""
+    return {"files": {k: str(v) for k, v in files.items()}, "train": tstats.summary(),
+            "valid": vstats.summary() if vstats else None, "train_examples": len(train),
+            "valid_examples": len(valid or [])}
+
+
+class DataKind:
+    """How the pipeline reads, batches and measures one kind of data (see the module docstring)."""
+
+    name = ""
+    bundled: Path  # the bundled example data
+    distributed = True  # whether a run of this kind can be split over several processes
+    examples = "examples"  # what the setup table calls its examples
+    before_file = ""  # where measure() keeps what it found before training (read back by a resumed run)
+
+    def files(self, cfg: RunConfig) -> dict[str, Path]:
+        return resolve_data_files(cfg.data.path or self.bundled, cfg.data.valid)
+
+    def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
+        """Fill ``prep``'s batch sources, statistics and setup rows."""
+        raise NotImplementedError
+
+    def measure(self, prep: Prepared, rep, rundir: RunDir, when: str) -> Any:
+        """What the model does before (``when="before"``) or after training; kept in the run directory."""
+        return None
+
+    def summarize(self, prep: Prepared, summary: dict, before: Any, after: Any) -> None:
+        """Put what :meth:`measure` found in the summary."""
+
+
+class Rows(DataKind):
+    """Rows trained on their completion tokens (SFT): padded or packed batches."""
+
+    name = "sft"
+    bundled = behaviour.DATASET_DIR
+    sample_prompts = behaviour.SAMPLE_PROMPTS
+    before_file = "samples_before.json"
+    pairs = False  # see choose_batching
+
+    def tokenize(self, path, renderer, **kw):
+        return tokenize_file(path, renderer, **kw)
+
+    def load(self, cfg: RunConfig, tokenizer, files: dict, rank: int = 0, world: int = 1):
+        """Tokenized train and validation examples of this rank, and data statistics."""
+        d = cfg.data
+        renderer = Renderer(tokenizer, chat_template=d.chat_template, add_eos=d.add_eos)
+        # Every rank validates every row (errors are the same everywhere) but renders only its own share.
+        shard = (rank, world) if world > 1 else None
+        opts = dict(max_seq_len=d.max_seq_len, overflow=d.overflow, skip_bad_rows=d.skip_bad_rows, shard=shard)
+        train, tstats = self.tokenize(files["train"], renderer, limit=d.max_examples, **opts)
+        valid, vstats = None, None  # None: no validation split (decided alike on every rank)
+        if "valid" in files:
+            valid, vstats = self.tokenize(files["valid"], renderer, **opts)
+        elif d.valid_fraction > 0 and tstats.valid_rows >= 20:
+            # Decided on the global row count, so every rank agrees.
+            train, valid = split_examples(train, d.valid_fraction, cfg.train.seed, total=tstats.valid_rows)
+        return train, valid, data_stats(files, train, valid, tstats, vstats), tstats
+
+    def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
+        cfg, loaded = prep.cfg, prep.loaded
+        files = self.files(cfg)
+        with rep.status("reading and tokenizing data"):
+            def read():
+                return self.load(cfg, loaded.tokenizer, files, rank, world)
+
+            train, valid, prep.stats, tstats = (cache.data(cfg, loaded, self.name, files, rank, world, read)
+                                                if cache is not None else read())
+        warn_data(tstats, cfg, rep)
+        if not train:
+            raise MlxpostError("no training examples left after reading the data")
+        prep.data_path = Path(cfg.data.path) if cfg.data.path else self.bundled
+        prep.batching = self.batching(prep, rep)
+        prep.train = self.source(prep, train, shuffle=True)
+        prep.valid = self.source(prep, valid, shuffle=False) if valid is not None else None
+
+    def batching(self, prep: Prepared, rep) -> str:
+        batching = choose_batching(prep.cfg.data.batching, prep.loaded.model, pairs=self.pairs)
+        if prep.cfg.data.batching == "auto" and batching == "pad" and (self.pairs or not device_is_cpu()):
+            rep.warn("this model does not isolate packed examples; using padded batches")
+        return batching
+
+    def source(self, prep: Prepared, examples: list, shuffle: bool) -> BatchSource:
+        # Each source sizes its own rows: long validation chats must not widen
+        # every training row (that padding costs as much as real tokens).
+        cfg, B = prep.cfg, prep.cfg.train.batch_size
+        L = pack_length(cfg, examples) if examples else cfg.data.max_seq_len
+        bucket = max(64, (B * L // 16) // 64 * 64) if prep.batching == "pack" else 64
+        return BatchSource(examples, **self._source_options(prep, B, L, shuffle, bucket))
+
+    @staticmethod
+    def _source_options(prep: Prepared, batch_size: int, max_len: int, shuffle: bool, bucket: int) -> dict:
+        return dict(mode=prep.batching, batch_size=batch_size, max_len=max_len, pad_id=prep.pad_id,
+                    seed=prep.cfg.train.seed, shuffle=shuffle, select_bucket=bucket if prep.split else None)
+
+    # -- before and after --------------------------------------------------------
+    def prompts(self, cfg: RunConfig) -> list[str]:
+        """The prompts answered before and after training: ``sample.prompts``, or the bundled data's own."""
+        if cfg.sample.prompts:
+            return [str(p) for p in cfg.sample.prompts]
+        return list(self.sample_prompts) if cfg.data.path is None else []
+
+    def behaviour(self, prompts: list[str], replies: list[str]) -> dict:
+        """How the bundled data's behaviour shows in sampled replies."""
+        return behaviour.json_answer_rate(replies)
+
+    def measure(self, prep: Prepared, rep, rundir: RunDir, when: str) -> list[str] | None:
+        prompts = self.prompts(prep.cfg)
+        if not prompts:
+            return None
+        model, tok = prep.loaded.model, prep.loaded.tokenizer
+        with rep.status(f"sampling {when} training"):
+            replies = run_samples(model, tok, prompts, prep.cfg)
+        if when == "before":
+            rundir.write_json("samples_before.json", replies)
+            return replies
+        before = rundir.read_json("samples_before.json")  # also when a resumed run sampled it the first time
+        rows = [{"prompt": p, **({"before": b} if before else {}), "after": a}
+                for p, b, a in zip(prompts, before or [""] * len(prompts), replies)]
+        rundir.write_json("samples.json", rows)
+        rep.samples(rows)
+        return replies
+
+    def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
+        if prep.cfg.data.path is not None or not after:
+            return
+        prompts = self.prompts(prep.cfg)
+        if before:
+            summary["behaviour_before"] = self.behaviour(prompts, before)
+        summary["behaviour_after"] = self.behaviour(prompts, after)
+
+
+class Pairs(Rows):
+    """Preference pairs: the chosen and rejected sides of a batch in one forward pass, packed or padded."""
+
+    name = "pairs"
+    bundled = pref_behaviour.DATASET_DIR
+    sample_prompts = pref_behaviour.PREF_SAMPLE_PROMPTS
+    examples = "pairs"
+    pairs = True
+
+    def tokenize(self, path, renderer, **kw):
+        return tokenize_pairs_file(path, renderer, **kw)
+
+    def batching(self, prep: Prepared, rep) -> str:
+        batching = super().batching(prep, rep)
+        share, note = resolve_share_prompt(prep.method.share_prompt(prep.cfg), prep.loaded.model, batching,
+                                           prep.split, prep.cfg.train.grad_checkpoint)
+        prep.state["share_prompt"], prep.state["prompt_note"] = share, note
+        return batching
+
+    def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
+        super().read(prep, rep, rank=rank, world=world, cache=cache)
+        n, total = prep.train.shared_batches()
+        note = prep.state.pop("prompt_note")
+        if prep.state.pop("share_prompt"):
+            note = f"once per pair (both replies after it) in {n} of {total} batches an epoch (where that costs less)"
+        prep.rows = [("batching", f"chosen+rejected in one {'packed' if prep.batching == 'pack' else 'padded'} "
+                                  "batch"), ("prompt", note)]
+        prep.record = {"prompt_shared": prep.train.share_prompt, "prompt_shared_batches": [n, total]}
+
+    def source(self, prep: Prepared, examples: list, shuffle: bool) -> BatchSource:
+        cfg, B = prep.cfg, prep.cfg.train.batch_size
+        L = pack_length(cfg, examples) if examples else cfg.data.max_seq_len
+        # attention_span weighs wide pair rows' attention; the chunk counts the scores a row computes.
+        return PairSource(examples, span=attention_span(prep.loaded.model), share_prompt=prep.state["share_prompt"],
+                          chunk=prep.chunk, **self._source_options(prep, B, L, shuffle, 64))
+
+    def behaviour(self, prompts: list[str], replies: list[str]) -> dict:
+        return pref_behaviour.pref_behaviour_scores(replies, prompts)
+
+
+class Prompts(DataKind):
+    """Prompts of online RL: the batch source samples completions, scores them and batches them itself."""
+
+    name = "prompts"
+    bundled = ARITH_TASKS_DIR
+    distributed = False  # distributed rollouts are not supported
+    examples = "prompts"
+    before_file = "rl_eval_before.json"
+
+    def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
+        cfg, d, loaded = prep.cfg, prep.cfg.data, prep.loaded
+        plan = prep.method.rollout(cfg)
+        files = self.files(cfg)
+        renderer = Renderer(loaded.tokenizer, chat_template=d.chat_template, add_eos=d.add_eos)
+        opts = dict(max_prompt_len=plan.max_prompt_len, skip_bad_rows=d.skip_bad_rows)
+        with rep.status("reading prompts"):
+            train, tstats = load_prompts(files["train"], renderer, limit=d.max_examples, **opts)
+            valid, vstats = [], None
+            if "valid" in files:
+                valid, vstats = load_prompts(files["valid"], renderer, **opts)
+            elif d.valid_fraction > 0 and len(train) >= 20:
+                train, valid = split_examples(train, d.valid_fraction, cfg.train.seed, total=tstats.valid_rows)
+        if tstats.dropped_too_long:
+            rep.warn(f"{tstats.dropped_too_long} prompts longer than grpo.max_prompt_len={plan.max_prompt_len} "
+                     "tokens were dropped")
+        rewards = RewardSet([parse_reward_option(r) for r in plan.rewards]) if plan.rewards else None
+        verifier = StepVerifier(plan.verifier) if plan.verifier else None
+        prep.train = RolloutSource(loaded.model, loaded.tokenizer, train, plan.settings, rewards=rewards,
+                                   verifier=verifier, split=prep.split, seed=cfg.train.seed, pad_id=prep.pad_id)
+        prep.valid = None
+        # The micro-batches of one rollout make one optimizer step.
+        cfg.train.grad_accum = prep.train.micro_per_step
+        prep.stats = data_stats(files, train, valid, tstats, vstats)
+        prep.data_path = Path(d.path) if d.path else self.bundled
+        prep.batching = "pad"
+        s = plan.settings
+        prep.rows = [("rollout", f"{s.prompts_per_step} prompts x {s.group_size} completions, <= "
+                                 f"{s.sampling.max_new_tokens} new tokens, T={s.sampling.temperature}, "
+                                 f"top-p {s.sampling.top_p}")]
+        prep.state["rl"] = {"eval_rows": valid[: plan.eval_prompts], "rewards": rewards, "verifier": verifier,
+                            "settings": s}
+
+    def measure(self, prep: Prepared, rep, rundir: RunDir, when: str) -> dict | None:
+        """Greedy answers to the validation prompts, scored (reward, final and step accuracy)."""
+        rl = prep.state["rl"]
+        if not rl["eval_rows"]:
+            return None
+        with rep.status(f"answering {len(rl['eval_rows'])} validation prompts ({when} training)"):
+            t0 = time.time()
+            ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
+                          rewards=rl["rewards"], verifier=rl["verifier"])
+            ev["seconds"] = round(time.time() - t0, 1)
+        shown = ", ".join(f"{k} {ev[k]:.3f}" for k in ("reward", "final_acc", "step_acc") if k in ev)
+        rep.info(f"validation ({when} training): {shown}")
+        rundir.write_json(f"rl_eval_{when}.json", ev)
+        return ev
+
+    def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
+        for key, ev in (("eval_before", before), ("eval_after", after)):
+            if ev is not None:
+                summary[key] = {k: v for k, v in ev.items() if k != "samples"}
+
+
+KINDS: dict[str, DataKind] = {k.name: k for k in (Rows(), Pairs(), Prompts())}
+
+
+def data_kind(name: str) -> DataKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise MlxpostError(f"unknown kind of data {name!r} (known: {', '.join(KINDS)})") from None
+
+
+def bundled_data(name: str) -> Path:
+    """The bundled example data of a kind (``sft`` rows, preference ``pairs`` or ``prompts``)."""
+    return data_kind(name).bundled
+
+
+def device_is_cpu() -> bool:
+    return mx.default_device() == mx.cpu
