@@ -336,7 +336,7 @@ def worker_mlxpost(args) -> list[dict]:
         return ro
 
     RL.sample_groups = timed  # RolloutSource.rollout looks the name up in mlxpost.rl.source
-    from mlxpost.cli.main import main
+    from mlxpost.cli import main
 
     sys.argv = ["mlxpost", "grpo", *json.loads(args.cli)]
     try:

@@ -26,7 +26,7 @@ import yaml
 from .errors import ConfigError
 from .methods import METHODS
 from .methods import get as get_method
-from .methods.base import check_choice, check_fraction, check_non_negative, check_positive
+from .methods.base import Method, check_choice, check_fraction, check_non_negative, check_positive
 
 
 @dataclass
@@ -406,6 +406,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"lora.targets: expected all-linear, attention, mlp or a list of names, got {t!r}")
     cfg.lora.resolved_scale()
     get_method(cfg.method).validate(cfg)
+
+
+def method_of(cfg: RunConfig) -> Method:
+    """The method a configuration is for: the shared pipeline runs its hooks."""
+    return get_method(cfg.method)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

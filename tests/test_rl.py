@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -71,7 +70,7 @@ def test_run_samples_batched_equal_generating_one_prompt_at_a_time(tiny_model):
     # greedy, they are what mlx-lm's generate gives for each prompt alone.
     from mlx.utils import tree_map
 
-    from mlxpost.model.generate import generate_text
+    from mlxpost.core.generate import generate_text
     from mlxpost.training.samples import run_samples
 
     lm = load_model(str(tiny_model), dtype="float32")

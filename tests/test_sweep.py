@@ -441,7 +441,7 @@ def test_ablate_and_compare_refuse_bad_arguments(tmp_path, tiny_model, sft_data)
 
 
 def test_ablate_runs_a_sweep_from_the_command_line(tmp_path, tiny_model, sft_data, monkeypatch):
-    monkeypatch.setattr("mlxpost.tools.compare.plot_available", lambda: False)  # no matplotlib: the tables still come
+    monkeypatch.setattr("mlxpost.cli.compare.plot_available", lambda: False)  # no matplotlib: the tables still come
     runner = CliRunner()
     args = ["ablate", "--model", str(tiny_model), "--data", str(sft_data), "--out", str(tmp_path), "--name", "cli",
             "--steps", "1", "--plain", "--grid", "lora.num_layers=1,99"] + [a for s in FAST for a in ("--set", s)]

@@ -229,7 +229,6 @@ def test_loaded_blas_known_name():
 
 @pytest.mark.skipif(not LINUX, reason="/proc/self/maps is Linux only")
 def test_loaded_blas_ignores_numpy_openblas():
-    import numpy
 
     info = system.loaded_blas()
     assert "numpy.libs" not in (info["path"] or "")

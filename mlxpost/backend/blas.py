@@ -22,7 +22,10 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
+
+from . import jit
 
 __all__ = [
     "blas_advice",
@@ -278,7 +281,6 @@ def _ldconfig_openblas() -> list[str]:
     )
     if not exe:
         return []
-    import subprocess
 
     try:
         out = subprocess.run(
@@ -397,8 +399,6 @@ def maybe_reexec(argv=None) -> None:
     (without the interpreter) overrides ``sys.orig_argv``.  Returns normally
     when it does not re-exec, or when ``execve`` fails.
     """
-    from . import jit
-
     jit.apply()
     if os.environ.get(REEXEC_MARKER):
         return

@@ -6,10 +6,13 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
+from . import jit
 from .blas import (
     OPT_OUT_VAR,
     _machine,
@@ -55,8 +58,6 @@ def _gib(n: float) -> str:
 
 
 def _cpu_model() -> str:
-    import subprocess
-
     model = None
     if sys.platform == "darwin":
         try:
@@ -83,8 +84,6 @@ def _cpu_model() -> str:
 
 
 def _version(dist: str) -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -101,8 +100,6 @@ def _cgroup_limit() -> int | None:
 
 def _memory() -> tuple[int | None, int | None]:
     """(total, available) bytes; either may be None."""
-    import subprocess
-
     total = avail = None
     if sys.platform.startswith("linux"):
         info = {}
@@ -301,8 +298,6 @@ def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
         if limit and total and limit < total:
             avail = min(avail, limit)
         add("memory available", _gib(avail), "ok" if avail >= 2 * 2**30 else "warn")
-
-    from . import jit
 
     # The real compiler, not the shim of mlxpost.backend.jit that comes first on PATH.
     gxx = shutil.which("g++", path=jit.without_shim(os.environ.get("PATH", os.defpath)))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-from ..tools.compare import collect_runs, compare, default_png_path
+from ..tools.compare import PLOT_HINT, collect_runs, compare, default_png_path, plot_available, plot_curves
 
 
 def _echo_err(msg: str, **style) -> None:
@@ -16,8 +20,6 @@ def _echo_err(msg: str, **style) -> None:
 
 def show_comparison(comp, fmt: str, out: str | None, rich: bool) -> None:
     """Print the comparison (and write it to ``out``)."""
-    import json
-
     if fmt == "json":
         text = json.dumps(comp.to_json(), indent=2, default=str) + "\n"
     elif fmt == "markdown":
@@ -25,10 +27,6 @@ def show_comparison(comp, fmt: str, out: str | None, rich: bool) -> None:
     else:
         text = comp.to_text() + "\n"
     if fmt == "table" and rich:
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-
         console = Console()
         t = Table(title="comparison" + (" (mean ± std over seeds)" if comp.grouped else ""), title_justify="left")
         n_text = 1 + comp.grouped + len(comp.diff_keys)
@@ -56,8 +54,6 @@ def show_comparison(comp, fmt: str, out: str | None, rich: bool) -> None:
 
 
 def write_png(runs, metrics, png: Path) -> None:
-    from ..tools.compare import PLOT_HINT, plot_available, plot_curves
-
     if not plot_available():
         _echo_err(f"no figure of the curves: matplotlib is not installed ({PLOT_HINT})", fg="yellow")
         return

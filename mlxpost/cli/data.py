@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import click
 
-from ..data.convert import LAYOUTS
+from ..data.convert import LAYOUTS, convert
+from ..hub.upload import push_dataset, push_model
+from ..ui import make_reporter
 
 
 @click.group("data")
@@ -48,9 +50,6 @@ def convert_cmd(src, out, to, layout, split, seed, tokenizer, system, skip_bad_r
     pairs without a preference (identical answers, tied ratings) are dropped
     and counted.
     """
-    from ..data.convert import convert
-    from ..ui import make_reporter
-
     rep = make_reporter(plain=True if plain else None)
     result = convert(src, out, to=to, layout=layout, split=split, seed=seed, tokenizer=tokenizer, system=system,
                      skip_bad_rows=skip_bad_rows, overwrite=overwrite, log=rep.info)
@@ -82,9 +81,6 @@ def push_data_cmd(folder, repo, private, message, plain):
     the token comes from HF_TOKEN or `hf auth login`, the endpoint from HF_ENDPOINT.
     Re-running is safe: files the Hub already has are skipped.
     """
-    from ..hub.upload import push_dataset
-    from ..ui import make_reporter
-
     rep = make_reporter(plain=True if plain else None)
     _print_push(rep, push_dataset(folder, repo, private=private, message=message, log=rep.info))
 
@@ -112,8 +108,5 @@ def push(run_dir, repo, fmt, best, private, message, plain):
       mlxpost push exports/sft-peft --repo me/smollm2-json-lora
       mlxpost push runs/dpo-1 --format fused --repo me/smollm2-dpo --private
     """
-    from ..hub.upload import push_model
-    from ..ui import make_reporter
-
     rep = make_reporter(plain=True if plain else None)
     _print_push(rep, push_model(run_dir, repo, fmt=fmt, best=best, private=private, message=message, log=rep.info))

@@ -12,7 +12,6 @@ import sys
 
 import click
 
-from ..backend.blas import maybe_reexec
 from ..errors import MlxpostError
 from ..methods import METHODS
 from ..training.loop import NonFiniteError
@@ -60,11 +59,3 @@ def cli():
 for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push):
     cli.add_command(command)
 
-
-def main():
-    maybe_reexec()  # before MLX does any work: LD_PRELOAD only acts at process start
-    cli(prog_name="mlxpost")
-
-
-if __name__ == "__main__":
-    main()

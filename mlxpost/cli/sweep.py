@@ -11,10 +11,18 @@ import time
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
+from ..config import parse_set
 from ..errors import MlxpostError
-from ..tools.sweep import PlainView, ViewOnlyReporter
-from ..tools.sweep_plan import Point
+from ..methods import METHODS
+from ..methods import get as get_method
+from ..tools.compare import collect_runs, compare, default_png_path, fmt_num
+from ..tools.sweep import PlainView, Sweep, ViewOnlyReporter
+from ..tools.sweep_plan import Point, plan_sweep, recipe_method
 from .compare import _echo_err, show_comparison, write_png
 
 _STYLES = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
@@ -24,8 +32,6 @@ class RichSweepView(PlainView):
     """One row per point (name, overrides, status, step/total, loss, best val loss, time), kept live."""
 
     def __init__(self, console=None):
-        from rich.console import Console
-
         super().__init__()
         self.console = console or Console()
         self.live = None
@@ -34,11 +40,6 @@ class RichSweepView(PlainView):
         return ViewOnlyReporter(self, p.name)
 
     def _table(self):
-        from rich.table import Table
-        from rich.text import Text
-
-        from ..tools.compare import fmt_num
-
         s = self.sweep
         c = s.counts()
         title = (f"sweep {s.path}: {c['done']} done, {c['failed']} failed"
@@ -60,8 +61,6 @@ class RichSweepView(PlainView):
         return t
 
     def start(self, sweep) -> None:
-        from rich.live import Live
-
         self.sweep = sweep
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
@@ -83,7 +82,7 @@ class RichSweepView(PlainView):
 
 
 @click.command("ablate")
-@click.option("--method", type=click.Choice(["sft", "dpo", "orpo", "cpo", "simpo", "grpo", "rlvr"]),
+@click.option("--method", type=click.Choice(list(METHODS)),
               help="The training method (default: the recipe's method:, else sft).")
 @click.option("--config", type=click.Path(dir_okay=False), help="The base recipe YAML.")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
@@ -115,10 +114,6 @@ def ablate(method, config, grid, sets, seeds, steps, model, data, random_n, rand
     \b
     Exit code: 0 when every point is done, 1 when some failed, 130 when interrupted.
     """
-    from ..tools.compare import collect_runs, compare, default_png_path
-    from ..tools.sweep import Sweep
-    from ..tools.sweep_plan import plan_sweep
-
     if resume:
         given = [opt for opt, v in (("--method", method), ("--config", config), ("--grid", grid), ("--set", sets),
                                     ("--seeds", seeds != 1), ("--steps", steps), ("--model", model), ("--data", data),
@@ -129,17 +124,15 @@ def ablate(method, config, grid, sets, seeds, steps, model, data, random_n, rand
         sweep = Sweep.load(resume)
     else:
         cli_values = {"train.steps": steps, "model.path": model, "data.path": data}
-        from ..tools.sweep_plan import recipe_method
-
-        m = method or recipe_method(config) or "sft"
-        has_data = data is not None or any(s.split("=", 1)[0].strip() == "data.path" for s in sets)
-        if config is None and not has_data and m == "sft":
-            from ..assets import DEFAULT_SFT_RECIPE
-
-            config = str(DEFAULT_SFT_RECIPE)
-            click.echo(f"no --data and no --config: the built-in default run ({Path(config).name}) is the base")
-        elif m == "grpo" and config is None and not any(s.startswith("grpo.rewards") for s in sets):
-            cli_values["grpo.rewards"] = ["accuracy", "format@0.2"]
+        given = {**cli_values, **dict(parse_set(s) for s in sets)}
+        m = get_method(method or recipe_method(config) or "sft")
+        if config is None and given.get("data.path") is None and m.bundled is not None:
+            if m.bundled.recipe is not None:
+                config = str(m.bundled.recipe)
+                click.echo(f"no --data and no --config: the built-in default run ({Path(config).name}) is the base")
+            filled = dict(given)
+            m.without_data(filled)
+            cli_values.update({k: v for k, v in filled.items() if k not in given})
         plan = plan_sweep(method=method, recipe=config, sets=list(sets), cli=cli_values, grid=list(grid),
                           seeds=seeds, random_n=random_n, random_seed=random_seed)
         sweep = Sweep.create(plan, out=out, name=name)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
+from ..backend.doctor import doctor_rows
+from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
+from ..model.adapters import load_adapter_stack, read_adapter_config
+from ..model.load import load_model
+from ..tools.demo import run_demo
+from ..ui import make_reporter
 from .train import show_blas_advice
 
 
@@ -46,10 +52,6 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
     """Generate a reply (chat template applied), optionally with a trained adapter."""
-    from ..model.adapters import load_adapter_stack, read_adapter_config
-    from ..model.generate import stream_text
-    from ..model.load import load_model
-
     quantize = group = None
     dtype = "auto"
     if adapter:
@@ -78,9 +80,6 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
 @click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
 def doctor(no_measure):
     """Report the MLX backend, BLAS, memory and versions."""
-    from ..backend.doctor import doctor_rows
-    from ..ui import make_reporter
-
     rows = doctor_rows(measure=not no_measure)
     rep = make_reporter()
     width = max(len(r[0]) for r in rows)
@@ -106,9 +105,6 @@ def demo(out, full, model, stages, sets, plain):
     arithmetic (generated tasks). A few minutes on a 2-core CPU; finished
     stages in --out are reused, a killed stage resumes.
     """
-    from ..tools.demo import run_demo
-    from ..ui import make_reporter
-
     rep = make_reporter(0, plain=True if plain else None)
     show_blas_advice(rep)
     run_demo(out, full=full, model=model, reporter=rep, stages=list(stages) or None, extra_sets=list(sets))

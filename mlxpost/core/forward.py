@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..backend import kernels
 
@@ -71,8 +72,6 @@ def rope_owners(model) -> list:
     """(module, key) of every RoPE of the model's blocks (found once, on the real blocks)."""
     owners = getattr(model, "_mlxpostrope_owners", None)
     if owners is None:
-        import mlx.nn as nn
-
         inner = getattr(model, "model", model)
         owners = []
         for block in getattr(inner, "layers", None) or getattr(model, "layers", None) or []:
@@ -216,8 +215,6 @@ def attention_span(model, cpu: bool | None = None) -> float | None:
     when its linear layers or heads cannot be read (fused QKV projections,
     for one), and layouts then count positions only.
     """
-    import mlx.nn as nn
-
     inner = getattr(model, "model", model)
     layers = getattr(model, "layers", None) or getattr(inner, "layers", None)
     if not layers:

@@ -15,11 +15,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..data.load import Example
+from ..backend import kernels
+from ..data.load import Example, PairExample
 from ..errors import MlxpostError
 from .batches import _stack
 from .forward import DEFAULT_ATTENTION_CHUNK, attention_chunk, forward, rope_owners, set_attention_chunk
 from .logprobs import logprobs
+from .pairs import PairSource
 
 
 def _probe_tokens(model, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -69,8 +71,6 @@ def chunking_problem(model, chunk: int = 8) -> str | None:
     (nothing would be cut, and batch layouts would count a saving that does
     not happen).
     """
-    from ..backend import kernels
-
     L = 3 * chunk
     x = mx.array(_probe_tokens(model, np.random.default_rng(1), L)[None])
     segments = mx.array((np.arange(L) >= L // 2 + 1).astype(np.int32)[None])
@@ -138,8 +138,6 @@ def prompt_sharing_problem(model, split) -> str | None:
     """
     if split is None:
         return "the model's output layer could not be split off (entries need the head split)"
-    from ..data.load import PairExample
-    from .pairs import PairSource
 
     rng = np.random.default_rng(2)
     pairs = []

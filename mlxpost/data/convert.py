@@ -62,6 +62,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import DataError, MlxpostError, RowIssue
+from ..model.load import resolve_model_path
+from .render import Renderer, render_pair
 from .rows import read_jsonl, validate_pair_row, validate_sft_row
 
 SFT_LAYOUTS = ("alpaca", "sharegpt", "openai")
@@ -687,9 +689,6 @@ def load_renderer(spec: str):
     """A :class:`mlxpost.data.render.Renderer` for the tokenizer of a model (repo id, directory or .gguf)."""
     from mlx_lm.utils import load_tokenizer
 
-    from ..model.load import resolve_model_path
-    from .render import Renderer
-
     path = resolve_model_path(spec)
     renderer = Renderer(load_tokenizer(path))
     if not renderer.has_template:
@@ -699,8 +698,6 @@ def load_renderer(spec: str):
 
 
 def _token_length(renderer, row: dict, kind: str) -> int:
-    from .render import render_pair
-
     if kind == "preference":
         (ci, _), (ri, _), _ = render_pair(renderer, row)
         return max(len(ci), len(ri))  # data.max_seq_len applies to each side

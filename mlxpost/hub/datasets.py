@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..data.convert import CONVERSION_FILE
 from ..data.rows import read_jsonl, validate_pair_row, validate_sft_row
 from ..errors import DataError, MlxpostError, RowIssue
 
@@ -197,8 +199,6 @@ def stage_dataset(folder: str | Path, repo: str | None = None, *,
 
     staging = folder / STAGING_DIR
     if staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     (staging / "data").mkdir(parents=True)
     splits: dict[str, dict] = {}
@@ -223,8 +223,6 @@ def stage_dataset(folder: str | Path, repo: str | None = None, *,
 
 
 def _read_conversion(folder: Path) -> dict | None:
-    from ..data.convert import CONVERSION_FILE
-
     p = folder / CONVERSION_FILE
     if not p.exists():
         return None

@@ -36,6 +36,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..errors import MlxpostError
 from ..files import read_json
@@ -254,7 +255,6 @@ def _float_dtype_name(cfg: dict) -> str | None:
 
 
 def export_fused(src: Source, out: Path, model: str | None = None, dtype: str = "auto") -> dict:
-    from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model, save_model
 
     name, notes = base_model_name(src, model)

@@ -13,6 +13,7 @@ import yaml
 from ..errors import MlxpostError
 from ..files import read_json
 from ..model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, from_adapter_of, read_adapter_config, split_layer_path
+from ..model.default import DEFAULT_MODEL_REPO
 from ..model.load import resolve_model_path
 from ..model.peft import _LEAF
 
@@ -101,8 +102,6 @@ def base_model_spec(src: Source, model: str | None = None) -> str:
 
 def base_model_name(src: Source, model: str | None = None) -> tuple[str, list[str]]:
     """The base model as other tools should name it (``base_model_name_or_path``), and notes about it."""
-    from ..model.default import DEFAULT_MODEL_REPO
-
     notes = []
     name = model or src.meta.get("base_model") or (src.run_cfg.get("model") or {}).get("path")
     if not name:

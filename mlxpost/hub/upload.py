@@ -5,9 +5,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import huggingface_hub
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from ..errors import MlxpostError
 from .datasets import MAX_SHARD_BYTES, stage_dataset
@@ -42,8 +47,6 @@ def hub_endpoint(endpoint: str | None = None) -> str:
 
 def hub_token() -> str:
     """``HF_TOKEN``, else the token saved by ``hf auth login``; an error when there is none."""
-    import huggingface_hub
-
     token = huggingface_hub.get_token()
     if not token:
         raise MlxpostError("no Hugging Face token: set HF_TOKEN to a token with write access "
@@ -75,8 +78,6 @@ def _one_line(text: Any, limit: int = 200) -> str:
 def explain_upload_error(e: BaseException, *, repo: str, repo_type: str, endpoint: str, folder: Path,
                          token: str | None = None) -> MlxpostError | None:
     """A one-line message for a failed upload, or None when ``e`` is not an upload failure."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     tail = f"nothing in {folder} was changed; run the same command again to retry"
     where = f"{repo_type} repo {repo}"
     if isinstance(e, OfflineModeIsEnabled):
@@ -126,8 +127,6 @@ def _ensure_repo(api, repo: str, repo_type: str, private: bool, endpoint: str) -
     there. (huggingface_hub's own fallback builds a URL that a custom
     HF_ENDPOINT set after import cannot parse.)
     """
-    from huggingface_hub.errors import HfHubHTTPError
-
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
     try:
         return str(api.create_repo(repo, repo_type=repo_type, private=True if private else None))
@@ -154,8 +153,6 @@ def upload_folder(folder: str | Path, repo: str, *, repo_type: str, private: boo
     deleted in the same commit. ``report_folder``: the folder named in error
     messages (the user's folder rather than the staging one).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
     folder = Path(folder)
     check_repo_id(repo)
     token = token or hub_token()
@@ -252,7 +249,6 @@ def push_model(run_dir: str | Path, repo: str, *, fmt: str | None = None, best: 
             from .export import export
         except ImportError:
             raise MlxpostError("this mlxpost cannot export (no mlxpost.hub.export); push an export folder instead") from None
-        import tempfile
 
         with tempfile.TemporaryDirectory(prefix="mlxpost-push-") as tmp:
             out = Path(tmp) / "export"

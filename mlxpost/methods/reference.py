@@ -41,6 +41,7 @@ from ..model.lora import adapters_off
 
 if TYPE_CHECKING:  # annotations only: the pipeline imports the methods
     from ..training.pipeline import Prepared
+from ..core.batches import batch_from_arrays
 from ..files import cache_root
 
 CACHE_VERSION = 1
@@ -98,8 +99,6 @@ def compute(model: nn.Module, source: PairSource, split: HeadSplit | None = None
     model.eval()
 
     def ref_tokens(arrays):
-        from ..core.batches import batch_from_arrays
-
         batch = batch_from_arrays(arrays)
         with adapters_off(model):
             return logprobs(model, batch, reduction="none", split=split, select=batch.select)

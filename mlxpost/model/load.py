@@ -16,7 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxpostError
+from .default import default_model_path
 from .fetch import download_model
+from .gguf import convert_gguf_cached
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -36,14 +38,10 @@ def resolve_model_path(spec: str, revision: str | None = None, log=None) -> Path
     ``log``: an optional callable for progress messages (downloads, conversion).
     """
     if spec in (None, "", "default"):
-        from .default import default_model_path
-
         return default_model_path(log=log)
     p = Path(spec).expanduser()
     if p.exists():
         if p.is_file() and p.suffix == ".gguf":
-            from .gguf import convert_gguf_cached
-
             return convert_gguf_cached(p, log=log)
         if p.is_dir():
             if not (p / "config.json").exists():

@@ -17,6 +17,9 @@ import random
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # ChatML, as SmolLM2 and Qwen write it. The variant with {% generation %}
 # markers lets Hugging Face compute the assistant mask itself; the plain one
@@ -83,8 +86,6 @@ def default_corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
 
 def train_tokenizer(vocab_size: int, special_tokens: list[str], corpus: list[str]):
     """A byte-level BPE tokenizer (the GPT-2 / Llama-3 / Qwen family)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -122,8 +123,6 @@ def build_tiny_model(
     ``model_type`` is ``llama`` or ``qwen2`` (q/k/v biases). ``template`` picks
     one of :data:`TEMPLATES`; ``None`` writes no chat template at all.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -139,7 +138,6 @@ def build_tiny_model(
     tok = train_tokenizer(vocab_size, specials, corpus or default_corpus(seed=seed))
     if bos is not None:
         # Like real Llama-3 tokenizers: encoding with special tokens prepends BOS.
-        from tokenizers import processors
 
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -224,8 +222,6 @@ def build_tiny_model(
 
 
 def count_parameters(path: str | Path) -> int:
-    from safetensors import safe_open
-
     n = 0
     with safe_open(str(Path(path) / "model.safetensors"), "numpy") as f:
         for k in f.keys():

@@ -21,8 +21,11 @@ Outputs: a text table, Markdown (for notes) or JSON.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,9 +407,6 @@ def default_metrics(runs: list[RunInfo]) -> list[str]:
 
 
 def _group_name(runs: list[RunInfo]) -> str:
-    import os
-    import re
-
     stems = {re.sub(r"[-_]?s(eed)?[-_]?\d+$", "", r.name) for r in runs}
     if len(stems) == 1 and next(iter(stems)):
         return next(iter(stems))
@@ -465,8 +465,6 @@ def compare(runs: list[RunInfo], metrics: list[str] | None = None, *, group_seed
 
 
 def plot_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("matplotlib") is not None
 
 
@@ -514,8 +512,6 @@ def plot_curves(runs: list[RunInfo], metrics: list[str] | None = None, path: str
 
 def default_png_path(paths: list[str | Path]) -> Path:
     """Beside the sweep (``SWEEP/compare.png``) or in the runs' common parent directory."""
-    import os
-
     ps = [Path(p) for p in paths]
     if len(ps) == 1 and (ps[0] / "sweep.json").exists():
         return ps[0] / "compare.png"

@@ -22,7 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..assets import DEFAULT_SFT_RECIPE, RECIPES_DIR
+from ..config import build_config
 from ..errors import MlxpostError
+from ..methods import get as get_method
+from ..training.pipeline import run
+from ..training.resume import resume_config
 
 
 @dataclass
@@ -48,10 +53,7 @@ STAGES = [
 
 def _recipe_path(stage: Stage) -> Path:
     if stage.recipe is None:
-        from ..assets import DEFAULT_SFT_RECIPE
-
         return DEFAULT_SFT_RECIPE
-    from ..assets import RECIPES_DIR
 
     path = RECIPES_DIR / stage.recipe
     if not path.exists():
@@ -97,10 +99,6 @@ def _stage_row(stage: Stage, s: dict) -> list:
 def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | None = None, reporter,
              stages: list[str] | None = None, extra_sets: list[str] = ()) -> dict:
     """Run the stages in order (skipping those already finished in ``out``); return their summaries."""
-    from ..config import build_config
-    from ..training.pipeline import run
-    from ..training.resume import resume_config
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rep = reporter
@@ -125,7 +123,7 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
             if not (src / "adapters.safetensors").exists():
                 raise MlxpostError(f"stage {stage.name} starts from {src}, which has no adapter: run the demo "
                                    f"from the start (or delete {out})")
-            key = "preference.from_run" if stage.method == "dpo" else "grpo.from_run"
+            key = get_method(stage.method).from_key
             sets.append(f"{key}={src}")
         sets += list(extra_sets)
         rep.info(f"== stage {stage.name}: mlxpost {stage.method} --config {_recipe_path(stage)} "

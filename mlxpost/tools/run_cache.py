@@ -10,13 +10,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+import mlx.nn as nn
+
 from ..config import RunConfig
 
 
 def _copy_tree(v: Any) -> Any:
     """A copy of the containers (lists, tuples, plain dicts) around modules and arrays, which are kept."""
-    import mlx.nn as nn
-
     if isinstance(v, nn.Module):
         return v
     if isinstance(v, list):
@@ -29,8 +29,6 @@ def _copy_tree(v: Any) -> Any:
 
 
 def _modules_in(v: Any):
-    import mlx.nn as nn
-
     if isinstance(v, nn.Module):
         yield v
     elif isinstance(v, (list, tuple)):

@@ -30,15 +30,25 @@ kept by (files, tokenizer, data settings). Reference log-probs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import mlx.core as mx
+
 from ..config import RunConfig
 from ..errors import ConfigError, MlxpostError
+from ..files import atomic_write_json
+from ..training.loop import NonFiniteError
+from ..training.pipeline import run as runner_run
+from ..training.resume import resume_config
+from ..ui import PlainReporter
+from .compare import run_verdict
 from .run_cache import RunCache
 from .sweep_plan import Point, SweepPlan, _jsonable, config_from_dict, grid_size
 
@@ -51,8 +61,6 @@ class PlainView:
     """The sweep as lines: a point starts, a point ends (the run's own lines come from its reporter)."""
 
     def __init__(self, stream=None):
-        import sys
-
         self.stream = stream or sys.stdout
         self.sweep: Sweep | None = None
 
@@ -85,8 +93,6 @@ class _Prefixed:
     """Plain lines of one point's run, prefixed with the point's name."""
 
     def __init__(self, name: str, stream=None):
-        from ..ui import PlainReporter
-
         class Reporter(PlainReporter):
             def _print(self, msg: str) -> None:
                 for line in str(msg).splitlines() or [""]:
@@ -108,8 +114,6 @@ class ViewOnlyReporter:
         return lambda *a, **k: None
 
     def status(self, msg: str):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def warn(self, msg: str) -> None:
@@ -218,8 +222,6 @@ class Sweep:
         return cls(path, data, points)
 
     def save(self) -> None:
-        from ..files import atomic_write_json
-
         self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.path / SWEEP_FILE, {**self.meta, "points": [p.to_json() for p in self.points]})
 
@@ -283,10 +285,6 @@ class Sweep:
         (wrapped to track progress); default: the view's choice.
         ``run_fn``: :func:`mlxpost.training.pipeline.run` (tests may wrap it).
         """
-        import mlx.core as mx
-
-        from ..training.pipeline import run as runner_run
-
         if mx.distributed.init().size() > 1:
             raise MlxpostError("a sweep runs in one process; start it without mpirun / mlx.launch")
         run_fn = run_fn or runner_run
@@ -315,11 +313,6 @@ class Sweep:
         return self.exit_code()
 
     def _run_point(self, p: Point, view, inner_reporter, cache: RunCache, run_fn) -> None:
-        import mlx.core as mx
-
-        from ..training.loop import NonFiniteError
-        from ..training.resume import resume_config
-
         how, resume = self._how_to_start(p)
         if how == "finished":  # finished, but the sweep was stopped before it could say so
             p.status, p.reason = "done", None
@@ -377,8 +370,6 @@ class Sweep:
 
 
 def point_verdict(p: Point, run_dir: Path) -> str:
-    from .compare import run_verdict
-
     summary = None
     f = run_dir / "summary.json"
     if f.exists():

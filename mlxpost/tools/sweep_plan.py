@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig, _fields, parse_set, set_value, validate
+from ..config import RunConfig, _fields, build_config, parse_set, set_value, validate
 from ..errors import ConfigError
 
 # Sections a grid may not vary: the sweep decides where runs go.
@@ -278,8 +278,6 @@ def plan_sweep(*, method: str | None = None, recipe: str | Path | None = None, s
     Errors name the option at fault: ``--grid lora.rank=4,0: lora.rank: must be positive, got 0``;
     a problem only a combination has names the point.
     """
-    from ..config import build_config
-
     declared = recipe_method(recipe)
     method = method or declared or "sft"
     base = build_config(recipe, list(sets), cli=cli, method=method)

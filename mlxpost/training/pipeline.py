@@ -21,14 +21,13 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from ..config import RunConfig, dump_yaml
+from ..config import RunConfig, dump_yaml, method_of
 from ..core.batches import BatchSource
 from ..core.forward import attention_chunk, set_attention_chunk
 from ..core.logprobs import HeadSplit
 from ..core.probes import resolve_attention_chunk
 from ..errors import MlxpostError
 from ..files import file_sha256
-from ..methods import get as get_method
 from ..methods.base import Method, value
 from ..model.adapters import (
     adapter_config,
@@ -184,7 +183,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None,
     with ``model(model_cfg, load) -> LoadedModel`` (a clean base model) and
     ``data(cfg, loaded, kind, files, rank, world_size, read)`` (the data kind's tokenized examples).
     """
-    method = method or get_method(cfg.method)
+    method = method or method_of(cfg)
     mx.random.seed(cfg.train.seed)
     loaded, from_info = load_base(cfg, method, rep, cache)
     adapter_cfg, trainable = add_adapters(cfg, loaded, from_info, rep)
@@ -283,7 +282,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     ``objective_for``: builds the objective from the prepared run (default:
     the method's own). ``cache``: see :func:`prepare`.
     """
-    method = get_method(cfg.method)
+    method = method_of(cfg)
     kind = data_kind(method.data)
     if resume is None:
         resolve_from_run(cfg, method)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..core.generate import generate_text
 from ..core.sampling import Sampling
 from ..data.render import prompt_ids
-from ..model.generate import generate_text
 from ..rl.rollout import sample_groups
 
 
