@@ -17,6 +17,7 @@ re-exec decision never imports MLX.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import platform
@@ -143,8 +144,6 @@ def _global_symbol_lib(symbol: str, maps=None) -> str | None:
     holds ``cblas_sgemm`` that is the one MLX calls.
     """
     try:
-        import ctypes
-
         addr = ctypes.cast(getattr(ctypes.CDLL(None), symbol), ctypes.c_void_p).value
     except (AttributeError, OSError, ValueError):
         return None
@@ -159,8 +158,6 @@ def _global_symbol_lib(symbol: str, maps=None) -> str | None:
 def _openblas_details(path: str) -> dict:
     """Config / core / threads of an OpenBLAS that is already mapped."""
     try:
-        import ctypes
-
         lib = ctypes.CDLL(path)  # already loaded: just another reference
         out = {}
         for key, fn, restype in (
@@ -200,7 +197,7 @@ def loaded_blas(import_mlx: bool = True) -> dict:
         return {"name": "unknown", "path": None, "fast": None}
     if import_mlx:
         try:
-            import mlx.core  # noqa: F401
+            import mlx.core  # noqa: F401 - on request only: this module must not load MLX before the re-exec
         except Exception:
             pass
     maps = _maps()

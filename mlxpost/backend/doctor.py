@@ -202,7 +202,7 @@ def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
                 extra = " (CUDA backend wheel)"
             add(dist, v + extra, "ok")
 
-    try:
+    try:  # here, not at the top: doctor reports an MLX that fails to load instead of crashing on it
         import mlx.core as mx
     except Exception as e:  # noqa: BLE001
         mx = None

@@ -11,7 +11,7 @@ from ..data.render import prompt_ids
 
 def generate_text(model, tokenizer, prompt: str | list[dict], *, max_tokens: int = 128, temperature: float = 0.0,
                   top_p: float = 1.0, system: str | None = None, seed: int | None = 0) -> str:
-    from mlx_lm.generate import generate
+    from mlx_lm.generate import generate  # here: importing mlx-lm loads transformers (over a second)
     from mlx_lm.sample_utils import make_sampler
 
     if seed is not None:
@@ -30,7 +30,7 @@ def generate_text(model, tokenizer, prompt: str | list[dict], *, max_tokens: int
 
 def stream_text(model, tokenizer, prompt: str | list[dict], *, max_tokens: int = 256, temperature: float = 0.0,
                 top_p: float = 1.0, system: str | None = None) -> Iterable[str]:
-    from mlx_lm.generate import stream_generate
+    from mlx_lm.generate import stream_generate  # here: importing mlx-lm loads transformers
     from mlx_lm.sample_utils import make_sampler
 
     ids = prompt_ids(tokenizer, prompt, system)

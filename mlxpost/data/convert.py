@@ -166,7 +166,8 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
             yield i, None, RowIssue(str(path), i, "", f"expected a JSON object, got {type(row).__name__}")
 
 
-def _pyarrow():
+def pyarrow_modules():
+    """pyarrow and pyarrow.parquet, imported when Parquet is read or written (pyarrow is an optional extra)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -181,7 +182,7 @@ def _short(e: Exception) -> str:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
-    _, pq = _pyarrow()
+    _, pq = pyarrow_modules()
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
@@ -687,7 +688,7 @@ def length_percentiles(lengths: list[int]) -> dict[str, int]:
 
 def load_renderer(spec: str):
     """A :class:`mlxpost.data.render.Renderer` for the tokenizer of a model (repo id, directory or .gguf)."""
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer  # here: importing mlx-lm loads transformers (over a second)
 
     path = resolve_model_path(spec)
     renderer = Renderer(load_tokenizer(path))

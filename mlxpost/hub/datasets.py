@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ..data.convert import CONVERSION_FILE
+from ..data.convert import CONVERSION_FILE, pyarrow_modules
 from ..data.rows import read_jsonl, validate_pair_row, validate_sft_row
 from ..errors import DataError, MlxpostError, RowIssue
 
@@ -53,12 +53,6 @@ class StagedDataset:
     @property
     def files(self) -> list[str]:
         return ["README.md"] + [f for s in self.splits.values() for f in s["files"]]
-
-
-def _pyarrow():
-    from ..data.convert import _pyarrow as load
-
-    return load()
 
 
 def split_name(stem: str) -> str:
@@ -113,7 +107,7 @@ def _check_column_types(rows: list[tuple[dict, str, int]]) -> None:
 
 
 def _dtype(t) -> str:
-    pa, _ = _pyarrow()
+    pa, _ = pyarrow_modules()
     names = {pa.string(): "string", pa.large_string(): "large_string", pa.bool_(): "bool", pa.float64(): "float64",
              pa.float32(): "float32", pa.float16(): "float16", pa.null(): "null", pa.binary(): "binary"}
     for w in (8, 16, 32, 64):
@@ -124,7 +118,7 @@ def _dtype(t) -> str:
 
 def _inner(t):
     """The value of a ``list:`` entry in a dataset card's features."""
-    pa, _ = _pyarrow()
+    pa, _ = pyarrow_modules()
     if pa.types.is_struct(t):
         return [{"name": t.field(i).name, **_feature(t.field(i).type)} for i in range(t.num_fields)]
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -133,7 +127,7 @@ def _inner(t):
 
 
 def _feature(t) -> dict:
-    pa, _ = _pyarrow()
+    pa, _ = pyarrow_modules()
     if pa.types.is_struct(t):
         return {"struct": _inner(t)}
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -161,7 +155,7 @@ def _shards(rows: list[dict], max_bytes: int) -> list[tuple[int, int]]:
 def stage_dataset(folder: str | Path, repo: str | None = None, *,
                   max_shard_bytes: int = MAX_SHARD_BYTES) -> StagedDataset:
     """Write ``folder/.hub/``: Parquet shards of every split and the dataset card. Returns what was written."""
-    pa, pq = _pyarrow()
+    pa, pq = pyarrow_modules()
     folder = Path(folder)
     if not folder.is_dir():
         raise MlxpostError(f"{folder}: not a directory")

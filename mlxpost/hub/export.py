@@ -255,7 +255,7 @@ def _float_dtype_name(cfg: dict) -> str | None:
 
 
 def export_fused(src: Source, out: Path, model: str | None = None, dtype: str = "auto") -> dict:
-    from mlx_lm.utils import dequantize_model, save_model
+    from mlx_lm.utils import dequantize_model, save_model  # here: importing mlx-lm loads transformers
 
     name, notes = base_model_name(src, model)
     meta = src.meta

@@ -16,6 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from ..errors import MlxpostError
 from .datasets import MAX_SHARD_BYTES, stage_dataset
+from .export import export
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -245,11 +246,6 @@ def push_model(run_dir: str | Path, repo: str, *, fmt: str | None = None, best: 
                   endpoint=endpoint, delete_patterns=MODEL_DELETE_PATTERNS, exclude=("checkpoints",),
                   report_folder=run_dir)
     if fmt is not None:
-        try:
-            from .export import export
-        except ImportError:
-            raise MlxpostError("this mlxpost cannot export (no mlxpost.hub.export); push an export folder instead") from None
-
         with tempfile.TemporaryDirectory(prefix="mlxpost-push-") as tmp:
             out = Path(tmp) / "export"
             log(f"exporting {run_dir}{' (best/)' if best else ''} as {fmt} to a temporary folder ...")

@@ -83,7 +83,7 @@ def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = 
     blocks after loading: QLoRA on a base that was not saved quantized.
     A base saved quantized (e.g. an ``mlx-community/...-4bit`` repo) stays so.
     """
-    from mlx_lm.utils import load_model as _load_model
+    from mlx_lm.utils import load_model as _load_model  # here: importing mlx-lm loads transformers (over a second)
     from mlx_lm.utils import load_tokenizer
 
     path = resolve_model_path(spec, revision, log)

@@ -474,7 +474,7 @@ def plot_curves(runs: list[RunInfo], metrics: list[str] | None = None, path: str
     Needs matplotlib (rendered off screen, with the Agg canvas).
     """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: an optional extra (plot)
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
