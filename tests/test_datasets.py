@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_jsonl
 
-from mlxpost.data.convert import CONVERSION_FILE, completion_rating, convert
+from mlxpost.data.convert import CONVERSION_FILE, convert
+from mlxpost.data.formats import completion_rating
 from mlxpost.errors import DataError, MlxpostError
 
 

@@ -433,7 +433,7 @@ def test_cli_push_error_is_one_line(hub, sft_dir):
 
 
 def test_push_model_exports_a_run_to_a_temporary_folder(hub, tmp_path, monkeypatch):
-    export_mod = pytest.importorskip("mlxpost.hub.export")
+    import mlxpost.hub.upload as upload_mod
     run = tmp_path / "runs/dpo-1"
     run.mkdir(parents=True)
     calls = []
@@ -443,7 +443,7 @@ def test_push_model_exports_a_run_to_a_temporary_folder(hub, tmp_path, monkeypat
         export_folder(Path(out))
         return {"out": Path(out)}
 
-    monkeypatch.setattr(export_mod, "export", fake_export)
+    monkeypatch.setattr(upload_mod, "export", fake_export)
     out = CliRunner().invoke(cli_group(), ["push", str(run), "--repo", "alice/dpo", "--format", "fused", "--best",
                                            "--plain"])
     assert out.exit_code == 0, out.output

@@ -174,162 +174,163 @@ def _measure_matmul(mx, n: int = 1024, reps: int = 5) -> float:
     return 2 * n**3 / dt / 1e9
 
 
-def doctor_rows(measure: bool = True) -> list[tuple[str, str, str]]:
+Row = tuple[str, str, str]  # (item, value, status): status "ok" / "warn" / "info"
+
+
+def doctor_rows(measure: bool = True) -> list[Row]:
     """Rows of ``(item, value, status)`` with status "ok" / "warn" / "info".
 
     Items are :data:`DOCTOR_ITEMS`, in that order.  Never raises for a missing
     package or an API an MLX build lacks; never shows the Hugging Face token.
     """
-    rows: list[tuple[str, str, str]] = []
-    add = lambda item, value, status: rows.append((item, str(value), status))  # noqa: E731
-    linux = sys.platform.startswith("linux")
+    try:  # here, not at the top: doctor reports an MLX that fails to load instead of crashing on it
+        import mlx.core as mx
 
-    add("platform", f"{platform.system()} {platform.release()} ({_machine()})", "info")
-    add("cpu", _cpu_model(), "info")
+        mlx_error = None
+    except Exception as e:  # noqa: BLE001
+        mx, mlx_error = None, f"mlx.core import failed: {type(e).__name__}: {e}"
+    rows = (_system_rows() + _package_rows() + _device_rows(mx, mlx_error) + [_blas_row(mx)] + _thread_rows()
+            + [_matmul_row(mx, measure)] + _memory_rows(mx) + _compiler_rows() + _hub_rows())
+    return [(item, str(value), status) for item, value, status in rows]
+
+
+def _system_rows() -> list[Row]:
     py_ok = sys.version_info >= (3, 10)
-    add("python", f"{platform.python_version()} ({sys.executable})", "ok" if py_ok else "warn")
+    return [("platform", f"{platform.system()} {platform.release()} ({_machine()})", "info"),
+            ("cpu", _cpu_model(), "info"),
+            ("python", f"{platform.python_version()} ({sys.executable})", "ok" if py_ok else "warn")]
 
+
+def _package_rows() -> list[Row]:
     required = {"mlx", "mlx-lm", "tokenizers", "huggingface_hub", "numpy"}
+    rows = []
     for dist in ("mlx", "mlx-lm", "transformers", "tokenizers", "huggingface_hub", "numpy"):
         v = _version(dist)
         if v is None:
-            add(dist, "not installed", "warn" if dist in required else "info")
-        else:
-            extra = ""
-            if dist == "mlx" and _version("mlx-cpu"):
-                extra = " (CPU backend wheel)"
-            elif dist == "mlx" and _version("mlx-cuda"):
-                extra = " (CUDA backend wheel)"
-            add(dist, v + extra, "ok")
+            rows.append((dist, "not installed", "warn" if dist in required else "info"))
+            continue
+        extra = ""
+        if dist == "mlx" and _version("mlx-cpu"):
+            extra = " (CPU backend wheel)"
+        elif dist == "mlx" and _version("mlx-cuda"):
+            extra = " (CUDA backend wheel)"
+        rows.append((dist, v + extra, "ok"))
+    return rows
 
-    try:  # here, not at the top: doctor reports an MLX that fails to load instead of crashing on it
-        import mlx.core as mx
-    except Exception as e:  # noqa: BLE001
-        mx = None
-        err = f"mlx.core import failed: {type(e).__name__}: {e}"
 
-    def _avail(mod_name: str) -> bool | None:
+def _device_rows(mx, error: str | None) -> list[Row]:
+    if mx is None:
+        return [(item, error, "warn") for item in ("mlx device", "metal", "cuda")]
+
+    def available(name: str) -> bool | None:
         try:
-            return bool(getattr(mx, mod_name).is_available())
-        except Exception:  # noqa: BLE001
+            return bool(getattr(mx, name).is_available())
+        except Exception:  # noqa: BLE001 - an MLX build without that backend
             return None
 
-    if mx is None:
-        for item in ("mlx device", "metal", "cuda"):
-            add(item, err, "warn")
-    else:
-        try:
-            add("mlx device", str(mx.default_device()), "info")
-        except Exception as e:  # noqa: BLE001
-            add("mlx device", f"unknown ({e})", "warn")
-        metal, cuda = _avail("metal"), _avail("cuda")
-        on_mac = sys.platform == "darwin"
-        add("metal", {True: "available", False: "not available", None: "unknown"}[metal],
-            "ok" if metal else ("warn" if on_mac else "info"))
-        add("cuda", {True: "available", False: "not available", None: "unknown"}[cuda],
-            "ok" if cuda else "info")
+    try:
+        rows = [("mlx device", str(mx.default_device()), "info")]
+    except Exception as e:  # noqa: BLE001
+        rows = [("mlx device", f"unknown ({e})", "warn")]
+    metal, cuda = available("metal"), available("cuda")
+    said = {True: "available", False: "not available", None: "unknown"}
+    rows.append(("metal", said[metal], "ok" if metal else ("warn" if sys.platform == "darwin" else "info")))
+    rows.append(("cuda", said[cuda], "ok" if cuda else "info"))
+    return rows
 
+
+def _blas_row(mx) -> Row:
     blas = loaded_blas(import_mlx=mx is not None)
     value = blas["name"]
-    if blas.get("config"):
-        value += f" [{blas['config']}]"
-    if blas.get("core"):
-        value += f" core={blas['core']}"
-    if blas.get("threads"):
-        value += f" threads={blas['threads']}"
-    if blas.get("path"):
-        value += f" {blas['path']}"
+    for key, shown in (("config", " [{}]"), ("core", " core={}"), ("threads", " threads={}"), ("path", " {}")):
+        if blas.get(key):
+            value += shown.format(blas[key])
     if _preloaded_blas():
         value += " (via LD_PRELOAD)"
     if blas["fast"] is True:
-        status = "ok"
-    elif blas["name"] == "reference":
-        status = "warn"
-        advice = blas_advice()
-        if advice:
-            value += f" -- {advice}"
-        elif find_openblas():
-            value += f" -- {find_openblas()} is installed but not preloaded" + (
-                f" ({OPT_OUT_VAR}=0 is set)" if _opted_out()
-                else "; the mlxpost CLI preloads it automatically"
-            )
-    else:
-        status = "info"
-    add("blas", value, status)
+        return "blas", value, "ok"
+    if blas["name"] != "reference":
+        return "blas", value, "info"
+    advice = blas_advice()
+    if advice:
+        value += f" -- {advice}"
+    elif find_openblas():
+        value += f" -- {find_openblas()} is installed but not preloaded" + (
+            f" ({OPT_OUT_VAR}=0 is set)" if _opted_out() else "; the mlxpost CLI preloads it automatically")
+    return "blas", value, "warn"
 
-    ct = os.environ.get("OPENBLAS_CORETYPE")
-    rec = openblas_coretype()
+
+def _thread_rows() -> list[Row]:
+    ct, rec = os.environ.get("OPENBLAS_CORETYPE"), openblas_coretype()
     if ct is not None:
-        add("OPENBLAS_CORETYPE", ct + (f" (recommended: {rec})" if rec and rec != ct else ""), "info")
+        core = ct + (f" (recommended: {rec})" if rec and rec != ct else "")
     else:
-        add("OPENBLAS_CORETYPE", "unset" + (f" (recommended: {rec})" if rec else ""), "info")
-
+        core = "unset" + (f" (recommended: {rec})" if rec else "")
     threads = ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in _THREAD_VARS)
-    add("threads", threads, "info")
+    return [("OPENBLAS_CORETYPE", core, "info"), ("threads", threads, "info")]
 
+
+def _matmul_row(mx, measure: bool) -> Row:
     if not measure or mx is None:
-        add("matmul fp32", "not measured" if mx is not None else "mlx unavailable", "info")
-    else:
-        try:
-            gflops = _measure_matmul(mx)
-            add("matmul fp32",
-                f"{gflops:.1f} GFLOP/s (1024x1024 on {mx.default_device()})",
-                "ok" if gflops >= 20 else "warn")
-        except Exception as e:  # noqa: BLE001
-            add("matmul fp32", f"failed: {type(e).__name__}: {e}", "warn")
+        return "matmul fp32", "not measured" if mx is not None else "mlx unavailable", "info"
+    try:
+        gflops = _measure_matmul(mx)
+    except Exception as e:  # noqa: BLE001
+        return "matmul fp32", f"failed: {type(e).__name__}: {e}", "warn"
+    return ("matmul fp32", f"{gflops:.1f} GFLOP/s (1024x1024 on {mx.default_device()})",
+            "ok" if gflops >= 20 else "warn")
 
+
+def _memory_rows(mx) -> list[Row]:
     total, avail = _memory()
-    limit = _cgroup_limit() if linux else None
-    tv = _gib(total) if total else "unknown"
-    if limit and total and limit < total:
-        tv += f" (cgroup limit {_gib(limit)})"
+    limit = _cgroup_limit() if sys.platform.startswith("linux") else None
+    capped = bool(limit and total and limit < total)
+    shown = _gib(total) if total else "unknown"
+    if capped:
+        shown += f" (cgroup limit {_gib(limit)})"
     if mx is not None:
         try:
-            info = mx.device_info()  # CPU backend: no Metal keys
-            ws = info.get("max_recommended_working_set_size")
+            ws = mx.device_info().get("max_recommended_working_set_size")  # the CPU backend has no Metal keys
             if ws:
-                tv += f" (Metal working set {_gib(ws)})"
+                shown += f" (Metal working set {_gib(ws)})"
         except Exception:  # noqa: BLE001
             pass
-    add("memory total", tv, "info")
+    rows = [("memory total", shown, "info")]
     if avail is None:
-        add("memory available", "unknown", "info")
-    else:
-        if limit and total and limit < total:
-            avail = min(avail, limit)
-        add("memory available", _gib(avail), "ok" if avail >= 2 * 2**30 else "warn")
+        return rows + [("memory available", "unknown", "info")]
+    avail = min(avail, limit) if capped else avail
+    return rows + [("memory available", _gib(avail), "ok" if avail >= 2 * 2**30 else "warn")]
 
+
+def _compiler_rows() -> list[Row]:
+    linux = sys.platform.startswith("linux")
     # The real compiler, not the shim of mlxpost.backend.jit that comes first on PATH.
     gxx = shutil.which("g++", path=jit.without_shim(os.environ.get("PATH", os.defpath)))
     if gxx:
-        add("g++", gxx, "ok")
+        rows = [("g++", gxx, "ok")]
     elif linux:
-        add("g++", "not found: mx.compile silently runs unfused on the CPU (install g++)", "warn")
+        rows = [("g++", "not found: mx.compile silently runs unfused on the CPU (install g++)", "warn")]
     else:
-        add("g++", "not found (not needed on this platform)", "info")
-
+        rows = [("g++", "not found (not needed on this platform)", "info")]
     if jit.active():
-        add("jit flags", f"{os.environ[jit.ACTIVE_VAR]} (vectorized CPU kernels; cache in "
-                         f"{os.environ.get('TMPDIR', '/tmp')}/mlx)", "ok")
-    elif linux and gxx and _machine() in ("x86_64", "amd64"):
-        if jit.opted_out():
-            why = f"{jit.OPT_OUT_VAR}=0 is set"
-        elif jit.jit_env() is None:
-            why = f"could not be set up: {gxx} rejects them, or TMPDIR gives no private executable directory"
-        else:
-            why = "the mlxpost command applies them"
-        add("jit flags", f"not applied ({why}): MLX's CPU kernels run scalar", "info")
+        return rows + [("jit flags", f"{os.environ[jit.ACTIVE_VAR]} (vectorized CPU kernels; cache in "
+                                     f"{os.environ.get('TMPDIR', '/tmp')}/mlx)", "ok")]
+    if not (linux and gxx and _machine() in ("x86_64", "amd64")):
+        return rows + [("jit flags", "not used on this platform", "info")]
+    if jit.opted_out():
+        why = f"{jit.OPT_OUT_VAR}=0 is set"
+    elif jit.jit_env() is None:
+        why = f"could not be set up: {gxx} rejects them, or TMPDIR gives no private executable directory"
     else:
-        add("jit flags", "not used on this platform", "info")
+        why = "the mlxpost command applies them"
+    return rows + [("jit flags", f"not applied ({why}): MLX's CPU kernels run scalar", "info")]
 
+
+def _hub_rows() -> list[Row]:
     src = _hf_token_source()
-    add("hf token", f"yes ({src})" if src else "no", "info")
-
+    rows = [("hf token", f"yes ({src})" if src else "no", "info")]
     cache = _cache_dir()
-    if cache.exists():
-        writable = os.access(cache, os.W_OK)
-        add("cache dir", f"{cache}" + ("" if writable else " (not writable)"),
-            "info" if writable else "warn")
-    else:
-        add("cache dir", f"{cache} (not created yet)", "info")
-    return rows
+    if not cache.exists():
+        return rows + [("cache dir", f"{cache} (not created yet)", "info")]
+    writable = os.access(cache, os.W_OK)
+    return rows + [("cache dir", f"{cache}" + ("" if writable else " (not writable)"), "info" if writable else "warn")]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import click
 
-from ..data.convert import LAYOUTS, convert
+from ..data.convert import convert
+from ..data.formats import LAYOUTS
 from ..hub.upload import push_dataset, push_model
 from ..ui import make_reporter
 

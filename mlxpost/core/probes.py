@@ -123,6 +123,20 @@ def resolve_attention_chunk(setting: int, model, warn=None) -> int | None:
     return chunk
 
 
+def _probe_pairs(model) -> list[PairExample]:
+    """Two random pairs: a common prompt, replies of different lengths."""
+    rng = np.random.default_rng(2)
+    pairs = []
+    for n_prompt, n_c, n_r in ((9, 5, 8), (6, 7, 3)):
+        prompt = _probe_tokens(model, rng, n_prompt)
+        sides = []
+        for n in (n_c, n_r):
+            tokens = np.concatenate([prompt, _probe_tokens(model, rng, n)])
+            sides.append(Example(tokens, np.arange(len(tokens)) >= n_prompt))
+        pairs.append(PairExample(*sides))
+    return pairs
+
+
 def prompt_sharing_problem(model, split) -> str | None:
     """Why pairs cannot share their prompt on this model, or None when they can.
 
@@ -139,16 +153,7 @@ def prompt_sharing_problem(model, split) -> str | None:
     if split is None:
         return "the model's output layer could not be split off (entries need the head split)"
 
-    rng = np.random.default_rng(2)
-    pairs = []
-    for n_prompt, n_c, n_r in ((9, 5, 8), (6, 7, 3)):
-        prompt = _probe_tokens(model, rng, n_prompt)
-        sides = []
-        for n in (n_c, n_r):
-            tokens = np.concatenate([prompt, _probe_tokens(model, rng, n)])
-            sides.append(Example(tokens, np.arange(len(tokens)) >= n_prompt))
-        pairs.append(PairExample(*sides))
-
+    pairs = _probe_pairs(model)
     was_training = model.training
     model.eval()  # no dropout: both layouts must see the same weights
     try:

@@ -75,6 +75,8 @@ def validate_messages(messages: Any, prefix: str = "messages", *, require_assist
     Order rules: an optional system message first; then a user turn; a user
     turn is answered by an assistant turn; an assistant turn that calls tools
     is followed by one or more ``tool`` turns and then an assistant turn.
+    (One loop over the turns holds every rule, so that the first broken rule
+    of a turn is the one reported.)
     """
     if not isinstance(messages, list):
         return [(prefix, f"expected a list of messages, got {type(messages).__name__}")]
@@ -198,6 +200,8 @@ def normalize_pair_row(row: dict) -> tuple[dict | None, list[tuple[str, str]]]:
       prompt.
 
     Returns ``(normalized row, [])`` or ``(None, [(field, problem), ...])``.
+    (Long on purpose: every accepted form and every way a row can be wrong
+    are read in one place, in the order a row is checked.)
 
     >>> row = {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
     ...        "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}

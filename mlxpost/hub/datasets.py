@@ -152,15 +152,8 @@ def _shards(rows: list[dict], max_bytes: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def stage_dataset(folder: str | Path, repo: str | None = None, *,
-                  max_shard_bytes: int = MAX_SHARD_BYTES) -> StagedDataset:
-    """Write ``folder/.hub/``: Parquet shards of every split and the dataset card. Returns what was written."""
-    pa, pq = pyarrow_modules()
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MlxpostError(f"{folder}: not a directory")
-    sources = _dataset_files(folder)
-
+def _read_splits(sources: dict[str, Path]) -> tuple[dict[str, list], bool]:
+    """Every split's valid rows (row, file, line), and whether they are preference pairs; bad rows stop it all."""
     rows_by_split: dict[str, list[tuple[dict, str, int]]] = {}
     issues: list[RowIssue] = []
     total = 0
@@ -182,6 +175,18 @@ def stage_dataset(folder: str | Path, repo: str | None = None, *,
             rows_by_split[split] = got
     if issues:
         raise DataError(issues, total, hint="Fix these rows before pushing (mlxpost data convert writes valid rows).")
+    return rows_by_split, bool(preference)
+
+
+def stage_dataset(folder: str | Path, repo: str | None = None, *,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> StagedDataset:
+    """Write ``folder/.hub/``: Parquet shards of every split and the dataset card. Returns what was written."""
+    pa, pq = pyarrow_modules()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MlxpostError(f"{folder}: not a directory")
+    sources = _dataset_files(folder)
+    rows_by_split, preference = _read_splits(sources)
     if not rows_by_split:
         raise MlxpostError(f"{folder}: the .jsonl files hold no rows")
     every = [x for rows in rows_by_split.values() for x in rows]

@@ -113,38 +113,8 @@ def export_peft(src: Source, out: Path, model: str | None = None) -> dict:
     base_cfg = read_json(base_dir / "config.json")
     shapes = _hf_weight_shapes(base_dir)
     mlx_quantized = "quantization" in base_cfg or "quantization_config" in base_cfg
+    fan_in_fan_out = _peft_layout(src, adapter, base_cfg, shapes, base_dir, mlx_quantized)
     candidates = {k[: -len(".weight")] for k in shapes if k.endswith(".weight")}
-
-    fan_in_fan_out = False
-    for path, leaves in adapter.modules.items():
-        d_in, d_out = leaves["lora_a"].shape[0], leaves["lora_b"].shape[1]
-        if split_layer_path(path) is None:
-            tied = base_cfg.get("tie_word_embeddings", True) and "lm_head.weight" not in shapes
-            name = path.rsplit(".", 1)[-1]
-            is_embedding = "embed" in name or name == "wte" or d_in == base_cfg.get("vocab_size")
-            if is_embedding and tied:
-                raise MlxpostError(
-                    f"{src.adapter_dir}: the adapter on {path} changes the input embedding, and this model ties "
-                    "it to the output head, so the update acts on both; a PEFT adapter on the embedding changes "
-                    "the input side only. It cannot be exported unmerged: use --format fused (the update merged "
-                    "into the shared matrix).")
-            raise MlxpostError(f"{src.adapter_dir}: the adapter on {path} is outside the transformer blocks; "
-                               "the peft format maps adapters inside the blocks only (use --format fused)")
-        hf = shapes.get(path + ".weight")
-        if hf is None:
-            raise MlxpostError(f"{src.adapter_dir}: module {path} has no weight {path}.weight in the base model "
-                               f"{base_dir}: its mlx-lm name differs from the Hugging Face one, so a PEFT adapter "
-                               "cannot name it (use --format fused)")
-        if mlx_quantized:
-            continue  # packed weights: shapes are not (out, in)
-        if hf == (d_out, d_in):
-            continue
-        if hf == (d_in, d_out):  # GPT-2 style Conv1D keeps (in, out)
-            fan_in_fan_out = True
-            continue
-        raise MlxpostError(f"{src.adapter_dir}: {path}: the adapter maps {d_in} -> {d_out} features but "
-                           f"{path}.weight in {base_dir} has shape {hf}")
-
     targets, layers = peft_targets(set(adapter.modules), candidates)
     r = adapter.rank
     alpha = adapter.scale * r
@@ -187,6 +157,38 @@ def export_peft(src: Source, out: Path, model: str | None = None) -> dict:
         notes.append(f"The base {name} is an MLX-quantized checkpoint, which transformers/PEFT cannot load as "
                      "is; load this adapter on the original unquantized model.")
     return {"config": config, "notes": notes, "base": name, "kind": adapter.kind}
+
+
+def _peft_layout(src: Source, adapter, base_cfg: dict, shapes: dict, base_dir: Path, mlx_quantized: bool) -> bool:
+    """Check that PEFT can name and shape every adapted module of the base; True for (in, out) weights (Conv1D)."""
+    fan_in_fan_out = False
+    for path, leaves in adapter.modules.items():
+        d_in, d_out = leaves["lora_a"].shape[0], leaves["lora_b"].shape[1]
+        if split_layer_path(path) is None:
+            tied = base_cfg.get("tie_word_embeddings", True) and "lm_head.weight" not in shapes
+            name = path.rsplit(".", 1)[-1]
+            is_embedding = "embed" in name or name == "wte" or d_in == base_cfg.get("vocab_size")
+            if is_embedding and tied:
+                raise MlxpostError(
+                    f"{src.adapter_dir}: the adapter on {path} changes the input embedding, and this model ties "
+                    "it to the output head, so the update acts on both; a PEFT adapter on the embedding changes "
+                    "the input side only. It cannot be exported unmerged: use --format fused (the update merged "
+                    "into the shared matrix).")
+            raise MlxpostError(f"{src.adapter_dir}: the adapter on {path} is outside the transformer blocks; "
+                               "the peft format maps adapters inside the blocks only (use --format fused)")
+        hf = shapes.get(path + ".weight")
+        if hf is None:
+            raise MlxpostError(f"{src.adapter_dir}: module {path} has no weight {path}.weight in the base model "
+                               f"{base_dir}: its mlx-lm name differs from the Hugging Face one, so a PEFT adapter "
+                               "cannot name it (use --format fused)")
+        if mlx_quantized or hf == (d_out, d_in):  # packed quantized weights: shapes are not (out, in)
+            continue
+        if hf == (d_in, d_out):  # GPT-2 style Conv1D keeps (in, out)
+            fan_in_fan_out = True
+            continue
+        raise MlxpostError(f"{src.adapter_dir}: {path}: the adapter maps {d_in} -> {d_out} features but "
+                           f"{path}.weight in {base_dir} has shape {hf}")
+    return fan_in_fan_out
 
 
 def _qlora_note(src: Source, fmt: str) -> str:
@@ -259,9 +261,8 @@ def export_fused(src: Source, out: Path, model: str | None = None, dtype: str = 
 
     name, notes = base_model_name(src, model)
     meta = src.meta
-    spec = base_model_spec(src, model)
     train_dtype = meta.get("dtype") or "auto"
-    loaded = load_model(spec, dtype=train_dtype, quantize=meta.get("quantize"),
+    loaded = load_model(base_model_spec(src, model), dtype=train_dtype, quantize=meta.get("quantize"),
                         group_size=meta.get("quantize_group_size") or 64)
     m = loaded.model
     load_adapter_stack(m, src.adapter_dir)  # merges a --from stack first, as it was trained
@@ -276,12 +277,32 @@ def export_fused(src: Source, out: Path, model: str | None = None, dtype: str = 
         raise MlxpostError(f"--dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
     m.set_dtype(DTYPES[out_dtype])
     mx.eval(m.parameters())
+    quantized_base = "quantization" in hf_cfg or "quantization_config" in hf_cfg
+    _check_base_names(m, base_dir, hf_cfg, out, quantized_base)
 
-    # The weights must be the base's tensors, under the base's names and shapes:
-    # transformers would silently initialise anything it does not find.
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, m)
+    (out / "config.json").write_text(json.dumps(_fused_config(hf_cfg, m, out_dtype, notes), indent=2) + "\n")
+    for f in TOKENIZER_FILES:
+        if (base_dir / f).exists():
+            shutil.copyfile(base_dir / f, out / f)
+    for f in base_dir.glob("*.py"):  # remote code, when the base has some
+        shutil.copyfile(f, out / f.name)
+
+    if meta.get("from_adapter"):
+        notes.append("This run was trained on top of another adapter (" + str(meta["from_adapter"])
+                     + "); both are merged here, as they were trained.")
+    if meta.get("quantize") or meta.get("base_quantized") or quantized_base:
+        notes.append(_qlora_note(src, "fused"))
+    return {"config": hf_cfg, "notes": notes, "base": name, "kind": src.adapter_cfg.get("fine_tune_type", "lora"),
+            "dtype": out_dtype}
+
+
+def _check_base_names(m, base_dir: Path, hf_cfg: dict, out: Path, quantized_base: bool) -> None:
+    """The merged weights must be the base's tensors, under the base's names and shapes: transformers
+    would silently initialise anything it does not find."""
     ours = {k: tuple(v.shape) for k, v in tree_flatten(m.parameters())}
     base = _hf_weight_shapes(base_dir)
-    quantized_base = "quantization" in hf_cfg or "quantization_config" in hf_cfg
     if quantized_base:  # an MLX-quantized checkpoint: packed weights, plus scales and biases
         base = {k: v for k, v in base.items() if not k.endswith((".scales", ".biases"))}
     base = {k: v for k, v in base.items() if "rotary_emb" not in k}
@@ -296,15 +317,15 @@ def export_fused(src: Source, out: Path, model: str | None = None, dtype: str = 
         raise MlxpostError(f"cannot write {out} as a Hugging Face model: mlx-lm's names or shapes for this "
                            "architecture differ from the base's:\n  " + "\n  ".join(problems))
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out, m)
+
+def _fused_config(hf_cfg: dict, m, out_dtype: str, notes: list[str]) -> dict:
+    """The base's config.json for the merged weights: unquantized, their dtype, the rope_theta they were trained with."""
     for k in ("quantization", "quantization_config"):
         hf_cfg.pop(k, None)
     # mlx-lm reads rope_theta only at the top level (a transformers-5 config keeps
     # it in rope_parameters, which mlx-lm ignores, silently using its default):
     # write the value the model was trained with where both libraries read it.
-    args = getattr(m, "args", None)
-    theta = getattr(args, "rope_theta", None)
+    theta = getattr(getattr(m, "args", None), "rope_theta", None)
     if theta is not None:
         rp = hf_cfg.get("rope_parameters")
         if isinstance(rp, dict) and rp.get("rope_theta") not in (None, theta):
@@ -319,20 +340,7 @@ def export_fused(src: Source, out: Path, model: str | None = None, dtype: str = 
             hf_cfg[k] = out_dtype
     if "torch_dtype" not in hf_cfg and "dtype" not in hf_cfg:
         hf_cfg["torch_dtype"] = out_dtype
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    for f in TOKENIZER_FILES:
-        if (base_dir / f).exists():
-            shutil.copyfile(base_dir / f, out / f)
-    for f in base_dir.glob("*.py"):  # remote code, when the base has some
-        shutil.copyfile(f, out / f.name)
-
-    if meta.get("from_adapter"):
-        notes.append("This run was trained on top of another adapter (" + str(meta["from_adapter"])
-                     + "); both are merged here, as they were trained.")
-    if meta.get("quantize") or meta.get("base_quantized") or quantized_base:
-        notes.append(_qlora_note(src, "fused"))
-    return {"config": hf_cfg, "notes": notes, "base": name, "kind": src.adapter_cfg.get("fine_tune_type", "lora"),
-            "dtype": out_dtype}
+    return hf_cfg
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, best: bool = False, model: str | None = None,

@@ -125,44 +125,8 @@ def build_tiny_model(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-
-    if template == "llama3":
-        bos, eos, specials = "<|begin_of_text|>", "<|eot_id|>", [
-            "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
-        pad = "<|pad|>"
-    else:
-        bos, eos, specials = None, "<|im_end|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        pad = "<|endoftext|>"
-
-    tok = train_tokenizer(vocab_size, specials, corpus or default_corpus(seed=seed))
-    if bos is not None:
-        # Like real Llama-3 tokenizers: encoding with special tokens prepends BOS.
-
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        )
-    if tok.get_vocab_size() > vocab_size:
-        raise ValueError("tokenizer came out larger than vocab_size")
-    tok.save(str(path / "tokenizer.json"))
-
-    tcfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_position_embeddings,
-        "eos_token": eos,
-        "pad_token": pad,
-        "bos_token": bos,
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-    }
-    if template is not None:
-        tcfg["chat_template"] = TEMPLATES[template]
-    (path / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
-    (path / "special_tokens_map.json").write_text(
-        json.dumps({k: v for k, v in {"bos_token": bos, "eos_token": eos, "pad_token": pad}.items() if v})
-    )
-
-    vocab = tok.get_vocab()
+    special = _write_tokenizer(path, template=template, vocab_size=vocab_size, corpus=corpus, seed=seed,
+                               max_length=max_position_embeddings)
     head_dim = hidden_size // num_heads
     config = {
         "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
@@ -179,46 +143,88 @@ def build_tiny_model(
         "tie_word_embeddings": tie_word_embeddings,
         "hidden_act": "silu",
         "torch_dtype": dtype,
-        "bos_token_id": vocab.get(bos) if bos else None,
-        "eos_token_id": vocab[eos],
-        "pad_token_id": vocab[pad],
+        **special,
     }
     if model_type == "llama":
         config.update(attention_bias=False, mlp_bias=False, head_dim=head_dim)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": vocab[eos]}))
-
-    std = 0.02
-    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
-
-    def w(*shape):
-        return (rng.standard_normal(shape) * std).astype(np_dtype)
-
-    # ``embed_std``: a larger scale of the (tied) embeddings and output head
-    # lets logits, and so next-token probabilities, move far from uniform.
-    embed = (rng.standard_normal((vocab_size, hidden_size)) * embed_std).astype(np_dtype)
-    tensors = {"model.embed_tokens.weight": embed,
-               "model.norm.weight": np.ones(hidden_size, np_dtype)}
-    if not tie_word_embeddings:
-        tensors["lm_head.weight"] = (rng.standard_normal((vocab_size, hidden_size)) * embed_std).astype(np_dtype)
-    kv = num_kv_heads * head_dim
-    for i in range(num_layers):
-        p = f"model.layers.{i}."
-        tensors[p + "input_layernorm.weight"] = np.ones(hidden_size, np_dtype)
-        tensors[p + "post_attention_layernorm.weight"] = np.ones(hidden_size, np_dtype)
-        tensors[p + "self_attn.q_proj.weight"] = w(num_heads * head_dim, hidden_size)
-        tensors[p + "self_attn.k_proj.weight"] = w(kv, hidden_size)
-        tensors[p + "self_attn.v_proj.weight"] = w(kv, hidden_size)
-        tensors[p + "self_attn.o_proj.weight"] = w(hidden_size, num_heads * head_dim)
-        if model_type == "qwen2":
-            tensors[p + "self_attn.q_proj.bias"] = w(num_heads * head_dim)
-            tensors[p + "self_attn.k_proj.bias"] = w(kv)
-            tensors[p + "self_attn.v_proj.bias"] = w(kv)
-        tensors[p + "mlp.gate_proj.weight"] = w(intermediate_size, hidden_size)
-        tensors[p + "mlp.up_proj.weight"] = w(intermediate_size, hidden_size)
-        tensors[p + "mlp.down_proj.weight"] = w(hidden_size, intermediate_size)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": special["eos_token_id"]}))
+    tensors = _random_weights(config, np.random.default_rng(seed), {"float32": np.float32, "float16": np.float16}[dtype],
+                              embed_std=embed_std)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def _write_tokenizer(path: Path, *, template: str | None, vocab_size: int, corpus: list[str] | None, seed: int,
+                     max_length: int) -> dict:
+    """tokenizer.json (a BPE trained on ``corpus``) and its configuration; returns the special tokens' ids."""
+    if template == "llama3":
+        bos, eos, specials = "<|begin_of_text|>", "<|eot_id|>", [
+            "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
+        pad = "<|pad|>"
+    else:
+        bos, eos, specials = None, "<|im_end|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        pad = "<|endoftext|>"
+    tok = train_tokenizer(vocab_size, specials, corpus or default_corpus(seed=seed))
+    if bos is not None:
+        # Like real Llama-3 tokenizers: encoding with special tokens prepends BOS.
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError("tokenizer came out larger than vocab_size")
+    tok.save(str(path / "tokenizer.json"))
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "eos_token": eos,
+        "pad_token": pad,
+        "bos_token": bos,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    if template is not None:
+        tcfg["chat_template"] = TEMPLATES[template]
+    (path / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
+    (path / "special_tokens_map.json").write_text(
+        json.dumps({k: v for k, v in {"bos_token": bos, "eos_token": eos, "pad_token": pad}.items() if v})
+    )
+    vocab = tok.get_vocab()
+    return {"bos_token_id": vocab.get(bos) if bos else None, "eos_token_id": vocab[eos], "pad_token_id": vocab[pad]}
+
+
+def _random_weights(config: dict, rng: np.random.Generator, dtype, *, embed_std: float, std: float = 0.02) -> dict:
+    """Random weights in Hugging Face names for ``config`` (drawn in a fixed order: the same seed, the same model).
+
+    ``embed_std``: a larger scale of the (tied) embeddings and output head
+    lets logits, and so next-token probabilities, move far from uniform.
+    """
+    def w(*shape):
+        return (rng.standard_normal(shape) * std).astype(dtype)
+
+    V, D, F = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
+    H, head_dim = config["num_attention_heads"], D // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    tensors = {"model.embed_tokens.weight": (rng.standard_normal((V, D)) * embed_std).astype(dtype),
+               "model.norm.weight": np.ones(D, dtype)}
+    if not config["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = (rng.standard_normal((V, D)) * embed_std).astype(dtype)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = np.ones(D, dtype)
+        tensors[p + "post_attention_layernorm.weight"] = np.ones(D, dtype)
+        tensors[p + "self_attn.q_proj.weight"] = w(H * head_dim, D)
+        tensors[p + "self_attn.k_proj.weight"] = w(kv, D)
+        tensors[p + "self_attn.v_proj.weight"] = w(kv, D)
+        tensors[p + "self_attn.o_proj.weight"] = w(D, H * head_dim)
+        if config["model_type"] == "qwen2":
+            tensors[p + "self_attn.q_proj.bias"] = w(H * head_dim)
+            tensors[p + "self_attn.k_proj.bias"] = w(kv)
+            tensors[p + "self_attn.v_proj.bias"] = w(kv)
+        tensors[p + "mlp.gate_proj.weight"] = w(F, D)
+        tensors[p + "mlp.up_proj.weight"] = w(F, D)
+        tensors[p + "mlp.down_proj.weight"] = w(D, F)
+    return tensors
 
 
 def count_parameters(path: str | Path) -> int:

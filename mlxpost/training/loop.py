@@ -154,6 +154,44 @@ def _sum_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
 
 
+@dataclass
+class _Window:
+    """The steps since the last report: their summed loss (an array until reported), tokens and time."""
+
+    loss: mx.array | None = None
+    steps: int = 0
+    tokens: int = 0
+    trained: int = 0
+    seconds: float = 0.0
+
+    def add(self, out: dict, seconds: float) -> None:
+        self.loss = out["loss"] if self.loss is None else self.loss + out["loss"]
+        self.steps += 1
+        self.tokens += out["n_tokens"]
+        self.trained += out["n_trained"]
+        self.seconds += seconds
+
+    def metrics(self, out: dict, host: dict, source, trainer: "Trainer") -> dict:
+        """The report: the window's mean loss and speed, the last step's metrics (over all ranks), the source's."""
+        t = max(self.seconds, 1e-9)
+        m = {
+            "loss": self.loss.item() / self.steps,
+            "grad_norm": out["grad_norm"].item(),
+            "lr": float(trainer.optimizer.learning_rate.item()),
+            "tokens_per_s": self.tokens / t,
+            "trained_tokens_per_s": self.trained / t,
+            "step_s": self.seconds / max(self.steps, 1),
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "epoch": round(source.epoch_progress, 3),
+            "tokens": trainer.tokens,
+        }
+        if trainer.objective.perplexity:
+            m["ppl"] = math.exp(min(m["loss"], 50.0))
+        m.update({k: v.item() for k, v in out["metrics"].items()})
+        m.update(host)
+        return m
+
+
 class Trainer:
     """Holds the compiled functions and the state of one training run."""
 
@@ -182,6 +220,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.history: list[dict] = []
         self.stopped: str | None = None  # set when the run ends
+        self.last_loss: float | None = None  # the last reported training loss
+        self.val: dict | None = None  # the last evaluation
         self.monitor = objective.monitor(total_steps) if objective.monitor else None
         self._build_functions()
 
@@ -321,121 +361,34 @@ class Trainer:
     # -- main loop ------------------------------------------------------------
     def fit(self, train_source: BatchSource, valid_source: BatchSource | None = None,
             resume_from=None) -> TrainResult:
-        cfg, model, run, rep = self.cfg, self.model, self.run, self.reporter
+        cfg, rep = self.cfg, self.reporter
         _wire_memory()
         if resume_from is not None:
-            self.restore(resume_from, train_source)
-            run.log({"kind": "resume", "step": self.step, "checkpoint": resume_from.name})
-            rep.event(f"resumed from {resume_from.name} (step {self.step})", step=self.step)
-            if self.monitor is not None:  # replay what the monitor saw before the interruption
-                for rec in run.read_metrics():
-                    if rec.get("kind") == "step" and rec["step"] <= self.step:
-                        self.monitor.observe(rec["step"], rec)
-        model.train()
+            self._resume(resume_from, train_source)
+        self.model.train()
         batches: Iterator[Batch] = iter(train_source)
         stopped = "completed"
-        last = {"loss": None}
-        win_loss = win_count = None
-        win_tokens = win_trained = 0
-        win_time = 0.0
-        win_steps = 0
-        val = None
+        window = _Window()
+        self.val = None
         rep.begin(self.total_steps, self.step, display=self.objective.display)
-
-        def do_eval():
-            nonlocal val
-            t0 = time.perf_counter()
-            rep.event("evaluating", step=self.step, transient=True)
-            val = self.evaluate(valid_source, cfg.eval_batches)
-            if val is None:
-                return False
-            val["eval_seconds"] = round(time.perf_counter() - t0, 2)
-            record = {"step": self.step, **val}
-            self.history.append({"kind": "eval", **record})
-            run.log({"kind": "eval", **record})
-            # best/ keeps the lowest validation loss; patience counts evaluations
-            # without an improvement of more than min_delta.
-            v = val["val_loss"]
-            improved = self.best_val is None or v < self.best_val
-            if improved:
-                self.best_val, self.best_step = v, self.step
-                run.save_best(model, self.adapter_cfg, {"step": self.step, **val})
-            if self.patience_ref is None or v < self.patience_ref - cfg.early_stopping_min_delta:
-                self.patience_ref, self.bad_evals = v, 0
-            else:
-                self.bad_evals += 1
-            rep.eval(self.step, val, best=self.best_val, improved=improved)
-            return cfg.early_stopping_patience > 0 and self.bad_evals >= cfg.early_stopping_patience
-
         if self.step == 0 and valid_source is not None and cfg.eval_at_start:
-            do_eval()
+            self._validate(valid_source)
 
         while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            # The random stream (LoRA dropout) restarts from (seed, step) at every
-            # step, so a resumed run draws exactly what an uninterrupted one draws.
-            mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
-            acc = None
-            used: list[Batch] = []
-            for i in range(cfg.grad_accum):
-                batch = next(batches)
-                used.append(batch)
-                acc = self._micro(batch.arrays(), acc)
-                if i + 1 < cfg.grad_accum:
-                    mx.eval(acc)  # bound memory to one micro-batch's graph
-            local = mx.array([sum(b.n_tokens for b in used), sum(b.n_targets for b in used)], mx.float32)
-            out = self._update(acc, local)
-            mx.eval(self._state, out)  # the one sync point of the step
-            dt = time.perf_counter() - t0
-            self.step += 1
-            n_tok, n_trained = (int(x) for x in out["tokens"].tolist())  # summed over ranks
-            self.tokens += n_tok
-            self.trained_tokens += n_trained
-            self.train_seconds += dt
-            # Reading one flag that the eval above already computed costs no extra
-            # sync, and stops a bad step before it can reach a checkpoint.
-            if not out["ok"].item():
-                self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
+            out, used, dt = self._step(batches)
             # Host-side metrics of the batch source (online RL: rewards, lengths, rollout speed).
             host = dict(getattr(train_source, "last_metrics", None) or {})
             if self.monitor is not None:
                 self._observe(out, host)
-            win_loss = out["loss"] if win_loss is None else win_loss + out["loss"]
-            win_count = (win_count or 0) + 1
-            win_tokens += n_tok
-            win_trained += n_trained
-            win_time += dt
-            win_steps += 1
+            window.add(out, dt)
             rep.advance(self.step)
-
             if self.step % cfg.report_every == 0 or self.step == self.total_steps or self.step == 1:
-                metrics = {
-                    "loss": win_loss.item() / win_count,
-                    "grad_norm": out["grad_norm"].item(),
-                    "lr": float(self.optimizer.learning_rate.item()),
-                    "tokens_per_s": win_tokens / max(win_time, 1e-9),
-                    "trained_tokens_per_s": win_trained / max(win_time, 1e-9),
-                    "step_s": win_time / max(win_steps, 1),
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                    "epoch": round(train_source.epoch_progress, 3),
-                    "tokens": self.tokens,
-                }
-                if self.objective.perplexity:
-                    metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
-                for k, v in out["metrics"].items():  # the last step's, over all ranks
-                    metrics[k] = v.item()
-                metrics.update(host)
-                last["loss"] = metrics["loss"]
-                self.history.append({"kind": "train", "step": self.step, **metrics})
-                run.log({"kind": "train", "step": self.step, **metrics})
-                rep.report(self.step, metrics)
-                win_loss, win_count, win_tokens, win_trained, win_time, win_steps = None, 0, 0, 0, 0.0, 0
-
-            stop = False
-            if valid_source is not None and cfg.eval_every > 0 and self.step % cfg.eval_every == 0 \
-                    and self.step != self.total_steps:
-                stop = do_eval()
-            if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step != self.total_steps:
+                self._report(window.metrics(out, host, train_source, self))
+                window = _Window()
+            last = self.step == self.total_steps
+            stop = (valid_source is not None and cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+                    and not last and self._validate(valid_source))
+            if cfg.save_every > 0 and self.step % cfg.save_every == 0 and not last:
                 self.save(train_source)
             if stop:
                 stopped = "early_stopping"
@@ -445,17 +398,89 @@ class Trainer:
                 break
 
         if stopped == "completed" and valid_source is not None:
-            do_eval()
+            self._validate(valid_source)
         self.stopped = stopped
         self.save(train_source)
-        run.save_final(model, self.adapter_cfg)
+        self.run.save_final(self.model, self.adapter_cfg)
+        val = self.val
         return TrainResult(
-            steps=self.step, stopped=stopped, final_loss=last["loss"], best_val_loss=self.best_val,
+            steps=self.step, stopped=stopped, final_loss=self.last_loss, best_val_loss=self.best_val,
             best_step=self.best_step, val_loss=val["val_loss"] if val else None, tokens=self.tokens,
             trained_tokens=self.trained_tokens, train_seconds=self.train_seconds,
             peak_memory_gb=mx.get_peak_memory() / 1e9, history=self.history, val_metrics=val,
             health=self.monitor.summary(val) if self.monitor is not None else None,
         )
+
+    def _resume(self, checkpoint, source: BatchSource) -> None:
+        """Continue from ``checkpoint``; the health monitor replays what it saw before the interruption."""
+        self.restore(checkpoint, source)
+        self.run.log({"kind": "resume", "step": self.step, "checkpoint": checkpoint.name})
+        self.reporter.event(f"resumed from {checkpoint.name} (step {self.step})", step=self.step)
+        if self.monitor is not None:
+            for rec in self.run.read_metrics():
+                if rec.get("kind") == "step" and rec["step"] <= self.step:
+                    self.monitor.observe(rec["step"], rec)
+
+    def _step(self, batches: Iterator[Batch]) -> tuple[dict, list[Batch], float]:
+        """One optimizer step: ``grad_accum`` micro-batches, the update, one sync. Returns its outputs."""
+        t0 = time.perf_counter()
+        # The random stream (LoRA dropout) restarts from (seed, step) at every
+        # step, so a resumed run draws exactly what an uninterrupted one draws.
+        mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
+        acc = None
+        used: list[Batch] = []
+        for i in range(self.cfg.grad_accum):
+            batch = next(batches)
+            used.append(batch)
+            acc = self._micro(batch.arrays(), acc)
+            if i + 1 < self.cfg.grad_accum:
+                mx.eval(acc)  # bound memory to one micro-batch's graph
+        local = mx.array([sum(b.n_tokens for b in used), sum(b.n_targets for b in used)], mx.float32)
+        out = self._update(acc, local)
+        mx.eval(self._state, out)  # the one sync point of the step
+        dt = time.perf_counter() - t0
+        self.step += 1
+        out["n_tokens"], out["n_trained"] = (int(x) for x in out["tokens"].tolist())  # summed over ranks
+        self.tokens += out["n_tokens"]
+        self.trained_tokens += out["n_trained"]
+        self.train_seconds += dt
+        # Reading one flag that the eval above already computed costs no extra
+        # sync, and stops a bad step before it can reach a checkpoint.
+        if not out["ok"].item():
+            self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
+        return out, used, dt
+
+    def _report(self, metrics: dict) -> None:
+        self.last_loss = metrics["loss"]
+        self.history.append({"kind": "train", "step": self.step, **metrics})
+        self.run.log({"kind": "train", "step": self.step, **metrics})
+        self.reporter.report(self.step, metrics)
+
+    def _validate(self, source: BatchSource) -> bool:
+        """Evaluate on ``source``, keep the best adapter, count patience; True when early stopping should stop."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.reporter.event("evaluating", step=self.step, transient=True)
+        val = self.evaluate(source, cfg.eval_batches)
+        if val is None:
+            return False
+        self.val = val
+        val["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        record = {"step": self.step, **val}
+        self.history.append({"kind": "eval", **record})
+        self.run.log({"kind": "eval", **record})
+        # best/ keeps the lowest validation loss; patience counts evaluations
+        # without an improvement of more than min_delta.
+        v = val["val_loss"]
+        improved = self.best_val is None or v < self.best_val
+        if improved:
+            self.best_val, self.best_step = v, self.step
+            self.run.save_best(self.model, self.adapter_cfg, {"step": self.step, **val})
+        if self.patience_ref is None or v < self.patience_ref - cfg.early_stopping_min_delta:
+            self.patience_ref, self.bad_evals = v, 0
+        else:
+            self.bad_evals += 1
+        self.reporter.eval(self.step, val, best=self.best_val, improved=improved)
+        return cfg.early_stopping_patience > 0 and self.bad_evals >= cfg.early_stopping_patience
 
     def _observe(self, out: dict, host: dict | None = None) -> None:
         """Give this step's metrics (already evaluated) to the health monitor; report what it finds."""
