@@ -135,6 +135,16 @@ def test_group_advantages_by_hand():
                                (s + 1e-4), rtol=1e-6)
 
 
+def test_group_advantages_use_the_population_std_as_documented():
+    import doctest
+
+    assert doctest.testmod(G).failed == 0
+    # G = 2, rewards (1, 0): population std 0.5 -> +-1; the sample std (ddof=1) would give +-0.707.
+    np.testing.assert_allclose(G.group_advantages(np.array([1.0, 0.0]), 2), [1, -1], atol=1e-3)
+    a = G.group_advantages(np.array([3.0, 1.0, 0.0, 0.0, 2.0, 5.0, 1.0, 4.0]), 8)
+    assert abs(a.mean()) < 1e-6 and a.std() == pytest.approx(1.0, abs=1e-3)
+
+
 def test_clipped_objective_equals_hand_computed_values():
     logp = mx.array([[math.log(0.5), math.log(0.9), math.log(0.2)]])
     old = mx.array([[math.log(0.4), math.log(0.5), math.log(0.4)]])
