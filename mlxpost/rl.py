@@ -161,7 +161,11 @@ def token_char_ends(tokenizer, tokens: list[int]) -> list[float]:
     windowed = True
     k = 0
     while k < len(tokens) or (windowed and pending):
-        got = settle(tokenizer.decode(tokens[anchor:k + 1]), anchor_off) if windowed and k < len(tokens) else None
+        if windowed and k < len(tokens):
+            piece = tokenizer.decode(tokens[anchor:k + 1])
+            got = settle(piece, anchor_off)
+        else:
+            piece, got = "", None
         if got is None and windowed:
             # A window that does not fit the text (or one still open at the end, so never checked
             # whole): the pieces do not decode on their own. Redo it from full prefixes.
@@ -177,7 +181,8 @@ def token_char_ends(tokenizer, tokens: list[int]) -> list[float]:
         touched.append((done, hi) if now > done or now_pending else (done, done))
         done, pending = now, now_pending
         k += 1
-        if windowed and not pending:
+        if windowed and not pending and not piece.endswith("\ufffd"):
+            # A boundary, unless the text ends in U+FFFD: invalid bytes there may still join the next ones.
             anchor, anchor_off = k, done
     # Share each character among the tokens that hold its bytes: only a token's first or last
     # character can be shared (the tokens' ranges are in order and meet at most in one character).

@@ -207,6 +207,21 @@ def test_token_char_ends_on_random_unicode():
         assert not ids or ends[-1] == len(text)
 
 
+def test_token_char_ends_on_random_token_ids():
+    """Random ids (invalid UTF-8 in between): spans in order, inside the text, covering it, never raising."""
+    from mlxpost.rl import token_char_ends
+    from mlxpost.tiny import default_corpus, train_tokenizer
+
+    tok = train_tokenizer(300, ["<|endoftext|>"], default_corpus(300))
+    rng = random.Random(SEED)
+    for _ in range(300):
+        ids = [rng.randrange(1, tok.get_vocab_size()) for _ in range(rng.randint(0, 60))]
+        ends = token_char_ends(tok, ids)
+        n = len(tok.decode(ids))
+        assert len(ends) == len(ids) and all(0 <= a <= b <= n for a, b in zip([0, *ends], ends))
+        assert not ids or ends[-1] == n
+
+
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte-level alphabet: byte -> the character that stands for it in a token."""
     table = {b: chr(b) for b in [*range(33, 127), *range(161, 173), *range(174, 256)]}
