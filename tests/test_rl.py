@@ -272,7 +272,7 @@ def test_token_char_ends_gives_each_token_of_a_multibyte_character_a_share_of_it
 class _LeadingSpaceBytes:
     """Decodes byte tokens like SentencePiece: a leading space is dropped, so pieces do not decode on their own."""
 
-    pieces = [b" 3", b" \xc3", b"\x97", b" 4", b" =", b" 1", b"2", b" \xe2\x88", b"\x92"]
+    pieces = (b" 3", b" \xc3", b"\x97", b" 4", b" =", b" 1", b"2", b" \xe2\x88", b"\x92")
 
     def decode(self, ids):
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace").removeprefix(" ")
