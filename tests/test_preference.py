@@ -92,6 +92,24 @@ def test_reference_free_losses_by_hand():
     assert out.losses.item() == pytest.approx(math.log1p(math.exp(-1.5)) + 1.0, abs=1e-6)
 
 
+def test_orpo_gradient_is_finite_when_the_chosen_mean_log_prob_is_zero():
+    # A model sure of every chosen token: the mean log-prob rounds to 0 in float32 (or a hair above).
+    rejected = a(math.log(0.2))
+    for m in (0.0, 1e-7, -1e-8):
+        grad = mx.grad(lambda c: orpo.orpo_loss(c, rejected, 0.1)[0].sum())(a(m))
+        # d/dm of -m is -1; the odds term is held at the clamp m = -1e-6 (its gradient is 0 there).
+        assert grad.item() == -1.0
+        assert orpo.log1m_exp(a(m)).item() == pytest.approx(math.log(1e-6), abs=1e-4)
+    assert math.isfinite(mx.grad(lambda m: orpo.log1m_exp(m).sum())(a(0.0)).item())
+    # Below the clamp nothing changes: d/dm log(1 - e^m) = -e^m / (1 - e^m).
+    g = mx.grad(lambda m: orpo.log1m_exp(m).sum())(a(-1e-3)).item()
+    assert g == pytest.approx(-math.exp(-1e-3) / -math.expm1(-1e-3), rel=1e-4)
+    loss, nll, log_odds = orpo.orpo_loss(a(0.0), rejected, 0.1)
+    # log odds = (0 - log 0.2) - (log 1e-6 - log 0.8)
+    assert log_odds.item() == pytest.approx(-math.log(0.2) - math.log(1e-6) + math.log(0.8), rel=1e-4)
+    assert math.isfinite(loss.item()) and nll.item() == 0.0
+
+
 def test_pair_scores_mask_padding_pairs_and_estimate_kl():
     # Two pairs in rows (c0, c1, r0, r1); pair 1 is a padding pair (no trained tokens).
     w = mx.array([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], mx.float32)

@@ -66,6 +66,30 @@ def test_format_reward(text, expected):
     assert format_reward([text]) == [expected]
 
 
+def test_accuracy_is_exact_and_never_raises_on_untrusted_completions():
+    completions = [
+        "Answer: 1e400",            # used to raise OverflowError and stop the run
+        "Answer: 1e400",
+        "Answer: 1e4999999",        # used to take seconds (10**4999999), then raise
+        "the total is 1e4999999",   # not read as "1"
+        "Answer: 1000001",          # used to match 1000000 (relative tolerance 1e-6)
+        "Answer: 1000000",
+        "Answer: " + "9" * 5000,    # beyond int()'s 4300-digit limit for strings
+        "Answer: 0.3333333",        # a rounded decimal keeps its tolerance
+        "Answer: \x00\ud800 7",    # NUL and a lone surrogate around one number
+    ]
+    answers = ["5", "1e400", "1", "1", "1000000", "1000000", "9", "1/3", "7"]
+    assert accuracy(completions, answer=answers) == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    scores = RewardSet(["accuracy", "format@0.5"]).score(completions, {"answer": answers})
+    assert scores.per_function["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert scores.total == [0.5, 1.5, 0.5, 0.0, 0.5, 1.5, 0.5, 1.5, 1.5]
+
+
+def test_format_reward_on_long_and_odd_lines():
+    assert format_reward(["Answer: " + "*" * 100_000, "Answer:" + " " * 100_000, "x\n" * 50_000 + "Answer: 1",
+                          "Answer: 1\n\x00", "\ud800Answer: 1"]) == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
 def test_builtin_names():
     assert set(BUILTIN_REWARDS) == {"accuracy", "format"}
     assert load_reward("accuracy") is accuracy

@@ -134,6 +134,16 @@ def test_group_advantages_by_hand():
                                (s + 1e-4), rtol=1e-6)
 
 
+def test_group_advantages_use_the_population_std_as_documented():
+    import doctest
+
+    assert doctest.testmod(G).failed == 0
+    # G = 2, rewards (1, 0): population std 0.5 -> +-1; the sample std (ddof=1) would give +-0.707.
+    np.testing.assert_allclose(G.group_advantages(np.array([1.0, 0.0]), 2), [1, -1], atol=1e-3)
+    a = G.group_advantages(np.array([3.0, 1.0, 0.0, 0.0, 2.0, 5.0, 1.0, 4.0]), 8)
+    assert abs(a.mean()) < 1e-6 and a.std() == pytest.approx(1.0, abs=1e-3)
+
+
 def test_clipped_objective_equals_hand_computed_values():
     logp = mx.array([[math.log(0.5), math.log(0.9), math.log(0.2)]])
     old = mx.array([[math.log(0.4), math.log(0.5), math.log(0.4)]])
@@ -192,6 +202,119 @@ def test_a_wrong_step_gets_negative_advantage_on_exactly_its_tokens(llama):
                 assert a[t] == pytest.approx(max(outcome, 0.0))
             else:  # newlines and the final answer keep the outcome advantage
                 assert a[t] == pytest.approx(outcome)
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (character -> byte), to read a token's bytes independently of rl.py."""
+    table = {b: chr(b) for b in [*range(33, 127), *range(161, 173), *range(174, 256)]}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return {c: b for b, c in table.items()}
+
+
+def _chars_held(token_strings: list[str], text: str) -> list[set[int]]:
+    """For each byte-level token, the characters of ``text`` it holds bytes of."""
+    dec = _byte_level_decoder()
+    starts = np.cumsum([0] + [len(ch.encode()) for ch in text])  # byte offset of each character
+    held, pos = [], 0
+    for piece in token_strings:
+        lo, pos = pos, pos + len(bytes(dec[c] for c in piece))
+        held.append({c for c in range(len(text)) if starts[c] < pos and starts[c + 1] > lo})
+    return held
+
+
+def _chars_spanned(ends: list[float]) -> list[set[int]]:
+    starts = [0] + ends[:-1]
+    return [{c for c in range(math.floor(s0), math.ceil(s1)) if s0 < c + 1 and s1 > c} for s0, s1 in zip(starts, ends)]
+
+
+# Multi-byte characters in and out of steps: × (2 bytes), − and CJK (3), 🙂 (4).
+MULTIBYTE = "计算：3 × 4 = 13 🙂\n3 × 4 = 12\n12 − 5 = 8\n答案：7\nAnswer: 7"
+
+
+def test_token_char_ends_gives_each_token_of_a_multibyte_character_a_share_of_it():
+    from mlxpost.model.tiny import default_corpus, train_tokenizer
+    from mlxpost.rl.verifiers import arithmetic
+
+    tok = train_tokenizer(300, ["<|endoftext|>"], default_corpus(300))  # byte-level BPE, merges of ASCII only
+    ids = tok.encode(MULTIBYTE).ids
+    assert tok.decode(ids) == MULTIBYTE
+    held = _chars_held([tok.id_to_token(i) for i in ids], MULTIBYTE)
+    # Decoding prefixes gave a token that only completes a character an empty span.
+    old = [len(tok.decode(ids[:k + 1])) for k in range(len(ids))]
+    assert sum(1 for k, h in enumerate(held) if h and old[k] == (old[k - 1] if k else 0)) >= 6
+    ends = token_char_ends(tok, ids)
+    assert all(a <= b for a, b in zip(ends, ends[1:])) and ends[-1] == len(MULTIBYTE)
+    assert _chars_spanned(ends) == held  # every token spans exactly the characters it holds bytes of
+    times = MULTIBYTE.index("×")
+    k = next(k for k, h in enumerate(held) if times in h)
+    assert ends[k - 1:k + 2] == [times, times + 0.5, times + 1]  # × is two byte tokens: half each
+    smile = MULTIBYTE.index("🙂")
+    k = next(k for k, h in enumerate(held) if smile in h)
+    assert ends[k - 1:k + 4] == [smile, smile + 0.25, smile + 0.5, smile + 0.75, smile + 1]
+
+    v = arithmetic(MULTIBYTE, answer="7", numbers=[3, 4, 5])
+    assert [(s.score, s.reason) for s in v.steps] == [(0.0, "3 × 4 is 12, not 13"), (1.0, "ok"),
+                                                      (0.0, "12 − 5 is 7, not 8")]
+    for outcome in (1.0, -1.0):
+        a = step_token_advantages(ends, v.steps, outcome, lam=1.0)
+        for t, h in enumerate(held):
+            in_steps = [s for s in v.steps if any(s.start <= c < s.end for c in h)]
+            if any(s.score < 1 for s in in_steps):  # every byte of 计, 算, ×, 🙂, − in a wrong step
+                assert a[t] == min(outcome, 0.0) - 1.0, (t, tok.id_to_token(ids[t]))
+            elif in_steps:
+                assert a[t] == max(outcome, 0.0)
+            else:
+                assert a[t] == outcome  # newlines, 答案：7 (no step) and the answer
+
+
+class _LeadingSpaceBytes:
+    """Decodes byte tokens like SentencePiece: a leading space is dropped, so pieces do not decode on their own."""
+
+    pieces = (b" 3", b" \xc3", b"\x97", b" 4", b" =", b" 1", b"2", b" \xe2\x88", b"\x92")
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace").removeprefix(" ")
+
+
+def test_token_char_ends_decodes_prefixes_when_pieces_do_not_decode_alone():
+    tok = _LeadingSpaceBytes()
+    ids = list(range(9))
+    assert tok.decode(ids) == "3 × 4 = 12 −"
+    # " \xc3" holds the space and half of ×; "\x97" the other half; " \xe2\x88" a space and 2/3 of −.
+    assert token_char_ends(tok, ids) == [1, 2.5, 3, 5, 7, 9, 10, 11.5, 12]
+    assert token_char_ends(tok, ids[:2]) == [1, 3]  # cut in the middle of ×: the text ends in U+FFFD
+
+
+def test_rlvr_batches_penalize_every_token_of_a_multibyte_character_in_a_wrong_step(llama):
+    from mlxpost.data.load import PromptRow
+    from mlxpost.methods.online_rl import RLSettings
+    from mlxpost.rl.rollout import Rollouts
+    from mlxpost.rl.verifiers import StepVerifier
+
+    tok = llama.tokenizer
+    prompt = tok.encode("Compute 3 * 4 - 5.", add_special_tokens=False)
+    row = PromptRow(prompt, "Compute 3 * 4 - 5.", {"answer": "7", "numbers": [3, 4, 5]}, "tasks.jsonl:1")
+    right = MULTIBYTE.replace("13", "12").replace("= 8", "= 7")
+    texts = [MULTIBYTE, right]  # right final answer in both, wrong steps in the first
+    ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    assert all(tok.decode(i[:-1]) == t for i, t in zip(ids, texts))
+    src = _source(llama, [row], RLSettings(group_size=2, prompts_per_step=1, micro_batch=2),
+                  verifier=StepVerifier("arithmetic"))
+    (batch,) = src.build([row], Rollouts(group_size=2, completions=ids, texts=texts, truncated=np.zeros(2, bool)))
+    outcome = src.last_rollout["advantages"]
+    assert outcome == [0.0, 0.0]  # both answers right: only the steps tell them apart
+    adv = np.array(batch.extra["adv"])
+    lo = len(prompt) - 1
+    verdict = StepVerifier("arithmetic").verify(MULTIBYTE, {"answer": "7", "numbers": [3, 4, 5]})
+    held = _chars_held(tok.convert_ids_to_tokens(ids[0][:-1]), MULTIBYTE)
+    wrong = [t for t, h in enumerate(held) if any(s.score < 1 and s.start <= c < s.end for s in verdict.steps for c in h)]
+    completing = [t for t in wrong if t and held[t] and held[t] <= held[t - 1]]  # tokens that only finish a character
+    assert len(completing) >= 6
+    a = adv[0, lo:lo + len(ids[0])]
+    np.testing.assert_array_equal(a[wrong], -1.0)
+    assert (np.delete(a, wrong) == 0.0).all()
+    assert (adv[1, lo:lo + len(ids[1])] == 0.0).all()
 
 
 # ---------------------------------------------------------------------------

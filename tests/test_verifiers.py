@@ -203,6 +203,175 @@ def test_exact_verifier():
 
 
 # ---------------------------------------------------------------------------
+# Untrusted completions: exact values, every spelling, bounded parsing
+# ---------------------------------------------------------------------------
+
+
+def step_reasons(c: str, **kw) -> list[tuple[float, str]]:
+    kw.setdefault("answer", "0")
+    return [(s.score, s.reason) for s in arithmetic(c, **kw).steps]
+
+
+FACTOR = "12345678901"
+
+
+def test_wrong_integer_results_are_wrong_however_close():
+    lenient = {"strict_operands": False}
+    assert step_reasons("1000000 * 1000000 = 1000000000001", **lenient) == [
+        (0.0, "1000000 * 1000000 is 1000000000000, not 1000000000001")]
+    assert step_reasons("123456789 * 987654321 = 121932631112635270", **lenient) == [
+        (0.0, "123456789 * 987654321 is 121932631112635269, not 121932631112635270")]
+    assert step_reasons("1000000 * 1000000 = 1000000000000\n123456789 * 987654321 = 121932631112635269",
+                        **lenient) == [(1.0, "ok"), (1.0, "ok")]
+    # Thirty 11-digit factors: a 303-digit product, checked exactly (it used to raise OverflowError).
+    product = " * ".join([FACTOR] * 30)
+    exact_value = str(int(FACTOR) ** 30)
+    assert len(exact_value) == 303
+    assert step_reasons(f"{product} = {exact_value}", numbers=[int(FACTOR)]) == [(1.0, "ok")]
+    off_by_one = str(int(FACTOR) ** 30 + 1)
+    assert step_reasons(f"{product} = {off_by_one}", numbers=[int(FACTOR)]) == [
+        (0.0, f"{FACTOR} * {FACTOR} * {FACTOR} * {FACTOR} * 123\u2026 (417 characters) is 5.56480e+302, "
+              f"not {off_by_one[:59]}\u2026 (303 characters)")]
+    # Exponent notation in a step is exact; only a decimal point allows the writer's rounding.
+    assert step_reasons("3 * 4 = 1e1\n3 * 4 = 1.2e1\n2 / 3 = 0.67\n2 / 3 = 0.66\n3 * 4 = 12.4", **lenient) == [
+        (0.0, "3 * 4 is 12, not 1e1"), (1.0, "ok"), (1.0, "ok"), (0.0, "2 / 3 is 0.666667, not 0.66"),
+        (0.0, "3 * 4 is 12, not 12.4")]
+
+
+def test_final_answers_are_exact_for_integers():
+    assert not answers_match("1000001", "1000000")
+    assert not answers_match("1000001", 1000000)
+    assert not answers_match("121932631112635270", "121932631112635269")
+    assert answers_match("121932631112635269", 121932631112635269)
+    assert not answers_match("1000000.5", "1000000")      # a decimal: within half its last unit only
+    assert answers_match("1.0e6", "1000000")
+    assert answers_match("0.1", 0.1)                       # a float gold is its shortest decimal
+    assert answers_match("3/4", 0.75)
+    assert exact("Answer: 1000001", answer="1000000") == Verdict([], 0.0, "answer 1000001 is wrong (expected 1000000)")
+
+
+def test_overflowing_numbers_score_zero_with_a_reason():
+    # Each of these raised OverflowError (or took seconds) inside the verifier.
+    assert exact("Answer: 1e400", answer="5") == Verdict([], 0.0, "answer 1e400 is wrong (expected 5)")
+    assert exact("Answer: 1e400", answer="1e400").final_score == 1.0   # exact, as a fraction
+    assert exact("Answer: 1e4999999", answer="1") == Verdict(
+        [], 0.0, "answer 1e4999999 cannot be checked: the exponent of 1e4999999 is out of range")
+    assert exact("the result is 1e4999999", answer="1").final_score == 0.0  # not read as "1"
+    huge = "9" * 5000  # beyond int()'s 4300-digit limit for strings
+    assert exact(f"Answer: {huge}", answer="9") == Verdict(
+        [], 0.0, f"answer {huge[:59]}\u2026 (5000 characters) cannot be checked: "
+                 f"{huge[:59]}\u2026 (5000 characters) has more than 1000 digits")
+    assert parse_number("1e400") is None and parse_number("1e4999999") is None and parse_number(huge) is None
+    assert parse_number("1e-400") == 0.0
+    lenient = {"strict_operands": False}
+    hundred = " * ".join([FACTOR] * 100)
+    assert step_reasons(f"{hundred} = 5", **lenient) == [
+        (0.0, f"cannot check {FACTOR} * {FACTOR} * {FACTOR} * {FACTOR} * 123\u2026 (1397 characters): "
+              "a result would have more than 1000 digits")]
+    assert step_reasons("9 ^ 9 ^ 9 = 1", **lenient) == [
+        (0.0, "cannot check 9 ^ 9 ^ 9: the power would have more than 1000 digits")]
+    assert step_reasons("1e4999999 + 1 = 2", **lenient) == [
+        (0.0, "cannot check 1e4999999 + 1: the exponent of 1e4999999 is out of range")]
+    assert step_reasons("1e400 * 1e400 = 1e800\n1e400 * 1e400 = 1e801", **lenient) == [
+        (1.0, "ok"), (0.0, "1e400 * 1e400 is 1.00000e+800, not 1e801")]
+    deep = "(" * 40 + "1" + ")" * 40 + " + 1"
+    assert step_reasons(f"{deep} = 2", **lenient) == [
+        (0.0, f"cannot check {deep[:59]}\u2026 (85 characters): it is nested more than 32 deep")]
+    assert step_reasons("(" * 30 + "1" + ")" * 30 + " + 1 = 2", **lenient) == [(1.0, "ok")]
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("3 x 4", 12), ("3 X 4", 12), ("3x4", 12), ("3 × 4", 12), ("3 · 4", 12), ("3 ⋅ 4", 12), ("3 ∙ 4", 12),
+    ("3 * 4", 12), ("3 ∗ 4", 12), ("3 ＊ 4", 12), (r"3 \times 4", 12), (r"3 \cdot 4", 12), ("3 x -4", -12),
+    ("12 / 4", 3), ("12 ÷ 4", 3), ("12 ∕ 4", 3), ("12 ／ 4", 3), (r"12 \div 4", 3),
+    ("10 - 3", 7), ("10 − 3", 7), ("10 – 3", 7), ("10 － 3", 7), ("10 + 3", 13), ("10 ＋ 3", 13),
+    ("3 ^ 2", 9), ("3 ** 2", 9), ("3²", 9), ("2 ^ 3 ^ 2", 512), ("-3 ^ 2", -9), ("(-3) ^ 2", 9), ("2(3 + 4)", 14),
+    ("３ × ４", 12),
+])
+def test_every_operator_spelling_is_a_checked_step(expr, value):
+    shown = "3 x 4" if expr == "3x4" else expr  # reasons space binary operators
+    assert step_reasons(f"{expr} = {value}", strict_operands=False) == [(1.0, "ok")]
+    assert step_reasons(f"{expr} = {value + 1}", strict_operands=False) == [(0.0, f"{shown} is {value}, not {value + 1}")]
+    assert step_reasons(f"{expr} \uff1d {value + 1}", strict_operands=False) == [
+        (0.0, f"{shown} is {value}, not {value + 1}")]
+
+
+def test_the_review_spellings_of_a_wrong_step_are_punished():
+    c = "3 x 4 = 13\n3 · 4 = 13\n10 – 3 = 8\n3 ** 2 = 10\n3 + 4 = 7 = 8\n3 + 4 ＝ 8\nAnswer: 8"
+    v = arithmetic(c, answer="7", numbers=[3, 4, 10, 2])
+    assert lines_of(c, v) == c.splitlines()[:6]
+    assert [(s.score, s.reason) for s in v.steps] == [
+        (0.0, "3 x 4 is 12, not 13"), (0.0, "3 · 4 is 12, not 13"), (0.0, "10 – 3 is 7, not 8"),
+        (0.0, "3 ** 2 is 9, not 10"), (0.0, "7 = 8 is false"), (0.0, "3 + 4 is 7, not 8")]
+
+
+def test_chains_are_checked_link_by_link():
+    lenient = {"strict_operands": False}
+    assert step_reasons("3 + 4 = 7 = 7", **lenient) == [(1.0, "ok")]
+    assert step_reasons("3 + 4 = 8 = 8", **lenient) == [(0.0, "3 + 4 is 7, not 8")]
+    assert step_reasons("3 + 4 = 7 = 8", **lenient) == [(0.0, "7 = 8 is false")]
+    assert step_reasons("3 + 4 = 2 + 5 = 7", **lenient) == [(1.0, "ok")]
+    assert step_reasons("3 + 4 = 2 + 6", **lenient) == [(0.0, "3 + 4 is 7 but 2 + 6 is 8")]
+    assert step_reasons("7 = 3 + 5", **lenient) == [(0.0, "3 + 5 is 8, not 7")]
+    assert step_reasons("10 / 3 = 3.33 = 3.3", **lenient) == [(1.0, "ok")]  # each link rounds
+    assert step_reasons("x = 3 + 4 = 8", **lenient) == [(0.0, "3 + 4 is 7, not 8")]  # x = 3 + 4 is no link
+    assert step_reasons("3 + 4 == 8\n3 + 4 = = 8", **lenient) == [(0.0, "3 + 4 is 7, not 8")] * 2
+    # The wrong link's value is the step's wrong result: a later step using it is wrong.
+    v = arithmetic("3 + 4 = 7 = 8\n8 * 2 = 16", answer="16", numbers=[3, 4, 2])
+    assert [(s.score, s.reason) for s in v.steps] == [(0.0, "7 = 8 is false"),
+                                                      (0.0, "uses 8, the wrong result of step 1")]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("3 % 4 = 3", "cannot check 3 % 4: '%' is not supported"),
+    ("5! = 120", "cannot check 5!: '!' is not supported"),
+    ("√16 = 4", "cannot check √16: '√' is not supported"),
+    ("2 ^ 0.5 = 1.41", "cannot check 2 ^ 0.5: a power with a non-integer exponent"),
+    ("0 ^ 0 = 1", "cannot check 0 ^ 0: 0 to the power 0 is undefined"),
+    ("Step 1: × 4 = 12", "cannot check × 4: it starts with an operator"),
+    ("3 + 4 = 7 +", "cannot check 7 +: it ends with an operator"),
+    ("3 + (4 = 7", "cannot check 3 + (4: unbalanced parentheses"),
+    ("4 / (2 - 2) = 1", "4 / (2 - 2): division by zero"),
+    ("2 ^ -1 / 0 = 1", "2 ^ -1 / 0: division by zero"),
+    ("x" * 10_001 + " 1 + 1 = 2", "a line of 10011 characters is too long to check (limit 10000)"),
+])
+def test_what_cannot_be_checked_scores_zero_with_a_reason(line, reason):
+    assert step_reasons(line, strict_operands=False) == [(0.0, reason)]
+
+
+@pytest.mark.parametrize("line", [
+    "**3 + 4 = 8**", "- 3 + 4 = 8", "1) 3 + 4 = 8", "a) 3 + 4 = 8", "(3 + 4 = 8)", "$3 + $4 = $8",
+    "so 3 + 4 = 8 apples.", "Step 1: 3 + 4 = 8.", "3+4=8", "  3 + 4 = 8  ",
+])
+def test_steps_inside_prose_and_markup(line):
+    c = f"{line}\nAnswer: 8"
+    v = arithmetic(c, answer="7", numbers=[3, 4])
+    assert lines_of(c, v) == [line]
+    assert [(s.score, s.reason) for s in v.steps] == [(0.0, "3 + 4 is 7, not 8")]
+
+
+@pytest.mark.parametrize("line", [
+    "x = 3", "2x + 3 = 7", "2x+3 = 7", "7 = 8", "3 + 4 <= 8", "3 + 4 ≠ 8", "v2 = 3 + 4", "= 7", "the sum is 7",
+])
+def test_formulas_and_relations_are_not_steps(line):
+    assert arithmetic(line, answer="7", numbers=[3, 4]).steps == []
+
+
+def test_step_limit_per_completion():
+    c = "\n".join(["1 + 1 = 2"] * 1001)
+    v = arithmetic(c, answer="2", numbers=[1])
+    assert len(v.steps) == 1001
+    assert [(s.score, s.reason) for s in v.steps[-2:]] == [(1.0, "ok"), (0.0, "not checked: more than 1000 steps")]
+
+
+def test_a_long_line_of_spaces_in_an_answer_is_read_in_linear_time():
+    # The old pattern (a lazy answer then an optional run of spaces) took ~25 s on this line.
+    text = "Answer: x" + " " * 100_000 + "y  **"
+    assert extract_final_answer(text) == "x" + " " * 100_000 + "y"
+    assert extract_final_answer("**Answer:** 42.**  ") == "42."
+
+
+# ---------------------------------------------------------------------------
 # Verdict validation and user verifiers
 # ---------------------------------------------------------------------------
 

@@ -55,7 +55,29 @@ NORMS = ("grpo", "dapo", "dr_grpo")
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
-    """(P*G,) rewards, rows grouped by prompt -> (P*G,) advantages."""
+    """(P*G,) rewards, rows grouped by prompt -> (P*G,) advantages.
+
+    The std is the population std of the group (numpy's default, ddof=0:
+    divide by G), not the sample std (ddof=1: divide by G - 1). The
+    advantage standardizes the group's own rewards: the G completions are
+    the whole set being ranked against each other, not a sample from which a
+    wider variance is estimated, and with ddof=0 the advantages of every
+    group that is not all equal have mean 0 and std exactly 1 (up to ``eps``),
+    whatever G is. With ddof=1 they would be smaller by ``sqrt((G - 1) / G)``:
+    for G = 2 rewards (1, 0) give +-1 here and +-0.707 with ddof=1; for G = 8
+    the factor is 0.935.
+
+    TRL's GRPOTrainer (huggingface/trl, ``trl/trainer/grpo_trainer.py``)
+    computes ``rewards.view(-1, num_generations).std(dim=1)``, torch's
+    default Bessel-corrected std (ddof=1), and then
+    ``(r - mean) / (std + 1e-4)``, so its advantages are ours times
+    ``sqrt((G - 1) / G)`` (apart from ``eps``): the same direction, scaled by
+    a factor that depends only on G. ``"batch"`` is the population std of
+    all P*G rewards.
+
+    >>> group_advantages(np.array([1.0, 0.0]), 2).round(3).tolist()
+    [1.0, -1.0]
+    """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     r = np.asarray(rewards, np.float64).reshape(-1, group_size)

@@ -8,7 +8,9 @@ the chosen and rejected completions and ``odds(p) = p / (1 - p)``::
     loss     = -m_c - lam * log sigmoid(log_odds)
 
 ``-m_c`` is the per-token NLL of the chosen completion (averaged per pair).
-``log(1 - e^m)`` is computed as ``log(-expm1(m))``, exact for ``m`` near 0.
+``log(1 - e^m)`` is computed as ``log(-expm1(m))``, exact for ``m`` near 0, with ``m``
+clamped to at most -1e-6 so that a chosen completion of mean log-prob 0 gives a
+finite loss and gradient (:func:`log1m_exp`).
 Implicit rewards (as TRL reports them): ``lam * m``.
 """
 
@@ -32,13 +34,28 @@ from .preference import (
 )
 
 
+# The largest m that log1m_exp takes (see there): about 8 float32 ulps of 1.
+LOG1M_EXP_MAX = -1e-6
+
+
 def log1m_exp(m: mx.array) -> mx.array:
-    """``log(1 - exp(m))`` for ``m < 0``.
+    """``log(1 - exp(m))`` for ``m < 0``, with ``m`` clamped to at most :data:`LOG1M_EXP_MAX` (-1e-6).
+
+    ``m`` is a mean log-prob. When the model is sure of every token it rounds
+    to 0 in float32 (or a hair above 0: a log-softmax is not exactly <= 0 in
+    floating point), where ``log(-expm1(m))`` is ``-inf`` (NaN above 0) and
+    its gradient ``exp(m) / expm1(m)`` infinite: one such pair turns the whole
+    step's gradient into NaN. Clamping at -1e-6 keeps the value at least
+    ``log(1e-6) = -13.8`` and the gradient at most 1e6 in magnitude (it is 0
+    above the clamp, where ``m`` is within float32 rounding, ~1e-7, of 0
+    anyway); below -1e-6 nothing changes.
 
     >>> round(log1m_exp(mx.array([-0.6931472])).item(), 5)  # log(1 - 1/2)
     -0.69315
+    >>> round(log1m_exp(mx.array([0.0])).item(), 3)  # log(1 - e^-1e-6), not -inf
+    -13.816
     """
-    return mx.log(-mx.expm1(m))
+    return mx.log(-mx.expm1(mx.minimum(m, LOG1M_EXP_MAX)))
 
 
 def orpo_loss(chosen_mean: mx.array, rejected_mean: mx.array, lam: float) -> tuple[mx.array, mx.array, mx.array]:

@@ -22,10 +22,15 @@ Built-in rewards (:func:`load_reward` names):
 
 * ``accuracy``: 1.0 when the completion's final answer
   (:func:`mlxpost.rl.verifiers.extract_final_answer`) matches column ``answer``
-  (:func:`mlxpost.rl.verifiers.answers_match`: numbers with tolerance, else
-  normalized text), else 0.0; ``None`` for a row without an answer.
+  (:func:`mlxpost.rl.verifiers.answers_match`: numbers exactly, with a tolerance
+  only for a decimal its writer may have rounded; else normalized text), else
+  0.0; ``None`` for a row without an answer.
 * ``format``: 1.0 when the last non-blank line of the completion is
   ``Answer: <something>`` (:data:`FORMAT_LINE`), else 0.0.
+
+Both take completions as untrusted input: any string (``Answer: 1e400``,
+``1e4999999``, a 100,000-character line) scores in bounded time, and a
+number beyond the parsing limits scores 0, never an exception.
 
 Your own: ``path/to/file.py:function`` or ``package.module:function``. On the
 command line a weight follows ``@`` (:func:`parse_reward_option`)::
@@ -53,8 +58,17 @@ __all__ = [
 ]
 
 
+# ---------------------------------------------------------------------------
+# Built-in rewards
+# ---------------------------------------------------------------------------
+
+
 def accuracy(completions: list[str], answer: list[Any] | None = None, **columns) -> list[float | None]:
-    """1.0 when the final answer matches column ``answer``, else 0.0; None where there is no answer."""
+    """1.0 when the final answer matches column ``answer``, else 0.0; None where there is no answer.
+
+    >>> accuracy(["Answer: 1000001", "Answer: 1e400", "so it is 7", "Answer: 3.33"], answer=["1000000", "5", "7", "10/3"])
+    [0.0, 0.0, 1.0, 0.0]
+    """
     if answer is None:
         return [None] * len(completions)
     return [None if gold is None else float(answers_match(extract_final_answer(c), gold))
@@ -73,8 +87,8 @@ def format_reward(completions: list[str], **columns) -> list[float]:
     """
     out = []
     for c in completions:
-        lines = [ln for ln in str(c).splitlines() if ln.strip()]
-        out.append(1.0 if lines and FORMAT_LINE.fullmatch(lines[-1].rstrip()) else 0.0)
+        last = next((ln for ln in reversed(str(c).splitlines()) if ln.strip()), None)
+        out.append(1.0 if last is not None and FORMAT_LINE.fullmatch(last.rstrip()) else 0.0)
     return out
 
 
@@ -82,6 +96,11 @@ BUILTIN_REWARDS: dict[str, Callable[..., Any]] = {
     "accuracy": accuracy,
     "format": format_reward,
 }
+
+
+# ---------------------------------------------------------------------------
+# Loading and parsing
+# ---------------------------------------------------------------------------
 
 
 def load_reward(spec: str | Callable, *, base_dir: str | Path | None = None) -> Callable:
@@ -127,6 +146,11 @@ def parse_reward_option(text: str) -> tuple[str, float]:
     if not spec.strip():
         raise MlxpostError(f"--reward {text!r}: missing the reward before '@'")
     return spec.strip(), _check_weight(w, spec)
+
+
+# ---------------------------------------------------------------------------
+# Scoring a batch
+# ---------------------------------------------------------------------------
 
 
 @dataclass

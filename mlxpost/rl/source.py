@@ -48,12 +48,91 @@ from ..methods.online_rl import RLSettings, group_advantages
 from .rollout import sample_groups
 
 
-def token_char_ends(tokenizer, tokens: list[int]) -> list[int]:
-    """Character offset where each token's text ends in ``decode(tokens)``."""
-    ends, prev = [], 0
-    for k in range(1, len(tokens) + 1):
-        n = len(tokenizer.decode(tokens[:k]))
-        prev = max(prev, n)
+def token_char_ends(tokenizer, tokens: list[int]) -> list[float]:
+    """Character offset in ``decode(tokens)`` where each token's text ends; token k spans ``[ends[k-1], ends[k])``.
+
+    A byte-level tokenizer may split one character of several UTF-8 bytes
+    (``−``, ``×``, ``中``) over several tokens. Every token holding some of its
+    bytes gets a share of that character: a character at offset ``c`` spread
+    over ``m`` tokens gives them ``[c, c + 1/m)``, ``[c + 1/m, c + 2/m)``, ...
+    The spans stay contiguous and increasing, and since step spans are whole
+    characters, each of those tokens overlaps every step that holds the
+    character, so :func:`step_token_advantages` gives it that step's
+    advantage. (Taking ``len(decode(tokens[:k]))`` instead gave a token that
+    only completes a character an empty span, and with it the completion's
+    advantage inside a wrong step.) Offsets are ints where whole, floats
+    inside a character.
+
+    Each token is decoded with the tokens since the last character boundary
+    and checked against the full text; a trailing U+FFFD there marks a
+    character begun but not finished. A tokenizer whose pieces do not decode
+    consistently on their own (a SentencePiece leading space) is decoded
+    prefix by prefix instead.
+    """
+    final = tokenizer.decode(tokens)
+
+    def common(text: str, off: int) -> int:  # the longest prefix of text that final has at off
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if final.startswith(text[:mid], off):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def settle(text: str, off: int) -> tuple[int, bool] | None:
+        """(characters complete, a character pending) after ``text`` placed at ``off``; None if it does not fit."""
+        if final.startswith(text, off):
+            return off + len(text), False
+        n = common(text, off)
+        rest = text[n:]
+        return (off + n, True) if not rest.strip("\ufffd") else None
+
+    touched = []  # per token: [first, end) of the characters it holds bytes of
+    done, pending = 0, False
+    anchor = anchor_off = 0  # window start: the first token after the last character boundary
+    windowed = True
+    k = 0
+    while k < len(tokens) or (windowed and pending):
+        if windowed and k < len(tokens):
+            piece = tokenizer.decode(tokens[anchor:k + 1])
+            got = settle(piece, anchor_off)
+        else:
+            piece, got = "", None
+        if got is None and windowed:
+            # A window that does not fit the text (or one still open at the end, so never checked
+            # whole): the pieces do not decode on their own. Redo it from full prefixes.
+            windowed = False
+            del touched[anchor:]
+            done, pending, k = anchor_off, False, anchor
+            continue
+        if got is None:
+            text = tokenizer.decode(tokens[:k + 1])
+            got = settle(text, 0) or (common(text, 0), False)
+        now, now_pending = max(got[0], done), got[1]
+        hi = min(now + now_pending, len(final))
+        touched.append((done, hi) if now > done or now_pending else (done, done))
+        done, pending = now, now_pending
+        k += 1
+        if windowed and not pending and not piece.endswith("\ufffd"):
+            # A boundary, unless the text ends in U+FFFD: invalid bytes there may still join the next ones.
+            anchor, anchor_off = k, done
+    # Share each character among the tokens that hold its bytes: only a token's first or last
+    # character can be shared (the tokens' ranges are in order and meet at most in one character).
+    count: dict[int, int] = {}
+    for lo, hi in touched:
+        if hi > lo:
+            for c in {lo, hi - 1}:
+                count[c] = count.get(c, 0) + 1
+    seen: dict[int, int] = {}
+    ends: list[float] = []
+    prev: float = 0
+    for lo, hi in touched:
+        if hi > lo:
+            c = hi - 1
+            seen[c] = seen.get(c, 0) + 1
+            prev = hi if seen[c] == count[c] else c + seen[c] / count[c]
         ends.append(prev)
     return ends
 

@@ -23,13 +23,23 @@ the verifier and row in its errors.
 
 Built-in verifiers (:func:`load_verifier` names):
 
-* ``arithmetic``: every line with a calculation ``a op b = c`` is a step
-  (see :func:`arithmetic`); the final answer is compared with column ``answer``.
+* ``arithmetic``: every line with a calculation ``a op b = c`` (any common
+  operator spelling, chains ``a = b = c`` link by link) is a step, checked
+  with exact arithmetic (see :func:`arithmetic`); the final answer is
+  compared with column ``answer``.
 * ``arithmetic_lenient``: the same, but an operand that is neither given nor
   computed earlier is allowed.
 * ``exact``: no steps; only the final answer against column ``answer``.
 
 Your own: ``path/to/file.py:function`` or ``package.module:function``.
+
+The built-ins treat a completion as untrusted input: whatever it holds
+(``1e4999999``, a product of a hundred 11-digit numbers, ``((((...``, a
+100,000-character line, NUL bytes), they return a verdict in bounded time
+and never raise. Numbers and expressions beyond the limits
+(:data:`MAX_DIGITS`, :data:`MAX_EXPR_TOKENS`, :data:`MAX_DEPTH`,
+:data:`MAX_LINE_CHARS`, :data:`MAX_STEPS`) are not evaluated: they score 0
+with a reason saying so.
 
 This module also holds what rewards and verifiers share: final-answer
 extraction (:func:`extract_final_answer`), answer comparison
@@ -39,6 +49,7 @@ extraction (:func:`extract_final_answer`), answer comparison
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import inspect
 import math
@@ -47,6 +58,7 @@ import re
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -57,6 +69,11 @@ __all__ = [
     "Step", "Verdict", "StepVerifier", "coerce_verdict", "load_verifier", "load_callable",
     "extract_final_answer", "answers_match", "parse_number", "arithmetic", "exact", "BUILTIN_VERIFIERS",
 ]
+
+
+# ---------------------------------------------------------------------------
+# Data types
+# ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -85,59 +102,154 @@ class Verdict:
         return self.final_score == 1.0 and all(s.score == 1.0 for s in self.steps)
 
 
+# ---------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------
+
+# Completions are untrusted model output: a policy under RL will find any
+# input that crashes, stalls or fools a check. Every parse below is bounded.
+MAX_DIGITS = 1000  # digits of a number's numerator or denominator (literal, intermediate or result)
+MAX_EXPR_TOKENS = 256  # tokens in one side of an equation
+MAX_DEPTH = 32  # nesting of parentheses, signs and powers in one expression
+MAX_LINE_CHARS = 10_000  # a longer line holding "=" and a digit is a step scored 0, not read
+MAX_STEPS = 1000  # steps checked per completion; later calculation lines score 0 unread
+
+_LIMIT = 10**MAX_DIGITS  # a value's numerator and denominator stay below this
+_LIMIT_BITS = _LIMIT.bit_length()
+
+
+def _short(text: Any, limit: int = 60) -> str:
+    """``text`` for a reason: at most ``limit`` characters (an ellipsis and the length when cut)."""
+    s = str(text)
+    return s if len(s) <= limit else f"{s[:limit - 1]}\u2026 ({len(s)} characters)"
+
+
+# ---------------------------------------------------------------------------
+# Numbers and final answers
+# ---------------------------------------------------------------------------
+
 # A number as written: "1,234" (thousands separators), "3.5", ".5", "42".
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-
-
 _MINUSES = "-\u2212\u2013"  # hyphen-minus, minus sign, en dash
-
-
+_TO_HYPHEN = str.maketrans({c: "-" for c in _MINUSES[1:]})
 # A number in running text: a leading minus only when it is not a binary minus ("10-3").
-_NUMBER_IN_TEXT = re.compile(rf"(?<![\w.,/])(?:[{_MINUSES}](?=[\d.]))?(?:\d+/\d+(?![\d.,/])|{_UNSIGNED})")
-
-
-_NUMBER_FULL = re.compile(rf"[+{_MINUSES}]?{_UNSIGNED}(?:[eE][+-]?\d+)?")
-
-_FRACTION_FULL = re.compile(rf"([+{_MINUSES}]?\d+)\s*/\s*([+{_MINUSES}]?\d+)")
-
+_NUMBER_IN_TEXT = re.compile(rf"(?<![\w.,/])(?:[{_MINUSES}](?=[\d.]))?"
+                             rf"(?:\d+/\d+(?![\d.,/])|{_UNSIGNED}(?:[eE][+-]?\d+)?)")
+_NUMBER_FULL = re.compile(r"(?P<sign>[+-]?)(?P<int>\d{1,3}(?:,\d{3})+|\d*)(?:\.(?P<frac>\d+))?"
+                          r"(?:[eE](?P<exp>[+-]?\d+))?")
+_FRACTION_FULL = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
 
 # The final answer line: "Answer: 42" (also "**Answer:** 42", any case); the
-# text after the colon is the answer.
-ANSWER_LINE = re.compile(r"^[ \t>*_#]*answer[*_]*[ \t]*[:\uff1a][ \t*_]*(?P<answer>.*?)[ \t*_]*$",
-                         re.IGNORECASE | re.MULTILINE)
+# text after the colon, without surrounding spaces and emphasis, is the answer.
+# (The stripping is done in Python: a lazy group followed by an optional run
+# of spaces backtracks quadratically on a long line of spaces.)
+ANSWER_LINE = re.compile(r"^[ \t>*_#]*answer[*_]*[ \t]*[:\uff1a](?P<answer>.*)$", re.IGNORECASE | re.MULTILINE)
+_ANSWER_STRIP = " \t\r\n\x0b\x0c*_"
 
 
-def _to_fraction(text: Any) -> Fraction | None:
-    """The exact value of a number written as text (or given as a number), else None."""
-    if isinstance(text, bool):
-        return None
-    if isinstance(text, numbers.Integral):
-        return Fraction(int(text))
-    if isinstance(text, numbers.Real):
-        x = float(text)
-        return Fraction(x) if math.isfinite(x) else None
-    if not isinstance(text, str):
-        return None
-    s = text.strip().rstrip(".").strip()
+class _Refused(ValueError):
+    """A number or expression that is not evaluated (too large, unsupported): the message says why."""
+
+
+@dataclass(frozen=True)
+class _Num:
+    """A number read from text: its exact value and how precisely it was written.
+
+    ``half_unit`` is half a unit in the last written digit of a number written
+    with a decimal point or an exponent (``3.33`` -> 0.005, ``2e-7`` ->
+    5e-8), which its writer may have rounded; None for integers and ``a/b``,
+    which are exact. ``point``: written with digits after a decimal point.
+    """
+
+    value: Fraction
+    half_unit: Fraction | None = None
+    point: bool = False
+
+
+def _too_big(v: Fraction) -> bool:
+    return abs(v.numerator) >= _LIMIT or v.denominator >= _LIMIT
+
+
+def _decimal_literal(m: re.Match, text: str) -> _Num:
+    """The exact value of a matched decimal literal, refused beyond :data:`MAX_DIGITS` (no big power is built)."""
+    int_part, frac, exp = m.group("int").replace(",", ""), m.group("frac") or "", m.group("exp")
+    if len(int_part) + len(frac) > MAX_DIGITS:
+        raise _Refused(f"{_short(text)} has more than {MAX_DIGITS} digits")
+    digits = (int_part + frac).lstrip("0")
+    e = -len(frac)
+    if exp is not None:
+        magnitude = exp.lstrip("+-").lstrip("0") or "0"
+        if len(magnitude) > 6:
+            raise _Refused(f"the exponent of {_short(text)} is out of range")
+        e += -int(magnitude) if exp.startswith("-") else int(magnitude)
+    if abs(e) > MAX_DIGITS or len(digits) + e > MAX_DIGITS:
+        raise _Refused(f"{_short(text)} is out of range (more than {MAX_DIGITS} digits)")
+    mantissa = int(digits) if digits else 0
+    value = Fraction(mantissa * 10**e) if e >= 0 else Fraction(mantissa, 10**-e)
+    if m.group("sign") == "-":
+        value = -value
+    half = Fraction(10)**e / 2 if frac or exp is not None else None
+    return _Num(value, half, bool(frac))
+
+
+def _read_number(x: Any) -> tuple[_Num | None, str | None]:
+    """``(number, None)``, or ``(None, why)`` for a number that is refused, or ``(None, None)`` for no number.
+
+    Text: ``"1,234"``, ``"-3.5"``, ``".5"``, ``"7."``, ``"$5"``, ``"2e-7"``,
+    ``"3/4"`` (minus signs ``-``, ``−`` and ``–``). A Python int is exact, a
+    float is read from its shortest repr (``0.1`` is the decimal 0.1). Refused:
+    more than :data:`MAX_DIGITS` digits in the value, an exponent beyond it.
+    """
+    if isinstance(x, bool):
+        return None, None
+    if isinstance(x, numbers.Integral):
+        v = int(x)
+        if abs(v) >= _LIMIT:
+            return None, f"an integer of more than {MAX_DIGITS} digits"
+        return _Num(Fraction(v)), None
+    if isinstance(x, numbers.Rational):
+        v = Fraction(x.numerator, x.denominator)
+        return (None, f"a fraction of more than {MAX_DIGITS} digits") if _too_big(v) else (_Num(v), None)
+    if isinstance(x, numbers.Real):
+        f = float(x)
+        return _read_number(repr(f)) if math.isfinite(f) else (None, None)
+    if not isinstance(x, str):
+        return None, None
+    s = x.strip().rstrip(".").strip()
     if s.startswith("$"):
         s = s[1:].strip()
-    for m in _MINUSES[1:]:
-        s = s.replace(m, "-")
-    if _NUMBER_FULL.fullmatch(s):
-        return Fraction(s.replace(",", ""))
-    m = _FRACTION_FULL.fullmatch(s)
-    if m and int(m.group(2)) != 0:
-        return Fraction(int(m.group(1)), int(m.group(2)))
-    return None
+    s = s.translate(_TO_HYPHEN)
+    try:
+        m = _NUMBER_FULL.fullmatch(s)
+        if m and (m.group("int") or m.group("frac")):
+            return _decimal_literal(m, x.strip()), None
+        m = _FRACTION_FULL.fullmatch(s)
+        if m:
+            a, b = m.group(1), m.group(2)
+            if max(len(a), len(b)) > MAX_DIGITS:
+                raise _Refused(f"{_short(x.strip())} has more than {MAX_DIGITS} digits")
+            if int(b) == 0:
+                return None, None
+            return _Num(Fraction(int(a), int(b))), None
+    except _Refused as e:
+        return None, str(e)
+    return None, None
 
 
 def parse_number(text: Any) -> float | None:
     """``"1,234"``, ``"3.0"``, ``"-2"``, ``"3/4"``, ``"$5"``, ``"1e-3"`` → a float; anything else → None.
 
-    ``nan``, ``inf`` and words are not numbers here.
+    ``nan``, ``inf`` and words are not numbers here; neither is a number
+    beyond the parsing limits (:data:`MAX_DIGITS`) or beyond the float range
+    (``"1e400"``: None, not an OverflowError).
     """
-    f = _to_fraction(text)
-    return None if f is None else float(f)
+    num, _ = _read_number(text)
+    if num is None:
+        return None
+    try:
+        return float(num.value)
+    except OverflowError:
+        return None
 
 
 def _numbers_in(text: str) -> list[str]:
@@ -153,8 +265,7 @@ def extract_final_answer(text: str) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    found = [m.group("answer").strip() for m in ANSWER_LINE.finditer(text)]
-    found = [a for a in found if a]
+    found = [a for a in (m.group("answer").strip(_ANSWER_STRIP).strip() for m in ANSWER_LINE.finditer(text)) if a]
     if found:
         return found[-1]
     nums = _numbers_in(text)
@@ -165,26 +276,64 @@ def _normalize(s: str) -> str:
     return " ".join(s.strip().rstrip(".").split()).casefold()
 
 
+def _close(p: _Num, g: _Num, rel_tol: float, abs_tol: float) -> bool:
+    """Exact equality, or the tolerance of a possibly rounded decimal (see :func:`answers_match`)."""
+    if p.value == g.value:
+        return True
+    halves = [x.half_unit for x in (p, g) if x.half_unit is not None]
+    if not halves:
+        return False  # integers and fractions are exact: 1000001 is not 1000000
+    diff = abs(p.value - g.value)
+    a = Fraction(abs_tol)
+    return diff <= max(Fraction(rel_tol) * max(abs(p.value), abs(g.value)), a) and diff <= max(max(halves), a)
+
+
+def _compare(pred: Any, gold: Any, rel_tol: float, abs_tol: float) -> tuple[bool, str | None]:
+    """``(match, why)``: ``why`` says why a numeric prediction could not be compared (else None)."""
+    if rel_tol < 0 or abs_tol < 0:
+        raise ValueError("tolerances must be non-negative")
+    if pred is None or gold is None:
+        return False, None
+    g, _ = _read_number(gold)
+    if g is not None:
+        p, why = _read_number(pred)
+        if p is None and why is None and isinstance(pred, str):
+            nums = _numbers_in(pred)
+            if len(nums) == 1:
+                p, why = _read_number(nums[0])
+        if p is None:
+            return False, why
+        return _close(p, g, rel_tol, abs_tol), None
+    return _normalize(str(pred)) == _normalize(str(gold)), None
+
+
 def answers_match(pred: Any, gold: Any, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
     """Whether a predicted answer matches the gold one.
 
-    When both parse as numbers (:func:`parse_number`) they are compared with
-    ``math.isclose(rel_tol, abs_tol)``. When the gold is a number and the
+    When both are numbers (:func:`parse_number`'s forms) they are compared
+    exactly, as fractions: integers and ``a/b`` get no tolerance (``1000001``
+    does not match ``1000000``; ``3/4`` matches ``0.75``). A tolerance applies
+    only when one of the two is written with a decimal point or an exponent
+    (``3.33``, ``2e-7``): a value its writer may have rounded. Then they match
+    when their difference is within ``max(rel_tol * max(|p|, |g|), abs_tol)``
+    (``math.isclose``) and also within half a unit in the last written digit
+    of that decimal (or ``abs_tol``): ``0.3333333`` matches ``1/3``,
+    ``1000000.5`` does not match ``1000000``. When the gold is a number and the
     prediction is text holding exactly one number ("9 apples"), that number
-    is compared. Otherwise the two are compared as text, ignoring case,
-    surrounding whitespace, repeated spaces and a trailing period.
-    """
-    if pred is None or gold is None:
-        return False
-    g = parse_number(gold)
-    if g is not None:
-        p = parse_number(pred)
-        if p is None and isinstance(pred, str):
-            nums = _numbers_in(pred)
-            p = parse_number(nums[0]) if len(nums) == 1 else None
-        return p is not None and math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol)
-    return _normalize(str(pred)) == _normalize(str(gold))
+    is compared. A number beyond the parsing limits (``1e4999999``: more than
+    :data:`MAX_DIGITS` digits) matches nothing. Otherwise the two are compared
+    as text, ignoring case, surrounding whitespace, repeated spaces and a
+    trailing period. Never raises on any ``pred``.
 
+    >>> answers_match("1000001", "1000000"), answers_match("0.75", "3/4"), answers_match("3.33", "10/3", rel_tol=1e-2)
+    (False, True, True)
+    """
+    return _compare(pred, gold, rel_tol, abs_tol)[0]
+
+
+# ---------------------------------------------------------------------------
+# Loading user functions (shared with rewards)
+# ---------------------------------------------------------------------------
 
 _FILE_MODULES: dict[Path, Any] = {}
 
@@ -331,6 +480,11 @@ def where_label(row: int | str, sources: Any = None) -> str:
     return label
 
 
+# ---------------------------------------------------------------------------
+# Verdict validation
+# ---------------------------------------------------------------------------
+
+
 def _score(value: Any, what: str, err: Callable[[str], MlxpostError]) -> float:
     if isinstance(value, bool):
         return float(value)
@@ -343,7 +497,6 @@ def _score(value: Any, what: str, err: Callable[[str], MlxpostError]) -> float:
 
 
 _STEP_KEYS = ("start", "end", "score", "reason")
-
 _VERDICT_KEYS = ("steps", "final_score", "final_reason")
 
 
@@ -421,15 +574,25 @@ def coerce_verdict(obj: Any, name: str, row: int | str, completion: str) -> Verd
     return Verdict(steps, _score(final_score, "final_score", err), final_reason)
 
 
+# ---------------------------------------------------------------------------
+# Built-in verifiers
+# ---------------------------------------------------------------------------
+
+_TOLERANCE = (1e-6, 1e-9)  # answers_match's defaults
+
+
 def _final(completion: str, answer: Any) -> tuple[float, str]:
     if answer is None:
         return 0.0, "the row has no answer to compare with"
     pred = extract_final_answer(completion)
     if pred is None:
         return 0.0, "no final answer found"
-    if answers_match(pred, answer):
-        return 1.0, f"answer {pred} is correct"
-    return 0.0, f"answer {pred} is wrong (expected {answer})"
+    ok, why = _compare(pred, answer, *_TOLERANCE)
+    if ok:
+        return 1.0, f"answer {_short(pred)} is correct"
+    if why:
+        return 0.0, f"answer {_short(pred)} cannot be checked: {why}"
+    return 0.0, f"answer {_short(pred)} is wrong (expected {_short(answer)})"
 
 
 def exact(completion: str, answer: Any, **columns) -> Verdict:
@@ -438,143 +601,402 @@ def exact(completion: str, answer: Any, **columns) -> Verdict:
     return Verdict([], score, reason)
 
 
-# Tokens of an arithmetic expression.
-_OPS = {"+": "+", "-": "-", "\u2212": "-", "*": "*", "\u00d7": "*", "/": "/", "\u00f7": "/"}
+# Operators as written -> the operation. "x" multiplies only between two
+# operands (3 x 4, not x = 3 or 2x + 1); the em dash, ":" and "%" are no
+# operators (a dash in prose, a ratio or a label, a percentage or a modulo).
+_OPS = {"+": "+", "\uff0b": "+",
+        "-": "-", "\u2212": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-",
+        "*": "*", "\u2217": "*", "\u00d7": "*", "\u00b7": "*", "\u22c5": "*", "\u2219": "*", "\uff0a": "*",
+        "x": "*", "X": "*", "\\times": "*", "\\cdot": "*",
+        "/": "/", "\u00f7": "/", "\u2215": "/", "\uff0f": "/", "\\div": "/",
+        "^": "^", "**": "^"}
+_OP_CHARS = "".join(re.escape(c) for c in _OPS if len(c) == 1 and c not in "xX")
+_SUPERSCRIPT_DIGITS = str.maketrans("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079", "0123456789")
+_POSTFIX_BAD, _PREFIX_BAD = "%!\u2030", "\u221a\u221b\u221c"  # % ! ‰, square/cube/fourth root: not evaluated
+_LINE_TOKEN = re.compile(
+    r"(?P<sp>\s+)"
+    r"|(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"
+    r"|(?P<rel>[<>!]=|=>|[\u2264\u2265\u2260\u2248])"  # <= >= != => ≤ ≥ ≠ ≈: not equations
+    r"|(?P<eq>==?|\uff1d)"
+    rf"|(?P<op>\*\*|\\times|\\cdot|\\div|[{_OP_CHARS}])"
+    r"|(?P<lp>[(\[])|(?P<rp>[)\]])"
+    r"|(?P<sup>[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+)"
+    rf"|(?P<bad>[{_POSTFIX_BAD}{_PREFIX_BAD}])"
+    r"|(?P<cur>[$\u20ac\u00a3\u00a5](?=[\d.]))"
+    r"|(?P<word>[^\W\d_]+)"
+    r"|(?P<other>.)", re.DOTALL)
+_EXPR_KINDS = frozenset(("num", "op", "lp", "rp", "sup", "bad", "eq"))
+_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
+_DIGIT = re.compile(r"\d")
 
 
-_TOKEN = re.compile(rf"\s*(?:(?P<num>{_UNSIGNED})|(?P<op>[-+*/\u2212\u00d7\u00f7])|(?P<par>[()])|(?P<junk>\S))")
+@dataclass(slots=True)
+class _Tok:
+    kind: str  # num op lp rp sup bad eq (expression tokens) | word other rel (prose)
+    text: str
+    glued: bool  # no space between it and the token before
+    op: str = ""  # + - * / ^ for an operator
 
 
-class _Expr:
-    """A tiny recursive-descent evaluator: + - * / × ÷, unary minus, parentheses."""
+def _line_tokens(line: str) -> list[_Tok]:
+    """The tokens of a line, with "x" read as times between operands and ``v2``-like names as words."""
+    toks: list[_Tok] = []
+    last_end = -1
+    for m in _LINE_TOKEN.finditer(line):
+        kind = m.lastgroup
+        if kind == "sp":
+            continue
+        if kind == "cur":  # $3: the number without its currency sign
+            last_end = -1
+            continue
+        text = m.group()
+        toks.append(_Tok(kind, text, m.start() == last_end, _OPS.get(text, "")))
+        last_end = m.end()
+    for i, t in enumerate(toks):
+        if t.kind == "word" and t.text in ("x", "X") and i and toks[i - 1].kind in ("num", "rp", "sup"):
+            nxt = toks[i + 1] if i + 1 < len(toks) else None
+            after = toks[i + 2] if i + 2 < len(toks) else None
+            if nxt is not None and (nxt.kind in ("num", "lp") or (  # 3 x 4, 3 x (1 + 2), 3 x -2 (not 2x + 3)
+                    nxt.kind == "op" and nxt.op in "+-" and not nxt.glued and after is not None
+                    and after.kind == "num" and after.glued)):
+                t.kind = "op"
+        elif t.kind == "num" and t.glued and i and toks[i - 1].kind == "word":
+            t.kind = "word"  # x2, v1, step3: part of a name
+    return toks
 
-    def __init__(self, tokens: list[tuple[str, str]]):
-        self.toks, self.i = tokens, 0
+
+def _ends_operand(t: _Tok) -> bool:
+    return t.kind in ("num", "rp", "sup") or (t.kind == "bad" and t.text in _POSTFIX_BAD)
+
+
+def _starts_operand(t: _Tok) -> bool:
+    return t.kind == "num" or (t.kind == "bad" and t.text in _PREFIX_BAD)
+
+
+def _render(toks: list[_Tok]) -> str:
+    """An expression as text for a reason: operators spaced, signs, powers and parentheses tight."""
+    out = []
+    prev = None
+    for i, t in enumerate(toks):
+        nxt = toks[i + 1] if i + 1 < len(toks) else None
+        if (t.kind in ("op", "eq") and not (t.kind == "op" and t.op in "+-" and (
+                prev is None or prev.kind in ("op", "lp", "eq")))) or (
+                t.kind == "bad" and t.text in _POSTFIX_BAD and nxt is not None and nxt.kind in ("num", "lp")):
+            out.append(f" {t.text} ")  # binary operators (and 3 % 4)
+        else:
+            out.append(t.text)
+        prev = t
+    return " ".join("".join(out).split())
+
+
+class _DivisionByZero(_Refused):
+    pass
+
+
+def _bounded(v: Fraction) -> Fraction:
+    if _too_big(v):
+        raise _Refused(f"a result would have more than {MAX_DIGITS} digits")
+    return v
+
+
+def _power(base: Fraction, exponent: Fraction) -> Fraction:
+    """``base ** exponent`` for an integer exponent, refused before computing a result beyond the limits."""
+    if exponent.denominator != 1:
+        raise _Refused("a power with a non-integer exponent")
+    n = exponent.numerator
+    if base == 0:
+        if n == 0:
+            raise _Refused("0 to the power 0 is undefined")
+        if n < 0:
+            raise _DivisionByZero("division by zero")
+        return Fraction(0)
+    if base == 1 or (base == -1 and n % 2 == 0):
+        return Fraction(1)
+    if base == -1:
+        return Fraction(-1)
+    # |base| != 0, 1: its larger part has >= 2 bits, so the result has >= (bits - 1) * |n| bits.
+    bits = max(abs(base.numerator).bit_length(), base.denominator.bit_length())
+    if (bits - 1) * abs(n) >= _LIMIT_BITS:
+        raise _Refused(f"the power would have more than {MAX_DIGITS} digits")
+    return _bounded(base**n)
+
+
+def _literal(text: str) -> _Num:
+    m = _NUMBER_FULL.fullmatch(text)
+    if m is None:  # not reached: the line tokenizer only makes numbers this pattern reads
+        raise _Refused(f"{_short(text)} is not a number")
+    return _decimal_literal(m, text)
+
+
+class _Evaluator:
+    """Exact evaluation of one side of an equation, bounded in size, depth and magnitude.
+
+    Grammar: sums of products of (signed) powers; ``^`` is right-associative
+    and binds tighter than a sign (``-2^2 = -4``); a number or ``)`` right
+    before ``(`` multiplies (``2(3 + 4)``); superscript digits are powers
+    (``2³``). Numbers in an exponent are not operands. Raises
+    :class:`_Refused` (the reason) for anything it does not evaluate.
+    """
+
+    def __init__(self, toks: list[_Tok]):
+        self.toks, self.i, self.depth, self.in_exponent = toks, 0, 0, 0
         self.operands: list[tuple[Fraction, str]] = []  # (value, text) of each number literal
-        self.n_ops = 0
-        self.div_zero = False
 
-    def parse(self) -> Fraction | None:
-        try:
-            v = self._sum()
-        except (IndexError, ValueError, RecursionError):
-            return None
-        return v if self.i == len(self.toks) else None
+    def evaluate(self) -> Fraction:
+        if len(self.toks) > MAX_EXPR_TOKENS:
+            raise _Refused(f"it has {len(self.toks)} tokens, more than {MAX_EXPR_TOKENS}")
+        v = self._sum()
+        if self.i < len(self.toks):
+            raise _Refused(f"unexpected {self.toks[self.i].text!r}")
+        return v
 
-    def _peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else ("", "")
+    def _peek(self) -> _Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def _enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Refused(f"it is nested more than {MAX_DEPTH} deep")
 
     def _sum(self) -> Fraction:
         v = self._product()
-        while self._peek()[0] == "op" and _OPS[self._peek()[1]] in "+-":
-            op = _OPS[self.toks[self.i][1]]
+        while (t := self._peek()) is not None and t.kind == "op" and t.op in "+-":
             self.i += 1
-            self.n_ops += 1
             w = self._product()
-            v = v + w if op == "+" else v - w
+            v = _bounded(v + w if t.op == "+" else v - w)
         return v
 
     def _product(self) -> Fraction:
         v = self._unary()
-        while self._peek()[0] == "op" and _OPS[self._peek()[1]] in "*/":
-            op = _OPS[self.toks[self.i][1]]
-            self.i += 1
-            self.n_ops += 1
-            w = self._unary()
-            if op == "*":
-                v = v * w
-            elif w == 0:
-                self.div_zero = True
-                v = Fraction(0)
+        while (t := self._peek()) is not None:
+            if t.kind == "op" and t.op in "*/":
+                self.i += 1
+                w = self._unary()
+                if t.op == "*":
+                    v = _bounded(v * w)
+                elif w == 0:
+                    raise _DivisionByZero("division by zero")
+                else:
+                    v = _bounded(v / w)
+            elif t.kind == "lp" and _ends_operand(self.toks[self.i - 1]):
+                v = _bounded(v * self._unary())  # 2(3 + 4)
             else:
-                v = v / w
+                break
         return v
 
     def _unary(self) -> Fraction:
-        kind, text = self._peek()
-        if kind == "op" and _OPS[text] == "-":
+        t = self._peek()
+        if t is not None and t.kind == "op" and t.op in "+-":
             self.i += 1
-            return -self._unary()
-        if kind == "par" and text == "(":
+            self._enter()
+            v = self._unary()
+            self.depth -= 1
+            return -v if t.op == "-" else v
+        return self._power()
+
+    def _power(self) -> Fraction:
+        base = self._postfix()
+        t = self._peek()
+        if t is None or t.kind != "op" or t.op != "^":
+            return base
+        self.i += 1
+        self._enter()
+        self.in_exponent += 1
+        exponent = self._unary()
+        self.in_exponent -= 1
+        self.depth -= 1
+        return _power(base, exponent)
+
+    def _postfix(self) -> Fraction:
+        v = self._primary()
+        while (t := self._peek()) is not None and t.kind in ("sup", "bad"):
+            if t.kind == "bad":
+                raise _Refused(f"{t.text!r} is not supported")
             self.i += 1
+            if len(t.text) > 6:
+                raise _Refused(f"the power would have more than {MAX_DIGITS} digits")
+            v = _power(v, Fraction(int(t.text.translate(_SUPERSCRIPT_DIGITS))))
+        return v
+
+    def _primary(self) -> Fraction:
+        t = self._peek()
+        if t is None:
+            raise _Refused("it is incomplete")
+        if t.kind == "num":
+            self.i += 1
+            value = _literal(t.text).value
+            if not self.in_exponent:
+                self.operands.append((value, t.text))
+            return value
+        if t.kind == "lp":
+            self.i += 1
+            self._enter()
             v = self._sum()
-            if self._peek() != ("par", ")"):
-                raise ValueError("unbalanced parentheses")
+            close = self._peek()
+            if close is None or close.kind != "rp":
+                raise _Refused("unbalanced parentheses")
             self.i += 1
+            self.depth -= 1
             return v
-        if kind == "num":
-            self.i += 1
-            v = Fraction(text.replace(",", ""))
-            self.operands.append((v, text))
-            return v
-        raise ValueError(f"unexpected {text!r}")
+        if t.kind == "bad":
+            raise _Refused(f"{t.text!r} is not supported")
+        raise _Refused(f"unexpected {t.text!r}")
 
 
-@dataclass
-class _Equation:
-    expr_text: str
-    value: Fraction | None  # None: division by zero
-    operands: list[tuple[Fraction, str]]
-    result: Fraction
-    result_text: str
+class _Side:
+    """One side of an equation: its tokens, and once evaluated its value or why it has none."""
+
+    def __init__(self, toks: list[_Tok], *, skip: bool = False, problem: str | None = None):
+        self.toks = toks
+        self.text = _short(_render(toks))
+        # Not numeric (no number), or part of a formula with words in it: no link to check.
+        self.skip = skip or not any(t.kind == "num" for t in toks)
+        self.problem = problem
+        # A calculation: a binary operator (not a sign: -2 is a number), a power, 2(3), or % ! √ (refused).
+        self.has_op = any(t.kind in ("sup", "bad") or (t.kind in ("op", "lp") and i and _ends_operand(toks[i - 1]))
+                          for i, t in enumerate(toks)) or problem is not None
+        self.value: Fraction | None = None
+        self.half: Fraction | None = None  # a decimal literal (3.33) may round the other side
+        self.why: str | None = None  # why there is no value (a reason for the step)
+        self.operands: list[tuple[Fraction, str]] = []
+        self._done = False
+
+    def evaluate(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.problem is not None:
+            self.why = f"cannot check {self.text}: {self.problem}"
+            return
+        ev = _Evaluator(self.toks)
+        try:
+            self.value = ev.evaluate()
+        except _DivisionByZero as e:
+            self.why = f"{self.text}: {e}"
+            return
+        except _Refused as e:
+            self.why = f"cannot check {self.text}: {e}"
+            return
+        except (ArithmeticError, ValueError, RecursionError) as e:  # not expected: bounded above; never raise
+            self.why = f"cannot check {self.text}: {type(e).__name__}"
+            return
+        if self.has_op:
+            self.operands = ev.operands
+        else:
+            nums = [t for t in self.toks if t.kind == "num"]
+            lit = _literal(nums[0].text) if len(nums) == 1 else None
+            if lit is not None and lit.point and len(self.toks) <= 2:
+                self.half = lit.half_unit  # "3.33" or "-2.67": the writer's rounding
 
 
-_MAX_EXPR_TOKENS = 64  # longer runs before "=" are cut to their last 64 tokens
+def _clean_left(toks: list[_Tok], before: str | None) -> _Side:
+    """The leftmost side of a chain, after prose (``before``: the kind of token before it)."""
+    i = 0
+    while i < len(toks) and toks[i].kind == "op" and toks[i].text in ("*", "**"):
+        i += 1  # markdown emphasis: **3 + 4 = 7**
+    if (before is None and i + 1 < len(toks) and toks[i].kind == "op" and toks[i].text in "-+"
+            and not toks[i + 1].glued):
+        i += 1  # a list bullet: "- 3 + 4 = 7"
+    while i < len(toks) and toks[i].kind == "rp":
+        i += 1  # "a) 3 + 4 = 7"
+    toks = toks[i:]
+    excess = sum(t.kind == "lp" for t in toks) - sum(t.kind == "rp" for t in toks)
+    j = 0
+    while excess > 0 and j < len(toks) and toks[j].kind == "lp":
+        j, excess = j + 1, excess - 1  # "(3 + 4 = 7)"
+    toks = toks[j:]
+    if toks and toks[0].kind == "op":
+        t = toks[0]
+        sign = t.op in "+-" and len(toks) > 1 and (before != "word" or (not t.glued and toks[1].glued))
+        if not sign:
+            if before == "word":  # 2x + 3 = 7: a formula with a variable, not arithmetic
+                return _Side(toks, skip=True)
+            return _Side(toks, problem="it starts with an operator")
+    return _Side(toks)
 
 
-def _equations(line: str) -> list[_Equation]:
-    """Every ``EXPR = NUMBER`` in a line, where EXPR has at least one operator.
+def _clean_right(toks: list[_Tok], after: str | None) -> _Side:
+    """The rightmost side of a chain, before prose (``after``: the kind of token after it)."""
+    k = len(toks)
+    while k and ((toks[k - 1].kind == "op" and toks[k - 1].text in ("*", "**")) or toks[k - 1].kind == "lp"):
+        k -= 1  # emphasis, or "(" opening prose: = 7 (since ...
+    excess = sum(t.kind == "rp" for t in toks[:k]) - sum(t.kind == "lp" for t in toks[:k])
+    while excess > 0 and k and toks[k - 1].kind == "rp":
+        k, excess = k - 1, excess - 1  # "(3 + 4 = 7)"
+    toks = toks[:k]
+    if toks and toks[-1].kind == "op":
+        if after == "word":  # = 2 + x
+            return _Side(toks, skip=True)
+        return _Side(toks, problem="it ends with an operator")
+    return _Side(toks)
 
-    EXPR is the longest run of tokens before the ``=`` (after the last other
-    character, e.g. the ``:`` of ``Step 1:``) that parses; NUMBER the signed
-    number right after it.
+
+def _chains(line: str) -> list[list[_Side]]:
+    """The calculation chains of a line: ``S0 = S1 = ... = Sn`` with an operator in some numeric side.
+
+    A chain is a run of numbers, operators, parentheses and ``=`` signs
+    between prose (words, punctuation) or where two operands meet without an
+    operator (``1) 3 + 4 = 7``).
     """
-    tokens = []
-    for m in _TOKEN.finditer(line):
-        kind = m.lastgroup
-        tokens.append((kind, m.group(kind)))
-    found = []
-    run_start = 0  # first token after the last junk token
-    for j, (kind, text) in enumerate(tokens):
-        if kind != "junk":
+    toks = _line_tokens(line)
+    pieces = []
+    cur: list[_Tok] = []
+    before: str | None = None
+    for t in toks:
+        if t.kind not in _EXPR_KINDS:
+            if cur:
+                pieces.append((cur, before, t.kind))
+            cur, before = [], t.kind
             continue
-        left = tokens[max(run_start, j - _MAX_EXPR_TOKENS):j]
-        run_start = j + 1
-        if text != "=" or not left:
+        if cur and cur[-1].kind in ("num", "rp", "sup") and _starts_operand(t):
+            pieces.append((cur, before, "split"))
+            cur, before = [], "split"
+        cur.append(t)
+    if cur:
+        pieces.append((cur, before, None))
+    chains = []
+    for piece, before, after in pieces:
+        if not any(t.kind == "eq" for t in piece):
             continue
-        right = tokens[j + 1:j + 3]
-        negative = bool(right) and right[0][0] == "op" and _OPS[right[0][1]] == "-"
-        if negative:
-            right = right[1:]
-        if not right or right[0][0] != "num":
-            continue
-        for start in range(len(left)):
-            ex = _Expr(left[start:])
-            value = ex.parse()
-            if value is not None and ex.n_ops:
-                expr_text = "".join(t if k != "op" else f" {t} " for k, t in left[start:])
-                expr_text = re.sub(r"\s+", " ", expr_text).replace("( ", "(").replace(" )", ")").strip()
-                num = right[0][1]
-                result = Fraction(num.replace(",", "")) * (-1 if negative else 1)
-                found.append(_Equation(expr_text, None if ex.div_zero else value, ex.operands, result,
-                                       ("-" if negative else "") + num))
-                break
-    return found
+        raw: list[list[_Tok]] = [[]]
+        for t in piece:
+            if t.kind == "eq":
+                raw.append([])
+            else:
+                raw[-1].append(t)
+        raw = [raw[0]] + [s for s in raw[1:-1] if s] + [raw[-1]]  # "= =" is one "="
+        sides = [_clean_left(raw[0], before)] + [_Side(s) for s in raw[1:-1]] + [_clean_right(raw[-1], after)]
+        if any(s.has_op and not s.skip for s in sides):
+            chains.append(sides)
+    return chains
 
 
 def _fmt(v: Fraction) -> str:
-    if v.denominator == 1:
+    """A value for a reason: integers up to 20 digits exactly, others to 6 significant digits."""
+    if v.denominator == 1 and abs(v.numerator) < 10**20:
         return str(v.numerator)
-    return f"{float(v):.6g}"
+    with localcontext() as ctx:
+        ctx.prec = 6
+        d = Decimal(v.numerator) / Decimal(v.denominator)
+    return f"{d:g}"
 
 
-def _result_ok(value: Fraction, result: Fraction, result_text: str) -> bool:
-    if value == result:
+def _link_ok(left: _Side, right: _Side) -> bool:
+    """Exactly equal, or one side a decimal that the other rounds to (see :func:`arithmetic`)."""
+    if left.value == right.value:
         return True
-    decimals = len(result_text.split(".")[1]) if "." in result_text else 0
-    if decimals:  # a rounded result: 10 / 3 = 3.33 is right, 3.3 too, 3.34 is not
-        return abs(value - result) <= Fraction(1, 2 * 10**decimals)
-    return math.isclose(float(value), float(result), rel_tol=1e-12, abs_tol=0.0)
+    diff = abs(left.value - right.value)
+    return any(s.half is not None and diff <= s.half for s in (left, right))
+
+
+def _link_error(left: _Side, right: _Side) -> str:
+    if left.has_op and right.has_op:
+        return f"{left.text} is {_fmt(left.value)} but {right.text} is {_fmt(right.value)}"
+    if left.has_op:
+        return f"{left.text} is {_fmt(left.value)}, not {right.text}"
+    if right.has_op:
+        return f"{right.text} is {_fmt(right.value)}, not {left.text}"
+    return f"{left.text} = {right.text} is false"
 
 
 def _text_of(value: Any) -> str:
@@ -591,15 +1013,15 @@ def _given_numbers(numbers_col: Any, texts: list[Any]) -> set[Fraction]:
     given: set[Fraction] = set()
     if isinstance(numbers_col, (list, tuple)):
         for x in numbers_col:
-            f = _to_fraction(x)
-            if f is not None:
-                given.add(abs(f))
+            num, _ = _read_number(x)
+            if num is not None:
+                given.add(abs(num.value))
         return given
     for t in texts:
         for s in _numbers_in(_text_of(t)):
-            f = _to_fraction(s)
-            if f is not None:
-                given.add(abs(f))
+            num, _ = _read_number(s)
+            if num is not None:
+                given.add(abs(num.value))
     return given
 
 
@@ -607,24 +1029,47 @@ def arithmetic(completion: str, answer: Any, *, numbers: Any = None, question: A
                prompt_text: Any = None, strict_operands: bool = True, **columns) -> Verdict:
     """Check a worked arithmetic solution line by line.
 
-    Every line holding a calculation ``EXPR = c`` (EXPR: numbers with
-    ``+ - * / × ÷``, unary minus and parentheses; usually ``a op b``) is one
-    step, its span the whole line without the newline. A step is right (1.0)
-    when
+    Every line holding ``=`` (or ``＝``) between numeric expressions, where
+    some expression has an operator, is one step, its span the whole line
+    without the line break. Expressions are numbers with ``+ - * / ^``,
+    parentheses and signs, in the usual spellings: ``-`` ``−`` ``–`` (en
+    dash), ``*`` ``∗`` ``×`` ``·`` ``⋅`` and ``x`` between two operands
+    (``3 x 4``), ``/`` ``÷``, ``^`` ``**`` and superscript digits (``2³``),
+    full-width forms and LaTeX's ``\\times \\cdot \\div``; ``2(3 + 4)``
+    multiplies. A chain ``a = b = c`` is checked link by link (``a = b``, then
+    ``b = c``); the step is wrong when any link is, and the reason names it.
+    A side that runs into words (``2x + 3 = 7``, ``x = 3``) is a formula, not
+    arithmetic: that link is not checked, and a line with no checked link is
+    not a step. A step is right (1.0) when every link holds and
 
-    * EXPR computes to ``c`` (exactly; a ``c`` written with decimals may be
-      rounded to those decimals, so ``10 / 3 = 3.33`` is right), and
+    * values are exact: both sides are evaluated as fractions, so an integer
+      result must be exactly right (``1000000 * 1000000 = 1000000000001`` is
+      wrong). The only tolerance is for a number written with a decimal
+      point, which its writer may have rounded: it may differ from the other
+      side by half a unit in its last digit (``10 / 3 = 3.33`` and ``3.3``
+      are right, ``3.34`` and ``3`` are not);
     * every operand is known: a number given in the task (column ``numbers``
       when the row has it, else every number in ``question``, ``prompt`` or
-      the rendered prompt) or the result of an earlier right step.
+      the rendered prompt) or the result of an earlier right step. Exponents
+      are not operands.
 
     A step whose operand is the result of an earlier *wrong* step (and not
     otherwise known) is wrong even when its own arithmetic is right: "uses 8,
     the wrong result of step 1". With ``strict_operands`` an operand that is
     neither given nor computed earlier is wrong too. Operands are compared by
-    absolute value (``7 + -3`` uses 3). Lines without a calculation are not
-    steps. The final answer (:func:`extract_final_answer`) is compared with
-    column ``answer``.
+    absolute value (``7 + -3`` uses 3).
+
+    What cannot be checked scores 0 with a reason, never an exception:
+    division by zero, an unsupported operator (``%``, ``!``, ``√``), an
+    incomplete expression, a non-integer exponent, and anything beyond the
+    limits: a number or any intermediate result with more than
+    :data:`MAX_DIGITS` digits (thirty 11-digit factors are checked; 100 are
+    not), more than :data:`MAX_EXPR_TOKENS` tokens in a side, nesting deeper
+    than :data:`MAX_DEPTH`. A line longer than :data:`MAX_LINE_CHARS` that
+    holds ``=`` and a digit is a step scored 0 without being read, and so is
+    every such line after the first :data:`MAX_STEPS` steps. The final answer
+    (:func:`extract_final_answer`) is compared with column ``answer``
+    (:func:`answers_match`).
     """
     given = _given_numbers(numbers, [question, prompt, prompt_text])
     known = set(given)
@@ -632,34 +1077,50 @@ def arithmetic(completion: str, answer: Any, *, numbers: Any = None, question: A
     steps: list[Step] = []
     pos = 0
     for raw in completion.splitlines(keepends=True):
-        line = raw.rstrip("\r\n")
+        line = raw.rstrip(_LINE_BREAKS)
         start, end = pos, pos + len(line)
         pos += len(raw)
-        eqs = _equations(line)
-        if not eqs:
+        if end == start or ("=" not in line and "\uff1d" not in line) or not _DIGIT.search(line):
+            continue
+        if len(steps) >= MAX_STEPS:
+            steps.append(Step(start, end, 0.0, f"not checked: more than {MAX_STEPS} steps"))
+            continue
+        if len(line) > MAX_LINE_CHARS:
+            steps.append(Step(start, end, 0.0, f"a line of {len(line)} characters is too long to check "
+                                               f"(limit {MAX_LINE_CHARS})"))
             continue
         number = len(steps) + 1
         problems: list[str] = []
-        for eq in eqs:
-            bad: list[str] = []
-            for v, text in eq.operands:
-                a = abs(v)
-                if a in known:
+        checked = 0
+        for sides in _chains(line):
+            for left, right in zip(sides, sides[1:]):
+                if left.skip or right.skip:
                     continue
-                if a in tainted:
-                    bad.append(f"uses {text}, the wrong result of step {tainted[a]}")
-                elif strict_operands:
-                    bad.append(f"{text} is neither given nor computed earlier")
-            if eq.value is None:
-                bad.append(f"{eq.expr_text}: division by zero")
-            elif not _result_ok(eq.value, eq.result, eq.result_text):
-                bad.append(f"{eq.expr_text} is {_fmt(eq.value)}, not {eq.result_text}")
-            if bad:
-                tainted.setdefault(abs(eq.result), number)
-                problems.extend(b for b in dict.fromkeys(bad) if b not in problems)
-            else:
-                known.add(abs(eq.result))
-        if end > start:
+                checked += 1
+                left.evaluate()
+                right.evaluate()
+                bad: list[str] = []
+                for side in (left, right):
+                    for v, text in side.operands:
+                        a = abs(v)
+                        if a in known:
+                            continue
+                        if a in tainted:
+                            bad.append(f"uses {text}, the wrong result of step {tainted[a]}")
+                        elif strict_operands:
+                            bad.append(f"{text} is neither given nor computed earlier")
+                if left.why or right.why:
+                    bad += [s.why for s in (left, right) if s.why]
+                elif not _link_ok(left, right):
+                    bad.append(_link_error(left, right))
+                results = [abs(s.value) for s in (left, right) if not s.has_op and s.value is not None]
+                if bad:
+                    for r in results:
+                        tainted.setdefault(r, number)
+                    problems.extend(b for b in dict.fromkeys(bad) if b not in problems)
+                else:
+                    known.update(results)
+        if checked:
             steps.append(Step(start, end, 0.0 if problems else 1.0, "; ".join(problems) if problems else "ok"))
     final_score, final_reason = _final(completion, answer)
     return Verdict(steps, final_score, final_reason)
@@ -676,6 +1137,11 @@ BUILTIN_VERIFIERS: dict[str, Callable[..., Any]] = {
     "arithmetic_lenient": arithmetic_lenient,
     "exact": exact,
 }
+
+
+# ---------------------------------------------------------------------------
+# Running verifiers
+# ---------------------------------------------------------------------------
 
 
 def load_verifier(spec: str | Callable, *, base_dir: str | Path | None = None) -> Callable:
