@@ -34,7 +34,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
 from mlxpost.rl.rewards import BUILTIN_REWARDS  # noqa: E402
-from mlxpost.rl.verifiers import BUILTIN_VERIFIERS  # noqa: E402
+from mlxpost.rl.verifiers import BUILTIN_VERIFIERS
 
 
 def load_fuzz_module():

@@ -15,7 +15,7 @@ from mlxpost.methods import online_rl as G
 from mlxpost.model.load import load_model
 from mlxpost.rl.rollout import Sampling, sample_groups
 from mlxpost.rl.source import step_token_advantages, token_char_ends
-from mlxpost.rl.verifiers import Step
+from mlxpost.rl.verdict import Step
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +234,7 @@ MULTIBYTE = "计算：3 × 4 = 13 🙂\n3 × 4 = 12\n12 − 5 = 8\n答案：7\nA
 
 def test_token_char_ends_gives_each_token_of_a_multibyte_character_a_share_of_it():
     from mlxpost.model.tiny import default_corpus, train_tokenizer
-    from mlxpost.rl.verifiers import arithmetic
-
+    from mlxpost.rl.arithmetic import arithmetic
     tok = train_tokenizer(300, ["<|endoftext|>"], default_corpus(300))  # byte-level BPE, merges of ASCII only
     ids = tok.encode(MULTIBYTE).ids
     assert tok.decode(ids) == MULTIBYTE
@@ -291,7 +290,6 @@ def test_rlvr_batches_penalize_every_token_of_a_multibyte_character_in_a_wrong_s
     from mlxpost.methods.online_rl import RLSettings
     from mlxpost.rl.rollout import Rollouts
     from mlxpost.rl.verifiers import StepVerifier
-
     tok = llama.tokenizer
     prompt = tok.encode("Compute 3 * 4 - 5.", add_special_tokens=False)
     row = PromptRow(prompt, "Compute 3 * 4 - 5.", {"answer": "7", "numbers": [3, 4, 5]}, "tasks.jsonl:1")
@@ -431,7 +429,6 @@ def test_rlvr_batches_penalize_exactly_the_tokens_of_the_wrong_step(llama):
     from mlxpost.methods.online_rl import RLSettings
     from mlxpost.rl.rollout import Rollouts
     from mlxpost.rl.verifiers import StepVerifier
-
     tok = llama.tokenizer
     prompt = tok.encode("Compute (3 + 4) * 2 - 5.", add_special_tokens=False)
     row = PromptRow(prompt, "Compute (3 + 4) * 2 - 5.", {"answer": "9", "numbers": [3, 4, 2, 5]}, "tasks.jsonl:1")
@@ -484,7 +481,6 @@ def test_a_failing_reward_or_verifier_names_itself_and_the_row(llama, tmp_path):
     from mlxpost.rl.rewards import RewardSet
     from mlxpost.rl.rollout import Rollouts
     from mlxpost.rl.verifiers import StepVerifier
-
     tok = llama.tokenizer
     row = PromptRow(tok.encode("hi"), "hi", {"answer": "1"}, "p.jsonl:7")
     (tmp_path / "bad.py").write_text("def boom(completions, **c):\n    return [1 / 0 for _ in completions]\n"

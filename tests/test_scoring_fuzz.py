@@ -17,15 +17,10 @@ import random
 
 import numpy as np
 
+from mlxpost.rl.answers import answers_match, extract_final_answer, parse_number
 from mlxpost.rl.rewards import BUILTIN_REWARDS, RewardSet
 from mlxpost.rl.tasks import generate_tasks
-from mlxpost.rl.verifiers import (
-    BUILTIN_VERIFIERS,
-    StepVerifier,
-    answers_match,
-    extract_final_answer,
-    parse_number,
-)
+from mlxpost.rl.verifiers import BUILTIN_VERIFIERS, StepVerifier
 
 SEED = 20240607
 N_RANDOM = 3000

@@ -12,20 +12,11 @@ import pytest
 
 from mlxpost.data.rows import validate_sft_row
 from mlxpost.errors import MlxpostError
+from mlxpost.rl.answers import answers_match, extract_final_answer, parse_number
+from mlxpost.rl.arithmetic import arithmetic
 from mlxpost.rl.tasks import ARITH_TASKS_DIR, INSTRUCTIONS, generate_tasks, to_sft_rows, write_task_files
-from mlxpost.rl.verifiers import (
-    BUILTIN_VERIFIERS,
-    Step,
-    StepVerifier,
-    Verdict,
-    answers_match,
-    arithmetic,
-    coerce_verdict,
-    exact,
-    extract_final_answer,
-    load_verifier,
-    parse_number,
-)
+from mlxpost.rl.verdict import Step, Verdict
+from mlxpost.rl.verifiers import BUILTIN_VERIFIERS, StepVerifier, coerce_verdict, exact, load_verifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

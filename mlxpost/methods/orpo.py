@@ -33,7 +33,6 @@ from .preference import (
     pair_objective,
 )
 
-
 # The largest m that log1m_exp takes (see there): about 8 float32 ulps of 1.
 LOG1M_EXP_MAX = -1e-6
 

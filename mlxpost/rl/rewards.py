@@ -21,8 +21,8 @@ weighted total. Strings, NaN and infinities are errors.
 Built-in rewards (:func:`load_reward` names):
 
 * ``accuracy``: 1.0 when the completion's final answer
-  (:func:`mlxpost.rl.verifiers.extract_final_answer`) matches column ``answer``
-  (:func:`mlxpost.rl.verifiers.answers_match`: numbers exactly, with a tolerance
+  (:func:`mlxpost.rl.answers.extract_final_answer`) matches column ``answer``
+  (:func:`mlxpost.rl.answers.answers_match`: numbers exactly, with a tolerance
   only for a decimal its writer may have rounded; else normalized text), else
   0.0; ``None`` for a row without an answer.
 * ``format``: 1.0 when the last non-blank line of the completion is
@@ -50,7 +50,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import MlxpostError
-from .verifiers import ColumnArgs, answers_match, describe_exception, extract_final_answer, load_callable, where_label
+from .answers import answers_match, extract_final_answer
+from .plugins import ColumnArgs, describe_exception, load_callable, where_label
 
 __all__ = [
     "accuracy", "format_reward", "FORMAT_LINE", "BUILTIN_REWARDS", "load_reward", "parse_reward_option",
