@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import importlib.util
 import json
 import re
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from mlxpost.assets import pref_behaviour
 from mlxpost.assets.behaviour import DATASET_DIR as SFT_DIR
 from mlxpost.assets.behaviour import SAMPLE_PROMPTS, check_json_answer
 from mlxpost.assets.pref_behaviour import (
@@ -247,11 +245,6 @@ def test_generator_reproduces_bundled_files(tmp_path):
     for split in SPLITS:
         name = f"{split}.jsonl"
         assert (tmp_path / name).read_bytes() == (DATASET_DIR / name).read_bytes(), name
-
-
-def test_pref_behaviour_doctests():
-    result = doctest.testmod(pref_behaviour)
-    assert result.attempted >= 5 and result.failed == 0
 
 
 def test_pref_behaviour_scores_on_hand_written_replies():

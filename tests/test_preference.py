@@ -699,14 +699,3 @@ def test_precompute_needs_pairs_of_this_data(tmp_path, tiny_model):
     assert total_steps(cfg, prep.train) == 6
     with pytest.raises(MlxpostError, match="reference log-probs for 3 pairs"):
         prep.train.set_reference(prep.train.ref[:3])
-
-
-@pytest.mark.parametrize("module", ["mlxpost.methods.dpo", "mlxpost.methods.orpo", "mlxpost.methods.cpo",
-                                    "mlxpost.methods.simpo", "mlxpost.methods.sft", "mlxpost.methods.preference",
-                                    "mlxpost.core.logprobs", "mlxpost.data.rows"])
-def test_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module))
-    assert result.failed == 0 and result.attempted > 0

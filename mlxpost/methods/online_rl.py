@@ -41,7 +41,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..backend import kernels
-from ..core.logprobs import HeadSplit, token_logprobs
+from ..core.logprobs import HeadSplit, k3, token_logprobs
 from ..core.sampling import Sampling
 from ..errors import ConfigError
 from ..model.lora import adapters_off
@@ -108,12 +108,6 @@ def clipped_token_loss(logp: mx.array, old_logp: mx.array, adv: mx.array, eps_lo
     return loss, ratio, low, high
 
 
-def k3(logp: mx.array, ref_logp: mx.array) -> mx.array:
-    """The k3 estimate of KL(pi || pi_ref) per token: exp(q) - q - 1, q = ref - logp (>= 0)."""
-    q = ref_logp - logp
-    return mx.exp(q) - q - 1.0
-
-
 def normalize(token_loss: mx.array, weights: mx.array, norm: str, max_new_tokens: int) -> tuple[mx.array, mx.array]:
     """(sum, count) of a (B, L) token loss over trained tokens (``weights``); see the module docstring."""
     per_row = (token_loss * weights).sum(axis=1)
@@ -154,10 +148,10 @@ def objective(split: HeadSplit | None, *, eps_low: float = 0.2, eps_high: float 
         if beta > 0:
             with adapters_off(model), kernels.no_grad_pass():
                 ref = mx.stop_gradient(token_logprobs(model, batch, split, batch.select))
-            kl = k3(logp, ref) * w
+            kl = k3(logp, ref, w)
             tok_loss = tok_loss + beta * kl
         else:
-            kl = k3(logp, mx.stop_gradient(logp)) * w  # zero: no reference pass when beta is 0
+            kl = k3(logp, mx.stop_gradient(logp), w)  # zero: no reference pass when beta is 0
         total, count = normalize(tok_loss, w, norm, max_new_tokens)
         sg = mx.stop_gradient
         # Token means, scaled by ``count`` so that the loop's division by the

@@ -49,7 +49,7 @@ import mlx.nn as nn
 
 from ..backend import kernels
 from ..core.batches import Batch
-from ..core.logprobs import HeadSplit, logprobs
+from ..core.logprobs import HeadSplit, k3, logprobs
 from ..core.shared_blocks import SharedBlocks
 from ..errors import ConfigError
 from ..model.lora import adapters_off
@@ -176,10 +176,7 @@ def pair_logps(tok: mx.array, weights: mx.array, ref_tok: mx.array | None = None
             on_chosen = (mx.arange(weights.shape[0]) < weights.shape[0] // 2)[:, None]
         else:
             on_chosen = (seq >= 0) & (seq < seq_ids.shape[0] // 2)
-        wc = weights * on_chosen
-        d = (ref_tok - tok) * wc
-        k3 = (mx.exp(d) - d - 1.0) * wc
-        out.kl = _halves(sums(k3))[0] / mx.maximum(n_c, 1.0)
+        out.kl = _halves(sums(k3(tok, ref_tok, weights * on_chosen)))[0] / mx.maximum(n_c, 1.0)
     return out
 
 

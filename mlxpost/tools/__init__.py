@@ -1,0 +1,1 @@
+"""Tools built on runs: sweeps (ablations), comparisons and the demo."""
