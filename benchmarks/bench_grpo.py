@@ -171,7 +171,7 @@ def check_same_prompts(model_dir: Path, rows: list[dict]) -> list[int]:
     """Token ids of every prompt as mlxpost renders it == as mlx-lm-lora's GRPODataset renders it."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlxpost.data.render import Renderer, render_prompt
+    from mlxpost.data.render import Renderer
 
     wrapper = load_tokenizer(model_dir)  # what both tools load
     tok = wrapper._tokenizer
@@ -180,7 +180,7 @@ def check_same_prompts(model_dir: Path, rows: list[dict]) -> list[int]:
     for r in rows:
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}]
         theirs = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
-        ours, _ = render_prompt(renderer, msgs)
+        ours, _ = renderer.prompt(msgs)
         if list(ours) != theirs:
             raise SystemExit(f"prompt tokens differ between the tools: {ours[:20]}... vs {theirs[:20]}...")
         lens.append(len(ours))

@@ -370,7 +370,7 @@ def _first_token_logprob(model, tok, prompt_ids, target):
 
 
 def test_grpo_raises_the_probability_of_the_rewarded_first_token(tmp_path):
-    from mlxpost.data.render import Renderer, render_prompt
+    from mlxpost.data.render import Renderer
     from mlxpost.model.adapters import load_adapters
     from mlxpost.model.tiny import build_tiny_model
     from mlxpost.training.pipeline import run
@@ -380,7 +380,7 @@ def test_grpo_raises_the_probability_of_the_rewarded_first_token(tmp_path):
     path = build_tiny_model(tmp_path / "model", model_type="qwen2", tie_word_embeddings=False, embed_std=0.2)
     lm = load_model(str(path), dtype="float32")
     prompts = [f"item {i}" for i in range(16)]
-    ids = render_prompt(Renderer(lm.tokenizer), prompts[0])[0]
+    ids = Renderer(lm.tokenizer).prompt(prompts[0])[0]
     # The rewarded token: the second most likely first token (p ~ 0.06), not the top one.
     target = int(mx.argsort(-lm.model(mx.array([ids]))[0, -1])[1].item())
     (tmp_path / "data").mkdir()

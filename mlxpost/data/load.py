@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DataError, MlxpostError, RowIssue
-from .render import Renderer, render_pair, render_prompt
+from .render import Renderer, render_pair
 from .rows import read_jsonl, validate_pair_row, validate_prompt_row, validate_sft_row
 
 
@@ -304,7 +304,7 @@ def load_prompts(path: str | Path, renderer: Renderer, *, max_prompt_len: int, s
     stats, issues, out = DataStats(), [], []
     for line, row, index in _rows_to_render(path, validate_prompt_row, stats, issues, None, limit):
         try:
-            ids, text = render_prompt(renderer, row["prompt"])
+            ids, text = renderer.prompt(row["prompt"])
         except Exception as e:  # noqa: BLE001 - a template error belongs to the row
             issues.append(RowIssue(str(path), line, "prompt", f"chat template failed: {type(e).__name__}: {e}"))
             continue

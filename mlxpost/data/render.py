@@ -151,6 +151,25 @@ class Renderer:
         ids, mask = self._fix_bos(pi + ci, [False] * len(pi) + [True] * len(ci))
         return ids, mask, fmt
 
+    # -- prompts for generation ------------------------------------------------
+
+    def prompt(self, prompt: Any, system: str | None = None) -> tuple[list[int], str]:
+        """Token ids and text of a prompt (a string or messages), ready for the model to answer.
+
+        With a chat template: the template with its generation prompt; else the
+        messages' contents, one per line. ``system``: a system message put first.
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system:
+            messages = [{"role": "system", "content": system}] + messages
+        if self.use_template:
+            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n".join(m["content"] for m in messages)
+        ids = self._encode(text)
+        ids, _ = self._fix_bos(ids, [False] * len(ids))
+        return ids, text
+
 
 def _normalize_message(m: dict) -> dict:
     out = dict(m)
@@ -173,26 +192,6 @@ def render_pair(renderer: Renderer, row: dict) -> tuple[tuple[list[int], list[bo
     return sides[0], sides[1], fmt
 
 
-def render_prompt(renderer: Renderer, prompt: Any) -> tuple[list[int], str]:
-    """Token ids and text of a prompt, ready for the model to answer."""
-    if renderer.use_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = renderer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    ids = renderer._encode(text)
-    ids, _ = renderer._fix_bos(ids, [False] * len(ids))
-    return ids, text
-
-
 def prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = None) -> list[int]:
-    """Token ids of a prompt: the chat template with a generation prompt when there is one."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    if isinstance(prompt, str):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    else:
-        messages = list(prompt)
-    if getattr(hf, "chat_template", None):
-        return list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    text = "\n".join(m["content"] for m in messages)
-    return hf(text, add_special_tokens=True)["input_ids"]
+    """Token ids of a prompt, rendered as training renders it (:meth:`Renderer.prompt`)."""
+    return Renderer(tokenizer).prompt(prompt, system)[0]
