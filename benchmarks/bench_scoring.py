@@ -4,7 +4,7 @@
     python benchmarks/bench_scoring.py --n 10000 --seed 1
     python benchmarks/bench_scoring.py --repeat 3       # each call timed 3 times, the fastest kept
 
-The cases are those of ``tests/test_scoring_fuzz.py`` (:func:`fuzz_cases`):
+The cases are those of ``tests/test_rl_scoring_fuzz.py`` (:func:`fuzz_cases`):
 hand-made worst cases (``1e4999999``, a hundred 11-digit factors, 100k-
 character lines, deep nesting, thousands of ``=``) and random ones (random
 code points, random arithmetic in every operator spelling, mutated right
@@ -38,8 +38,8 @@ from mlxpost.rl.verifiers import BUILTIN_VERIFIERS
 
 
 def load_fuzz_module():
-    """tests/test_scoring_fuzz.py as a module (it holds the case generator)."""
-    spec = importlib.util.spec_from_file_location("_scoring_fuzz_cases", ROOT / "tests" / "test_scoring_fuzz.py")
+    """tests/test_rl_scoring_fuzz.py as a module (it holds the case generator)."""
+    spec = importlib.util.spec_from_file_location("_scoring_fuzz_cases", ROOT / "tests" / "test_rl_scoring_fuzz.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -233,7 +233,7 @@ def test_dpo_and_orpo_from_the_command_line(tmp_path, tiny_model, sft_data, pref
     assert summary["val_metrics"]["val_rewards/margins"] > 0
     cfg = (run / "config.yaml").read_text()
     assert "beta: 0.2" in cfg and "precompute_ref: true" in cfg and "orpo:" not in cfg
-    # generate rebuilds base + SFT adapter + DPO adapter (the logits are checked in test_preference.py)
+    # generate rebuilds base + SFT adapter + DPO adapter (the logits are checked in test_methods_preference.py)
     mlxpost("generate", "--adapter", run, "--prompt", "What is 2 plus 3?", "--max-tokens", 4)
 
     out = mlxpost("orpo", "--model", tiny_model, "--data", pref_data, "--steps", 3, "--out", tmp_path,

@@ -6,7 +6,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from test_train import make_cfg, trainer_for
+from test_training_loop import make_cfg, trainer_for
 
 from mlxpost.errors import MlxpostError
 from mlxpost.training.rundir import RunDir, _replace_dir, load_checkpoint, new_run_dir
