@@ -21,6 +21,13 @@ The bundled set (``mlxpost/assets/arith_tasks``) was made with the defaults::
 
     python examples/make_arithmetic_tasks.py
 
+With ``--facts``: every one-step question ``What is a op b?`` with operands
+up to ``--max-operand``, the ``--valid`` ones held out (the bundled
+``mlxpost/assets/arith_facts``, sized to a 135M model: about half right
+before RL)::
+
+    python examples/make_arithmetic_tasks.py --facts --ops '+*' --max-operand 9 --valid 48 --out mlxpost/assets/arith_facts
+
 Harder tasks, e.g.::
 
     python examples/make_arithmetic_tasks.py --n 4096 --steps 3 5 --max-operand 50 --ops '+-*/' --out data/arith
@@ -29,6 +36,7 @@ Harder tasks, e.g.::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from mlxpost.errors import MlxpostError
-from mlxpost.rl.tasks import ARITH_TASKS_DIR, write_task_files
+from mlxpost.rl.tasks import ARITH_TASKS_DIR, fact_questions, write_task_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-negative", action="store_true", help="allow negative intermediate results")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("--sft", action="store_true", help="write prompt/completion rows (completion = solution)")
+    ap.add_argument("--facts", action="store_true", help="every one-step question instead (--ops, --max-operand, "
+                                                         "--valid, --seed)")
     args = ap.parse_args(argv)
+    if args.facts:
+        try:
+            train, valid = fact_questions(ops=args.ops, max_operand=args.max_operand, n_valid=args.valid,
+                                          seed=args.seed)
+        except MlxpostError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("train", train), ("valid", valid)):
+            (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                    encoding="utf-8")
+        print(f"wrote {len(train)} questions to {args.out / 'train.jsonl'} and {len(valid)} to "
+              f"{args.out / 'valid.jsonl'}")
+        return 0
     try:
         train, valid = write_task_files(args.out, n_train=args.n, n_valid=args.valid, sft=args.sft,
                                         steps=args.steps, max_operand=args.max_operand, ops=args.ops,

@@ -3,26 +3,28 @@
 It is the next stage after the SFT example (``examples/make_sft_dataset.py``,
 which teaches the assistant to answer with one-line JSON
 ``{"answer": ..., "explanation": "..."}``): a preference (DPO/ORPO) dataset
-that sharpens that behaviour. Every row has a ``prompt``, a ``chosen`` reply,
-a ``rejected`` reply and an extra column ``kind`` naming the failure shown by
-the rejected reply.
+that teaches what the SFT model does not do: **reason before answering**.
+Every row has a ``prompt``, a ``chosen`` reply, a ``rejected`` reply and an
+extra column ``kind`` naming the failure shown by the rejected reply.
 
-**chosen** is always the correct one-line JSON answer with a *concise*
-explanation (at most 10 words), e.g. ::
+**chosen** is always the correct one-line JSON object with the explanation
+*first* and a concise explanation (at most 10 words), e.g. ::
 
-    {"answer": 42, "explanation": "17 plus 25 equals 42."}
+    {"explanation": "17 plus 25 equals 42.", "answer": 42}
 
-**rejected** is one of three realistic failure modes of a small model, a
-third of the rows each (exact counts, shuffled):
+so that the model works the answer out before it commits to it. **rejected**
+is always answer-first, as the SFT model writes, and shows one of four
+failures, a quarter of the rows each (exact counts, shuffled):
 
-* ``wrong_answer``: the same JSON, but the answer is slightly wrong (off by
-  1, 2 or 10, a neighbouring day, a flipped yes/no or even/odd, two letters
-  swapped, a wrong conversion factor, ...), with an explanation that matches
-  the wrong answer;
+* ``answer_first``: the same answer and explanation, in the SFT order (the
+  pair differs only in what comes first);
+* ``wrong_answer``: a slightly wrong answer (off by 1, 2 or 10, a
+  neighbouring day, a flipped yes/no or even/odd, two letters swapped, a wrong
+  conversion factor, ...), with an explanation that matches it;
 * ``long_explanation``: the right answer, but a padded, repetitive
   explanation of 25 to 45 words;
-* ``wrapped``: the right JSON, but inside chatty text ("Sure! Here is the
-  answer: {...} Let me know if ...") or a markdown code fence.
+* ``wrapped``: the right answer, but the JSON inside chatty text ("Sure! Here
+  is the answer: {...} Let me know if ...") or a markdown code fence.
 
 Chosen and rejected are never identical.
 
@@ -33,20 +35,21 @@ lists, in the same shares). About 80% of the rows are conversational
 ``[{"role": "assistant", "content": ...}]``): about 30% of those start with a
 system message and about 15% are multi-turn, with one or two earlier
 user/assistant exchanges in the prompt (each earlier assistant turn in the
-concise JSON format). The other 20% use plain strings
+chosen format). The other 20% use plain strings
 (``{"prompt": "...", "chosen": "...", "rejected": "..."}``), so both row forms
 are exercised.
 
+``heldout.jsonl`` holds questions for measuring the behaviour before and
+after training (``{"prompt", "answer", "family"}``, single-turn, in the
+family shares); ``mlxpost.assets.behaviour`` reads them for both the SFT and
+the preference example.
+
 No problem appears twice anywhere in the data (so no question is shared
-between train and valid). None of the SFT dataset's problems is used either:
-the SFT generator is re-run with its defaults to learn them. The held-out
-prompts of both examples (``mlxpost.assets.behaviour.SAMPLE_PROMPTS`` and
-``mlxpost.assets.pref_behaviour.PREF_SAMPLE_PROMPTS``, mirrored here as
-``HELD_OUT_PROMPTS``) never appear. Rows are kept short: prompt plus the
-longer reply is at most ``MAX_TOKENS`` (130) by the SFT generator's rough
-estimate, chat template included (with SmolLM2's tokenizer the bundled data
-is at most 143 tokens, about 75 on average with the chosen reply and 91 with
-the rejected one).
+between train, valid and heldout). None of the SFT dataset's problems is used
+either: the SFT generator is re-run with its defaults to learn them. The
+held-out sample prompts of both examples (``HELD_OUT_PROMPTS``) never appear.
+Rows are kept short: prompt plus the longer reply is at most ``MAX_TOKENS``
+(130) by the SFT generator's rough estimate, chat template included.
 
 The output is deterministic for given arguments (``random.Random(seed)``,
 stdlib only). The bundled files were made with the defaults; to regenerate
@@ -54,8 +57,9 @@ them (``--out`` defaults to that folder)::
 
     python examples/make_preference_dataset.py
 
-``tests/test_pref_assets.py`` checks the bundled files. The validation split
-is generated first, so changing ``--train`` does not change ``valid.jsonl``.
+``tests/test_assets_pref_behaviour.py`` checks the bundled files. The
+validation split is generated first and the held-out questions last, so
+changing ``--train`` does not change ``valid.jsonl``.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ HELD_OUT_KEYS = {
     *((kind, n) for kind in ("even_odd", "is_even", "is_odd") for n in (731, 2046)),
 }
 
-KINDS = ("wrong_answer", "long_explanation", "wrapped")
+KINDS = ("answer_first", "wrong_answer", "long_explanation", "wrapped")
 STRING_SHARE = 0.20  # rows in the plain-string form
 SYSTEM_SHARE = 0.30  # of the conversational rows
 MULTI_TURN_SHARE = 0.15  # of the conversational rows; a quarter of them have three user turns
@@ -316,22 +320,27 @@ def long_explanation(rng: random.Random, short: str, answer: Any) -> str:
     raise RuntimeError(f"could not pad {short!r}")
 
 
-def json_reply(answer: Any, explanation: str) -> str:
-    return json.dumps({"answer": answer, "explanation": explanation}, ensure_ascii=False)
+def json_reply(answer: Any, explanation: str, *, explanation_first: bool = False) -> str:
+    """The one-line JSON reply: answer first (the SFT example's order), or the explanation first."""
+    obj = {"explanation": explanation, "answer": answer} if explanation_first else \
+        {"answer": answer, "explanation": explanation}
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def replies(rng: random.Random, it, kind: str) -> tuple[str, str]:
     """(chosen, rejected) contents for item ``it`` and failure ``kind``."""
     variant = rng.randrange(6)
     short = short_explanation(it.key, it.answer, variant)
-    chosen = json_reply(it.answer, short)
-    if kind == "wrong_answer":
+    chosen = json_reply(it.answer, short, explanation_first=True)
+    if kind == "answer_first":
+        rejected = json_reply(it.answer, short)
+    elif kind == "wrong_answer":
         bad = wrong_answer(rng, it.key, it.answer)
         rejected = json_reply(bad, short_explanation(it.key, bad, variant))
     elif kind == "long_explanation":
         rejected = json_reply(it.answer, long_explanation(rng, short, it.answer))
     elif kind == "wrapped":
-        rejected = pick(rng, WRAPPERS).format(j=chosen, ans=answer_text(it.answer))
+        rejected = pick(rng, WRAPPERS).format(j=json_reply(it.answer, short), ans=answer_text(it.answer))
     else:
         raise ValueError(kind)
     assert chosen != rejected and words(short) <= MAX_CHOSEN_WORDS, (chosen, rejected)
@@ -395,7 +404,7 @@ class PrefGenerator(sft.Generator):
         for _ in range(turns - 1):  # earlier exchanges, answered in the concise format
             short = short_explanation(it.key, it.answer, rng.randrange(6))
             prompt += [{"role": "user", "content": text},
-                       {"role": "assistant", "content": json_reply(it.answer, short)}]
+                       {"role": "assistant", "content": json_reply(it.answer, short, explanation_first=True)}]
             if rng.random() < 0.6:  # same kind of question, new value
                 it = self.item(make)
                 text = pick(rng, sft.FOLLOWUPS).format(s=it.subject)
@@ -435,11 +444,32 @@ class PrefGenerator(sft.Generator):
         return rows
 
 
-def generate(n_train: int, n_valid: int, seed: int) -> tuple[list[dict], list[dict]]:
+    def questions(self, n: int) -> list[dict]:
+        """``n`` new single-turn questions in the family shares, with their answers, to measure replies by."""
+        rows = []
+        families = quota(n, {f: w for f, (w, _) in sft.FAMILIES.items()})
+        self.rng.shuffle(families)
+        for family in families:
+            for _ in range(1000):
+                try:
+                    it = self.item(self.subtype(family))
+                except sft.Exhausted:
+                    continue
+                question = sft.decorate(self.rng, it.question)
+                if question not in self.used_questions:
+                    self.used_questions.add(question)
+                    rows.append({"prompt": question, "answer": it.answer, "family": family})
+                    break
+            else:
+                raise RuntimeError(f"could not make a new {family} question")
+        return rows
+
+
+def generate(n_train: int, n_valid: int, seed: int, n_heldout: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     g = PrefGenerator(seed)
     valid = g.split(n_valid)  # first, so --train does not change valid
     train = g.split(n_train)
-    return train, valid
+    return train, valid, g.questions(n_heldout)
 
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "mlxpost" / "assets" / "pref_json_answers"
@@ -452,15 +482,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="output directory (default: the bundled mlxpost/assets/pref_json_answers)")
     ap.add_argument("--train", type=int, default=480, help="training pairs (default: %(default)s)")
     ap.add_argument("--valid", type=int, default=48, help="validation pairs (default: %(default)s)")
+    ap.add_argument("--heldout", type=int, default=60, help="held-out questions (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.train < 1 or args.valid < 0:
         ap.error("--train must be at least 1 and --valid at least 0")
-    train, valid = generate(args.train, args.valid, args.seed)
+    train, valid, heldout = generate(args.train, args.valid, args.seed, args.heldout)
     args.out.mkdir(parents=True, exist_ok=True)
     sft.write_jsonl(args.out / "train.jsonl", train)
     sft.write_jsonl(args.out / "valid.jsonl", valid)
-    print(f"wrote {len(train)} train and {len(valid)} valid preference pairs to {args.out}", file=sys.stderr)
+    sft.write_jsonl(args.out / "heldout.jsonl", heldout)
+    print(f"wrote {len(train)} train and {len(valid)} valid preference pairs and {len(heldout)} held-out "
+          f"questions to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -539,6 +539,10 @@ FAMILIES: dict[str, tuple[float, tuple[Callable[[random.Random], Item], ...]]] =
     "lists": (0.17, (t_sum, t_max, t_min, t_sort_asc, t_sort_desc)),
 }
 MULTI_TURN_SHARE = 0.15  # of which a third have three user turns
+# Conversations whose replies give the explanation first: the SFT model learns
+# both orders but mostly answers first; the preference example then teaches
+# which one is preferred (examples/make_preference_dataset.py).
+EXPLANATION_FIRST_SHARE = 0.10
 SYSTEM_SHARE = 0.30
 # Longest conversation, in approx_tokens(): message contents plus 5 per
 # message for the chat template's role markers, plus DEFAULT_SYSTEM_TOKENS
@@ -575,8 +579,10 @@ def conversation_tokens(messages: list[dict]) -> int:
     return n
 
 
-def reply(item: Item) -> str:
-    return json.dumps({"answer": item.answer, "explanation": item.explanation}, ensure_ascii=False)
+def reply(item: Item, explanation_first: bool = False) -> str:
+    obj = {"explanation": item.explanation, "answer": item.answer} if explanation_first else \
+        {"answer": item.answer, "explanation": item.explanation}
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def decorate(rng: random.Random, question: str) -> str:
@@ -645,10 +651,11 @@ class Generator:
         messages = []
         if system:
             messages.append({"role": "system", "content": pick(rng, SYSTEM_PROMPTS)})
+        first = rng.random() < EXPLANATION_FIRST_SHARE  # one order for every reply of the conversation
         make = self.subtype(family)
         it = self.item(make)
         messages += [{"role": "user", "content": decorate(rng, it.question)},
-                     {"role": "assistant", "content": reply(it)}]
+                     {"role": "assistant", "content": reply(it, first)}]
         for _ in range(turns - 1):
             if rng.random() < 0.6:  # same kind of question, new value
                 it = self.item(make)
@@ -658,7 +665,7 @@ class Generator:
                 it = self.item(make)
                 c = pick(rng, CONNECTORS)
                 text = c + (lower_first(it.question) if c.endswith(", ") else it.question)
-            messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply(it)}]
+            messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply(it, first)}]
         return messages
 
     def split(self, n: int) -> list[dict]:

@@ -1,7 +1,9 @@
-"""Bundled data: the example SFT dataset and the behaviour it teaches (see :mod:`.behaviour`)."""
+"""Bundled data: the example SFT and preference datasets and the behaviour they teach (see :mod:`.behaviour`),
+the arithmetic tasks of online RL, and the recipes the demo runs."""
 
 from pathlib import Path
 
 DEFAULT_SFT_RECIPE = Path(__file__).parent / "default_sft.yaml"
-ARITH_TASKS_DIR = Path(__file__).parent / "arith_tasks"
+ARITH_TASKS_DIR = Path(__file__).parent / "arith_tasks"  # multi-step tasks (examples/make_arithmetic_tasks.py)
+ARITH_FACTS_DIR = Path(__file__).parent / "arith_facts"  # one-step questions sized to a 135M model (--facts)
 RECIPES_DIR = Path(__file__).parent / "recipes"  # recipes the package itself runs (the demo); copies in recipes/

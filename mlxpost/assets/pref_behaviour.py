@@ -20,13 +20,11 @@ This module uses only the standard library.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
-from .behaviour import check_json_answer
+from .behaviour import check_json_answer, extract_answer_object, same_answer
 
 DATASET_DIR = Path(__file__).parent / "pref_json_answers"
 
@@ -77,55 +75,6 @@ def expected_answer(prompt: str) -> Any:
         is_even = int(m[1]) % 2 == 0
         return "yes" if is_even == (m[2].lower() == "even") else "no"
     return None
-
-
-def extract_answer_object(text: str) -> dict | None:
-    """The first JSON object with an ``answer`` key in ``text``, even inside
-    chatty text or a code fence; None when there is none.
-
-    >>> extract_answer_object('Sure! {"answer": 5, "explanation": "2 + 3 = 5."} Hope this helps!')
-    {'answer': 5, 'explanation': '2 + 3 = 5.'}
-    >>> extract_answer_object('```json\\n{"answer": "odd"}\\n```')
-    {'answer': 'odd'}
-    >>> extract_answer_object('The answer is 5.') is None
-    True
-    """
-    if not isinstance(text, str):
-        return None
-    decoder = json.JSONDecoder()
-    for i, ch in enumerate(text):
-        if ch != "{":
-            continue
-        try:
-            obj, _ = decoder.raw_decode(text, i)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict) and "answer" in obj:
-            return obj
-    return None
-
-
-def same_answer(got: Any, want: Any) -> bool:
-    """Whether a reply's ``answer`` equals ``want``: numbers by value (a numeric
-    string counts), words case-insensitively.
-
-    >>> same_answer(85, 85), same_answer(85.0, 85), same_answer("85", 85), same_answer(84, 85)
-    (True, True, True, False)
-    >>> same_answer("Odd", "odd"), same_answer("even", "odd"), same_answer(True, 1)
-    (True, False, False)
-    """
-    if isinstance(got, bool) or isinstance(want, bool):
-        return got is want
-    if isinstance(want, (int, float)):
-        if isinstance(got, str):
-            try:
-                got = float(got.strip())
-            except ValueError:
-                return False
-        return isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=0, abs_tol=1e-9)
-    if isinstance(want, str):
-        return isinstance(got, str) and got.strip().lower() == want.strip().lower()
-    return got == want
 
 
 def pref_behaviour_scores(replies: list[str], prompts: list[str]) -> dict:

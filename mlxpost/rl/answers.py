@@ -11,6 +11,7 @@ callers), never computed.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -193,15 +194,55 @@ def extract_final_answer(text: str) -> str | None:
 
     The text after the colon of the last non-empty ``Answer: X`` line (any
     case, markdown emphasis allowed: ``**Answer:** X``); without one, the
+    ``answer`` field of the last JSON object that has one (a reply such as
+    ``{"explanation": "7 × 4 = 28.", "answer": 28}``); without either, the
     last number in the text; without any number, None.
+
+    >>> extract_final_answer('7 × 4 = 28\\nAnswer: 28')
+    '28'
+    >>> extract_final_answer('{"answer": 20, "explanation": "7 × 4 = 28."}')  # the field, not the last number
+    '20'
+    >>> extract_final_answer('so it is 12.') , extract_final_answer('no idea')
+    ('12', None)
     """
     if not isinstance(text, str):
         return None
     found = [a for a in (m.group("answer").strip(_ANSWER_STRIP).strip() for m in ANSWER_LINE.finditer(text)) if a]
     if found:
         return found[-1]
+    field = _json_answer(text)
+    if field is not None:
+        return field
     nums = _numbers_in(text)
     return nums[-1] if nums else None
+
+
+_JSON_CANDIDATES = 50  # "{" positions tried per completion: parsing stays bounded whatever the text
+
+
+def _json_answer(text: str) -> str | None:
+    """The ``answer`` of the last JSON object holding one, as text; None when there is none.
+
+    Bounded: completions over :data:`MAX_LINE_CHARS` characters are not
+    parsed, and at most :data:`_JSON_CANDIDATES` opening braces are tried.
+    """
+    if len(text) > MAX_LINE_CHARS or "answer" not in text:
+        return None
+    decoder = json.JSONDecoder()
+    starts = [i for i, ch in enumerate(text) if ch == "{"][-_JSON_CANDIDATES:]
+    value = None
+    for i in starts:
+        try:
+            obj, _ = decoder.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict) and "answer" in obj:
+            value = obj["answer"]
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value).strip() or None
 
 
 def _normalize(s: str) -> str:

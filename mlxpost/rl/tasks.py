@@ -31,7 +31,7 @@ from typing import Sequence
 from ..assets import ARITH_TASKS_DIR
 from ..errors import MlxpostError
 
-__all__ = ["ARITH_TASKS_DIR", "INSTRUCTIONS", "generate_tasks", "to_sft_rows", "write_task_files"]
+__all__ = ["ARITH_TASKS_DIR", "INSTRUCTIONS", "fact_questions", "generate_tasks", "to_sft_rows", "write_task_files"]
 
 
 INSTRUCTIONS = ("Work step by step: write each calculation on its own line as `a op b = c`, "
@@ -213,3 +213,38 @@ def write_task_files(out_dir: str | Path, *, n_train: int = 512, n_valid: int = 
         p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         paths.append(p)
     return paths[0], paths[1]
+
+
+_FACT_SYMBOLS = {"+": "+", "-": "-", "*": "\u00d7"}
+
+
+def fact_questions(*, ops: str = "+*", max_operand: int = 9, n_valid: int = 48,
+                   seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Every one-step question ``What is a op b?`` with small operands, split into train and valid rows.
+
+    Addition takes ``a, b`` in 1..``max_operand``, multiplication 2..``max_operand``
+    (no ``× 1``), subtraction ``a > b``. Rows: ``{"prompt", "answer",
+    "numbers"}``. The ``n_valid`` validation questions (drawn with ``seed``)
+    are facts the training rows never show, so a model's accuracy on them
+    measures how reliably it computes, not what it memorized.
+
+    >>> train, valid = fact_questions(n_valid=48)
+    >>> len(train), len(valid), valid[0]["prompt"], valid[0]["answer"]
+    (97, 48, 'What is 4 + 1?', '5')
+    """
+    rows = []
+    for op in ops:
+        if op not in _FACT_SYMBOLS:
+            raise MlxpostError(f"ops must be characters from '+-*', got {ops!r}")
+        lo = 2 if op == "*" else 1
+        for a in range(lo, max_operand + 1):
+            for b in range(lo, max_operand + 1):
+                if op == "-" and a <= b:
+                    continue
+                value = a + b if op == "+" else a - b if op == "-" else a * b
+                rows.append({"prompt": f"What is {a} {_FACT_SYMBOLS[op]} {b}?", "answer": str(value),
+                             "numbers": [a, b]})
+    if not 0 < n_valid < len(rows):
+        raise MlxpostError(f"n_valid must be between 1 and {len(rows) - 1}, got {n_valid}")
+    random.Random(seed).shuffle(rows)
+    return rows[n_valid:], rows[:n_valid]

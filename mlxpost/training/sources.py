@@ -44,7 +44,10 @@ from ..rl.evaluate import evaluate
 from ..rl.rewards import RewardSet, parse_reward_option
 from ..rl.source import RolloutSource
 from ..rl.verifiers import StepVerifier
+from ..stats import paired_change
 from .samples import run_samples
+
+SHOWN_SAMPLES = 5  # before/after replies printed at the end of a run (all are in samples.json)
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -124,8 +127,8 @@ class Rows(DataKind):
 
     name = "sft"
     bundled = behaviour.DATASET_DIR
-    sample_prompts = behaviour.SAMPLE_PROMPTS
     before_file = "samples_before.json"
+    checks = ("json", "correct")  # what the bundled data teaches, measured on its held-out questions
     pairs = False  # see choose_batching
 
     def tokenize(self, path, renderer, **kw):
@@ -184,22 +187,30 @@ class Rows(DataKind):
                     seed=prep.cfg.train.seed, shuffle=shuffle, select_bucket=bucket if prep.split else None)
 
     # -- before and after --------------------------------------------------------
-    def prompts(self, cfg: RunConfig) -> list[str]:
-        """The prompts answered before and after training: ``sample.prompts``, or the bundled data's own."""
-        if cfg.sample.prompts:
-            return [str(p) for p in cfg.sample.prompts]
-        return list(self.sample_prompts) if cfg.data.path is None else []
+    def prompts(self, cfg: RunConfig) -> tuple[list[str], list]:
+        """The prompts answered before and after training, with their answers (None when unknown).
 
-    def behaviour(self, prompts: list[str], replies: list[str]) -> dict:
-        """How the bundled data's behaviour shows in sampled replies."""
-        return behaviour.json_answer_rate(replies)
+        ``sample.prompts`` when given; with the bundled data, its held-out
+        questions (:data:`mlxpost.assets.behaviour.HELDOUT`); else none.
+        """
+        if cfg.sample.prompts:
+            return [str(p) for p in cfg.sample.prompts], [None] * len(cfg.sample.prompts)
+        if cfg.data.path is not None:
+            return [], []
+        rows = behaviour.heldout_questions()
+        return [r["prompt"] for r in rows], [r["answer"] for r in rows]
+
+    def behaviour(self, replies: list[str], answers: list) -> dict[str, list[bool]]:
+        """Per check (``self.checks``), its outcome on every reply (``correct``: where the answer is known)."""
+        checks = [behaviour.reply_checks(r, a) for r, a in zip(replies, answers)]
+        return {name: [c[name] for c in checks if name in c] for name in self.checks}
 
     def measure(self, prep: Prepared, rep, rundir: RunDir, when: str) -> list[str] | None:
-        prompts = self.prompts(prep.cfg)
+        prompts, _ = self.prompts(prep.cfg)
         if not prompts:
             return None
         model, tok = prep.loaded.model, prep.loaded.tokenizer
-        with rep.status(f"sampling {when} training"):
+        with rep.status(f"answering {len(prompts)} prompts {when} training"):
             replies = run_samples(model, tok, prompts, prep.cfg)
         if when == "before":
             rundir.write_json("samples_before.json", replies)
@@ -208,16 +219,21 @@ class Rows(DataKind):
         rows = [{"prompt": p, **({"before": b} if before else {}), "after": a}
                 for p, b, a in zip(prompts, before or [""] * len(prompts), replies)]
         rundir.write_json("samples.json", rows)
-        rep.samples(rows)
+        rep.samples(rows[:SHOWN_SAMPLES])
+        if len(rows) > SHOWN_SAMPLES:
+            rep.info(f"({SHOWN_SAMPLES} of {len(rows)} shown; all in {rundir.path / 'samples.json'})")
         return replies
 
     def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
+        """With the bundled data: each check's rate before and after, the change and its 95% interval."""
         if prep.cfg.data.path is not None or not after:
             return
-        prompts = self.prompts(prep.cfg)
-        if before:
-            summary["behaviour_before"] = self.behaviour(prompts, before)
-        summary["behaviour_after"] = self.behaviour(prompts, after)
+        _, answers = self.prompts(prep.cfg)
+        a = self.behaviour(after, answers)
+        b = self.behaviour(before, answers) if before and len(before) == len(after) else None
+        summary["behaviour"] = {name: paired_change(b[name], a[name]) if b else
+                                {"n": len(a[name]), "after": sum(a[name]) / max(len(a[name]), 1)}
+                                for name in self.checks if a[name]}
 
 
 class Pairs(Rows):
@@ -225,7 +241,7 @@ class Pairs(Rows):
 
     name = "pairs"
     bundled = pref_behaviour.DATASET_DIR
-    sample_prompts = pref_behaviour.PREF_SAMPLE_PROMPTS
+    checks = ("explanation_first", "json", "correct")
     examples = "pairs"
     pairs = True
 
@@ -256,8 +272,6 @@ class Pairs(Rows):
         return PairSource(examples, span=attention_span(prep.loaded.model), share_prompt=prep.state["share_prompt"],
                           chunk=prep.chunk, **self._source_options(prep, B, L, shuffle, 64))
 
-    def behaviour(self, prompts: list[str], replies: list[str]) -> dict:
-        return pref_behaviour.pref_behaviour_scores(replies, prompts)
 
 
 class Prompts(DataKind):
@@ -318,9 +332,14 @@ class Prompts(DataKind):
         return ev
 
     def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
+        """The evaluations' means, and (when both ran on the same prompts) each change with its 95% interval."""
         for key, ev in (("eval_before", before), ("eval_after", after)):
             if ev is not None:
-                summary[key] = {k: v for k, v in ev.items() if k != "samples"}
+                summary[key] = {k: v for k, v in ev.items() if k not in ("samples", "rewards", "finals")}
+        if before and after and before.get("n") == after.get("n"):
+            summary["eval_change"] = {name: paired_change(before[key], after[key])
+                                      for name, key in (("reward", "rewards"), ("final_acc", "finals"))
+                                      if before.get(key) and after.get(key)}
 
 
 KINDS: dict[str, DataKind] = {k.name: k for k in (Rows(), Pairs(), Prompts())}
