@@ -13,6 +13,7 @@ file and line)::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -104,6 +105,7 @@ class TrainConfig:
     save_every: int = 100  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2
     report_every: int = 10
+    stuck_steps: int = 10  # warn when the loss has not changed (or the gradient vanished) this long; 0 = off
 
 
 @dataclass
@@ -305,7 +307,10 @@ def load_recipe(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"recipe not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -371,7 +376,7 @@ POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_acc
 
 NON_NEGATIVE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.warmup_steps",
                 "train.weight_decay", "train.early_stopping_patience", "train.early_stopping_min_delta",
-                "sample.temperature")
+                "sample.temperature", "train.stuck_steps")
 
 FRACTIONS = ("train.warmup_ratio", "train.min_lr_ratio")
 
@@ -411,6 +416,77 @@ def validate(cfg: RunConfig) -> None:
 def method_of(cfg: RunConfig) -> Method:
     """The method a configuration is for: the shared pipeline runs its hooks."""
     return get_method(cfg.method)
+
+
+# Settings that name files or directories (a method adds its own: Method.path_keys, Method.plugin_keys).
+PATH_KEYS = ("data.path", "data.valid", "lora.init", "output.dir")
+
+
+def absolute_spec(spec: str) -> str:
+    """A ``file.py:function[@weight]`` spec with its file made absolute; names and ``module:function`` as they are.
+
+    >>> absolute_spec("accuracy@0.5"), absolute_spec("my_pkg.rewards:score")
+    ('accuracy@0.5', 'my_pkg.rewards:score')
+    >>> absolute_spec("/srv/checks.py:verify")
+    '/srv/checks.py:verify'
+    """
+    file, sep, rest = spec.partition(":")
+    if sep and file.endswith(".py"):
+        return f"{Path(file).expanduser().resolve()}:{rest}"
+    return spec
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with its paths absolute (a model path only when it is a local file or directory).
+
+    This is what config.yaml stores: ``--resume`` reads it, and a relative
+    ``--data`` would name another file (or none) when the run is resumed
+    from another directory. The run itself keeps the paths as typed, so
+    its messages show them as the user wrote them.
+    """
+    cfg = copy.deepcopy(cfg)
+    method = get_method(cfg.method)
+    model = Path(cfg.model.path).expanduser()
+    if cfg.model.path not in ("", "default") and model.exists():
+        cfg.model.path = str(model.resolve())
+    keys = PATH_KEYS + tuple(method.path_keys) + ((method.from_key,) if method.from_key else ())
+    for key in keys:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if isinstance(v, str) and v:
+            setattr(getattr(cfg, section), name, str(Path(v).expanduser().resolve()))
+    for key in method.plugin_keys:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if isinstance(v, str):
+            setattr(getattr(cfg, section), name, absolute_spec(v))
+        elif isinstance(v, list):
+            setattr(getattr(cfg, section), name, [absolute_spec(x) if isinstance(x, str) else x for x in v])
+    return cfg
+
+
+def check_complete(path: Path, data: Any) -> None:
+    """Refuse a run's config.yaml that lacks any section or key its method has (an empty, cut or damaged file).
+
+    A missing setting would silently become its default, and ``--resume``
+    would then continue a different run (another model, other data).
+    """
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: empty or not a mapping of settings; --resume continues the run it describes "
+                          "and cannot guess it (restore the file, or start a new run)")
+    method = data.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"{path}: no valid 'method' (got {method!r}); the file is incomplete or damaged")
+    expected = RunConfig(method).to_dict()
+    for section, keys in expected.items():
+        if section == "method":
+            continue
+        given = data.get(section)
+        missing = [k for k in keys if not isinstance(given, dict) or k not in given]
+        if missing:
+            raise ConfigError(f"{path}: {section}.{missing[0]} is missing"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the file is "
+                              "incomplete or damaged, and --resume will not fill it with defaults")
 
 
 def dump_yaml(cfg: RunConfig) -> str:
