@@ -62,8 +62,10 @@ def check_model_dir(path: Path) -> None:
 
     Checked before mlx-lm and transformers see the directory (their errors
     name no file, or come as tracebacks): ``config.json`` is a JSON object,
-    every ``*.safetensors`` file is as long as its header says (a download
-    or copy cut short), and the tokenizer's files are there.
+    and every ``*.safetensors`` file is as long as its header says (a
+    download or copy cut short). (A tokenizer that fails to load is named
+    after the fact, with :data:`TOKENIZER_FILES`: tokenizers come in more
+    layouts than a list here would know.)
     """
     path = Path(path)
     cfg = path / "config.json"
@@ -81,9 +83,6 @@ def check_model_dir(path: Path) -> None:
         problem = safetensors_problem(w)
         if problem:
             raise MlxpostError(f"{path}: {problem} (an interrupted download or copy? fetch the model again)")
-    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
-        raise MlxpostError(f"{path}: no tokenizer (expected tokenizer.json, or tokenizer.model, or vocab.json "
-                           "with merges.txt); copy the tokenizer files of the model into this directory")
 
 
 def _one_line(e: BaseException) -> str:
@@ -137,6 +136,9 @@ def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = 
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, KeyError, ... for bad files
+        if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+            raise MlxpostError(f"{path}: no tokenizer (expected tokenizer.json, or tokenizer.model, or vocab.json "
+                               "with merges.txt); copy the tokenizer files of the model into this directory") from None
         raise MlxpostError(f"{path}: the tokenizer cannot be loaded ({_one_line(e)})") from None
 
     name = dtype if dtype != "auto" else default_dtype()
