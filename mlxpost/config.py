@@ -13,6 +13,7 @@ file and line)::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -104,6 +105,7 @@ class TrainConfig:
     save_every: int = 100  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2
     report_every: int = 10
+    stuck_steps: int = 10  # warn when the loss has not changed (or the gradient vanished) this long; 0 = off
 
 
 @dataclass
@@ -305,7 +307,10 @@ def load_recipe(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"recipe not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -371,7 +376,7 @@ POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_acc
 
 NON_NEGATIVE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.warmup_steps",
                 "train.weight_decay", "train.early_stopping_patience", "train.early_stopping_min_delta",
-                "sample.temperature")
+                "sample.temperature", "train.stuck_steps")
 
 FRACTIONS = ("train.warmup_ratio", "train.min_lr_ratio")
 
@@ -411,6 +416,90 @@ def validate(cfg: RunConfig) -> None:
 def method_of(cfg: RunConfig) -> Method:
     """The method a configuration is for: the shared pipeline runs its hooks."""
     return get_method(cfg.method)
+
+
+# Settings that name files or directories (a method adds its own: Method.path_keys, Method.plugin_keys).
+PATH_KEYS = ("data.path", "data.valid", "lora.init", "output.dir")
+
+
+def absolute_spec(spec: str) -> str:
+    """A ``file.py:function[@weight]`` spec with its file made absolute; names and ``module:function`` as they are.
+
+    >>> absolute_spec("accuracy@0.5"), absolute_spec("my_pkg.rewards:score")
+    ('accuracy@0.5', 'my_pkg.rewards:score')
+    >>> absolute_spec("/srv/checks.py:verify")
+    '/srv/checks.py:verify'
+    """
+    file, sep, rest = spec.partition(":")
+    if sep and file.endswith(".py"):
+        return f"{Path(file).expanduser().resolve()}:{rest}"
+    return spec
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with its paths absolute (a model path only when it is a local file or directory).
+
+    This is what config.yaml stores: ``--resume`` reads it, and a relative
+    ``--data`` would name another file (or none) when the run is resumed
+    from another directory. The run itself keeps the paths as typed, so
+    its messages show them as the user wrote them.
+    """
+    cfg = copy.deepcopy(cfg)
+    method = get_method(cfg.method)
+    model = Path(cfg.model.path).expanduser()
+    if cfg.model.path not in ("", "default") and model.exists():
+        cfg.model.path = str(model.resolve())
+    keys = PATH_KEYS + tuple(method.path_keys) + ((method.from_key,) if method.from_key else ())
+    for key in keys:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if isinstance(v, str) and v:
+            setattr(getattr(cfg, section), name, str(Path(v).expanduser().resolve()))
+    for key in method.plugin_keys:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if isinstance(v, str):
+            setattr(getattr(cfg, section), name, absolute_spec(v))
+        elif isinstance(v, list):
+            setattr(getattr(cfg, section), name, [absolute_spec(x) if isinstance(x, str) else x for x in v])
+    return cfg
+
+
+# Settings that say which run a config.yaml describes: never filled with a default.
+IDENTITY_KEYS = ("model.path", "model.dtype", "model.quantize", "data.path", "data.valid", "lora.type", "lora.rank",
+                 "lora.targets", "lora.num_layers", "train.seed", "train.batch_size", "train.grad_accum")
+
+
+def check_complete(path: Path, data: Any) -> list[str]:
+    """Refuse a run's config.yaml that is empty, has no valid method, lacks a section of its method, or lacks
+    a setting that identifies the run (:data:`IDENTITY_KEYS`). Returns the other settings it lacks.
+
+    Those take their defaults: a file written by an earlier version of
+    mlxpost has no setting added since, and its run must stay resumable. The
+    caller says which ones were filled. A file cut short (they are written
+    atomically) loses whole sections or identifying keys, and is refused.
+    """
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: empty or not a mapping of settings; --resume continues the run it describes "
+                          "and cannot guess it (restore the file, or start a new run)")
+    method = data.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"{path}: no valid 'method' (got {method!r}); the file is incomplete or damaged")
+    filled = []
+    for section, keys in RunConfig(method).to_dict().items():
+        if section == "method":
+            continue
+        given = data.get(section)
+        if not isinstance(given, dict):
+            raise ConfigError(f"{path}: the section {section} is missing; the file is incomplete or damaged, "
+                              "and --resume will not fill it with defaults")
+        missing = [f"{section}.{k}" for k in keys if k not in given]
+        identity = [k for k in missing if k in IDENTITY_KEYS]
+        if identity:
+            raise ConfigError(f"{path}: {identity[0]} is missing; the file is incomplete or damaged, and "
+                              "--resume will not fill it with a default")
+        filled += missing
+    return filled
 
 
 def dump_yaml(cfg: RunConfig) -> str:

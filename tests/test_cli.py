@@ -229,7 +229,7 @@ def test_dpo_and_orpo_from_the_command_line(tmp_path, tiny_model, sft_data, pref
     run = tmp_path / "dpo"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "dpo" and summary["steps"] == 6
-    assert set(summary["health"]) == {"collapse", "drift", "non_finite", "quality_gate"}
+    assert set(summary["health"]) == {"stuck", "collapse", "drift", "non_finite", "quality_gate"}
     assert summary["val_metrics"]["val_rewards/margins"] > 0
     cfg = (run / "config.yaml").read_text()
     assert "beta: 0.2" in cfg and "precompute_ref: true" in cfg and "orpo:" not in cfg

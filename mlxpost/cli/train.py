@@ -17,6 +17,7 @@ import mlx.core as mx
 from ..backend.blas import blas_advice
 from ..config import build_config
 from ..errors import MlxpostError
+from ..files import shown_path
 from ..methods.base import Method
 from ..model.adapters import read_adapter_config
 from ..training.distributed import agree
@@ -102,8 +103,12 @@ def train_command(method: Method, kwargs: dict) -> None:
         given = [k for k, v in values.items() if v is not None]
         if config or given:
             raise MlxpostError("--resume uses the run's saved config.yaml; only --set of train.steps, eval/save "
-                               f"frequencies and early stopping may change (got {', '.join(given) or '--config'})")
-        cfg = agree(world, lambda: resume_config(Path(resume), list(sets)), "reading the run's config.yaml")
+                               "frequencies and early stopping (and, after a non-finite stop, the learning rate, "
+                               f"its schedule and clipping) may change (got {', '.join(given) or '--config'})")
+        cfg = agree(world, lambda: resume_config(Path(resume), list(sets), warn=rep.warn), "reading the run's config.yaml")
+        if cfg.method != method.name:
+            raise MlxpostError(f"{resume} is a {cfg.method} run, not a {method.name} run; continue it with "
+                               f"mlxpost {cfg.method} --resume {resume}")
     else:
         if config is None and values.get("data.path") is None and method.bundled is not None:
             config = method.bundled.recipe
@@ -119,7 +124,8 @@ def train_command(method: Method, kwargs: dict) -> None:
 def try_it(run_dir: Path) -> str:
     """What to type next: generate with the run's adapter."""
     meta = read_adapter_config(run_dir).get("mlxpost", {})
-    model_dir = meta.get("model_dir", "<model dir>")
+    model_dir = shown_path(meta.get("model_dir", "<model dir>"))
+    run_dir = shown_path(run_dir)
     hint = f"\nadapter written to {run_dir}. Try it:\n  mlxpost generate --adapter {run_dir} --prompt \"...\""
     if meta.get("from_adapter"):
         hint += (f"\n(it was trained on top of {meta['from_adapter']}, which mlxpost generate merges first; "

@@ -79,7 +79,13 @@ from .formats import (
     layout_kind,
 )
 from .render import Renderer, render_pair
-from .rows import read_jsonl, validate_pair_row, validate_sft_row
+from .rows import (
+    MAX_JSON_DEPTH,
+    read_jsonl,
+    validate_pair_row,
+    validate_sft_row,
+    value_problem,
+)
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -129,7 +135,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
 def _read_json(path: Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
     raw = path.read_bytes()
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw)  # bytes: a UTF-8 byte-order mark is skipped
     except UnicodeDecodeError as e:
         raise MlxpostError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     except json.JSONDecodeError as e:
@@ -137,16 +143,21 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
             yield from read_jsonl(path)
             return
         raise MlxpostError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise MlxpostError(f"{path}: JSON nested deeper than the parser can read (rows may nest at most "
+                           f"{MAX_JSON_DEPTH} levels)") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
         what = f"an object with keys {', '.join(sorted(obj))}" if isinstance(obj, dict) else type(obj).__name__
         raise MlxpostError(f"{path}: expected a JSON array of rows or an object with a 'data' array, got {what}")
     for i, row in enumerate(obj, start=1):
-        if isinstance(row, dict):
-            yield i, row, None
-        else:
+        if not isinstance(row, dict):
             yield i, None, RowIssue(str(path), i, "", f"expected a JSON object, got {type(row).__name__}")
+        elif (problem := value_problem(row)) is not None:
+            yield i, None, RowIssue(str(path), i, "", problem)
+        else:
+            yield i, row, None
 
 
 def pyarrow_modules():
@@ -237,7 +248,9 @@ def length_percentiles(lengths: list[int]) -> dict[str, int]:
 
 def load_renderer(spec: str):
     """A :class:`mlxpost.data.render.Renderer` for the tokenizer of a model (repo id, directory or .gguf)."""
-    from mlx_lm.utils import load_tokenizer  # here: importing mlx-lm loads transformers (over a second)
+    from mlx_lm.utils import (
+        load_tokenizer,  # here: importing mlx-lm loads transformers (over a second)
+    )
 
     path = resolve_model_path(spec)
     renderer = Renderer(load_tokenizer(path))

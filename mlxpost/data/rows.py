@@ -17,6 +17,7 @@ Supported JSONL rows (one JSON object per line):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,17 +26,138 @@ from ..errors import MlxpostError, RowIssue
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
-    """Yield ``(line_number, row, issue)`` for each non-blank line (1-based)."""
+# Limits on one row. Data files are untrusted input: a row nested thousands of
+# levels deep would overflow the parser's (and every later walker's) recursion,
+# and one enormous line would be read into memory whole.
+MAX_JSON_DEPTH = 100  # real rows (chats with tool calls) nest fewer than 10 levels
+MAX_LINE_BYTES = 16 << 20  # 16 MiB: far beyond any training example's length
+
+BOM = b"\xef\xbb\xbf"
+
+
+def json_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of lists and dicts in ``obj`` (a scalar is 0), counted without recursion up to ``limit + 1``.
+
+    >>> json_depth({"messages": [{"role": "user", "content": "hi"}]})
+    3
+    >>> json_depth("text"), json_depth([[[[]]]], limit=2)
+    (0, 3)
+    """
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def value_problem(value: Any, text: str | None = None, limit: int = MAX_JSON_DEPTH) -> str | None:
+    r"""Why a parsed JSON value cannot be a row: nested deeper than ``limit``, or a string with a lone surrogate.
+
+    JSON may spell half of a UTF-16 surrogate pair (``"\ud800"``); Python
+    keeps it, and the tokenizer or any UTF-8 writer fails on it later with a
+    message that names no row. ``text``: the JSON text, to skip the walk
+    when it has no surrogate escape at all (the usual case).
+
+    >>> value_problem({"text": "\ud800 half an emoji"})
+    'a string holds a lone surrogate (\\ud800), which is not valid Unicode'
+    >>> value_problem(json.loads('{"text": "\\ud83d\\ude00"}')) is None  # a whole pair: JSON reads one character
+    True
+    """
+    if json_depth(value, limit) > limit:
+        return f"nested deeper than {limit} levels"
+    if text is not None and not _SURROGATE_ESCAPE.search(text):
+        return None
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = node[e.start:e.end]
+                return f"a string holds a lone surrogate ({bad.encode('unicode_escape').decode()}), which is not valid Unicode"
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def parse_json_row(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, problem)`` when ``text`` is not JSON or not a possible row
+    (:func:`value_problem`).
+
+    >>> parse_json_row('{"text": "hi"}')
+    ({'text': 'hi'}, None)
+    >>> parse_json_row("[" * 5 + "]" * 5, limit=3)
+    (None, 'nested deeper than 3 levels')
+    >>> parse_json_row('{"text": ')[1]
+    'not valid JSON (Expecting value at column 10)'
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:  # deeper than the parser's own limit (~1000 levels)
+        return None, f"nested deeper than {limit} levels"
+    problem = value_problem(value, text if isinstance(text, str) else text.decode("utf-8", "replace"), limit)
+    return (None, problem) if problem else (value, None)
+
+
+def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, raw line)``; ``None`` for a line longer than ``limit`` bytes (whose rest is skipped unread)."""
+    i = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        i += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield i, None
+        else:
+            yield i, raw
+
+
+def _check_start(path: Path, head: bytes) -> None:
+    """File-level problems that would otherwise show as one error per line."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise MlxpostError(f"{path}: this file is UTF-16 text; save it as UTF-8")
+    if head.removeprefix(BOM).lstrip().startswith(b"["):
+        raise MlxpostError(f"{path}: this is one JSON array, not JSON Lines; write one object per line "
+                           "(e.g. python -c \"import json,sys; [print(json.dumps(r)) for r in "
+                           "json.load(open(sys.argv[1]))]\" FILE > FILE.jsonl)")
+
+
+def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
+               max_depth: int = MAX_JSON_DEPTH) -> Iterator[tuple[int, Any, RowIssue | None]]:
+    """Yield ``(line_number, row, issue)`` for each non-blank line (1-based).
+
+    A UTF-8 byte-order mark at the start of the file (some editors write one)
+    is skipped. A line that is not UTF-8, not JSON, not an object, longer
+    than ``max_line_bytes`` or nested deeper than ``max_depth`` gives an issue
+    for that line instead of a row; nothing else is raised for a line's content.
+    """
     path = Path(path)
     with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-        if head.startswith(b"["):
-            raise MlxpostError(f"{path}: this is one JSON array, not JSON Lines; write one object per line "
-                               "(e.g. python -c \"import json,sys; [print(json.dumps(r)) for r in "
-                               "json.load(open(sys.argv[1]))]\" FILE > FILE.jsonl)")
+        _check_start(path, f.read(64))
         f.seek(0)
-        for i, raw in enumerate(f, start=1):
+        for i, raw in _lines(f, max_line_bytes):
+            if raw is None:
+                yield i, None, RowIssue(str(path), i, "", f"line longer than {max_line_bytes:,} bytes")
+                continue
+            if i == 1:
+                raw = raw.removeprefix(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -43,10 +165,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, RowIssue | None]]:
                 continue
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, None, RowIssue(str(path), i, "", f"not valid JSON ({e.msg} at column {e.colno})")
+            row, problem = parse_json_row(line, max_depth)
+            if problem is not None:
+                yield i, None, RowIssue(str(path), i, "", problem)
                 continue
             if not isinstance(row, dict):
                 yield i, None, RowIssue(str(path), i, "", f"expected a JSON object, got {type(row).__name__}")

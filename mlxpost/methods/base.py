@@ -22,7 +22,9 @@ Declared (class attributes):
   sets ``section.key``);
 * ``from_key``: the configuration key of ``--from`` (train on top of an
   earlier run), when the method has it;
-* ``bundled``: what runs when neither ``--data`` nor ``--config`` is given.
+* ``bundled``: what runs when neither ``--data`` nor ``--config`` is given;
+* ``path_keys`` and ``plugin_keys``: its settings that name files (paths,
+  and ``file.py:function`` specs), stored absolute in a run's config.yaml.
 
 Hooks (methods with defaults that do nothing): :meth:`validate`,
 :meth:`without_data`, :meth:`prepare`, :meth:`objective` (the one a method
@@ -62,6 +64,8 @@ class Method:
     options: ClassVar[tuple] = ()
     from_key: ClassVar[str | None] = None
     bundled: ClassVar[Bundled | None] = None
+    path_keys: ClassVar[tuple] = ()  # settings naming files or directories (stored absolute in config.yaml)
+    plugin_keys: ClassVar[tuple] = ()  # settings holding file.py:function specs (their files made absolute)
 
     # -- configuration ---------------------------------------------------------
     def validate(self, cfg: RunConfig) -> None:

@@ -196,7 +196,7 @@ class RLHealth(HealthMonitor):
         self.t = t
         self.streak = 0
 
-    def observe(self, step: int, m: dict) -> list[Finding]:
+    def check(self, step: int, m: dict) -> list[Finding]:
         out = []
         frac = m.get("all_equal_groups")
         if frac is not None:
@@ -318,6 +318,7 @@ class OnlineRLMethod(Method):
     defaults = {"train.lr": 2e-5, "train.eval_at_start": False, "data.valid_fraction": 0.0}
     options = OPTIONS
     from_key = "grpo.from_run"
+    plugin_keys = ("grpo.rewards",)
     bundled = Bundled("no --data and no --config: the bundled multi-step arithmetic tasks")
 
     def validate(self, cfg) -> None:

@@ -289,6 +289,7 @@ class PreferenceMethod(Method):
     data = "pairs"
     defaults = {"train.lr": 5e-5}  # LoRA preference tuning moves far less than SFT: a gentler default
     from_key = "preference.from_run"
+    path_keys = ("preference.ref_cache_dir",)
     bundled = Bundled("no --data and no --config: the bundled example preference pairs")
     reference: bool = False  # needs reference log-probs (adapters off, or precomputed)
     positive: tuple = ()  # the method's keys that must be positive

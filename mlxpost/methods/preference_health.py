@@ -82,8 +82,8 @@ class PreferenceHealth(HealthMonitor):
         c0, r0 = (sum(v) / len(v) for v in (self.base["c"], self.base["r"]))
         return self._track("c", c - c0), self._track("r", r - r0)
 
-    def observe(self, step: int, m: dict) -> list[Finding]:
-        """New findings from the metrics of ``step``."""
+    def check(self, step: int, m: dict) -> list[Finding]:
+        """New findings from the metrics of ``step`` (the stuck check runs first, in the base monitor)."""
         if "rewards/accuracies" not in m:
             return []
         out: list[Finding] = []

@@ -36,6 +36,7 @@ Examples:
   mlxpost rlvr --data tasks.jsonl --verifier my_checks.py:verify --reward format@0.2
 """ + REWARDS_HELP
     sections = {"grpo": GRPOConfig, "rlvr": RLVRConfig}
+    plugin_keys = ("grpo.rewards", "rlvr.verifier")
     options = OPTIONS + (
         click.option("--verifier", "rlvr__verifier", metavar="NAME",
                      help="arithmetic, exact, path/to/file.py:function or package.module:function "

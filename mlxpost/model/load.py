@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxpostError
+from ..files import safetensors_problem
 from .default import default_model_path
 from .fetch import download_model
 from .gguf import convert_gguf_cached
@@ -53,6 +54,42 @@ def resolve_model_path(spec: str, revision: str | None = None, log=None) -> Path
     return download_model(spec, revision)
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("tiktoken.model",))
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a model directory that cannot load, naming the file and what is wrong with it.
+
+    Checked before mlx-lm and transformers see the directory (their errors
+    name no file, or come as tracebacks): ``config.json`` is a JSON object,
+    and every ``*.safetensors`` file is as long as its header says (a
+    download or copy cut short). (A tokenizer that fails to load is named
+    after the fact, with :data:`TOKENIZER_FILES`: tokenizers come in more
+    layouts than a list here would know.)
+    """
+    path = Path(path)
+    cfg = path / "config.json"
+    try:
+        config = json.loads(cfg.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        what = "missing" if isinstance(e, FileNotFoundError) else "not valid JSON"
+        raise MlxpostError(f"{cfg}: {what} (not a usable model directory)") from None
+    if not isinstance(config, dict):
+        raise MlxpostError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise MlxpostError(f"{path}: no *.safetensors weights in this model directory")
+    for w in weights:
+        problem = safetensors_problem(w)
+        if problem:
+            raise MlxpostError(f"{path}: {problem} (an interrupted download or copy? fetch the model again)")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
 def default_dtype() -> str:
     """float32 on MLX's CPU backend (bf16/fp16 matmuls there are scalar loops); else bfloat16."""
     return "float32" if mx.default_device() == mx.cpu else "bfloat16"
@@ -87,15 +124,22 @@ def load_model(spec: str | None, *, dtype: str = "auto", quantize: int | None = 
     from mlx_lm.utils import load_tokenizer
 
     path = resolve_model_path(spec, revision, log)
+    check_model_dir(path)
     overrides = rope_theta_override(path)
     if overrides and log:
         log(f"{path}/config.json keeps rope_theta only in rope_parameters; using {overrides['rope_theta']} "
             "(mlx-lm would read 10000)")
     try:
         model, config = _load_model(path, lazy=True, trust_remote_code=trust_remote_code, model_config=overrides)
-    except ValueError as e:
-        raise MlxpostError(f"mlx-lm cannot load {path}: {e}") from None
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, RuntimeError, OSError) as e:
+        raise MlxpostError(f"mlx-lm cannot load {path}: {_one_line(e)}") from None
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, KeyError, ... for bad files
+        if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+            raise MlxpostError(f"{path}: no tokenizer (expected tokenizer.json, or tokenizer.model, or vocab.json "
+                               "with merges.txt); copy the tokenizer files of the model into this directory") from None
+        raise MlxpostError(f"{path}: the tokenizer cannot be loaded ({_one_line(e)})") from None
 
     name = dtype if dtype != "auto" else default_dtype()
     if name not in DTYPES:

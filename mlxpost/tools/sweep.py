@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 import traceback
@@ -47,6 +46,7 @@ from ..files import atomic_write_json
 from ..training.loop import NonFiniteError
 from ..training.pipeline import run as runner_run
 from ..training.resume import resume_config
+from ..training.rundir import RunDir
 from ..ui import PlainReporter
 from .compare import run_verdict
 from .run_cache import RunCache
@@ -260,21 +260,10 @@ class Sweep:
                 s = {}
             if s.get("stopped") in ("completed", "early_stopping"):
                 return "finished", None
-        if not (d / "config.yaml").exists():
+        if not (d / "config.yaml").exists() or not RunDir(d, writer=False).checkpoints():
             return "restart", None
-        ckpt_dir = d / "checkpoints"
-        latest = None
-        pointer = ckpt_dir / "latest"
-        if pointer.exists() and (ckpt_dir / pointer.read_text().strip() / "trainer_state.json").exists():
-            latest = ckpt_dir / pointer.read_text().strip()
-        if latest is None:
-            done = sorted(c for c in ckpt_dir.glob("step-*") if (c / "trainer_state.json").exists())
-            latest = done[-1] if done else None
-        if latest is None:
-            return "restart", None
-        state = json.loads((latest / "trainer_state.json").read_text())
-        if state.get("stopped") or state.get("step", 0) >= state.get("total_steps", math.inf):
-            return "restart", None  # trained to the end but killed before its summary: cheaper to redo than patch
+        # A checkpoint: continue from it (a damaged one is skipped by the resume; a run trained to the
+        # end but killed before its summary only has its end written).
         return "resume", d
 
     def run(self, *, view=None, inner_reporter: Callable[[Point], Any] | None = None,

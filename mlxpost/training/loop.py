@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..backend import kernels
 from ..core.batches import Batch, BatchSource, batch_from_arrays
 from ..errors import MlxpostError
+from .health import HealthMonitor
 from .rundir import RunDir, load_checkpoint
 
 if TYPE_CHECKING:  # annotations only: the configuration imports the methods, which import this loop
@@ -46,9 +47,8 @@ class Objective:
     unit: str = "token"  # what ``count`` counts, for display
     perplexity: bool = True  # report exp(val_loss)
     display: tuple = ()  # metric names shown live next to the loss
-    # A factory ``monitor(total_steps) -> obj`` of a health monitor with
-    # ``observe(step, metrics) -> [Finding]`` and ``observe_eval(step, val) -> [Finding]``
-    # (see mlxpost.training.health); its findings are shown live and logged.
+    # A factory ``monitor(total_steps) -> HealthMonitor`` (see mlxpost.training.health); its findings are
+    # shown live and logged. None: the base monitor (the checks every run has).
     monitor: Callable | None = None
 
 
@@ -66,7 +66,7 @@ class TrainResult:
     peak_memory_gb: float
     history: list = field(default_factory=list)
     val_metrics: dict | None = None  # the last evaluation
-    health: dict | None = None  # the health monitor's summary, when the objective has one
+    health: dict | None = None  # the health monitor's summary
 
 
 class NonFiniteError(MlxpostError):
@@ -81,8 +81,7 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
     reached at the last update, or a constant.
     """
     lr, end = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    W = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
-    W = min(W, max(total_steps - 1, 0))
+    W = warmup_steps(cfg, total_steps)
     span = max(total_steps - 1 - W, 1)
     kind = cfg.schedule
 
@@ -100,6 +99,12 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
         return mx.where(s < W, lr * (s + 1.0) / W, main)
 
     return schedule
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Updates of the warmup: ``train.warmup_steps``, else ``warmup_ratio`` of the run (never all of it)."""
+    W = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    return min(W, max(total_steps - 1, 0))
 
 
 def build_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
@@ -222,7 +227,9 @@ class Trainer:
         self.stopped: str | None = None  # set when the run ends
         self.last_loss: float | None = None  # the last reported training loss
         self.val: dict | None = None  # the last evaluation
-        self.monitor = objective.monitor(total_steps) if objective.monitor else None
+        self.earlier_peak_gb = 0.0  # peak memory of the process that wrote the checkpoint resumed from
+        self.monitor = (objective.monitor or HealthMonitor)(total_steps)
+        self.monitor.stuck.window, self.monitor.stuck.after = cfg.stuck_steps, warmup_steps(cfg, total_steps)
         self._build_functions()
 
     # -- compiled pieces ------------------------------------------------------
@@ -340,7 +347,14 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "world_size": self.world_size,
             "stopped": self.stopped,
+            "last_loss": self.last_loss,  # what a finished run's summary needs, should its end be cut short
+            "val": self.val,
+            "peak_memory_gb": self.peak_memory_gb(),
         }
+
+    def peak_memory_gb(self) -> float:
+        """The run's peak memory: this process's, or an interrupted earlier process's when that was higher."""
+        return max(mx.get_peak_memory() / 1e9, self.earlier_peak_gb)
 
     def save(self, source: BatchSource) -> None:
         path = self.run.save_checkpoint(self.step, self.model, self.optimizer, self.adapter_cfg,
@@ -357,6 +371,13 @@ class Trainer:
         self.bad_evals, self.patience_ref = state["bad_evals"], state["patience_ref"]
         self.tokens, self.trained_tokens = state["tokens"], state["trained_tokens"]
         self.train_seconds = state["train_seconds"]
+        self.stopped, self.last_loss, self.val = state.get("stopped"), state.get("last_loss"), state.get("val")
+        self.earlier_peak_gb = state.get("peak_memory_gb") or 0.0
+
+    @property
+    def finished(self) -> bool:
+        """Training is over: stopped early, or completed with no more steps to take (a resumed finished run)."""
+        return self.stopped == "early_stopping" or (self.stopped is not None and self.step >= self.total_steps)
 
     # -- main loop ------------------------------------------------------------
     def fit(self, train_source: BatchSource, valid_source: BatchSource | None = None,
@@ -365,11 +386,13 @@ class Trainer:
         _wire_memory()
         if resume_from is not None:
             self._resume(resume_from, train_source)
+            if self.finished:  # killed after its last checkpoint: only the final adapter is left to write
+                return self._result()
+        self.stopped, self.val = None, None
         self.model.train()
         batches: Iterator[Batch] = iter(train_source)
         stopped = "completed"
         window = _Window()
-        self.val = None
         rep.begin(self.total_steps, self.step, display=self.objective.display)
         if self.step == 0 and valid_source is not None and cfg.eval_at_start:
             self._validate(valid_source)
@@ -378,8 +401,7 @@ class Trainer:
             out, used, dt = self._step(batches)
             # Host-side metrics of the batch source (online RL: rewards, lengths, rollout speed).
             host = dict(getattr(train_source, "last_metrics", None) or {})
-            if self.monitor is not None:
-                self._observe(out, host)
+            self._observe(out, host)
             window.add(out, dt)
             rep.advance(self.step)
             if self.step % cfg.report_every == 0 or self.step == self.total_steps or self.step == 1:
@@ -400,26 +422,32 @@ class Trainer:
         if stopped == "completed" and valid_source is not None:
             self._validate(valid_source)
         self.stopped = stopped
-        self.save(train_source)
+        self.save(train_source)  # marks training finished (trainer state "stopped"), before the final adapter
+        return self._result()
+
+    def _result(self) -> TrainResult:
+        """Write the final adapter and sum the run up (also for a resumed run whose training had finished)."""
         self.run.save_final(self.model, self.adapter_cfg)
         val = self.val
         return TrainResult(
-            steps=self.step, stopped=stopped, final_loss=self.last_loss, best_val_loss=self.best_val,
+            steps=self.step, stopped=self.stopped, final_loss=self.last_loss, best_val_loss=self.best_val,
             best_step=self.best_step, val_loss=val["val_loss"] if val else None, tokens=self.tokens,
             trained_tokens=self.trained_tokens, train_seconds=self.train_seconds,
-            peak_memory_gb=mx.get_peak_memory() / 1e9, history=self.history, val_metrics=val,
-            health=self.monitor.summary(val) if self.monitor is not None else None,
+            peak_memory_gb=self.peak_memory_gb(), history=self.history, val_metrics=val,
+            health=self.monitor.summary(val),
         )
 
     def _resume(self, checkpoint, source: BatchSource) -> None:
-        """Continue from ``checkpoint``; the health monitor replays what it saw before the interruption."""
+        """Continue from ``checkpoint``; the history and the health monitor are rebuilt from metrics.jsonl."""
         self.restore(checkpoint, source)
+        what = "training had finished; completing the run" if self.finished else "training continues"
         self.run.log({"kind": "resume", "step": self.step, "checkpoint": checkpoint.name})
-        self.reporter.event(f"resumed from {checkpoint.name} (step {self.step})", step=self.step)
-        if self.monitor is not None:
-            for rec in self.run.read_metrics():
-                if rec.get("kind") == "step" and rec["step"] <= self.step:
-                    self.monitor.observe(rec["step"], rec)
+        self.reporter.event(f"resumed from {checkpoint.name} ({what})", step=self.step)
+        records = records_until(self.run.read_metrics(), self.step)
+        self.history = [r for r in records if r["kind"] in ("train", "eval")]
+        for rec in records:
+            if rec["kind"] == "step":
+                self.monitor.observe(rec["step"], rec)
 
     def _step(self, batches: Iterator[Batch]) -> tuple[dict, list[Batch], float]:
         """One optimizer step: ``grad_accum`` micro-batches, the update, one sync. Returns its outputs."""
@@ -484,7 +512,8 @@ class Trainer:
 
     def _observe(self, out: dict, host: dict | None = None) -> None:
         """Give this step's metrics (already evaluated) to the health monitor; report what it finds."""
-        m = {"loss": out["loss"].item(), **{k: v.item() for k, v in out["metrics"].items()}, **(host or {})}
+        m = {"loss": out["loss"].item(), "grad_norm": out["grad_norm"].item(),
+             **{k: v.item() for k, v in out["metrics"].items()}, **(host or {})}
         # Kept so that a resumed run can replay the monitor's history.
         self.run.log({"kind": "step", "step": self.step, **m})
         for f in self.monitor.observe(self.step, m):
@@ -505,12 +534,29 @@ class Trainer:
         self.run.write_json("failure.json", record)
         hint = ("Try a lower learning rate (train.lr), gradient clipping (train.max_grad_norm), or float32 "
                 "(model.dtype=float32); check the listed examples.")
-        keep = (f"The last good checkpoint is {last}; resume from it with --resume {self.run.path}."
+        lower = f"{float(self.cfg.lr) / 10:.2g}"
+        keep = (f"The last good checkpoint is {last}; resume from it with a lower learning rate (resuming "
+                f"unchanged would diverge again): --resume {self.run.path} --set train.lr={lower}"
                 if last else "No checkpoint had been written yet.")
         shown = ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else "")
         raise NonFiniteError(
             f"non-finite {what} at step {self.step} (loss={loss}, grad_norm={gnorm}); "
             f"batch examples: {shown or 'unknown'}.\n{keep}\n{hint}")
+
+
+def records_until(records: list[dict], step: int) -> list[dict]:
+    """The step, train and eval records of metrics.jsonl up to ``step``, in step order, the last of each
+    (kind, step) kept: a run resumed from an older checkpoint logged those steps twice.
+
+    >>> records_until([{"kind": "step", "step": 1, "loss": 2.0}, {"kind": "step", "step": 2, "loss": 1.9},
+    ...                {"kind": "step", "step": 1, "loss": 2.1}, {"kind": "eval", "step": 3}], 2)
+    [{'kind': 'step', 'step': 1, 'loss': 2.1}, {'kind': 'step', 'step': 2, 'loss': 1.9}]
+    """
+    last = {}
+    for r in records:
+        if r.get("kind") in ("step", "train", "eval") and isinstance(r.get("step"), int) and r["step"] <= step:
+            last[(r["kind"], r["step"])] = r
+    return sorted(last.values(), key=lambda r: r["step"])
 
 
 def steps_for_epochs(source: BatchSource, epochs: float, grad_accum: int) -> int:

@@ -6,7 +6,11 @@
       -> data (by kind: rows, pairs, prompts) -> the method's preparation
       -> measure before -> the training loop -> measure after -> summary
 
-The pipeline holds no method names: what differs between methods it asks
+Every stage of the end (the final adapter, measuring after training, the
+summary, written last) is one that ``--resume`` completes when a kill cut
+it short, and a run that fails before its first step leaves no directory
+behind (:meth:`~mlxpost.training.rundir.RunDir.discard`). The pipeline holds
+no method names: what differs between methods it asks
 the method (:class:`mlxpost.methods.base.Method`: its objective, its
 preparation, its setup rows and summary lines) and the kind of data it trains
 on (:mod:`mlxpost.training.sources`).
@@ -20,14 +24,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
+import yaml
 
-from ..config import RunConfig, dump_yaml, method_of
+from ..config import RunConfig, dump_yaml, method_of, with_absolute_paths
 from ..core.batches import BatchSource
 from ..core.forward import attention_chunk, set_attention_chunk
 from ..core.logprobs import HeadSplit
 from ..core.probes import resolve_attention_chunk
 from ..errors import MlxpostError
-from ..files import file_sha256
+from ..files import file_sha256, shown_path
 from ..methods.base import Method, value
 from ..model.adapters import (
     adapter_config,
@@ -41,8 +46,9 @@ from ..model.adapters import (
 from ..model.load import LoadedModel, is_quantized, load_model, quantize_blocks
 from ..model.peft import load_init_adapter
 from .distributed import agree, world_group
+from .faults import fault_point
 from .loop import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
-from .resume import checkpoint_step, resume_point
+from .resume import config_changes, resume_point
 from .rundir import RunDir, new_run_dir
 from .sources import DataKind, data_kind
 
@@ -213,7 +219,8 @@ def total_steps(cfg: RunConfig, source: BatchSource) -> int:
 def setup_rows(prep: Prepared, kind: DataKind, steps: int, size: int) -> list[tuple[str, Any]]:
     """The setup table: the common rows (the data kind's replace its examples and batching), then the method's."""
     cfg, a = prep.cfg, prep.adapter_cfg
-    rows = {"model": cfg.model.path, "model dir": str(prep.loaded.path), "trainable params": f"{prep.trainable:,}",
+    rows = {"model": shown_path(cfg.model.path), "model dir": shown_path(prep.loaded.path),
+            "trainable params": f"{prep.trainable:,}",
             "adapter": f"{a['fine_tune_type']} r={a['lora_parameters']['rank']}",
             f"train {kind.examples}": prep.stats["train_examples"] * size,
             f"valid {kind.examples}": prep.stats["valid_examples"] * size,
@@ -227,25 +234,41 @@ def setup_rows(prep: Prepared, kind: DataKind, steps: int, size: int) -> list[tu
     out += prep.method.setup_rows(prep)
     src = from_run(cfg, prep.method)
     if src:
-        out.append(("from", src))
+        out.append(("from", shown_path(src)))
     return out
 
 
-def start_run(cfg: RunConfig, world, rank: int, resume: Path | None) -> RunDir:
-    """The run directory (a new one, or the one resumed), with the resolved configuration in it."""
+def start_run(cfg: RunConfig, world, rank: int, resume: Path | None, rep) -> RunDir:
+    """The run directory (a new one, or the one resumed), locked, with the resolved configuration in it
+    (its paths absolute).
+
+    A resumed run records in metrics.jsonl (and says) which settings changed.
+    """
     if world is not None and resume is None and cfg.output.name is None:
         raise MlxpostError("distributed runs need an explicit run name (--name) so every rank writes the same place")
 
-    def make_run_dir() -> Path:
+    def open_run_dir() -> RunDir:
         if resume is not None:
-            return Path(resume)
-        if rank == 0:
-            return new_run_dir(cfg.output.dir, cfg.output.name, cfg.method, cfg.output.overwrite)
-        return Path(cfg.output.dir) / cfg.output.name
+            return RunDir(resume, writer=rank == 0, lock=True)
+        if rank != 0:
+            return RunDir(Path(cfg.output.dir) / cfg.output.name, writer=False)
+        rundir = RunDir(new_run_dir(cfg.output.dir, cfg.output.name, cfg.method, cfg.output.overwrite), lock=True)
+        rundir.created = True
+        return rundir
 
-    run_path = agree(world, make_run_dir, "creating the run directory")
-    rundir = RunDir(run_path, writer=rank == 0)
-    rundir.write_text("config.yaml", dump_yaml(cfg))
+    rundir = agree(world, open_run_dir, "opening the run directory")
+    stored = with_absolute_paths(cfg)  # config.yaml must name the same files when resumed from anywhere
+    if resume is not None and rank == 0:
+        try:
+            old = yaml.safe_load((rundir.path / "config.yaml").read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            old = {}
+        changes = config_changes(old if isinstance(old, dict) else {}, stored.to_dict())
+        if changes:
+            rundir.log({"kind": "config_change", "changes": changes})
+            rep.info("resuming with changed settings: "
+                     + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+    rundir.write_text("config.yaml", dump_yaml(stored))
     return rundir
 
 
@@ -261,18 +284,18 @@ def agree_on_data(prep: Prepared, world) -> None:
 
 def checkpoint_to_resume(rundir: RunDir, steps: int, world, rep) -> Path | None:
     """The checkpoint a resumed run continues from (the same on every rank), or None to start afresh."""
-    ckpt = agree(world, lambda: resume_point(rundir, steps), "reading the checkpoint")
-    if ckpt is None:
+    found = agree(world, lambda: resume_point(rundir, steps, rep), "reading the checkpoint")
+    if found is None:
         rep.warn(f"{rundir.path}: no checkpoint yet; starting this run from the beginning")
     if world is not None:
-        mine = checkpoint_step(ckpt)
+        mine = found[1]["step"] if found else -1
         steps_seen = mx.distributed.all_gather(mx.array([mine]), group=world, stream=mx.cpu).tolist()
         if len(set(steps_seen)) > 1:
             raise MlxpostError(
                 f"the processes see different checkpoints in {rundir.path} (steps {steps_seen}, -1 = none): "
                 "resuming a run on several machines needs its run directory on every machine "
                 "(a shared filesystem, or copy it to each)")
-    return ckpt
+    return found[0] if found else None
 
 
 def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = None, *, reporter,
@@ -280,20 +303,35 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     """Run one training job end to end; returns the run directory and the result.
 
     ``objective_for``: builds the objective from the prepared run (default:
-    the method's own). ``cache``: see :func:`prepare`.
+    the method's own). ``cache``: see :func:`prepare`. The run directory is
+    locked while this runs; a new one is removed again when the run fails
+    before its first step.
     """
     method = method_of(cfg)
     kind = data_kind(method.data)
     if resume is None:
         resolve_from_run(cfg, method)
     world = world_group()
-    rank, size = (world.rank(), world.size()) if world else (0, 1)
-    rep = reporter
+    rank = world.rank() if world else 0
     if world is not None and not kind.distributed:
         raise MlxpostError(f"{cfg.method} runs in one process for now (distributed rollouts are not supported)")
-    rundir = start_run(cfg, world, rank, resume)
-    rep.info(f"run directory: {rundir.path}")
+    rundir = start_run(cfg, world, rank, resume, reporter)
+    reporter.info(f"run directory: {shown_path(rundir.path)}")
+    try:
+        result = train_run(cfg, method, kind, rundir, world, reporter, objective_for, resume, cache)
+    except BaseException:
+        if rundir.discard():
+            reporter.info(f"removed {shown_path(rundir.path)} again: the run failed before its first step")
+        raise
+    finally:
+        rundir.unlock()
+    return rundir.path, result
 
+
+def train_run(cfg: RunConfig, method: Method, kind: DataKind, rundir: RunDir, world, rep, objective_for,
+              resume: Path | None, cache) -> TrainResult:
+    """Prepare, measure before, train (or continue), then :func:`finish_run`."""
+    rank, size = (world.rank(), world.size()) if world else (0, 1)
     t_start = time.time()
     prep = agree(world, lambda: prepare(cfg, rep, rank, size, cache=cache, method=method),
                  "loading the model or the data")
@@ -309,7 +347,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
 
     before = None
     if rank == 0:  # a resumed run measured before training the first time
-        before = kind.measure(prep, rep, rundir, "before") if ckpt is None else rundir.read_json(kind.before_file)
+        before = kind.measure(prep, rep, rundir, "before") if ckpt is None else kind.measured(rundir, "before")
 
     trainer = Trainer(prep.loaded.model, (objective_for or method.objective)(prep), cfg.train, total_steps=steps,
                       run=rundir, reporter=rep, adapter_cfg=prep.adapter_cfg, world=world)
@@ -321,12 +359,31 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
         raise
     finally:
         rep.end()
+    finish_run(prep, kind, rundir, result, trainer.monitor, before, t_start, rep, rank)
+    return result
 
-    after = kind.measure(prep, rep, rundir, "after") if rank == 0 else None
-    summary = summarize(prep, kind, result, t_start, trainer.monitor, before, after, rundir.path)
+
+def finish_run(prep: Prepared, kind: DataKind, rundir: RunDir, result: TrainResult, monitor, before,
+               t_start: float, rep, rank: int) -> None:
+    """Measure after training (unless a run cut short after doing so already did), then the summary, last.
+
+    Each stage is marked done in metrics.jsonl (``{"kind": "end", "stage": ..., "step": ...}``), so a
+    resume after a kill here redoes only the stages without their mark; summary.json, written last,
+    says that the whole run is complete.
+    """
+    fault_point("after_training")
+    after = None
+    if rank == 0:
+        done = any(r.get("kind") == "end" and r.get("stage") == "after" and r.get("step") == result.steps
+                   for r in rundir.read_metrics())
+        after = kind.measured(rundir, "after") if done else None
+        if after is None:
+            after = kind.measure(prep, rep, rundir, "after")
+            rundir.log({"kind": "end", "stage": "after", "step": result.steps})
+    summary = summarize(prep, kind, result, t_start, monitor, before, after, rundir.path)
+    fault_point("summary")
     rundir.write_json("summary.json", summary)
     report_summary(summary, rundir.path, rep)
-    return rundir.path, result
 
 
 def summarize(prep: Prepared, kind: DataKind, result: TrainResult, t_start: float, monitor, before, after,
@@ -356,7 +413,7 @@ def report_summary(summary: dict, run_path: Path, rep) -> None:
     rows = [(k, v) for k, v in summary.items() if k not in skip]
     rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
              if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
-    rep.table(f"summary: {run_path}", rows)
+    rep.table(f"summary: {shown_path(run_path)}", rows)
     if summary.get("health") is not None:
         report_health(summary["health"], rep)
 

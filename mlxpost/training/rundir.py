@@ -1,4 +1,4 @@
-"""Run directories and atomic checkpoints.
+"""Run directories: atomic, verified checkpoints, and one process at a time.
 
 A run directory holds::
 
@@ -13,38 +13,94 @@ A run directory holds::
                                 directory and renamed, so a kill never leaves a
                                 half-written checkpoint
     checkpoints/latest          name of the newest complete checkpoint
+    checkpoints/damaged/        checkpoints a resume found damaged (kept, never used)
     summary.json                final metrics (also after a failure)
+    .lock                       the pid of the process training here
+
+A kill cannot leave a checkpoint half written, but a disk can: the trainer
+state (written last) records each file's size and sha256, and
+:func:`verify_checkpoint` checks them before a resume trusts a checkpoint.
+The process that trains holds an OS lock on ``.lock`` (``flock``: the kernel
+drops it when the process dies, however it dies), so a second ``--resume`` or
+an ``--overwrite`` of a live run is refused instead of mixing two runs.
 """
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import MlxpostError
-from ..files import atomic_write_bytes, atomic_write_json
+from ..files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_record,
+    json_text,
+    record_problem,
+    safetensors_problem,
+    save_safetensors_atomic,
+    shown_path,
+)
 from ..model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, load_adapter_weights, save_adapters
+from .faults import fault_point
 
 STATE_FILE = "trainer_state.json"
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE)  # checked against the trainer state's record
+
+LOCK_FILE = ".lock"
+
+# Records that mean a run has trained (a directory holding one is never discarded).
+PROGRESS_KINDS = ("step", "train", "failure")
+
+
+class RunLocked(MlxpostError):
+    """Another live process holds the run directory."""
+
 
 class RunDir:
-    def __init__(self, path: str | Path, *, writer: bool = True):
+    """One run's directory. ``lock=True``: hold its lock (before anything is cleaned up or written)."""
+
+    def __init__(self, path: str | Path, *, writer: bool = True, lock: bool = False):
         self.path = Path(path)
         self.writer = writer  # only rank 0 writes
         self.ckpt_dir = self.path / "checkpoints"
+        self.created = False  # this process made the directory (it may discard it, see discard())
+        self.trained = False  # a step, report or failure was logged by this process
+        self._lock: IO | None = None
         if writer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if lock:
+                self._lock = acquire_lock(self.path)
             self._recover()
+
+    # -- one process at a time ----------------------------------------------------
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
+    def discard(self) -> bool:
+        """Remove the directory when this process created it and nothing trained in it (a run that failed
+        before its first step leaves nothing behind, so the same command can run again). True if removed."""
+        if not (self.writer and self.created and self._lock is not None) or self.trained:
+            return False
+        if any(self.ckpt_dir.glob("step-*")) or (self.path / "failure.json").exists():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.unlock()
+        return True
 
     def _recover(self) -> None:
         """Undo what a kill in the middle of a save can leave behind."""
@@ -79,8 +135,10 @@ class RunDir:
         if not self.writer:
             return
         record = {"time": round(time.time(), 3), **record}
+        if record.get("kind") in PROGRESS_KINDS:
+            self.trained = True
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record, indent=None) + "\n")
             f.flush()
 
     def read_metrics(self) -> list[dict]:
@@ -97,8 +155,11 @@ class RunDir:
 
     # -- adapters -------------------------------------------------------------
     def save_final(self, model, adapter_cfg: dict) -> None:
+        """The final adapter in the run directory (each file atomic; a resume rewrites both if this was cut)."""
         if self.writer:
-            save_adapters(model, self.path, adapter_cfg)
+            save_safetensors_atomic(self.path / ADAPTER_WEIGHTS, adapter_weights(model))
+            fault_point("final_save")
+            atomic_write_json(self.path / ADAPTER_CONFIG, adapter_cfg)
 
     def save_best(self, model, adapter_cfg: dict, info: dict) -> None:
         if not self.writer:
@@ -122,10 +183,12 @@ class RunDir:
         atomic_write_json(tmp / ADAPTER_CONFIG, adapter_cfg)
         opt_state = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), opt_state)
-        atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        # Written last: marks the checkpoint complete, and records what a resume verifies.
+        files = {name: file_record(tmp / name) for name in CHECKPOINT_FILES}
+        atomic_write_json(tmp / STATE_FILE, {**state, "files": files})
         _replace_dir(tmp, final)
         atomic_write_bytes(self.ckpt_dir / "latest", name.encode())
         # Prune old checkpoints (never the one just written).
@@ -134,6 +197,21 @@ class RunDir:
             for old in done[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (their trainer state written), newest first."""
+        return sorted((p for p in self.ckpt_dir.glob("step-*") if (p / STATE_FILE).exists()), reverse=True)
+
+    def set_aside(self, ckpt: Path) -> Path | None:
+        """Move a damaged checkpoint to ``checkpoints/damaged/`` (kept for inspection, never resumed from)."""
+        if not self.writer:
+            return None
+        shelf = self.ckpt_dir / "damaged"
+        shelf.mkdir(exist_ok=True)
+        dest = next(shelf / f"{ckpt.name}{f'-{i}' if i > 1 else ''}" for i in itertools.count(1)
+                    if not (shelf / f"{ckpt.name}{f'-{i}' if i > 1 else ''}").exists())
+        os.replace(ckpt, dest)
+        return dest
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.ckpt_dir / "latest"
@@ -157,9 +235,46 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def read_checkpoint_state(path: Path) -> tuple[dict | None, str | None]:
+    """A checkpoint's trainer state, or why it cannot be read."""
+    try:
+        state = json.loads((path / STATE_FILE).read_bytes())
+    except FileNotFoundError:
+        return None, f"{STATE_FILE} is missing"
+    except (OSError, ValueError, RecursionError):
+        return None, f"{STATE_FILE} is not valid JSON"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("data"), dict):
+        return None, f"{STATE_FILE} has no step or data position"
+    return state, None
+
+
+def verify_checkpoint(path: Path) -> tuple[dict | None, str | None]:
+    """``(trainer state, None)`` when every file of the checkpoint is as it was written, else ``(None, problem)``.
+
+    Checkpoints record each file's size and sha256 in their trainer state;
+    for one written before that, the safetensors headers and sizes are checked.
+    """
+    state, problem = read_checkpoint_state(path)
+    if problem:
+        return None, problem
+    records = state.get("files")
+    for name in CHECKPOINT_FILES:
+        if isinstance(records, dict):
+            problem = record_problem(path / name, records.get(name) or {})
+        elif not (path / name).is_file():
+            problem = f"{name} is missing"
+        elif name.endswith(".safetensors"):
+            problem = safetensors_problem(path / name)
+        if problem:
+            return None, problem
+    return state, None
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore adapter weights and optimizer state; return the trainer state."""
-    state = json.loads((path / STATE_FILE).read_text())
+    state, problem = read_checkpoint_state(path)
+    if problem:
+        raise MlxpostError(f"checkpoint {path}: {problem}")
     try:
         load_adapter_weights(model, path / ADAPTER_WEIGHTS)
     except MlxpostError as e:
@@ -188,18 +303,54 @@ def _assign(tree, parts: list[str], value) -> None:
         tree[last] = value
 
 
+def acquire_lock(directory: Path) -> IO:
+    """Hold ``directory``'s lock (an OS file lock, released when the process ends); refuse when another has it."""
+    f = open(Path(directory) / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run: the lock lives with it
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise RunLocked(f"{shown_path(directory)} is in use: process {pid} is training in it (wait for it to end, or stop it "
+                        f"with kill {pid}); one process at a time may write a run directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def new_run_dir(root: str | Path, name: str | None, method: str, overwrite: bool) -> Path:
+    """A new, empty run directory: ``root/name``, or ``root/<method>-<time>`` (with ``-2``, ``-3``, ... when
+    a run started in the same second has that name). ``overwrite`` replaces an old run of that name, unless
+    a live process holds it."""
     root = Path(root)
     if name is None:
-        name = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for i in itertools.count(1):
+            path = root / (stamp if i == 1 else f"{stamp}-{i}")
+            try:
+                path.mkdir()  # atomic: of two processes, one gets each name
+                return path
+            except FileExistsError:
+                continue
     path = root / name
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
-            raise MlxpostError(f"run directory {path} exists; resume it with --resume {path}, "
+            raise MlxpostError(f"run directory {shown_path(path)} exists; resume it with --resume {shown_path(path)}, "
                                "pick another --name, or pass --overwrite")
         if not (path / "config.yaml").exists() and not (path / "metrics.jsonl").exists():
-            raise MlxpostError(f"{path} exists and is not an mlxpost run directory; --overwrite only "
+            raise MlxpostError(f"{shown_path(path)} exists and is not an mlxpost run directory; --overwrite only "
                                "replaces run directories")
-        shutil.rmtree(path)
+        try:
+            held = acquire_lock(path)  # held while deleting: no resume can start in it meanwhile
+        except RunLocked as e:
+            raise RunLocked(f"--overwrite refused: {e}") from None
+        try:
+            shutil.rmtree(path)
+        finally:
+            held.close()
     path.mkdir(parents=True, exist_ok=True)
     return path

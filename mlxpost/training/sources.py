@@ -106,6 +106,7 @@ class DataKind:
     distributed = True  # whether a run of this kind can be split over several processes
     examples = "examples"  # what the setup table calls its examples
     before_file = ""  # where measure() keeps what it found before training (read back by a resumed run)
+    after_file = ""  # ... and after training
 
     def files(self, cfg: RunConfig) -> dict[str, Path]:
         return resolve_data_files(cfg.data.path or self.bundled, cfg.data.valid)
@@ -118,6 +119,11 @@ class DataKind:
         """What the model does before (``when="before"``) or after training; kept in the run directory."""
         return None
 
+    def measured(self, rundir: RunDir, when: str) -> Any:
+        """What :meth:`measure` returned, read back from the run directory (None when it is not there)."""
+        name = self.before_file if when == "before" else self.after_file
+        return rundir.read_json(name) if name else None
+
     def summarize(self, prep: Prepared, summary: dict, before: Any, after: Any) -> None:
         """Put what :meth:`measure` found in the summary."""
 
@@ -128,6 +134,7 @@ class Rows(DataKind):
     name = "sft"
     bundled = behaviour.DATASET_DIR
     before_file = "samples_before.json"
+    after_file = "samples.json"
     checks = ("json", "correct")  # what the bundled data teaches, measured on its held-out questions
     pairs = False  # see choose_batching
 
@@ -224,6 +231,13 @@ class Rows(DataKind):
             rep.info(f"({SHOWN_SAMPLES} of {len(rows)} shown; all in {rundir.path / 'samples.json'})")
         return replies
 
+    def measured(self, rundir: RunDir, when: str) -> list[str] | None:
+        found = super().measured(rundir, when)
+        if when == "before" or found is None:
+            return found
+        ok = isinstance(found, list) and all(isinstance(r, dict) and "after" in r for r in found)
+        return [r["after"] for r in found] if ok else None  # samples.json: rows of prompt, before, after
+
     def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
         """With the bundled data: each check's rate before and after, the change and its 95% interval."""
         if prep.cfg.data.path is not None or not after:
@@ -282,6 +296,7 @@ class Prompts(DataKind):
     distributed = False  # distributed rollouts are not supported
     examples = "prompts"
     before_file = "rl_eval_before.json"
+    after_file = "rl_eval_after.json"
 
     def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
         cfg, d, loaded = prep.cfg, prep.cfg.data, prep.loaded
