@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlxpost.assets.behaviour import DATASET_DIR as SFT_DIR
-from mlxpost.assets.behaviour import SAMPLE_PROMPTS, check_json_answer
+from mlxpost.assets.behaviour import SAMPLE_PROMPTS, check_json_answer, explanation_first, heldout_questions
 from mlxpost.assets.pref_behaviour import (
     DATASET_DIR,
     PREF_SAMPLE_ANSWERS,
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "examples" / "make_preference_dataset.py"
 SPLITS = ("train", "valid")
 SIZES = {"train": 480, "valid": 48}
-KINDS = ("wrong_answer", "long_explanation", "wrapped")
+KINDS = ("answer_first", "wrong_answer", "long_explanation", "wrapped")
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
@@ -109,11 +109,17 @@ def test_chosen_is_concise_json_and_differs_from_rejected(data):
 
 
 def test_rejected_shows_its_failure_kind(data):
+    """Chosen replies give the explanation first; every rejected one answers first, and shows its kind."""
     for split, rows in data.items():
         for i, r in enumerate(rows, start=1):
             where = f"{split}.jsonl:{i}"
+            assert explanation_first(text(r["chosen"])), where
             chosen, rejected = json.loads(text(r["chosen"])), text(r["rejected"])
-            if r["kind"] == "wrong_answer":
+            obj = extract_answer_object(rejected)
+            assert obj is not None and next(iter(obj)) == "answer", where
+            if r["kind"] == "answer_first":
+                assert check_json_answer(rejected) and json.loads(rejected) == chosen, where  # same content
+            elif r["kind"] == "wrong_answer":
                 assert check_json_answer(rejected), where
                 assert json.loads(rejected)["answer"] != chosen["answer"], where
             elif r["kind"] == "long_explanation":
@@ -123,7 +129,7 @@ def test_rejected_shows_its_failure_kind(data):
                 assert 25 <= len(bad["explanation"].split()) <= 45, where
             elif r["kind"] == "wrapped":
                 assert not check_json_answer(rejected), where
-                assert extract_answer_object(rejected) == chosen, where
+                assert obj == chosen, where
             else:
                 pytest.fail(f"{where}: unknown kind {r['kind']!r}")
 
@@ -133,7 +139,23 @@ def test_kinds_are_balanced(data):
         counts = Counter(r["kind"] for r in rows)
         assert set(counts) == set(KINDS)
         for k in KINDS:
-            assert abs(counts[k] / len(rows) - 1 / 3) <= 0.05, (split, counts)
+            assert abs(counts[k] / len(rows) - 1 / len(KINDS)) <= 0.05, (split, counts)
+
+
+def test_heldout_questions_are_new_and_answered():
+    """The held-out questions (the bundled behaviour is measured on them) appear in no training or validation
+    row of either example, come from every family, and have their answers."""
+    rows = heldout_questions()
+    assert len(rows) == 60 and {r["family"] for r in rows} == {"arithmetic", "units", "strings", "comparisons",
+                                                                 "parity", "days", "lists"}
+    seen = set()
+    for folder in (DATASET_DIR, SFT_DIR):
+        for name in ("train.jsonl", "valid.jsonl"):
+            for line in (folder / name).read_text().splitlines():
+                seen |= set(re.findall(r'"content": "((?:[^"\\]|\\.)*)"', line))
+                seen |= {json.loads(line).get("prompt")} if isinstance(json.loads(line).get("prompt"), str) else set()
+    assert not {r["prompt"] for r in rows} & seen
+    assert all(r["answer"] is not None for r in rows)
 
 
 _WORD = r"['\"](\w+)['\"]"

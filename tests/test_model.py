@@ -119,3 +119,32 @@ def test_model_resolution_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MlxpostError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_adapters_give_the_same_logits_and_restore_the_model_exactly(tiny_model, dora):
+    """adapters_merged (used while sampling) computes what the adapters compute, and leaves the very same
+    arrays and modules behind; quantized layers and switched-off adapters stay as they are."""
+    from mlx.utils import tree_flatten
+
+    from mlxpost.model.lora import adapters_merged, adapters_off
+
+    m = load_model(str(tiny_model)).model
+    attach_adapters(m, rank=4, scale=2.0, keys=resolve_targets(m, "all-linear"), num_layers=2, dora=dora)
+    randomize_adapters(m)
+    m.eval()
+    want = m(X)
+    before = dict(tree_flatten(m.parameters()))
+    linears = [mod.linear for _, mod in m.named_modules() if isinstance(mod, LoRALinear)]
+    state = mx.random.state[0]
+    with adapters_merged(m):
+        got = m(X)
+        assert not any(mod.adapter_enabled for _, mod in m.named_modules() if isinstance(mod, LoRALinear))
+    assert (state == mx.random.state[0]).all()  # merging draws nothing from the random stream
+    assert mx.abs(got - want).max().item() < 1e-4
+    after = dict(tree_flatten(m.parameters()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert [mod.linear for _, mod in m.named_modules() if isinstance(mod, LoRALinear)] == linears
+    assert mx.array_equal(m(X), want)
+    with adapters_off(m), adapters_merged(m):  # switched-off adapters are left alone
+        assert mx.array_equal(m(X), load_model(str(tiny_model)).model(X))

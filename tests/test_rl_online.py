@@ -553,3 +553,21 @@ def test_rlvr_on_the_bundled_tasks_reports_step_and_final_accuracy_and_resumes(t
     assert result2.steps == 4 and [r["step"] for r in rep2.reports] == [3, 4]
     ckpt = json.loads(sorted((run_dir / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
     assert ckpt["data"] == {"epoch": 0, "index": 4, "iteration": 0}
+
+
+def test_sampling_draws_from_the_tempered_softmax():
+    """sample_next (inverse-CDF draws at top_p=1, nucleus otherwise) matches softmax(logits / T) in distribution."""
+    from mlxpost.rl.rollout import sample_next
+
+    logits = mx.array([[2.0, 0.5, -1.0, 1.0, -3.0, 0.0]])
+    rows = mx.repeat(logits, 40000, axis=0)
+    for t, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.9)):
+        mx.random.seed(3)
+        got = np.bincount(np.array(sample_next(rows, t, top_p)), minlength=6) / rows.shape[0]
+        want = np.array(mx.softmax(logits[0] / t))
+        if top_p < 1:  # the smallest prefix (by probability) whose mass reaches top_p, renormalized
+            order = np.argsort(-want)
+            keep = order[: int(np.searchsorted(np.cumsum(want[order]), top_p)) + 1]
+            want = np.where(np.isin(np.arange(6), keep), want, 0) / want[keep].sum()
+        np.testing.assert_allclose(got, want, atol=0.01)
+    assert np.array(sample_next(rows[:5], 0.0, 1.0)).tolist() == [0] * 5  # greedy

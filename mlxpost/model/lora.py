@@ -36,6 +36,17 @@ def dequantized_weight(linear: nn.Module) -> mx.array:
     return linear.weight
 
 
+def linear_layer(weight: mx.array, bias: mx.array | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` (out, in) and ``bias``, without drawing initial values first
+    (``nn.Linear(...)`` would draw random ones from the global random stream, then be overwritten)."""
+    out = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(out)
+    out.weight = weight
+    if bias is not None:
+        out.bias = bias
+    return out
+
+
 class LoRALinear(nn.Module):
     """``y = W x + b + scale * B(A(dropout(x)))`` with ``B`` initialised to zero."""
 
@@ -68,12 +79,7 @@ class LoRALinear(nn.Module):
     def fused(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the update merged (dequantized if needed)."""
         w = dequantized_weight(self.linear)
-        has_bias = "bias" in self.linear
-        out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-        out.weight = w + self.delta().astype(w.dtype)
-        if has_bias:
-            out.bias = self.linear.bias
-        return out
+        return linear_layer(w + self.delta().astype(w.dtype), self.linear.get("bias"))
 
 
 class DoRALinear(LoRALinear):
@@ -105,11 +111,7 @@ class DoRALinear(LoRALinear):
         has_bias = "bias" in self.linear
         merged = w + self.delta().astype(w.dtype)
         merged = (self.m / mx.linalg.norm(merged, axis=1))[:, None].astype(w.dtype) * merged
-        out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-        out.weight = merged
-        if has_bias:
-            out.bias = self.linear.bias
-        return out
+        return linear_layer(merged, self.linear.bias if has_bias else None)
 
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -131,3 +133,30 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, b in zip(mods, before):
             m.adapter_enabled = b
+
+
+@contextmanager
+def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every adapter on a float base layer is merged into its weight (for generation).
+
+    Sampling runs one token at a time, where each adapter's two extra
+    matrix products per layer cost about as much as the layer itself. Merged,
+    a layer is one product. The base layer is replaced by its fused copy
+    (:meth:`LoRALinear.fused`) and put back on exit, so the model is exactly
+    what it was (the original arrays are kept, not recomputed). Adapters on
+    quantized layers stay unmerged (merging would dequantize them), and so
+    do adapters that are switched off. Not for use inside a compiled
+    training step: it changes the model's structure.
+    """
+    mods = [m for _, m in adapter_modules(model)
+            if m.adapter_enabled and not isinstance(m.linear, nn.QuantizedLinear)]
+    saved = [m.linear for m in mods]
+    try:
+        for m in mods:
+            m.linear = m.fused()
+            m.adapter_enabled = False
+        yield model
+    finally:
+        for m, linear in zip(mods, saved):
+            m.linear = linear
+            m.adapter_enabled = True

@@ -210,13 +210,16 @@ class RolloutSource:
         self.rewards, self.verifier = rewards, verifier
         self.split, self.seed, self.pad_id = split, seed, pad_id
         self.pad_multiple = pad_multiple
-        # One shape for every batch of the run: the longest prompt plus the
-        # token limit (and, with a head split, room for every completion
-        # token). Rollout lengths vary from step to step; a new shape would
-        # mean a new compiled graph (on Linux a JIT build of its kernels).
+        # Rows of a step are as wide as its longest prompt + completion, rounded
+        # up to pad_multiple, at most the longest prompt plus the token limit;
+        # the trained entries (with a head split) are counted in quarters of
+        # their most. A new shape means a new compiled graph (on Linux a JIT
+        # build of its kernels), so shapes come in a few coarse sizes, each
+        # traced once; short completions then do not pay for the token limit.
         longest = max(len(r.tokens) for r in rows) + s.sampling.max_new_tokens - 1
         self.width = -(-longest // pad_multiple) * pad_multiple
         self.select_size = s.micro_batch * s.sampling.max_new_tokens
+        self.select_bucket = max(1, -(-self.select_size // 4))
         self.batch_size = s.micro_batch
         self.micro_per_step = s.group_size * s.prompts_per_step // s.micro_batch
         self.epoch, self.index, self.iteration = 0, 0, 0
@@ -312,7 +315,8 @@ class RolloutSource:
     def _batches(self, rows: list[PromptRow], ro, tok_adv: list[np.ndarray]) -> list[Batch]:
         s, G = self.s, self.s.group_size
         seqs = [(rows[i // G].tokens, c) for i, c in enumerate(ro.completions)]
-        width = self.width
+        needed = max(len(p) + len(c) - 1 for p, c in seqs)
+        width = min(self.width, -(-needed // self.pad_multiple) * self.pad_multiple)
         out = []
         for b0 in range(0, len(seqs), s.micro_batch):
             B = s.micro_batch
@@ -335,7 +339,7 @@ class RolloutSource:
                 n_tokens += L
             batch = Batch(inputs=mx.array(inputs), targets=mx.array(targets), weights=mx.array(weights),
                           segments=None, n_tokens=n_tokens, n_targets=int(weights.sum()), n_examples=B,
-                          select=selection(weights, self.select_size) if self.split
+                          select=selection(weights, self.select_bucket) if self.split
                           else None,
                           sources=[rows[(b0 + r) // G].source for r in range(B)])
             batch.extra = {"adv": mx.array(adv)}
