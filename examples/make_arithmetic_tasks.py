@@ -26,7 +26,9 @@ up to ``--max-operand``, the ``--valid`` ones held out (the bundled
 ``mlxpost/assets/arith_facts``, sized to a 135M model: about half right
 before RL)::
 
-    python examples/make_arithmetic_tasks.py --facts --ops '+*' --max-operand 9 --valid 48 --out mlxpost/assets/arith_facts
+    python examples/make_arithmetic_tasks.py --facts --ops '+*' --max-operand 12 --valid 48 --out mlxpost/assets/arith_facts
+    python examples/make_arithmetic_tasks.py --facts --ops '+' --min-operand 10 --max-operand 60 --n 512 \\
+        --valid 48 --out mlxpost/assets/arith_sums
 
 Harder tasks, e.g.::
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[2, 3], metavar="N",
                     help="calculations per task: N, or MIN MAX (default: 2 3)")
     ap.add_argument("--max-operand", type=int, default=20, help="numbers are 1..this (default: %(default)s)")
+    ap.add_argument("--min-operand", type=int, default=None, help="--facts: the smallest operand (default: 1, 2 for *)")
     ap.add_argument("--ops", default="+-*", help="operators to use, from '+-*/' (default: %(default)s)")
     ap.add_argument("--max-result", type=int, default=None,
                     help="bound on every intermediate result (default: 2 * max-operand**2)")
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.facts:
         try:
             train, valid = fact_questions(ops=args.ops, max_operand=args.max_operand, n_valid=args.valid,
-                                          seed=args.seed)
+                                          seed=args.seed, min_operand=args.min_operand,
+                                          n_train=args.n if "--n" in (argv or sys.argv) else None)
         except MlxpostError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -26,27 +26,31 @@ class _Rec:
         self.infos.append(msg)
 
 
-def test_demo_runs_the_three_stages_each_from_the_previous_and_compares_them(tiny_model, tmp_path):
+def test_demo_runs_the_four_stages_each_from_the_previous_and_measures_them(tiny_model, tmp_path):
     out = tmp_path / "demo"
     rep = _Rec()
     res = run_demo(out, model=str(tiny_model), reporter=rep,
-                   extra_sets=["train.steps=2", "lora.num_layers=-1"])
-    assert [s.name for s in STAGES] == ["sft", "dpo", "rlvr"]
-    for name in ("sft", "dpo", "rlvr"):
+                   extra_sets=["train.steps=2", "lora.num_layers=-1", "grpo.eval_prompts=6", "sample.max_tokens=8",
+                               "grpo.max_new_tokens=8"])
+    names = ["sft", "dpo", "grpo", "rlvr"]
+    assert [s.name for s in STAGES] == names
+    for name in names:
         assert (out / name / "summary.json").exists()
         assert res["stages"][name]["steps"] == 2
     # Each stage starts from the one before: the adapters stack.
-    dpo_meta = json.loads((out / "dpo" / "adapter_config.json").read_text())["mlxpost"]
-    rlvr_meta = json.loads((out / "rlvr" / "adapter_config.json").read_text())["mlxpost"]
-    assert dpo_meta["from_adapter"] == str((out / "sft").resolve())
-    assert rlvr_meta["from_adapter"] == str((out / "dpo").resolve())
+    for name, before in zip(names[1:], names):
+        meta = json.loads((out / name / "adapter_config.json").read_text())["mlxpost"]
+        assert meta["from_adapter"] == str((out / before).resolve())
+    # Each stage measures on held-out prompts, before and after, with the change's interval.
+    s = res["stages"]
+    assert s["sft"]["behaviour"]["json"]["n"] == 60 and len(s["sft"]["behaviour"]["json"]["ci95"]) == 2
+    assert "explanation_first" in s["dpo"]["behaviour"]
+    assert s["grpo"]["eval_change"]["reward"]["n"] == 6 and "final_acc" in s["rlvr"]["eval_change"]
     title, header, rows = rep.grids[-1]
-    assert [r[0] for r in rows] == ["sft", "dpo", "rlvr"]
-    assert "health" in header and "quality_gate" in rows[2][-1]
-    # Each stage reports what it measured before and after (the SFT score is a plain number).
-    assert rows[0][4].startswith("JSON answers 0.") and "final acc 0." in rows[2][4]
+    assert [r[0] for r in rows if r[0]] == names
+    assert "95% CI" in header[4] and all("95% CI" in r[4] for r in rows)
     assert json.loads((out / "demo.json").read_text())["stages"]["rlvr"]["method"] == "rlvr"
     # A second call reuses the finished stages.
     rep2 = _Rec()
     run_demo(out, model=str(tiny_model), reporter=rep2, extra_sets=["train.steps=2", "lora.num_layers=-1"])
-    assert sum("already done" in m for m in rep2.infos) == 3
+    assert sum("already done" in m for m in rep2.infos) == 4

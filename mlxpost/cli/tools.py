@@ -11,7 +11,7 @@ from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
 from ..model.adapters import load_adapter_stack, read_adapter_config
 from ..model.load import load_model
-from ..tools.demo import run_demo
+from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
 from .train import show_blas_advice
 
@@ -92,18 +92,25 @@ def doctor(no_measure):
 @click.option("--out", default="runs/demo", show_default=True, help="Directory of the three stage runs.")
 @click.option("--full", is_flag=True, help="The recipes' full lengths instead of the few-minute version.")
 @click.option("--model", help="Another base model (default: SmolLM2-135M-Instruct).")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["sft", "dpo", "rlvr"]),
+@click.option("--stage", "stages", multiple=True, type=click.Choice([s.name for s in STAGES]),
               help="Run only these stages (each needs the one before it in --out).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key in every stage.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key in every stage that has it (grpo.* in the RL stages).")
 @click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display.")
 def demo(out, full, model, stages, sets, plain):
-    """The whole pipeline on the built-in model: SFT, then DPO from it, then step-verified RLVR, compared.
+    """The whole pipeline on the built-in model, each stage measured on held-out data: SFT, DPO, GRPO, RLVR.
 
     \b
-    SFT teaches one-line JSON answers (bundled chats); DPO prefers concise,
-    correct JSON (bundled pairs); RLVR checks every step of multi-step
-    arithmetic (generated tasks). A few minutes on a 2-core CPU; finished
-    stages in --out are reused, a killed stage resumes.
+    SFT teaches one-line JSON answers (bundled chats); DPO teaches reasoning
+    before answering (explanation first; bundled pairs); GRPO and RLVR raise
+    the accuracy on arithmetic questions (one-step facts, then two-digit sums).
+    Every stage reports what it changed on held-out prompts, with a 95%
+    interval. A few minutes on a 2-core CPU; finished stages in --out are
+    reused, a killed stage resumes.
+
+    \b
+    Examples:
+      mlxpost demo
+      mlxpost demo --full --out runs/demo-full     # the recipes' lengths, and the curves
     """
     rep = make_reporter(0, plain=True if plain else None)
     show_blas_advice(rep)

@@ -218,12 +218,13 @@ def write_task_files(out_dir: str | Path, *, n_train: int = 512, n_valid: int = 
 _FACT_SYMBOLS = {"+": "+", "-": "-", "*": "\u00d7"}
 
 
-def fact_questions(*, ops: str = "+*", max_operand: int = 9, n_valid: int = 48,
-                   seed: int = 0) -> tuple[list[dict], list[dict]]:
+def fact_questions(*, ops: str = "+*", max_operand: int = 9, n_valid: int = 48, seed: int = 0,
+                   min_operand: int | None = None, n_train: int | None = None) -> tuple[list[dict], list[dict]]:
     """Every one-step question ``What is a op b?`` with small operands, split into train and valid rows.
 
     Addition takes ``a, b`` in 1..``max_operand``, multiplication 2..``max_operand``
-    (no ``× 1``), subtraction ``a > b``. Rows: ``{"prompt", "answer",
+    (no ``× 1``), subtraction ``a > b``; ``min_operand`` raises the lower
+    end. ``n_train`` keeps that many training questions (default: all). Rows: ``{"prompt", "answer",
     "numbers"}``. The ``n_valid`` validation questions (drawn with ``seed``)
     are facts the training rows never show, so a model's accuracy on them
     measures how reliably it computes, not what it memorized.
@@ -236,7 +237,7 @@ def fact_questions(*, ops: str = "+*", max_operand: int = 9, n_valid: int = 48,
     for op in ops:
         if op not in _FACT_SYMBOLS:
             raise MlxpostError(f"ops must be characters from '+-*', got {ops!r}")
-        lo = 2 if op == "*" else 1
+        lo = min_operand if min_operand is not None else (2 if op == "*" else 1)
         for a in range(lo, max_operand + 1):
             for b in range(lo, max_operand + 1):
                 if op == "-" and a <= b:
@@ -247,4 +248,4 @@ def fact_questions(*, ops: str = "+*", max_operand: int = 9, n_valid: int = 48,
     if not 0 < n_valid < len(rows):
         raise MlxpostError(f"n_valid must be between 1 and {len(rows) - 1}, got {n_valid}")
     random.Random(seed).shuffle(rows)
-    return rows[n_valid:], rows[:n_valid]
+    return rows[n_valid:][:n_train], rows[:n_valid]

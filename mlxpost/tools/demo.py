@@ -1,99 +1,109 @@
-"""``mlxpost demo``: the whole pipeline on the built-in default model.
+"""``mlxpost demo``: the whole pipeline on the built-in default model, each stage measured on held-out data.
 
-1. **SFT** on the bundled dataset (one-line JSON answers), the default recipe;
-2. **DPO** from that SFT run on the bundled preference pairs (concise correct
-   JSON against wrong, rambling or wrapped answers);
-3. **RLVR** from the DPO run on generated multi-step arithmetic tasks, with
-   the step verifier;
-4. a comparison of the three stages: what each measured before and after,
-   time, memory and the health checks' verdicts, and before/after samples.
+1. **SFT** on the bundled dataset: the model learns to answer in one-line
+   JSON ``{"answer": ..., "explanation": ...}``. Measured: the share of
+   JSON replies (and of right answers) to 60 held-out questions.
+2. **DPO** from that run (with the chosen answers' NLL, ``dpo.rpo_alpha``) on
+   the bundled pairs, which prefer the explanation *before* the answer
+   (reasoning first). Measured: the share of explanation-first replies to
+   the same held-out questions.
+3. **GRPO** from the DPO run on one-step arithmetic questions (sums and
+   products of numbers up to 12, the ``accuracy`` reward). Measured: greedy
+   accuracy on 48 held-out questions no training step showed.
+4. **RLVR** from the GRPO run on two-digit sums, the ``arithmetic`` step
+   verifier scoring every calculation and the final answer. Measured: final
+   accuracy on 48 held-out sums.
 
-The default settings are shortened so that the three stages finish in about
-five minutes on a 2-core CPU (fewer steps, validation on a few batches, fewer
-RL validation prompts); ``--full`` uses the recipes' full lengths. Each
-stage is an ordinary run directory under ``--out`` and can be resumed,
-exported or compared like any other.
+Each change is before -> after on the same prompts with its 95% interval
+(:func:`mlxpost.stats.paired_change`); the table says whether it is outside
+noise. The default settings are short, so the four stages take a few
+minutes on a 2-core CPU; ``--full`` runs the recipes' lengths and also draws
+the curves (PNG). Each stage is an ordinary run directory under ``--out``
+and can be resumed, exported or compared like any other.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..assets import DEFAULT_SFT_RECIPE, RECIPES_DIR
-from ..config import build_config
+from ..assets import ARITH_FACTS_DIR, ARITH_SUMS_DIR, DEFAULT_SFT_RECIPE, RECIPES_DIR
+from ..config import RunConfig, build_config
 from ..errors import MlxpostError
 from ..methods import get as get_method
+from ..stats import describe
 from ..training.pipeline import run
 from ..training.resume import resume_config
+from .compare import collect_runs, plot_available, plot_curves
 
 
 @dataclass
 class Stage:
     name: str
     method: str
-    recipe: str | None  # a recipe shipped in recipes/ or the package's default SFT recipe
-    short: list  # --set overrides of the shortened demo
+    recipe: str | None  # a recipe shipped in the package, or None: the default SFT recipe
+    sets: list  # --set overrides of every demo run
+    short: list  # further --set overrides of the shortened demo
     from_stage: str | None = None
+    measured: list = field(default_factory=list)  # (summary key, label) of what the table shows
 
+
+# The RL stages answer in the JSON the earlier stages taught: rollouts of 40
+# tokens at most, a temperature of 0.8 (the 135M model's samples at 1.0 are
+# mostly noise), four prompts of eight completions a step.
+_RL = ["grpo.group_size=8", "grpo.prompts_per_step=4", "grpo.temperature=0.8", "grpo.max_new_tokens=40",
+       "grpo.eval_prompts=48", "train.lr=5e-4", "train.warmup_steps=1", "train.report_every=1"]
 
 STAGES = [
-    Stage("sft", "sft", None, ["train.steps=20", "train.eval_every=0", "train.eval_batches=2",
-                               "train.save_every=10"]),
-    Stage("dpo", "dpo", "smollm2-135m-dpo.yaml",
-          ["train.steps=12", "train.eval_every=0", "train.eval_batches=3", "train.save_every=6",
-           "data.max_examples=48"], "sft"),
+    Stage("sft", "sft", None, [], ["train.steps=20", "train.eval_every=0", "train.eval_batches=2",
+                                   "train.save_every=10"],
+          measured=[("behaviour.json", "JSON replies"), ("behaviour.correct", "right answers")]),
+    Stage("dpo", "dpo", "smollm2-135m-dpo.yaml", [],
+          ["train.steps=24", "train.eval_every=0", "train.eval_batches=3", "train.save_every=12"], "sft",
+          measured=[("behaviour.explanation_first", "explanation first"), ("behaviour.json", "JSON replies")]),
+    Stage("grpo", "grpo", "smollm2-135m-grpo.yaml",
+          [f"data.path={ARITH_FACTS_DIR}", "grpo.rewards=[accuracy]", *_RL],
+          ["train.steps=12", "train.save_every=6"], "dpo",
+          measured=[("eval_change.reward", "held-out accuracy")]),
     Stage("rlvr", "rlvr", "smollm2-135m-rlvr.yaml",
-          ["train.steps=6", "grpo.group_size=4", "grpo.max_new_tokens=64", "grpo.eval_prompts=12",
-           "train.save_every=3"], "dpo"),
+          [f"data.path={ARITH_SUMS_DIR}", "grpo.rewards=[]", *_RL],
+          ["train.steps=12", "train.save_every=6"], "grpo",
+          measured=[("eval_change.final_acc", "held-out final accuracy")]),
 ]
 
 
 def _recipe_path(stage: Stage) -> Path:
     if stage.recipe is None:
         return DEFAULT_SFT_RECIPE
-
     path = RECIPES_DIR / stage.recipe
     if not path.exists():
         raise MlxpostError(f"the demo's recipe {path} is missing from this installation")
     return path
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
+def _lookup(summary: dict, key: str):
+    v = summary
+    for part in key.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
 
 
-def _stage_row(stage: Stage, s: dict) -> list:
-    """One row of the comparison: what the stage measured before -> after."""
-    if stage.method == "sft":
-        # The SFT behaviour score is the share of one-line JSON answers (a number).
-        b, a = s.get("behaviour_before"), s.get("behaviour_after")
-        b, a = (x.get("json_rate") if isinstance(x, dict) else x for x in (b, a))
-        what = f"JSON answers {_fmt(b)} -> {_fmt(a)}"
-        second = f"val loss {_fmt(s.get('best_val_loss') or s.get('val_loss'))}"
-    elif stage.method == "dpo":
-        b, a = (s.get("behaviour_before") or {}), (s.get("behaviour_after") or {})
-        val = s.get("val_metrics") or {}
-        what = (f"correct {_fmt(b.get('correct_rate'))} -> {_fmt(a.get('correct_rate'))}, explanation words "
-                f"{_fmt(b.get('mean_explanation_words'))} -> {_fmt(a.get('mean_explanation_words'))}")
-        second = (f"val margin {_fmt(val.get('val_rewards/margins'))}, accuracy "
-                  f"{_fmt(val.get('val_rewards/accuracies'))}")
-    else:
-        b, a = (s.get("eval_before") or {}), (s.get("eval_after") or {})
-        what = (f"final acc {_fmt(b.get('final_acc'))} -> {_fmt(a.get('final_acc'))}, step acc "
-                f"{_fmt(b.get('step_acc'))} -> {_fmt(a.get('step_acc'))}")
-        fm = s.get("final_metrics") or {}
-        second = f"reward {_fmt(fm.get('reward'))}, flat groups {_fmt(fm.get('all_equal_groups'))}"
+def stage_rows(stage: Stage, s: dict) -> list[list]:
+    """The table's rows of one stage: one per measurement, ``before -> after (change, 95% CI, verdict)``."""
     health = s.get("health") or {}
-    verdicts = ", ".join(f"{k} {v.get('verdict')}" for k, v in health.items()) or "-"
-    return [stage.name, s.get("steps"), f"{s.get('wall_seconds', 0):.0f}s", f"{s.get('peak_memory_gb', 0):.2f} GB",
-            what, second, verdicts]
+    warned = [k for k, v in health.items() if v.get("verdict") in ("warn", "fail")]
+    common = [stage.name, s.get("steps"), f"{s.get('wall_seconds', 0):.0f}s"]
+    rows = []
+    for i, (key, label) in enumerate(stage.measured):
+        change = _lookup(s, key)
+        shown = describe(change) if isinstance(change, dict) and change.get("n") and "change" in change else "-"
+        n = change.get("n") if isinstance(change, dict) else None
+        rows.append((common if i == 0 else ["", "", ""]) +
+                    [f"{label} (n={n})" if n else label, shown,
+                     (", ".join(warned) or "ok") if i == 0 else ""])
+    return rows
 
 
 def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | None = None, reporter,
@@ -114,7 +124,7 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
             rep.info(f"== stage {stage.name}: already done in {run_dir} (delete it to run it again)")
             summaries[stage.name] = json.loads(summary_path.read_text())
             continue
-        sets = [] if full else list(stage.short)
+        sets = list(stage.sets) + ([] if full else list(stage.short))
         sets += [f"output.dir={out}", f"output.name={stage.name}"]
         if model:
             sets.append(f"model.path={model}")
@@ -125,7 +135,8 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
                                    f"from the start (or delete {out})")
             key = get_method(stage.method).from_key
             sets.append(f"{key}={src}")
-        sets += list(extra_sets)
+        # --set applies to the stages whose method has that setting (grpo.* to the RL stages, ...).
+        sets += [x for x in extra_sets if x.split("=", 1)[0].split(".")[0] in RunConfig(stage.method).sections()]
         rep.info(f"== stage {stage.name}: mlxpost {stage.method} --config {_recipe_path(stage)} "
                  + " ".join(f"--set {x}" for x in sets))
         if any((run_dir / "checkpoints").glob("step-*")):  # a stage killed after a checkpoint
@@ -138,28 +149,44 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
             run(cfg, reporter=rep)
         summaries[stage.name] = json.loads(summary_path.read_text())
 
-    rows = [_stage_row(st, summaries[st.name]) for st in STAGES if st.name in summaries]
-    rep.grid("the pipeline, stage by stage", ["stage", "steps", "wall", "peak mem", "before -> after",
-                                              "validation", "health"], rows)
-    for st in STAGES:
-        samples = out / st.name / "samples.json"
-        if st.name in summaries and samples.exists():
-            rows = json.loads(samples.read_text())[:2]
-            if rows:
-                rep.info(f"samples of stage {st.name}:")
-                rep.samples(rows)
-        ev = out / st.name / "rl_eval_after.json"
-        if st.name in summaries and ev.exists():
-            before = out / st.name / "rl_eval_before.json"
-            b = json.loads(before.read_text()).get("samples", []) if before.exists() else []
-            a = json.loads(ev.read_text()).get("samples", [])
-            rep.info(f"samples of stage {st.name}:")
-            rep.samples([{"prompt": x["prompt"], **({"before": y["completion"]} if y else {}),
-                          "after": x["completion"]} for x, y in zip(a[:2], (b + [None, None])[:2])])
+    rows = [row for st in STAGES if st.name in summaries for row in stage_rows(st, summaries[st.name])]
+    rep.grid("the pipeline, stage by stage (held-out measurements, before -> after)",
+             ["stage", "steps", "wall", "measured", "before -> after (change, 95% CI)", "health"], rows)
+    show_samples(out, summaries, rep)
+    png = None
+    if full and plot_available():
+        png = out / "curves.png"
+        plot_curves(collect_runs([out / st.name for st in STAGES if st.name in summaries]),
+                    ["loss", "reward", "rewards/margins", "val_loss"], png)
+        rep.info(f"curves: {png}")
     result = {"out": str(out), "seconds": round(time.time() - t0, 1), "full": full,
+              "curves": str(png) if png else None,
               "stages": {k: {kk: vv for kk, vv in v.items() if kk != "run_dir"} for k, v in summaries.items()}}
     (out / "demo.json").write_text(json.dumps(result, indent=2, default=str))
-    rep.info(f"demo done in {result['seconds']:.0f}s; stage runs in {out}/ "
-             f"(compare them: mlxpost compare {out}/sft {out}/dpo {out}/rlvr). "
+    done = [st.name for st in STAGES if st.name in summaries]
+    rep.info(f"demo done in {result['seconds']:.0f}s; stage runs in {out}/ (compare them: mlxpost compare "
+             + " ".join(f"{out}/{n}" for n in done) + "). "
              + ("" if full else "Full-length version: mlxpost demo --full"))
     return result
+
+
+def show_samples(out: Path, summaries: dict, rep, n: int = 2) -> None:
+    """A few held-out replies of each stage, before and after."""
+    for st in STAGES:
+        if st.name not in summaries:
+            continue
+        samples = out / st.name / "samples.json"
+        if samples.exists():
+            rows = json.loads(samples.read_text())[:n]
+        else:
+            ev = out / st.name / "rl_eval_after.json"
+            before = out / st.name / "rl_eval_before.json"
+            if not ev.exists():
+                continue
+            b = json.loads(before.read_text()).get("samples", []) if before.exists() else []
+            a = json.loads(ev.read_text()).get("samples", [])
+            rows = [{"prompt": x["prompt"], **({"before": y["completion"]} if y else {}), "after": x["completion"]}
+                    for x, y in zip(a[:n], (b + [None] * n)[:n])]
+        if rows:
+            rep.info(f"samples of stage {st.name}:")
+            rep.samples(rows)
