@@ -193,6 +193,9 @@ class RLHealth(HealthMonitor):
 
     def __init__(self, total_steps: int, t: RLThresholds):
         super().__init__(total_steps)
+        # The clipped surrogate is ~0 at every step (advantages have mean 0 and the ratio starts at 1):
+        # a flat loss says nothing here; only a gradient norm that collapses does.
+        self.stuck.by_loss = False
         self.t = t
         self.streak = 0
 

@@ -52,9 +52,9 @@ class Stage:
 
 # The RL stages answer in the JSON the earlier stages taught: rollouts of 40
 # tokens at most, a temperature of 0.8 (the 135M model's samples at 1.0 are
-# mostly noise), four prompts of eight completions a step.
-_RL = ["grpo.group_size=8", "grpo.prompts_per_step=4", "grpo.temperature=0.8", "grpo.max_new_tokens=40",
-       "grpo.eval_prompts=48", "train.lr=5e-4", "train.warmup_steps=1", "train.report_every=1"]
+# mostly noise), two prompts of eight completions a step.
+_RL = ["grpo.group_size=8", "grpo.prompts_per_step=2", "grpo.temperature=0.8", "grpo.max_new_tokens=40",
+       "grpo.eval_prompts=48", "train.warmup_steps=1", "train.report_every=1"]
 
 STAGES = [
     Stage("sft", "sft", None, [], ["train.steps=20", "train.eval_every=0", "train.eval_batches=2",
@@ -64,11 +64,11 @@ STAGES = [
           ["train.steps=24", "train.eval_every=0", "train.eval_batches=3", "train.save_every=12"], "sft",
           measured=[("behaviour.explanation_first", "explanation first"), ("behaviour.json", "JSON replies")]),
     Stage("grpo", "grpo", "smollm2-135m-grpo.yaml",
-          [f"data.path={ARITH_FACTS_DIR}", "grpo.rewards=[accuracy]", *_RL],
-          ["train.steps=12", "train.save_every=6"], "dpo",
+          [f"data.path={ARITH_FACTS_DIR}", "grpo.rewards=[accuracy]", "train.lr=5e-4", *_RL],
+          ["train.steps=10", "train.save_every=5"], "dpo",
           measured=[("eval_change.reward", "held-out accuracy")]),
     Stage("rlvr", "rlvr", "smollm2-135m-rlvr.yaml",
-          [f"data.path={ARITH_SUMS_DIR}", "grpo.rewards=[]", *_RL],
+          [f"data.path={ARITH_SUMS_DIR}", "grpo.rewards=[]", "train.lr=1e-3", *_RL],
           ["train.steps=12", "train.save_every=6"], "grpo",
           measured=[("eval_change.final_acc", "held-out final accuracy")]),
 ]

@@ -56,6 +56,7 @@ class StuckCheck:
     after: int = 0  # warmup steps, not judged
     rtol: float = 1e-6
     grad_floor: float = 1e-6
+    by_loss: bool = True  # False for objectives whose value says nothing of progress (policy gradients)
     losses: deque = field(default_factory=deque)
     grads: deque = field(default_factory=deque)
     grad_max: float = 0.0
@@ -77,7 +78,7 @@ class StuckCheck:
             return None
         if all(g is not None and g <= self.grad_floor * self.grad_max for g in self.grads):
             return "grad"
-        if max(self.losses) - min(self.losses) <= self.rtol * max(1.0, abs(self.losses[-1])):
+        if self.by_loss and max(self.losses) - min(self.losses) <= self.rtol * max(1.0, abs(self.losses[-1])):
             return "loss"
         return None
 
