@@ -100,6 +100,7 @@ class TrainConfig:
     eval_every: int = 50  # optimizer steps; 0 = only at the end
     eval_at_start: bool = True  # validation loss of the untrained adapter, as a baseline
     eval_batches: int = -1  # -1 = the whole validation set
+    measure_every: int = 0  # steps between held-out measurements while training (0: before and after only)
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     early_stopping_min_delta: float = 0.0
     save_every: int = 100  # optimizer steps; 0 = only at the end
@@ -374,9 +375,9 @@ CHOICES = {
 POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr",
             "train.report_every", "sample.max_tokens", "model.quantize_group_size")
 
-NON_NEGATIVE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.warmup_steps",
-                "train.weight_decay", "train.early_stopping_patience", "train.early_stopping_min_delta",
-                "sample.temperature", "train.stuck_steps")
+NON_NEGATIVE = ("train.eval_every", "train.measure_every", "train.save_every", "train.keep_checkpoints",
+                "train.warmup_steps", "train.weight_decay", "train.early_stopping_patience",
+                "train.early_stopping_min_delta", "sample.temperature", "train.stuck_steps")
 
 FRACTIONS = ("train.warmup_ratio", "train.min_lr_ratio")
 

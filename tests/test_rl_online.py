@@ -535,7 +535,8 @@ def test_rlvr_on_the_bundled_tasks_reports_step_and_final_accuracy_and_resumes(t
     from mlxpost.training.resume import resume_config
 
     cfg = _rl_config(tiny_model, ARITH_TASKS_DIR, tmp_path / "runs", method="rlvr",
-                     extra=["train.steps=2", "train.save_every=1", "output.name=r", "grpo.rewards=[format@0.2]"])
+                     extra=["train.steps=2", "train.save_every=1", "output.name=r", "grpo.rewards=[format@0.2]",
+                            "train.measure_every=1"])
     rep = _Quiet()
     run_dir, result = run(cfg, reporter=rep)
     s = json.loads((run_dir / "summary.json").read_text())
@@ -546,6 +547,10 @@ def test_rlvr_on_the_bundled_tasks_reports_step_and_final_accuracy_and_resumes(t
     gate = s["health"]["quality_gate"]
     assert gate["verdict"] == "fail" and gate["min_step_acc"] == 0.8 and gate["min_final_acc"] == 0.9
     assert (run_dir / "rl_eval_after.json").exists()
+    # train.measure_every: held-out figures in the middle of training (not at the last step: eval_after has it).
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    held = [r for r in records if r["kind"] == "heldout"]
+    assert [r["step"] for r in held] == [1] and 0 <= held[0]["final_acc"] <= 1 and "reward" in held[0]
     # Resume: two more steps from the last checkpoint.
     cfg2 = resume_config(run_dir, ["train.steps=4"])
     rep2 = _Quiet()

@@ -201,7 +201,10 @@ class Trainer:
     """Holds the compiled functions and the state of one training run."""
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig, *, total_steps: int,
-                 run: RunDir, reporter, adapter_cfg: dict, world=None):
+                 run: RunDir, reporter, adapter_cfg: dict, world=None, measure=None):
+        """``measure(step) -> dict | None``: held-out measurements taken every ``train.measure_every``
+        steps (logged as ``heldout`` records), e.g. greedy accuracy on validation prompts."""
+        self.measure = measure
         self.model = model
         self.objective = objective
         self.cfg = cfg
@@ -410,6 +413,9 @@ class Trainer:
             last = self.step == self.total_steps
             stop = (valid_source is not None and cfg.eval_every > 0 and self.step % cfg.eval_every == 0
                     and not last and self._validate(valid_source))
+            if self.measure is not None and cfg.measure_every > 0 and self.step % cfg.measure_every == 0 \
+                    and not last:
+                self._measure()
             if cfg.save_every > 0 and self.step % cfg.save_every == 0 and not last:
                 self.save(train_source)
             if stop:
@@ -477,6 +483,22 @@ class Trainer:
         if not out["ok"].item():
             self._non_finite(out["loss"].item(), out["grad_norm"].item(), used)
         return out, used, dt
+
+    def _measure(self) -> None:
+        """A held-out measurement in the middle of training (the model in evaluation mode meanwhile)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            found = self.measure(self.step)
+        finally:
+            if was:
+                self.model.train()
+        if found:
+            record = {"step": self.step, **found}
+            self.history.append({"kind": "heldout", **record})
+            self.run.log({"kind": "heldout", **record})
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if isinstance(v, float))
+            self.reporter.event(f"held-out: {shown}", step=self.step)
 
     def _report(self, metrics: dict) -> None:
         self.last_loss = metrics["loss"]

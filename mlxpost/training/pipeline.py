@@ -350,7 +350,8 @@ def train_run(cfg: RunConfig, method: Method, kind: DataKind, rundir: RunDir, wo
         before = kind.measure(prep, rep, rundir, "before") if ckpt is None else kind.measured(rundir, "before")
 
     trainer = Trainer(prep.loaded.model, (objective_for or method.objective)(prep), cfg.train, total_steps=steps,
-                      run=rundir, reporter=rep, adapter_cfg=prep.adapter_cfg, world=world)
+                      run=rundir, reporter=rep, adapter_cfg=prep.adapter_cfg, world=world,
+                      measure=(lambda step: kind.scores(prep, rep)) if rank == 0 else None)
     try:
         result = trainer.fit(prep.train, prep.valid, resume_from=ckpt)
     except NonFiniteError:

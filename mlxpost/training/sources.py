@@ -119,6 +119,10 @@ class DataKind:
         """What the model does before (``when="before"``) or after training; kept in the run directory."""
         return None
 
+    def scores(self, prep: Prepared, rep) -> dict | None:
+        """Held-out figures in the middle of training (``train.measure_every``), or None."""
+        return None
+
     def measured(self, rundir: RunDir, when: str) -> Any:
         """What :meth:`measure` returned, read back from the run directory (None when it is not there)."""
         name = self.before_file if when == "before" else self.after_file
@@ -238,6 +242,15 @@ class Rows(DataKind):
         ok = isinstance(found, list) and all(isinstance(r, dict) and "after" in r for r in found)
         return [r["after"] for r in found] if ok else None  # samples.json: rows of prompt, before, after
 
+    def scores(self, prep: Prepared, rep) -> dict | None:
+        """Each check's rate on the held-out prompts (those with answers, for ``correct``)."""
+        prompts, answers = self.prompts(prep.cfg)
+        if not prompts or prep.cfg.data.path is not None:
+            return None
+        with rep.status(f"answering {len(prompts)} held-out prompts"):
+            replies = run_samples(prep.loaded.model, prep.loaded.tokenizer, prompts, prep.cfg)
+        return {name: sum(v) / len(v) for name, v in self.behaviour(replies, answers).items() if v}
+
     def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
         """With the bundled data: each check's rate before and after, the change and its 95% interval."""
         if prep.cfg.data.path is not None or not after:
@@ -345,6 +358,15 @@ class Prompts(DataKind):
         rep.info(f"validation ({when} training): {shown}")
         rundir.write_json(f"rl_eval_{when}.json", ev)
         return ev
+
+    def scores(self, prep: Prepared, rep) -> dict | None:
+        rl = prep.state["rl"]
+        if not rl["eval_rows"]:
+            return None
+        with rep.status(f"answering {len(rl['eval_rows'])} validation prompts"):
+            ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
+                          rewards=rl["rewards"], verifier=rl["verifier"])
+        return {k: ev[k] for k in ("reward", "final_acc", "step_acc") if k in ev}
 
     def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
         """The evaluations' means, and (when both ran on the same prompts) each change with its 95% interval."""
