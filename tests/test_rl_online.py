@@ -335,6 +335,10 @@ def test_rl_config_validation():
         build_config(None, ["grpo.loss_norm=sum"], method="rlvr")
     with pytest.raises(ConfigError, match="grpo"):
         build_config(None, ["grpo.beta=0.1"], method="dpo")
+    with pytest.raises(ConfigError, match="grpo.min_p: must be below 1"):
+        build_config(None, ["grpo.min_p=1"], method="rlvr")
+    with pytest.raises(ConfigError, match="grpo.top_k: must be 0 or more"):
+        build_config(None, ["grpo.top_k=-1"], method="rlvr")
 
 
 # ---------------------------------------------------------------------------
@@ -576,3 +580,21 @@ def test_sampling_draws_from_the_tempered_softmax():
             want = np.where(np.isin(np.arange(6), keep), want, 0) / want[keep].sum()
         np.testing.assert_allclose(got, want, atol=0.01)
     assert np.array(sample_next(rows[:5], 0.0, 1.0)).tolist() == [0] * 5  # greedy
+
+
+def test_top_k_and_min_p_keep_the_right_tokens_renormalized():
+    """top_k keeps the k most likely tokens, min_p those at least min_p x the top one's probability (tempered)."""
+    from mlxpost.rl.rollout import sample_next
+
+    logits = mx.array([[2.0, 0.5, -1.0, 1.0, -3.0, 0.0]])
+    rows = mx.repeat(logits, 40000, axis=0)
+    p = np.array(mx.softmax(logits[0] / 0.7))
+    cases = {(3, 0.0, 1.0): np.argsort(-p)[:3],  # tokens 0, 3, 1
+             (0, 0.3, 1.0): np.flatnonzero(p >= 0.3 * p.max()),
+             (4, 0.1, 1.0): np.intersect1d(np.argsort(-p)[:4], np.flatnonzero(p >= 0.1 * p.max())),
+             (2, 0.0, 0.5): np.argsort(-p)[:1]}  # top_p after top_k: the top token holds >= 0.5 of the two
+    for (top_k, min_p, top_p), keep in cases.items():
+        mx.random.seed(5)
+        got = np.bincount(np.array(sample_next(rows, 0.7, top_p, top_k, min_p)), minlength=6) / rows.shape[0]
+        want = np.where(np.isin(np.arange(6), keep), p, 0)
+        np.testing.assert_allclose(got, want / want.sum(), atol=0.01, err_msg=str((top_k, min_p, top_p)))

@@ -9,5 +9,7 @@ from dataclasses import dataclass
 class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     max_new_tokens: int = 128
     stop: tuple = ()  # stop strings: the completion ends where one first appears (it is kept)

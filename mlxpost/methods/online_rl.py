@@ -245,6 +245,8 @@ class GRPOConfig:
     mask_truncated: bool = False  # no loss on completions that hit max_new_tokens
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     max_new_tokens: int = 128
     max_prompt_len: int = 512  # longer prompts are dropped (counted)
     stop: list = field(default_factory=list)  # stop strings
@@ -274,6 +276,9 @@ OPTIONS = (
     click.option("--max-new-tokens", "grpo__max_new_tokens", type=int, help="Longest completion (default 128)."),
     click.option("--temperature", "grpo__temperature", type=float, help="Sampling temperature (default 1.0)."),
     click.option("--top-p", "grpo__top_p", type=float, help="Nucleus sampling (default 1.0)."),
+    click.option("--top-k", "grpo__top_k", type=int, help="Sample among the k most likely tokens (default 0: all)."),
+    click.option("--min-p", "grpo__min_p", type=float,
+                 help="Drop tokens less likely than min_p times the most likely one (default 0: off)."),
     click.option("--stop", "grpo__stop", multiple=True, help="A stop string (repeatable)."),
     click.option("--beta", "grpo__beta", type=float, help="KL penalty to the reference, adapters off (default 0)."),
     click.option("--loss-norm", "grpo__loss_norm", type=click.Choice(list(NORMS)),
@@ -333,11 +338,14 @@ class OnlineRLMethod(Method):
         if g.group_size < 2:
             raise ConfigError(f"grpo.group_size: group-relative advantages need at least 2 completions per "
                               f"prompt, got {g.group_size}")
-        check_non_negative(cfg, "grpo.epsilon_low", "grpo.epsilon_high", "grpo.beta", "grpo.temperature")
+        check_non_negative(cfg, "grpo.epsilon_low", "grpo.epsilon_high", "grpo.beta", "grpo.temperature",
+                           "grpo.top_k", "grpo.min_p")
         if g.epsilon_low >= 1:
             raise ConfigError(f"grpo.epsilon_low: must be below 1, got {g.epsilon_low}")
         if g.top_p > 1:
             raise ConfigError(f"grpo.top_p: must be at most 1, got {g.top_p}")
+        if g.min_p >= 1:
+            raise ConfigError(f"grpo.min_p: must be below 1 (a fraction of the top token's probability), got {g.min_p}")
         check_fraction(cfg, "grpo.all_equal_warn")
         n = g.group_size * g.prompts_per_step
         if g.micro_batch is not None and (g.micro_batch <= 0 or n % g.micro_batch):
@@ -358,7 +366,7 @@ class OnlineRLMethod(Method):
         return RLSettings(group_size=g.group_size, prompts_per_step=g.prompts_per_step,
                           micro_batch=g.micro_batch or default_micro_batch(g.group_size * g.prompts_per_step),
                           num_iterations=g.num_iterations, scale=g.scale_rewards, mask_truncated=g.mask_truncated,
-                          sampling=Sampling(temperature=g.temperature, top_p=g.top_p,
+                          sampling=Sampling(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
                                             max_new_tokens=g.max_new_tokens, stop=tuple(g.stop)))
 
     def verifier(self, cfg) -> str | None:

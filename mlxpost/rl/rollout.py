@@ -26,6 +26,7 @@ or a stop string is *truncated* (:attr:`Rollouts.truncated`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,13 +67,30 @@ class Rollouts:
         return sum(len(c) for c in self.completions)
 
 
-def sample_next(logits: mx.array, temperature: float, top_p: float) -> mx.array:
-    """One token per row of (N, V) ``logits``: greedy at temperature 0, else nucleus sampling."""
+def sample_next(logits: mx.array, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                min_p: float = 0.0) -> mx.array:
+    """One token per row of (N, V) ``logits``: greedy at temperature 0, else a draw from the tempered softmax.
+
+    The filters act on the tempered distribution ``softmax(logits / temperature)``
+    (as in TRL's and vLLM's rollouts), in this order: ``min_p`` keeps the
+    tokens at least ``min_p`` times as likely as the most likely one; ``top_k``
+    (0: off) the ``top_k`` most likely; ``top_p`` (1: off) the smallest set of
+    most likely tokens whose mass reaches ``top_p``. What remains is renormalized.
+    With no filter, one uniform number per row is inverted through the CDF.
+    """
     if temperature <= 0:
         return mx.argmax(logits, axis=-1)
-    if top_p >= 1.0:
+    if top_p >= 1.0 and top_k <= 0 and min_p <= 0:
         return _sample_softmax(logits, mx.array(temperature, mx.float32))
     logits = logits.astype(mx.float32) / temperature
+    if min_p > 0:  # p >= min_p * p_max  <=>  z >= z_max + log(min_p)
+        floor = mx.max(logits, axis=-1, keepdims=True) + math.log(min_p)
+        logits = mx.where(logits >= floor, logits, -mx.inf)
+    if 0 < top_k < logits.shape[-1]:
+        kth = mx.take_along_axis(logits, mx.argpartition(-logits, top_k - 1, axis=-1)[:, top_k - 1:top_k], axis=-1)
+        logits = mx.where(logits >= kth, logits, -mx.inf)  # ties at the k-th value are all kept
+    if top_p >= 1.0:
+        return _sample_softmax(logits, mx.array(1.0, mx.float32))
     order = mx.argsort(-logits, axis=-1)
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
     probs = mx.softmax(sorted_logits, axis=-1)
@@ -180,12 +198,12 @@ def _decode(model, cache, first_logits: mx.array, rows: list[int], book: _Book, 
     s = book.s
     rows = list(rows)
     dead = np.zeros(len(rows), bool)
-    y = sample_next(first_logits, s.temperature, s.top_p)
+    y = sample_next(first_logits, s.temperature, s.top_p, s.top_k, s.min_p)
     mx.async_eval(y)
     while True:
         # The next step is built and started before this one's tokens are read.
         logits = model(y[:, None], cache=cache)[:, -1, :]
-        nxt = sample_next(logits, s.temperature, s.top_p)
+        nxt = sample_next(logits, s.temperature, s.top_p, s.top_k, s.min_p)
         mx.async_eval(nxt)
         stats["decode_steps"] += 1
         stats["row_steps"].append(len(rows))

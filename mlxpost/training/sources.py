@@ -338,9 +338,11 @@ class Prompts(DataKind):
         prep.data_path = Path(d.path) if d.path else self.bundled
         prep.batching = "pad"
         s = plan.settings
+        filters = "".join(f", {name} {v}" for name, v, off in (("top-k", s.sampling.top_k, 0),
+                                                              ("min-p", s.sampling.min_p, 0.0)) if v != off)
         prep.rows = [("rollout", f"{s.prompts_per_step} prompts x {s.group_size} completions, <= "
                                  f"{s.sampling.max_new_tokens} new tokens, T={s.sampling.temperature}, "
-                                 f"top-p {s.sampling.top_p}")]
+                                 f"top-p {s.sampling.top_p}{filters}")]
         prep.state["rl"] = {"eval_rows": valid[: plan.eval_prompts], "rewards": rewards, "verifier": verifier,
                             "settings": s}
 
