@@ -74,7 +74,7 @@ STAGES = [
 ]
 
 
-def _recipe_path(stage: Stage) -> Path:
+def recipe_path(stage: Stage) -> Path:
     if stage.recipe is None:
         return DEFAULT_SFT_RECIPE
     path = RECIPES_DIR / stage.recipe
@@ -83,7 +83,7 @@ def _recipe_path(stage: Stage) -> Path:
     return path
 
 
-def _lookup(summary: dict, key: str):
+def lookup(summary: dict, key: str):
     v = summary
     for part in key.split("."):
         v = v.get(part) if isinstance(v, dict) else None
@@ -97,7 +97,7 @@ def stage_rows(stage: Stage, s: dict) -> list[list]:
     common = [stage.name, s.get("steps"), f"{s.get('wall_seconds', 0):.0f}s"]
     rows = []
     for i, (key, label) in enumerate(stage.measured):
-        change = _lookup(s, key)
+        change = lookup(s, key)
         shown = describe(change) if isinstance(change, dict) and change.get("n") and "change" in change else "-"
         n = change.get("n") if isinstance(change, dict) else None
         rows.append((common if i == 0 else ["", "", ""]) +
@@ -137,13 +137,13 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
             sets.append(f"{key}={src}")
         # --set applies to the stages whose method has that setting (grpo.* to the RL stages, ...).
         sets += [x for x in extra_sets if x.split("=", 1)[0].split(".")[0] in RunConfig(stage.method).sections()]
-        rep.info(f"== stage {stage.name}: mlxpost {stage.method} --config {_recipe_path(stage)} "
+        rep.info(f"== stage {stage.name}: mlxpost {stage.method} --config {recipe_path(stage)} "
                  + " ".join(f"--set {x}" for x in sets))
         if any((run_dir / "checkpoints").glob("step-*")):  # a stage killed after a checkpoint
             cfg = resume_config(run_dir, [])
             run(cfg, reporter=rep, resume=run_dir)
         else:
-            cfg = build_config(_recipe_path(stage), sets, method=stage.method)
+            cfg = build_config(recipe_path(stage), sets, method=stage.method)
             if run_dir.exists():  # a stage killed before its first checkpoint
                 cfg.output.overwrite = True
             run(cfg, reporter=rep)
