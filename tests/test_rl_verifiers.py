@@ -341,8 +341,24 @@ def test_steps_inside_prose_and_markup(line):
     assert [(s.score, s.reason) for s in v.steps] == [(0.0, "3 + 4 is 7, not 8")]
 
 
+@pytest.mark.parametrize("line, reasons", [
+    ("3 + 4 equals 8", [(0.0, "3 + 4 is 7, not 8")]),
+    ("3 + 4 is 8.", [(0.0, "3 + 4 is 7, not 8")]),
+    ("3 + 4 is equal to 8", [(0.0, "3 + 4 is 7, not 8")]),
+    ("{\"explanation\": \"3 + 4 equals 8\", \"answer\": 8}", [(0.0, "3 + 4 is 7, not 8")]),
+    ("3 x 4 is 12 and 12 + 1 makes 14", [(0.0, "12 + 1 is 13, not 14")]),
+    ("3 + 4 gives 7", [(1.0, "ok")]),
+    ("3 + 4 Equals 7", [(1.0, "ok")]),
+    ("Step 2 is 3 + 4 = 8", [(0.0, "3 + 4 is 7, not 8")]),  # "Step 2 is" follows no calculation
+])
+def test_words_that_claim_a_result_are_read_as_equals(line, reasons):
+    """A model that learns to write "equals" instead of "=" is checked all the same."""
+    assert step_reasons(line, strict_operands=False) == reasons
+
+
 @pytest.mark.parametrize("line", [
     "x = 3", "2x + 3 = 7", "2x+3 = 7", "7 = 8", "3 + 4 <= 8", "3 + 4 ≠ 8", "v2 = 3 + 4", "= 7", "the sum is 7",
+    "3 + 4 is the sum", "the answer is 8", "3 is 4", "what 3 + 4 is, is 8",
 ])
 def test_formulas_and_relations_are_not_steps(line):
     assert arithmetic(line, answer="7", numbers=[3, 4]).steps == []

@@ -75,6 +75,12 @@ _LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines
 _DIGIT = re.compile(r"\d")
 
 
+# Words that claim a result when they stand between a calculation and a number ("15 + 52 equals 67",
+# "3 x 4 is 12", "7 + 5 is equal to 12"): read as "=", so that writing words instead of "=" dodges no check.
+_WORD_EQ = frozenset(("equals", "is", "makes", "gives", "yields"))
+_WORD_EQ_RE = re.compile(r"(?i)\b(?:equals|is|makes|gives|yields)\b")
+
+
 @dataclass(slots=True)
 class _Tok:
     kind: str  # num op lp rp sup bad eq (expression tokens) | word other rel (prose)
@@ -107,7 +113,36 @@ def _line_tokens(line: str) -> list[_Tok]:
                 t.kind = "op"
         elif t.kind == "num" and t.glued and i and toks[i - 1].kind == "word":
             t.kind = "word"  # x2, v1, step3: part of a name
-    return toks
+    return _word_relations(toks)
+
+
+def _word_relations(toks: list[_Tok]) -> list[_Tok]:
+    """Read "equals", "is", "is equal to", "makes", "gives", "yields" as ``=`` after a calculation.
+
+    Only between an expression that holds an operator and ends with an
+    operand, and a number or an opening parenthesis (``15 + 52 equals 67``),
+    so prose stays prose: "step 2 is 5 + 3" (no operator before "is") and
+    "the answer is 7" are no claims.
+    """
+    out: list[_Tok] = []
+    i = 0
+    while i < len(toks):
+        t = toks[i]
+        word = t.text.lower() if t.kind == "word" else ""
+        span = 3 if (word == "is" and [x.text.lower() for x in toks[i + 1:i + 3]] == ["equal", "to"]) else 1
+        nxt = toks[i + span] if i + span < len(toks) else None
+        if word in _WORD_EQ and out and _ends_operand(out[-1]) and nxt is not None and (
+                nxt.kind in ("num", "lp") or (nxt.kind == "op" and nxt.op in "+-")):
+            j = len(out)
+            while j and out[j - 1].kind in _EXPR_KINDS and out[j - 1].kind != "eq":
+                j -= 1
+            if any(x.kind == "op" for x in out[j:]):
+                out.append(_Tok("eq", " ".join(x.text for x in toks[i:i + span]), t.glued))
+                i += span
+                continue
+        out.append(t)
+        i += 1
+    return out
 
 
 def _ends_operand(t: _Tok) -> bool:
@@ -476,7 +511,10 @@ def arithmetic(completion: str, answer: Any, *, numbers: Any = None, question: A
 
     Every line holding ``=`` (or ``＝``) between numeric expressions, where
     some expression has an operator, is one step, its span the whole line
-    without the line break. Expressions are numbers with ``+ - * / ^``,
+    without the line break. A word that claims a result after a calculation
+    counts as ``=``: ``15 + 52 equals 67``, ``3 x 4 is 12``, ``is equal to``,
+    ``makes``, ``gives``, ``yields`` (not "the answer is 7": no calculation
+    before it). Expressions are numbers with ``+ - * / ^``,
     parentheses and signs, in the usual spellings: ``-`` ``−`` ``–`` (en
     dash), ``*`` ``∗`` ``×`` ``·`` ``⋅`` and ``x`` between two operands
     (``3 x 4``), ``/`` ``÷``, ``^`` ``**`` and superscript digits (``2³``),
@@ -525,7 +563,8 @@ def arithmetic(completion: str, answer: Any, *, numbers: Any = None, question: A
         line = raw.rstrip(_LINE_BREAKS)
         start, end = pos, pos + len(line)
         pos += len(raw)
-        if end == start or ("=" not in line and "\uff1d" not in line) or not _DIGIT.search(line):
+        if end == start or not _DIGIT.search(line) or (
+                "=" not in line and "\uff1d" not in line and not _WORD_EQ_RE.search(line)):
             continue
         if len(steps) >= MAX_STEPS:
             steps.append(Step(start, end, 0.0, f"not checked: more than {MAX_STEPS} steps"))
