@@ -141,3 +141,14 @@ def pref_data(tmp_path_factory) -> Path:
     write_jsonl(d / "train.jsonl", preference_rows(48, seed=0))
     write_jsonl(d / "valid.jsonl", preference_rows(12, seed=1))
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory, tiny_model) -> Path:
+    """The demo's three stage runs (sft, dpo --from sft, rlvr --from dpo) on the tiny model, two steps each."""
+    from mlxpost.tools.demo import run_demo
+    from mlxpost.ui import NullReporter
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    run_demo(out, model=str(tiny_model), reporter=NullReporter(), extra_sets=["train.steps=2", "lora.num_layers=-1"])
+    return out
