@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..tools.table import Block
 from ..tools.compare import PLOT_HINT, collect_runs, compare, default_png_path, plot_available, plot_curves
+from ..tools.table import Block
 
 
 def _echo_err(msg: str, **style) -> None:
@@ -35,7 +35,7 @@ def rich_block(block: Block, style=None) -> Table:
     for h, a in zip(block.header, block.align):
         t.add_column(h, justify="right" if a == "r" else "left", no_wrap=True)
     for i, row in enumerate(block.rows):
-        t.add_row(*[Text(c[:-2] if c.endswith(" *") else c, style="bold green") if (i, j) in block.marked
+        t.add_row(*[Text(c.removesuffix(" *"), style="bold green") if (i, j) in block.marked
                     else Text(c, style=(style(i, j) if style else None) or "") for j, c in enumerate(row)])
     return t
 
