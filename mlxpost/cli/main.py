@@ -2,7 +2,7 @@
 
 Each command parses its options, then calls one library function. The
 training commands come from the method registry (:mod:`mlxpost.cli.train`);
-the others from :mod:`.tools` (export, generate, doctor, demo), :mod:`.compare`,
+the others from :mod:`.tools` (export, generate, doctor, demo), :mod:`.chat`, :mod:`.compare`,
 :mod:`.sweep` (ablate) and :mod:`.data` (data, push).
 """
 
@@ -15,6 +15,7 @@ import click
 from ..errors import MlxpostError
 from ..methods import METHODS
 from ..training.loop import NonFiniteError
+from .chat import chat
 from .compare import compare_command
 from .data import data, push
 from .sweep import ablate
@@ -56,6 +57,6 @@ def cli():
     """
 
 
-for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push):
+for command in (export_command, generate, chat, doctor, demo, compare_command, ablate, data, push):
     cli.add_command(command)
 

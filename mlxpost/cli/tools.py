@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..backend.doctor import doctor_rows
 from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
-from ..model.adapters import load_adapter_stack, read_adapter_config
-from ..model.load import load_model
+from ..tools.chat import load_for_generation
 from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
 from .train import show_blas_advice
@@ -51,21 +48,14 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
-    """Generate a reply (chat template applied), optionally with a trained adapter."""
-    quantize = group = None
-    dtype = "auto"
-    if adapter:
-        adapter = Path(adapter)
-        if best:
-            adapter = adapter / "best"
-        meta = read_adapter_config(adapter).get("mlxpost", {})
-        local = meta.get("model_dir")
-        model = model or (local if local and Path(local).exists() else meta.get("base_model"))
-        quantize, group = meta.get("quantize"), meta.get("quantize_group_size")
-        dtype = meta.get("dtype") or "auto"
-    loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
-    if adapter:
-        load_adapter_stack(loaded.model, adapter)
+    """Generate one reply (chat template applied), optionally with a trained run's adapter stack.
+
+    \b
+    Examples:
+      mlxpost generate --adapter runs/demo/dpo --prompt "What is 38 + 47?"
+      mlxpost generate --model HuggingFaceTB/SmolLM2-135M-Instruct -p "Hi" --temp 0.7
+    """
+    loaded, _ = load_for_generation(model, adapter, best)
     said = False
     for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
                              top_p=top_p, system=system):
