@@ -339,12 +339,24 @@ def _assign(tree, parts: list[str], value) -> None:
         tree[last] = value
 
 
+LOCK_TRIES = 5  # a lock found held is tried again this many times, 50 ms apart (see is_locked)
+
+
 def acquire_lock(directory: Path) -> IO:
-    """Hold ``directory``'s lock (an OS file lock, released when the process ends); refuse when another has it."""
+    """Hold ``directory``'s lock (an OS file lock, released when the process ends); refuse when another has it.
+
+    A held lock is tried again a few times over 0.2 s before refusing: :func:`is_locked` (``mlxpost runs``)
+    holds it for a moment to probe it, which must never refuse a run.
+    """
     f = open(Path(directory) / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run: the lock lives with it
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(0.05)
+    else:
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
@@ -355,6 +367,26 @@ def acquire_lock(directory: Path) -> IO:
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def is_locked(directory: str | Path) -> bool:
+    """Whether a live process holds ``directory``'s lock (is training in it).
+
+    Probed with a shared lock taken and released at once (flock cannot be
+    queried otherwise); :func:`acquire_lock` retries, so a probe at the moment
+    a run starts delays it by 50 ms rather than refusing it.
+    """
+    try:
+        f = open(Path(directory) / LOCK_FILE, "rb")  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def new_run_dir(root: str | Path, name: str | None, method: str, overwrite: bool) -> Path:
