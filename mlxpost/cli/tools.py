@@ -17,7 +17,7 @@ from .train import show_blas_advice
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="peft: PEFT adapter; fused: Hugging Face model with the adapter merged; mlx: mlx-lm adapter.")
-@click.option("--out", required=True, type=click.Path(), help="Directory to write.")
+@click.option("--out", type=click.Path(), help="Directory to write (default: exports/<run>-<format>).")
 @click.option("--best", is_flag=True, help="Export the run's best/ adapter (lowest validation loss).")
 @click.option("--model", help="Base model (default: the one the run trained on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -28,6 +28,7 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
 
     \b
     Examples:
+      mlxpost export runs/demo/dpo --format mlx                    # writes exports/dpo-mlx
       mlxpost export runs/sft-default --format peft --out exports/sft-peft
       mlxpost export runs/dpo-1 --format fused --out exports/dpo-merged --dtype bfloat16
       mlxpost export runs/sft-default --best --format mlx --out exports/sft-mlx

@@ -360,13 +360,31 @@ def _fused_config(hf_cfg: dict, m, out_dtype: str, notes: list[str]) -> dict:
     return hf_cfg
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path, *, best: bool = False, model: str | None = None,
-           dtype: str = "auto", overwrite: bool = False) -> dict:
-    """Export ``run_dir``'s adapter as ``fmt`` into ``out``; returns what was written (config, notes, base)."""
+def default_out(run_dir: str | Path, fmt: str, best: bool = False) -> Path:
+    """Where an export goes without ``--out``: ``exports/<run>-<format>`` under the current directory.
+
+    ``<run>`` is the run directory's name (``<run>-best`` for its best/, ``<run>-step-N`` for a checkpoint).
+
+    >>> default_out("runs/demo/dpo", "peft").as_posix()
+    'exports/dpo-peft'
+    >>> default_out("runs/sft-1/", "mlx", best=True).as_posix()
+    'exports/sft-1-best-mlx'
+    >>> default_out("runs/sft-1/checkpoints/step-0000040", "fused").as_posix()
+    'exports/sft-1-step-0000040-fused'
+    """
+    d = Path(run_dir).expanduser().resolve()
+    name = f"{d.parent.parent.name}-{d.name}" if d.parent.name == "checkpoints" else d.name
+    return Path("exports") / f"{name}{'-best' if best else ''}-{fmt}"
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, best: bool = False,
+           model: str | None = None, dtype: str = "auto", overwrite: bool = False) -> dict:
+    """Export ``run_dir``'s adapter as ``fmt`` into ``out`` (default: :func:`default_out`); returns what was
+    written (config, notes, base)."""
     if fmt not in FORMATS:
         raise MlxpostError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     src = find_source(run_dir, best)
-    out = Path(out).expanduser()
+    out = Path(out).expanduser() if out is not None else default_out(run_dir, fmt, best)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise MlxpostError(f"{out} exists and is not empty (pass --overwrite to replace it)")
