@@ -70,7 +70,13 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
 @click.command()
 @click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
 def doctor(no_measure):
-    """Report the MLX backend, BLAS, memory and versions."""
+    """Report the MLX backend, BLAS, memory and versions.
+
+    \b
+    Examples:
+      mlxpost doctor
+      mlxpost doctor --no-measure        # skip the matmul speed measurement
+    """
     rows = doctor_rows(measure=not no_measure)
     rep = make_reporter()
     width = max(len(r[0]) for r in rows)

@@ -166,7 +166,8 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
     (out / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     done = [st.name for st in STAGES if st.name in summaries]
     rep.info(f"demo done in {result['seconds']:.0f}s; stage runs in {out}/ (compare them: mlxpost compare "
-             + " ".join(f"{out}/{n}" for n in done) + "). "
+             + " ".join(f"{out}/{n}" for n in done) + f"; list them: mlxpost runs {out}; talk to the last: "
+             f"mlxpost chat --adapter {out}/{done[-1]}). "
              + ("" if full else "Full-length version: mlxpost demo --full"))
     return result
 
