@@ -34,7 +34,8 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
       mlxpost export runs/sft-default --best --format mlx --out exports/sft-mlx
     """
     result = export(run_dir, fmt, out, best=best, model=model, dtype=dtype, overwrite=overwrite)
-    click.echo(f"wrote {fmt} export of {result['source']} to {result['out']} (base: {result['base']})")
+    click.echo(f"wrote {fmt} export of {run_dir}{' (best/)' if best else ''} to {result['out']} "
+               f"(base: {result['base']})")
     for note in result["notes"]:
         click.echo(f"note: {note}")
 

@@ -50,6 +50,7 @@ def load_for_generation(model: str | None = None, adapter: str | Path | None = N
     """
     quantize = group = None
     dtype = "auto"
+    shown = model  # the base as people name it (a run records the local directory it loaded, too)
     if adapter is not None:
         adapter = Path(adapter) / "best" if best else Path(adapter)
         if best and not adapter.is_dir():
@@ -57,11 +58,12 @@ def load_for_generation(model: str | None = None, adapter: str | Path | None = N
                                "validation data)")
         meta = read_adapter_config(own_adapter_dir(adapter)).get("mlxpost", {}) or {}
         local = meta.get("model_dir")
+        shown = shown or meta.get("base_model")
         model = model or (local if local and Path(local).exists() else meta.get("base_model"))
         quantize, group = meta.get("quantize"), meta.get("quantize_group_size")
         dtype = meta.get("dtype") or "auto"
     loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
-    what = f"model {loaded.name}"
+    what = f"model {shown or loaded.name}"
     if adapter is not None:
         load_adapter_stack(loaded.model, adapter)
         what += f" with the adapter of {adapter}"
