@@ -145,10 +145,13 @@ def pref_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_runs(tmp_path_factory, tiny_model) -> Path:
-    """The demo's three stage runs (sft, dpo --from sft, rlvr --from dpo) on the tiny model, two steps each."""
+    """The demo's stage runs (sft, dpo --from sft, grpo --from dpo, rlvr --from grpo) on the tiny model, two
+    steps each, few short RL evaluations."""
     from mlxpost.tools.demo import run_demo
     from mlxpost.ui import NullReporter
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    run_demo(out, model=str(tiny_model), reporter=NullReporter(), extra_sets=["train.steps=2", "lora.num_layers=-1"])
+    run_demo(out, model=str(tiny_model), reporter=NullReporter(),
+             extra_sets=["train.steps=2", "lora.num_layers=-1", "grpo.eval_prompts=6", "sample.max_tokens=8",
+                         "grpo.max_new_tokens=8"])
     return out

@@ -15,11 +15,11 @@ from mlxpost.training.rundir import acquire_lock, is_locked
 
 def test_the_demos_runs_newest_first_with_their_chain(demo_runs):
     entries = list_runs(demo_runs)
-    assert [e.name for e in entries] == ["rlvr", "dpo", "sft"]  # started last first
-    assert [e.chain for e in entries] == [["dpo", "sft"], ["sft"], []]
+    assert [e.name for e in entries] == ["rlvr", "grpo", "dpo", "sft"]  # started last first
+    assert [e.chain for e in entries] == [["grpo", "dpo", "sft"], ["dpo", "sft"], ["sft"], []]
     assert all(e.status == "finished" and e.step == e.total == 2 for e in entries)
-    rlvr, dpo, sft = entries
-    assert [e.method for e in entries] == ["rlvr", "dpo", "sft"]
+    rlvr, grpo, dpo, sft = entries
+    assert [e.method for e in entries] == ["rlvr", "grpo", "dpo", "sft"]
     summary = json.loads((demo_runs / "dpo" / "summary.json").read_text())
     assert dpo.metrics["val_loss"] == summary["val_loss"]
     assert dpo.metrics["margin"] == summary["val_metrics"]["val_rewards/margins"]
@@ -39,13 +39,14 @@ def test_the_command_prints_one_line_per_run_in_100_columns_and_json(demo_runs):
     lines = r.output.splitlines()
     assert max(map(len, lines)) <= 100
     assert lines[0].split() == ["run", "method", "status", "final", "metrics", "gate", "wall", "from"]
-    assert lines[2].startswith("rlvr") and lines[2].rstrip().endswith("dpo ← sft")
-    assert lines[3].startswith("dpo") and "finished 2/2" in lines[3] and "margin" in lines[3]
-    assert lines[4].startswith("sft") and lines[4].rstrip().endswith("-")
-    assert lines[5].startswith("base model of every run: ")  # said once, not on every line
+    assert lines[2].startswith("rlvr") and lines[2].rstrip().endswith("grpo ← dpo ← sft")
+    assert lines[4].startswith("dpo") and "finished 2/2" in lines[4] and "margin" in lines[4]
+    assert lines[5].startswith("sft") and lines[5].rstrip().endswith("-")
+    assert lines[6].startswith("base model of every run: ")  # said once, not on every line
     js = json.loads(CliRunner().invoke(runs_command, [str(demo_runs), "--json"]).output)
     assert [(x["name"], x["progress"], x["chain"]) for x in js] == [
-        ("rlvr", "finished 2/2", ["dpo", "sft"]), ("dpo", "finished 2/2", ["sft"]), ("sft", "finished 2/2", [])]
+        ("rlvr", "finished 2/2", ["grpo", "dpo", "sft"]), ("grpo", "finished 2/2", ["dpo", "sft"]),
+        ("dpo", "finished 2/2", ["sft"]), ("sft", "finished 2/2", [])]
 
 
 def test_stopped_failed_running_and_not_started_runs(demo_runs, tmp_path):
