@@ -1,4 +1,5 @@
-"""``mlxpost runs``: the demo's three runs with their chain, newest first; every status a run can be in."""
+"""``mlxpost runs``: the demo's runs with their chain, newest first; every status a run can be in; what gives way on a
+narrow terminal."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 
 from mlxpost.cli.runs import runs_command
 from mlxpost.files import shown_path
-from mlxpost.tools.runs import list_runs, listing
+from mlxpost.tools.runs import RunEntry, list_runs, listing
 from mlxpost.training.rundir import acquire_lock, is_locked
 
 
@@ -91,3 +92,29 @@ def test_runs_of_a_sweep_and_nested_directories_are_found(demo_runs, tmp_path):
     assert solo.chain == [shown_path(str((demo_runs / "sft").resolve()))]  # a parent outside DIR: its path
     r = CliRunner().invoke(runs_command, [str(tmp_path / "nope")])
     assert r.exit_code != 0 and "no such directory" in str(r.exception)
+
+
+def entry(name, method, metrics, chain, gate=None, warnings=()):
+    return RunEntry(path=None, name=name, method=method, status="finished", step=12, total=12, started=None,
+                    wall_seconds=165.4, base="default", parent=None, metrics=metrics, gate=gate,
+                    warnings=list(warnings), chain=chain)
+
+
+def test_a_narrow_terminal_shows_fewer_metrics_before_it_cuts_the_chain():
+    # The real demo's runs (SmolLM2, 20/24/10/12 steps): three metrics and the chain do not fit in 100 columns.
+    entries = [entry("rlvr", "rlvr", {"final_acc": 0.5, "step_acc": 0.5, "reward": 0.5}, ["grpo", "dpo", "sft"],
+                     "fail"),
+               entry("dpo", "dpo", {"val_loss": 0.86, "margin": 2.4919, "pref_acc": 1.0}, ["sft"], "pass",
+                     ["drift"]),
+               entry("sft", "sft", {"val_loss": 0.7709, "correct": 0.0833, "json": 0.8167}, [])]
+    wide, note = listing(entries, 160)
+    assert note == "base model of every run: default" and "base" not in wide.header
+    assert wide.rows[0][3] == "final_acc 0.5  step_acc 0.5  reward 0.5" and wide.rows[1][4] == "pass, 1 warn"
+    narrow, _ = listing(entries, 100)
+    assert narrow.width() <= 100 < wide.width()
+    assert [r[-1] for r in narrow.rows] == ["grpo ← dpo ← sft", "sft", "-"]  # whole
+    assert [r[3] for r in narrow.rows] == ["final_acc 0.5  step_acc 0.5", "val_loss 0.86  margin 2.49",
+                                           "val_loss 0.771  correct 0.0833"]  # two metrics each, numbers whole
+    tight, _ = listing(entries, 80)  # one metric is not enough: only then is the chain cut, in the middle
+    assert tight.width() <= 80 and [r[3] for r in tight.rows] == ["final_acc 0.5", "val_loss 0.86", "val_loss 0.771"]
+    assert tight.rows[0][-1].startswith("grpo ←") and tight.rows[0][-1].endswith("← sft") and "…" in tight.rows[0][-1]

@@ -98,7 +98,7 @@ def compare_command(paths, metrics, fmt, out, png, no_png, per_run, width):
 
     \b
     Examples:
-      mlxpost compare runs/demo/sft runs/demo/dpo runs/demo/rlvr
+      mlxpost compare runs/demo/sft runs/demo/dpo runs/demo/grpo runs/demo/rlvr
       mlxpost compare runs/sweep-20261122-101500
       mlxpost compare runs/dpo-a runs/dpo-b --metric val_loss --metric val_rewards/margins --format markdown
     \b

@@ -87,7 +87,7 @@ def doctor(no_measure):
 
 
 @click.command()
-@click.option("--out", default="runs/demo", show_default=True, help="Directory of the three stage runs.")
+@click.option("--out", default="runs/demo", show_default=True, help="Directory of the stage runs (sft, dpo, grpo, rlvr).")
 @click.option("--full", is_flag=True, help="The recipes' full lengths instead of the few-minute version.")
 @click.option("--model", help="Another base model (default: SmolLM2-135M-Instruct).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice([s.name for s in STAGES]),

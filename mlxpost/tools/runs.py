@@ -256,35 +256,39 @@ def _number(v: float) -> str:
     return f"{v:.3g}"
 
 
-def entries_block(entries: list[RunEntry], metrics: int = SHOWN_METRICS, base: bool = True) -> Block:
+def entries_block(entries: list[RunEntry], metrics: int = SHOWN_METRICS, base: bool = True,
+                  cut_chain: bool = True) -> Block:
     """The listing as a table: run, method, status and steps, ``metrics`` key final metrics, gate, wall time,
-    base model (``base``), the ``--from`` chain."""
+    base model (``base``), the ``--from`` chain (cut in the middle to fit only when ``cut_chain``)."""
     rows = []
     for e in entries:
         shown = "  ".join(f"{k} {_number(v)}" for k, v in list(e.metrics.items())[:metrics]) or "-"
         warned = len(e.warnings)
-        gate = (e.gate or "-") + (f" ({warned} warning{'s' if warned > 1 else ''})" if warned else "")
+        gate = (e.gate or "-") + (f", {warned} warn" if warned else "")  # health warnings: summary.json names them
         rows.append([e.name, e.method or "-", e.progress(), shown, gate, _duration(e.wall_seconds)]
                     + ([_base_name(e.base)] if base else []) + [" ← ".join(e.chain) or "-"])
     header = ["run", "method", "status", "final metrics", "gate", "wall"] + (["base"] if base else []) + ["from"]
     n = len(header)
     return Block(header, rows, ["l", "l", "l", "l", "l", "r"] + ["l"] * (n - 6),
-                 shrink={4, n - 1} | ({n - 2} if base else set()))
+                 shrink={4} | ({n - 2} if base else set()) | ({n - 1} if cut_chain else set()))
 
 
 def listing(entries: list[RunEntry], width: int | None) -> tuple[Block, str | None]:
     """The table for a terminal ``width`` columns wide (None: no limit), and a note under it.
 
     One line per run. When all runs share a base model it is said once under
-    the table instead of on every line. Lines too wide get their gate, base
-    and chain cut in the middle; when that is not enough, fewer key metrics
-    are shown (numbers are never cut).
+    the table instead of on every line. The ``--from`` chain is what ties
+    stacked runs together, so it is kept whole as long as anything else can
+    give: lines too wide get their gate and base cut in the middle, then show
+    fewer key metrics (numbers are never cut; ``--json`` has them all); only
+    when one metric still does not fit is the chain cut too.
     """
     bases = {e.base for e in entries}
     same = len(bases) == 1
     note = f"base model of every run: {_base_name(next(iter(bases)))}" if same and entries else None
-    for n in range(SHOWN_METRICS, 0, -1):
-        block = fit(entries_block(entries, n, base=not same), width, transpose_ok=False)[0]
-        if not width or block.width() <= width:
-            break
+    for cut_chain in (False, True):
+        for n in range(SHOWN_METRICS, 0, -1):
+            block = fit(entries_block(entries, n, base=not same, cut_chain=cut_chain), width, transpose_ok=False)[0]
+            if not width or block.width() <= width:
+                return block, note
     return block, note
