@@ -19,7 +19,7 @@ def test_the_demos_runs_newest_first_with_their_chain(demo_runs):
     assert [e.name for e in entries] == ["rlvr", "grpo", "dpo", "sft"]  # started last first
     assert [e.chain for e in entries] == [["grpo", "dpo", "sft"], ["dpo", "sft"], ["sft"], []]
     assert all(e.status == "finished" and e.step == e.total == 2 for e in entries)
-    rlvr, grpo, dpo, sft = entries
+    rlvr, _, dpo, sft = entries
     assert [e.method for e in entries] == ["rlvr", "grpo", "dpo", "sft"]
     summary = json.loads((demo_runs / "dpo" / "summary.json").read_text())
     assert dpo.metrics["val_loss"] == summary["val_loss"]

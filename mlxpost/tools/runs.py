@@ -235,7 +235,7 @@ def _duration(seconds: float | None) -> str:
     """
     if seconds is None:
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:
