@@ -67,7 +67,8 @@ def test_the_command_streams_replies_from_stdin_until_quit(demo_runs, dpo_model)
                                   "--seed", "3"], input=lines)
     assert r.exit_code == 0, r.output
     out = r.output
-    assert out.count(f"you> {first}\n") == 2 and f"you> {second}\n" in out  # the reset started it again
+    # Piped: each line read is echoed after the prompt, the reply under it; the reset started it again.
+    assert out.count(f"you> What is 2 plus 3?\n{first}\n") == 2 and f"you> And 4 plus 4?\n{second}\n" in out
     assert f"user: And 4 plus 4?\nassistant: {second}" in out and "conversation reset" in out
     assert "never read" not in out and out.rstrip().endswith("bye")
     # End of input ends it too.

@@ -38,7 +38,11 @@ def chat(adapter, model, best, system, temp, top_p, max_tokens, seed):
 
 
 def _loop(session: ChatSession) -> None:
-    """Read a line, answer it; until /quit, end of input or Ctrl-C at the prompt."""
+    """Read a line, answer it; until /quit, end of input or Ctrl-C at the prompt.
+
+    With stdin piped (``printf 'Hi\\n/quit\\n' | mlxpost chat ...``) the line
+    read is echoed after the prompt, as a terminal would show it, so that the
+    output reads as a transcript: ``you> Hi`` then the reply on its own line."""
     try:
         import readline  # noqa: F401 - line editing and history for input(), where the platform has it
     except ImportError:
@@ -51,6 +55,8 @@ def _loop(session: ChatSession) -> None:
         except (EOFError, KeyboardInterrupt):
             click.echo()
             return
+        if not sys.stdin.isatty():
+            click.echo(line)
         if not line.strip():
             continue
         if line.startswith("/"):
