@@ -21,7 +21,8 @@ def reply(session: ChatSession, text: str) -> str:
 @pytest.fixture(scope="module")
 def dpo_model(demo_runs):
     loaded, what = load_for_generation(adapter=demo_runs / "dpo")
-    assert "dpo" in what
+    assert what.endswith(f"with the adapter of {demo_runs / 'dpo'} ← sft")  # the stack it loaded, named
+    assert load_for_generation(adapter=demo_runs / "rlvr")[1].endswith("rlvr ← grpo ← dpo ← sft")
     return loaded
 
 

@@ -23,7 +23,8 @@ import mlx.core as mx
 
 from ..core.generate import stream_text
 from ..errors import MlxpostError
-from ..model.adapters import load_adapter_stack, own_adapter_dir, read_adapter_config
+from ..files import shown_path
+from ..model.adapters import from_adapter_of, load_adapter_stack, own_adapter_dir, read_adapter_config
 from ..model.load import LoadedModel, load_model
 
 COMMANDS = {
@@ -66,8 +67,19 @@ def load_for_generation(model: str | None = None, adapter: str | Path | None = N
     what = f"model {shown or loaded.name}"
     if adapter is not None:
         load_adapter_stack(loaded.model, adapter)
-        what += f" with the adapter of {adapter}"
+        what += f" with the adapter of {adapter}" + "".join(f" ← {p}" for p in stack_names(adapter))
     return loaded, what
+
+
+def stack_names(adapter: str | Path) -> list[str]:
+    """The adapters ``adapter`` was trained on top of (``--from``), nearest first, as a user would name them:
+    a run beside ``adapter`` by its directory name (the demo's ``dpo`` beside ``rlvr``), others by path.
+    Each is checked as :func:`~mlxpost.model.adapters.from_adapter_of` checks it."""
+    names, d = [], Path(adapter)
+    while (d := from_adapter_of(d)) is not None and len(names) < 64:  # 64: a loop in damaged records
+        same_parent = d.resolve().parent == Path(adapter).resolve().parent
+        names.append(d.name if same_parent else shown_path(d))
+    return names
 
 
 @dataclass
