@@ -141,3 +141,17 @@ def pref_data(tmp_path_factory) -> Path:
     write_jsonl(d / "train.jsonl", preference_rows(48, seed=0))
     write_jsonl(d / "valid.jsonl", preference_rows(12, seed=1))
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory, tiny_model) -> Path:
+    """The demo's stage runs (sft, dpo --from sft, grpo --from dpo, rlvr --from grpo) on the tiny model, two
+    steps each, few short RL evaluations."""
+    from mlxpost.tools.demo import run_demo
+    from mlxpost.ui import NullReporter
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    run_demo(out, model=str(tiny_model), reporter=NullReporter(),
+             extra_sets=["train.steps=2", "lora.num_layers=-1", "grpo.eval_prompts=6", "sample.max_tokens=8",
+                         "grpo.max_new_tokens=8"])
+    return out

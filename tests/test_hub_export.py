@@ -432,3 +432,18 @@ def test_clear_errors(tmp_path, tiny_model):
         export(run, "fused", tmp_path / "o")
     export(run, "fused", tmp_path / "o", model=str(tiny_model))  # --model fills it in
     assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_export_without_out_writes_exports_run_format(tmp_path, tiny_model, monkeypatch):
+    from click.testing import CliRunner
+
+    run = make_run(tmp_path / "runs", tiny_model, "my-run", targets="attention")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(export_command, [str(run), "--format", "mlx"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "exports" / "my-run-mlx"
+    assert (out / "adapters.safetensors").read_bytes() == (run / "adapters.safetensors").read_bytes()
+    assert f"to {Path('exports') / 'my-run-mlx'}" in r.output
+    r = CliRunner().invoke(export_command, [str(run), "--format", "mlx"])  # a second time: refused, not replaced
+    assert r.exit_code != 0 and "not empty (pass --overwrite" in str(r.exception)
+    assert CliRunner().invoke(export_command, [str(run), "--format", "mlx", "--overwrite"]).exit_code == 0

@@ -37,10 +37,15 @@ def test_demo_runs_the_four_stages_each_from_the_previous_and_measures_them(tiny
     for name in names:
         assert (out / name / "summary.json").exists()
         assert res["stages"][name]["steps"] == 2
-    # Each stage starts from the one before: the adapters stack.
+    # Each stage starts from the one before: the adapters stack. Each run keeps its own adapter in own/ and
+    # the whole stack, as one adapter for mlx-lm, at its top.
     for name, before in zip(names[1:], names):
-        meta = json.loads((out / name / "adapter_config.json").read_text())["mlxpost"]
+        meta = json.loads((out / name / "own" / "adapter_config.json").read_text())["mlxpost"]
         assert meta["from_adapter"] == str((out / before).resolve())
+    assert not (out / "sft" / "own").exists()
+    rlvr_top = json.loads((out / "rlvr" / "adapter_config.json").read_text())["mlxpost"]
+    assert "from_adapter" not in rlvr_top
+    assert rlvr_top["stacked_from"] == [str(out / "sft")] + [str(out / n / "own") for n in names[1:]]
     # Each stage measures on held-out prompts, before and after, with the change's interval.
     s = res["stages"]
     assert s["sft"]["behaviour"]["json"]["n"] == 60 and len(s["sft"]["behaviour"]["json"]["ci95"]) == 2

@@ -46,6 +46,10 @@ def convert_cmd(src, out, to, layout, split, seed, tokenizer, system, skip_bad_r
     """Convert alpaca / sharegpt / openai / hh-rlhf / ultrafeedback data (.jsonl, .json, .parquet) to mlxpost rows.
 
     \b
+    Examples:
+      mlxpost data convert alpaca_data.json --out data/ --split 0.05
+      mlxpost data convert hh/ --from hh-rlhf --out prefs/ --tokenizer Qwen/Qwen2.5-0.5B-Instruct
+    \b
     Writes OUT/train.jsonl (+ OUT/test.jsonl with --split) and OUT/conversion.json.
     Every row is checked with mlxpost's own validators; exact duplicates and
     pairs without a preference (identical answers, tied ratings) are dropped
@@ -77,6 +81,9 @@ def _print_push(rep, result) -> None:
 def push_data_cmd(folder, repo, private, message, plain):
     """Push a converted dataset folder to the Hub as Parquet shards with a dataset card.
 
+    \b
+    Examples:
+      mlxpost data push data/ --repo me/my-sft-data --private
     \b
     The shards and README.md are staged in DIR/.hub/ (DIR is otherwise left as is);
     the token comes from HF_TOKEN or `hf auth login`, the endpoint from HF_ENDPOINT.

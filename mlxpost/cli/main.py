@@ -2,8 +2,8 @@
 
 Each command parses its options, then calls one library function. The
 training commands come from the method registry (:mod:`mlxpost.cli.train`);
-the others from :mod:`.tools` (export, generate, doctor, demo), :mod:`.compare`,
-:mod:`.sweep` (ablate) and :mod:`.data` (data, push).
+the others from :mod:`.tools` (export, generate, doctor, demo), :mod:`.chat`, :mod:`.runs`,
+:mod:`.compare`, :mod:`.sweep` (ablate) and :mod:`.data` (data, push).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import click
 from ..errors import MlxpostError
 from ..methods import METHODS
 from ..training.loop import NonFiniteError
+from .chat import chat
 from .compare import compare_command
 from .data import data, push
+from .runs import runs_command
 from .sweep import ablate
 from .tools import demo, doctor, export_command, generate
 from .train import method_command
@@ -56,6 +58,6 @@ def cli():
     """
 
 
-for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push):
+for command in (export_command, generate, chat, doctor, demo, compare_command, runs_command, ablate, data, push):
     cli.add_command(command)
 

@@ -23,7 +23,7 @@ from ..methods import get as get_method
 from ..tools.compare import collect_runs, compare, default_png_path, fmt_num
 from ..tools.sweep import PlainView, Sweep, ViewOnlyReporter
 from ..tools.sweep_plan import Point, plan_sweep, recipe_method
-from .compare import _echo_err, show_comparison, write_png
+from .compare import _echo_err, show_comparison, terminal_width, write_png
 
 _STYLES = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
 
@@ -143,7 +143,7 @@ def ablate(method, config, grid, sets, seeds, steps, model, data, random_n, rand
 
     runs = collect_runs([sweep.path])
     comp = compare(runs, list(metrics) or None)
-    show_comparison(comp, "table", None, rich=use_rich)
+    show_comparison(comp, "table", None, rich=use_rich, width=terminal_width(None))
     write_png(runs, list(metrics) or None, default_png_path([sweep.path]))
     c = sweep.counts()
     if code == 130:

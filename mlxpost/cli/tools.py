@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..backend.doctor import doctor_rows
 from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
-from ..model.adapters import load_adapter_stack, read_adapter_config
-from ..model.load import load_model
+from ..tools.chat import load_for_generation
 from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
 from .train import show_blas_advice
@@ -20,7 +17,7 @@ from .train import show_blas_advice
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="peft: PEFT adapter; fused: Hugging Face model with the adapter merged; mlx: mlx-lm adapter.")
-@click.option("--out", required=True, type=click.Path(), help="Directory to write.")
+@click.option("--out", type=click.Path(), help="Directory to write (default: exports/<run>-<format>).")
 @click.option("--best", is_flag=True, help="Export the run's best/ adapter (lowest validation loss).")
 @click.option("--model", help="Base model (default: the one the run trained on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -31,12 +28,14 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
 
     \b
     Examples:
+      mlxpost export runs/demo/dpo --format mlx                    # writes exports/dpo-mlx
       mlxpost export runs/sft-default --format peft --out exports/sft-peft
       mlxpost export runs/dpo-1 --format fused --out exports/dpo-merged --dtype bfloat16
       mlxpost export runs/sft-default --best --format mlx --out exports/sft-mlx
     """
     result = export(run_dir, fmt, out, best=best, model=model, dtype=dtype, overwrite=overwrite)
-    click.echo(f"wrote {fmt} export of {result['source']} to {result['out']} (base: {result['base']})")
+    click.echo(f"wrote {fmt} export of {run_dir}{' (best/)' if best else ''} to {result['out']} "
+               f"(base: {result['base']})")
     for note in result["notes"]:
         click.echo(f"note: {note}")
 
@@ -51,21 +50,14 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
-    """Generate a reply (chat template applied), optionally with a trained adapter."""
-    quantize = group = None
-    dtype = "auto"
-    if adapter:
-        adapter = Path(adapter)
-        if best:
-            adapter = adapter / "best"
-        meta = read_adapter_config(adapter).get("mlxpost", {})
-        local = meta.get("model_dir")
-        model = model or (local if local and Path(local).exists() else meta.get("base_model"))
-        quantize, group = meta.get("quantize"), meta.get("quantize_group_size")
-        dtype = meta.get("dtype") or "auto"
-    loaded = load_model(model or "default", dtype=dtype, quantize=quantize, group_size=group or 64)
-    if adapter:
-        load_adapter_stack(loaded.model, adapter)
+    """Generate one reply (chat template applied), optionally with a trained run's adapter stack.
+
+    \b
+    Examples:
+      mlxpost generate --adapter runs/demo/dpo --prompt "What is 38 + 47?"
+      mlxpost generate --model HuggingFaceTB/SmolLM2-135M-Instruct -p "Hi" --temp 0.7
+    """
+    loaded, _ = load_for_generation(model, adapter, best)
     said = False
     for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
                              top_p=top_p, system=system):
@@ -79,7 +71,13 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
 @click.command()
 @click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
 def doctor(no_measure):
-    """Report the MLX backend, BLAS, memory and versions."""
+    """Report the MLX backend, BLAS, memory and versions.
+
+    \b
+    Examples:
+      mlxpost doctor
+      mlxpost doctor --no-measure        # skip the matmul speed measurement
+    """
     rows = doctor_rows(measure=not no_measure)
     rep = make_reporter()
     width = max(len(r[0]) for r in rows)
@@ -89,7 +87,7 @@ def doctor(no_measure):
 
 
 @click.command()
-@click.option("--out", default="runs/demo", show_default=True, help="Directory of the three stage runs.")
+@click.option("--out", default="runs/demo", show_default=True, help="Directory of the stage runs (sft, dpo, grpo, rlvr).")
 @click.option("--full", is_flag=True, help="The recipes' full lengths instead of the few-minute version.")
 @click.option("--model", help="Another base model (default: SmolLM2-135M-Instruct).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice([s.name for s in STAGES]),

@@ -19,7 +19,7 @@ from ..config import build_config
 from ..errors import MlxpostError
 from ..files import shown_path
 from ..methods.base import Method
-from ..model.adapters import read_adapter_config
+from ..model.adapters import ADAPTER_CONFIG, own_adapter_dir, read_adapter_config
 from ..training.distributed import agree
 from ..training.pipeline import run
 from ..training.resume import resume_config
@@ -122,14 +122,19 @@ def train_command(method: Method, kwargs: dict) -> None:
 
 
 def try_it(run_dir: Path) -> str:
-    """What to type next: generate with the run's adapter."""
-    meta = read_adapter_config(run_dir).get("mlxpost", {})
+    """What to type next: chat or generate with the run's adapter, and what mlx-lm can load of it."""
+    own = own_adapter_dir(run_dir)
+    meta = read_adapter_config(own).get("mlxpost", {})
     model_dir = shown_path(meta.get("model_dir", "<model dir>"))
-    run_dir = shown_path(run_dir)
-    hint = f"\nadapter written to {run_dir}. Try it:\n  mlxpost generate --adapter {run_dir} --prompt \"...\""
-    if meta.get("from_adapter"):
-        hint += (f"\n(it was trained on top of {meta['from_adapter']}, which mlxpost generate merges first; "
-                 "mlx_lm.generate takes one adapter only)")
-    else:
-        hint += f"\n  mlx_lm.generate --model {model_dir} --adapter-path {run_dir} --prompt \"...\""
+    shown = shown_path(run_dir)
+    hint = (f"\nadapter written to {shown}. Try it:\n  mlxpost chat --adapter {shown}"
+            f"\n  mlxpost generate --adapter {shown} --prompt \"...\"")
+    if (Path(run_dir) / ADAPTER_CONFIG).exists():
+        hint += f"\n  mlx_lm.generate --model {model_dir} --adapter-path {shown} --prompt \"...\""
+        if own != Path(run_dir):
+            hint += (f"\n(trained on top of {shown_path(meta['from_adapter'])}: the run directory holds the whole "
+                     f"stack as one adapter for mlx-lm, and this run's own adapter in {shown_path(own)})")
+    elif meta.get("from_adapter"):
+        hint += (f"\n(trained on top of {shown_path(meta['from_adapter'])}; mlx-lm cannot load this stack as one "
+                 f"adapter (it holds a DoRA adapter): mlxpost export {shown} --format fused writes the merged model)")
     return hint

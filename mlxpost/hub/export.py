@@ -39,10 +39,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import MlxpostError
-from ..files import read_json
+from ..files import atomic_write_json, read_json, save_safetensors_atomic
 from ..model.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    OWN_DIR,
     fuse_adapters,
     load_adapter_stack,
     read_adapter_config,
@@ -56,9 +57,12 @@ from .source import (
     _hf_weight_shapes,
     _local_base_dir,
     _stack_adapter,
+    adapter_tensors,
     base_model_name,
     base_model_spec,
+    combined_mlx_config,
     find_source,
+    stack_adapter,
 )
 
 FORMATS = ("peft", "fused", "mlx")
@@ -210,17 +214,8 @@ def export_mlx(src: Source, out: Path, model: str | None = None) -> dict:
     if len(adapter.sources) == 1:
         shutil.copyfile(src.adapter_dir / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
     else:
-        meta = cfg.setdefault("mlxpost", {})
-        meta["stacked_from"] = [str(p) for p in adapter.sources]
-        for k in ("from_adapter", "from_adapter_sha256"):
-            meta.pop(k, None)
-        cfg["fine_tune_type"] = "lora"
-        cfg["num_layers"] = adapter.num_layers
-        cfg["lora_parameters"] = {**cfg.get("lora_parameters", {}), "rank": adapter.rank, "scale": adapter.scale,
-                                  "keys": adapter.keys}
-        meta["alpha"] = adapter.scale * adapter.rank
-        tensors = {f"{p}.{leaf}": v for p, leaves in adapter.modules.items() for leaf, v in leaves.items()}
-        mx.save_safetensors(str(out / ADAPTER_WEIGHTS), tensors)
+        cfg = combined_mlx_config(cfg, adapter)
+        mx.save_safetensors(str(out / ADAPTER_WEIGHTS), adapter_tensors(adapter))
         notes.append("This run was trained on top of another adapter (" + ", ".join(map(str, adapter.sources[:-1]))
                      + f"), merged into the base; mlx-lm loads one adapter, so they are written here as one LoRA "
                      f"of rank {adapter.rank} (the low-rank updates concatenated), the same update of the base.")
@@ -230,6 +225,28 @@ def export_mlx(src: Source, out: Path, model: str | None = None) -> dict:
         notes.append(_qlora_note(src, "mlx") + f" With mlx_lm, `--model` the quantized base "
                      f"(`mlx_lm.convert -q --q-bits {src.meta['quantize']}`) reproduces the trained model.")
     return {"config": cfg, "notes": notes, "base": name, "kind": adapter.kind}
+
+
+def write_combined_adapter(run_dir: Path) -> str | None:
+    """Write a stacked run's adapters (``run_dir/own`` and what it was trained on top of) as one mlx-lm
+    adapter at ``run_dir``'s top level, so that ``mlx_lm.generate --adapter-path run_dir`` loads the model
+    that was trained. The same adapter as ``export --format mlx`` (:func:`export_mlx`).
+
+    Returns None, or why mlx-lm cannot load this stack (a DoRA adapter in it); then no adapter is left at
+    the top level, since mlx-lm loading the last adapter alone would silently be another model.
+    """
+    own = run_dir / OWN_DIR
+    try:
+        adapter = stack_adapter(own, "mlx", "write the combined adapter for mlx-lm")
+        cfg = combined_mlx_config(read_adapter_config(own), adapter)
+        save_safetensors_atomic(run_dir / ADAPTER_WEIGHTS, adapter_tensors(adapter))
+        atomic_write_json(run_dir / ADAPTER_CONFIG, cfg)
+        check_mlx_adapter(run_dir)
+        return None
+    except MlxpostError as e:
+        for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            (run_dir / f).unlink(missing_ok=True)
+        return str(e)
 
 
 def check_mlx_adapter(directory: Path) -> None:
@@ -343,13 +360,31 @@ def _fused_config(hf_cfg: dict, m, out_dtype: str, notes: list[str]) -> dict:
     return hf_cfg
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path, *, best: bool = False, model: str | None = None,
-           dtype: str = "auto", overwrite: bool = False) -> dict:
-    """Export ``run_dir``'s adapter as ``fmt`` into ``out``; returns what was written (config, notes, base)."""
+def default_out(run_dir: str | Path, fmt: str, best: bool = False) -> Path:
+    """Where an export goes without ``--out``: ``exports/<run>-<format>`` under the current directory.
+
+    ``<run>`` is the run directory's name (``<run>-best`` for its best/, ``<run>-step-N`` for a checkpoint).
+
+    >>> default_out("runs/demo/dpo", "peft").as_posix()
+    'exports/dpo-peft'
+    >>> default_out("runs/sft-1/", "mlx", best=True).as_posix()
+    'exports/sft-1-best-mlx'
+    >>> default_out("runs/sft-1/checkpoints/step-0000040", "fused").as_posix()
+    'exports/sft-1-step-0000040-fused'
+    """
+    d = Path(run_dir).expanduser().resolve()
+    name = f"{d.parent.parent.name}-{d.name}" if d.parent.name == "checkpoints" else d.name
+    return Path("exports") / f"{name}{'-best' if best else ''}-{fmt}"
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, best: bool = False,
+           model: str | None = None, dtype: str = "auto", overwrite: bool = False) -> dict:
+    """Export ``run_dir``'s adapter as ``fmt`` into ``out`` (default: :func:`default_out`); returns what was
+    written (config, notes, base)."""
     if fmt not in FORMATS:
         raise MlxpostError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     src = find_source(run_dir, best)
-    out = Path(out).expanduser()
+    out = Path(out).expanduser() if out is not None else default_out(run_dir, fmt, best)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise MlxpostError(f"{out} exists and is not empty (pass --overwrite to replace it)")

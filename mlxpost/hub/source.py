@@ -12,7 +12,14 @@ import yaml
 
 from ..errors import MlxpostError
 from ..files import read_json
-from ..model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, from_adapter_of, read_adapter_config, split_layer_path
+from ..model.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    from_adapter_of,
+    own_adapter_dir,
+    read_adapter_config,
+    split_layer_path,
+)
 from ..model.default import DEFAULT_MODEL_REPO
 from ..model.load import resolve_model_path
 from ..model.peft import _LEAF
@@ -42,14 +49,16 @@ def find_source(run_dir: str | Path, best: bool = False) -> Source:
 
     ``run_dir`` may also be a bare adapter directory or a checkpoint
     (``RUN_DIR/checkpoints/step-N``); the run's files are then looked for in
-    the directories above it.
+    the directories above it. A run trained on top of others is read from its
+    own adapter (``own/``, see :func:`mlxpost.model.adapters.own_adapter_dir`).
     """
     d = Path(run_dir).expanduser()
     if not d.exists():
         raise MlxpostError(f"{d}: no such directory")
     if not d.is_dir():
         raise MlxpostError(f"{d}: not a directory (give a run directory or an adapter directory)")
-    adapter_dir = d / "best" if best else d
+    top = d / "best" if best else d
+    adapter_dir = own_adapter_dir(top)
     if best and not adapter_dir.is_dir():
         raise MlxpostError(f"{d}: no best/ adapter (it is written when the run evaluates on validation data)")
     if not (adapter_dir / ADAPTER_CONFIG).exists():
@@ -69,8 +78,7 @@ def find_source(run_dir: str | Path, best: bool = False) -> Source:
         raise MlxpostError(f"{adapter_dir / ADAPTER_CONFIG}: fine_tune_type is {kind!r}; only lora and dora "
                            "adapters can be exported")
 
-    run_root = next((p for p in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent)
-                     if (p / "config.yaml").exists()), None)
+    run_root = next((p for p in (top, top.parent, top.parent.parent) if (p / "config.yaml").exists()), None)
     run_cfg: dict = {}
     if run_root is not None:
         try:
@@ -78,9 +86,9 @@ def find_source(run_dir: str | Path, best: bool = False) -> Source:
         except yaml.YAMLError as e:
             raise MlxpostError(f"{run_root / 'config.yaml'}: not valid YAML ({e})") from None
     metrics: dict = {}
-    if best and (adapter_dir / "best.json").exists():
-        metrics = {"best": read_json(adapter_dir / "best.json")}
-    elif run_root is not None and (run_root / "summary.json").exists() and adapter_dir == run_root:
+    if best and (top / "best.json").exists():
+        metrics = {"best": read_json(top / "best.json")}
+    elif run_root is not None and (run_root / "summary.json").exists() and top == run_root:
         metrics = read_json(run_root / "summary.json")
     return Source(adapter_dir, cfg, run_root, run_cfg, metrics, best)
 
@@ -185,13 +193,17 @@ def read_adapter(directory: Path) -> Adapter:
                    int(cfg.get("num_layers") or 0), modules, [directory])
 
 
-def adapter_chain(directory: Path) -> list[Path]:
-    """The adapter directories of a stack, base first: ``[sft_run, dpo_run]`` for a DPO run ``--from`` sft_run."""
-    chain = [Path(directory)]
+def adapter_chain(directory: Path, purpose: str = "export this run") -> list[Path]:
+    """The adapter directories of a stack, base first: ``[sft_run, dpo_run/own]`` for a DPO run ``--from`` sft_run.
+
+    Each entry is the directory holding that run's own adapter (``own/`` when the run has one).
+    """
+    chain = [own_adapter_dir(directory)]
     while True:
-        s = from_adapter_of(chain[0], "export this run")
+        s = from_adapter_of(chain[0], purpose)
         if s is None:
             return chain
+        s = own_adapter_dir(s)
         if s.resolve() in [c.resolve() for c in chain]:
             raise MlxpostError(f"{chain[0]}: its from_adapter chain loops back to {s}")
         chain.insert(0, s)
@@ -252,13 +264,45 @@ def combine(adapters: list[Adapter]) -> Adapter:
     return Adapter("lora", sum(ranks), s, keys, num_layers, modules, [d for a in adapters for d in a.sources])
 
 
-def _stack_adapter(src: Source, fmt: str) -> Adapter:
-    chain = adapter_chain(src.adapter_dir)
+def stack_adapter(adapter_dir: Path, fmt: str, purpose: str = "export this run") -> Adapter:
+    """The adapter of ``adapter_dir`` with everything it was trained on top of, as one adapter (:func:`combine`).
+
+    A stack holding a DoRA adapter is refused: it is not one low-rank update of the base.
+    """
+    chain = adapter_chain(adapter_dir, purpose)
     adapters = [read_adapter(d) for d in chain]
     if len(adapters) > 1 and any(a.dora for a in adapters):
         which = ", ".join(str(a.sources[0]) for a in adapters if a.dora)
         raise MlxpostError(
-            f"{src.adapter_dir} was trained on top of {chain[0]} (merged into the base), and the stack holds a "
+            f"{adapter_dir} was trained on top of {chain[0]} (merged into the base), and the stack holds a "
             f"DoRA adapter ({which}): that is not one low-rank update of the base, so the {fmt} format cannot "
             "hold it. Use --format fused (a Hugging Face model with the adapters merged).")
     return combine(adapters)
+
+
+def _stack_adapter(src: Source, fmt: str) -> Adapter:
+    return stack_adapter(src.adapter_dir, fmt)
+
+
+def combined_mlx_config(own_cfg: dict, adapter: Adapter) -> dict:
+    """mlx-lm's adapter_config.json of a combined stack (:func:`combine`), from the last run's own one.
+
+    The ``from_adapter`` record goes (mlxpost would merge the parent a second
+    time); ``stacked_from`` lists the adapters it holds, base first.
+    """
+    cfg = json.loads(json.dumps(own_cfg))
+    meta = cfg.setdefault("mlxpost", {})
+    meta["stacked_from"] = [str(p) for p in adapter.sources]
+    for k in ("from_adapter", "from_adapter_sha256"):
+        meta.pop(k, None)
+    cfg["fine_tune_type"] = "lora"
+    cfg["num_layers"] = adapter.num_layers
+    cfg["lora_parameters"] = {**cfg.get("lora_parameters", {}), "rank": adapter.rank, "scale": adapter.scale,
+                              "keys": adapter.keys}
+    meta["alpha"] = adapter.scale * adapter.rank
+    return cfg
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, mx.array]:
+    """The adapter's tensors under mlx-lm's names (``model.layers.3.self_attn.q_proj.lora_a``, ...)."""
+    return {f"{p}.{leaf}": v for p, leaves in adapter.modules.items() for leaf, v in leaves.items()}

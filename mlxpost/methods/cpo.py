@@ -67,7 +67,13 @@ class CPOConfig:
 
 class CPO(PreferenceMethod):
     name = "cpo"
-    help = "CPO: reference-free DPO on summed log-probs, plus NLL of the chosen answer." + DATA_HELP
+    help = """CPO: reference-free DPO on summed log-probs, plus NLL of the chosen answer.
+
+\b
+Examples:
+  mlxpost cpo --data prefs.jsonl --beta 0.1 --alpha 1.0
+  mlxpost cpo --from runs/my-sft --data prefs/
+""" + DATA_HELP
     sections = {"cpo": CPOConfig, "preference": PreferenceConfig}
     options = (
         FROM_OPTION,

@@ -71,7 +71,13 @@ class SimPOConfig:
 
 class SimPO(PreferenceMethod):
     name = "simpo"
-    help = "SimPO: length-normalized, reference-free preference loss with a target margin." + DATA_HELP
+    help = """SimPO: length-normalized, reference-free preference loss with a target margin.
+
+\b
+Examples:
+  mlxpost simpo --data prefs.jsonl --beta 2 --gamma 0.5
+  mlxpost simpo --from runs/my-sft --data prefs/ --alpha 0.1
+""" + DATA_HELP
     sections = {"simpo": SimPOConfig, "preference": PreferenceConfig}
     options = (
         FROM_OPTION,

@@ -4,6 +4,12 @@ Adapters are written in mlx-lm's layout (``adapter_config.json`` and
 ``adapters.safetensors``), which ``mlx_lm.generate --adapter-path`` loads.
 A run trained ``--from`` another records that run's adapter (path and hash);
 :func:`load_adapter_stack` rebuilds the model as it was trained.
+
+A run trained on top of others keeps its own adapter in ``RUN/own/`` and
+writes, at the top of the run directory, the whole stack as one mlx-lm
+adapter (so ``mlx_lm.generate --adapter-path RUN`` loads what was trained);
+:func:`own_adapter_dir` says where a directory's own adapter is, and every
+reader here goes through it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,22 @@ from .lora import ADAPTER_LEAVES, DoRALinear, LoRALinear, adapter_modules
 ADAPTER_CONFIG = "adapter_config.json"
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
+
+OWN_DIR = "own"  # a stacked run's own adapter (the top level holds the combined stack, for mlx-lm)
+
+
+def own_adapter_dir(directory: str | Path) -> Path:
+    """The directory holding ``directory``'s own adapter: ``directory/own`` when it has one, else itself.
+
+    A run trained ``--from`` another writes its own adapter (the one it
+    trained, with the ``from_adapter`` record) to ``own/`` and the combined
+    stack at the top level, where mlx-lm looks. ``--from`` chains, exports and
+    ``mlxpost generate`` read the own adapter and rebuild the stack from it;
+    runs without ``own/`` (not stacked, or written before it existed) keep
+    their own adapter at the top level.
+    """
+    d = Path(directory)
+    return d / OWN_DIR if (d / OWN_DIR / ADAPTER_CONFIG).is_file() else d
 
 
 def _linear_paths(block: nn.Module) -> list[str]:
@@ -180,19 +202,22 @@ def from_adapter_of(directory: str | Path, purpose: str = "rebuild the model") -
     """The adapter directory ``directory``'s adapter was trained on top of (``--from``), checked; or None.
 
     Its weights must still exist and match the hash recorded at training time.
+    Both directories may be runs with an ``own/`` adapter (see :func:`own_adapter_dir`);
+    the directory returned is the one recorded (the run's, not its ``own/``).
     """
-    d = Path(directory)
+    d = own_adapter_dir(directory)
     meta = read_adapter_config(d).get("mlxpost", {}) or {}
     src = meta.get("from_adapter")
     if not src:
         return None
 
     s = Path(src)
-    if not (s / ADAPTER_WEIGHTS).exists():
+    weights = own_adapter_dir(s) / ADAPTER_WEIGHTS
+    if not weights.exists():
         raise MlxpostError(f"{d} was trained on top of the adapter in {s}, which is gone; it is needed to {purpose}")
     want = meta.get("from_adapter_sha256")
-    if want and file_hash(s / ADAPTER_WEIGHTS) != want:
-        raise MlxpostError(f"{d} was trained on top of {s / ADAPTER_WEIGHTS}, which has changed since")
+    if want and file_hash(weights) != want:
+        raise MlxpostError(f"{d} was trained on top of {weights}, which has changed since")
     return s
 
 
@@ -201,9 +226,10 @@ def load_adapter_stack(model: nn.Module, directory: str | Path) -> dict:
 
     A DPO run started ``--from`` an SFT run records that run's adapter
     (path and hash); the SFT adapter is merged into the base, then the DPO
-    adapter is attached, which reproduces the model as it was trained.
+    adapter is attached, which reproduces the model as it was trained. A run
+    directory's own adapter is read from ``own/`` when it has one.
     """
-    d = Path(directory)
+    d = own_adapter_dir(directory)
     meta = read_adapter_config(d).get("mlxpost", {})
     s = from_adapter_of(d)
     if s is not None:

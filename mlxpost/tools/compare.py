@@ -9,14 +9,22 @@ stands for all its points) and shows:
 * final and best metrics (final train loss, validation loss and its best,
   the method's validation metrics, or any ``--metric``), tokens/s, peak
   memory and wall time, with the best value of each column marked by the
-  rule of :data:`RULES`;
+  rule of :data:`RULES` (among runs of the same method: the losses of two
+  methods measure different things);
 * runs that differ only in ``train.seed`` as one row per group, ``mean ± std``
   over the seeds (``--per-run`` to see them one by one);
 * a verdict per run (``ok``, ``failed: reason``, ``gate fail: ...``);
 * a figure of the metric curves (one panel per metric, one line per run),
   written as PNG when matplotlib is installed.
 
-Outputs: a text table, Markdown (for notes) or JSON.
+Outputs: text for a terminal, Markdown (for notes) or JSON. Markdown and JSON
+keep everything; the text is laid out for the terminal's width
+(:meth:`Comparison.text_blocks`): metrics first (one table of the metrics
+runs share, then one per method for the metrics only its runs have), then
+the settings that apply to at least two of the runs and differ between them
+(:func:`terminal_settings`), beside the metrics when one table fits, else in
+their own table, turned to one row per setting when too wide
+(:mod:`mlxpost.tools.table`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +42,12 @@ from typing import Any
 import yaml
 
 from ..errors import MlxpostError
+from .table import Block, fit
 
 # Which value of a column is best: the first rule whose pattern occurs in the
 # metric's name decides (None: the column is not marked).
 RULES: list[tuple[str, str | None]] = [
+    ("behaviour.", "max"),  # rates of what the bundled data teaches (JSON answers, correct, explanation first)
     ("rewards/chosen", None), ("rewards/rejected", None), ("logps", None), ("log_odds", None),
     ("_std", None), ("grad_norm", None), ("lr", None), ("epoch", None), ("len", None),
     ("per_s", "max"), ("tok_s", "max"),
@@ -50,7 +61,8 @@ DEFAULT_METRICS = ["loss", "val_loss", "best_val_loss"]
 
 
 # Shown by default when some run has them.
-EXTRA_METRICS = ["val_rewards/margins", "val_rewards/accuracies", "eval_after.reward", "eval_after.final_acc",
+EXTRA_METRICS = ["behaviour.json.after", "behaviour.correct.after", "behaviour.explanation_first.after",
+                 "val_rewards/margins", "val_rewards/accuracies", "eval_after.reward", "eval_after.final_acc",
                  "eval_after.step_acc"]
 
 
@@ -59,7 +71,11 @@ PERF_METRICS = ["tokens_per_s", "peak_memory_gb", "wall_seconds"]
 DEFAULT_CURVES = ["loss", "val_loss"]
 
 HEADERS = {"loss": "final loss", "tokens_per_s": "tok/s", "peak_memory_gb": "peak mem GB",
-           "wall_seconds": "wall s"}
+           "wall_seconds": "wall s", "behaviour.json.after": "JSON after", "behaviour.correct.after": "correct after",
+           "behaviour.explanation_first.after": "expl. first after"}
+
+# Shorter headers in the text for a terminal (Markdown and JSON keep HEADERS and the metric names).
+TEXT_HEADERS = {**HEADERS, "best_val_loss": "best val", "peak_memory_gb": "mem GB"}
 
 IGNORED_PREFIXES = ("output.",)
 
@@ -127,7 +143,7 @@ def _read_json(f: Path) -> dict | None:
         return None
 
 
-def _read_run(path: Path, name: str | None = None, **kw) -> RunInfo:
+def read_run(path: Path, name: str | None = None, **kw) -> RunInfo:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except yaml.YAMLError as e:
@@ -148,11 +164,11 @@ def collect_runs(paths: list[str | Path]) -> list[RunInfo]:
                 d = p / pt["name"]
                 kw = dict(status=pt.get("status"), reason=pt.get("reason"), sweep=p)
                 if (d / "config.yaml").exists():
-                    runs.append(_read_run(d, **kw))
+                    runs.append(read_run(d, **kw))
                 else:  # never started: its planned configuration
                     runs.append(RunInfo(pt["name"], d, flatten(pt.get("config") or {}), None, **kw))
         elif (p / "config.yaml").exists():
-            runs.append(_read_run(p))
+            runs.append(read_run(p))
         elif p.exists():
             raise MlxpostError(f"{p}: neither a run directory (config.yaml) nor a sweep directory (sweep.json)")
         else:
@@ -193,15 +209,26 @@ def run_verdict(summary: dict | None, *, status: str | None = None, reason: str 
         notes.append("warnings: " + ", ".join(warned))
     if gate.get("verdict") == "fail":
         if "step_acc" in gate:
-            why = (f"val step accuracy {gate['step_acc']:.3f} (> {gate.get('min_step_acc')} needed), "
-                   f"final accuracy {gate['final_acc']:.3f} (> {gate.get('min_final_acc')} needed)")
+            why = (f"val step accuracy {_f3(gate['step_acc'])} (> {gate.get('min_step_acc')} needed), "
+                   f"final accuracy {_f3(gate.get('final_acc'))} (> {gate.get('min_final_acc')} needed)")
         else:
-            why = (f"val margin {gate.get('margin', float('nan')):.3f} (> {gate.get('min_margin')} needed), "
-                   f"accuracy {gate.get('accuracy', float('nan')):.3f} (>= {gate.get('min_accuracy')} needed)")
+            why = (f"val margin {_f3(gate.get('margin'))} (> {gate.get('min_margin')} needed), "
+                   f"accuracy {_f3(gate.get('accuracy'))} (>= {gate.get('min_accuracy')} needed)")
         return "gate fail: " + why + (f" ({'; '.join(notes)})" if notes else "")
     if gate.get("verdict") == "pass":
         notes.insert(0, "gate pass")
     return "ok" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _f3(v) -> str:
+    """A gate's number with 3 decimals; anything else as it is (strict JSON writes a NaN as ``"NaN"``).
+
+    >>> _f3(0.18181), _f3("NaN"), _f3(None)
+    ('0.182', 'NaN', 'nan')
+    """
+    if v is None:
+        return "nan"
+    return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def _last(records: list[dict], kind: str, key: str):
@@ -319,6 +346,33 @@ class Row:
     def verdicts(self) -> list[str]:
         return [r.verdict for r in self.runs]
 
+    @property
+    def method(self) -> str | None:
+        """The method of the row's runs (None for a sweep point that never started and records none)."""
+        m = self.runs[0].config.get("method")
+        return str(m) if m is not None else None
+
+    def applies(self, key: str) -> bool:
+        """Whether the setting exists for this row's runs (a method's own section exists for its runs only)."""
+        return key in self.runs[0].config
+
+
+NOT_APPLICABLE = "n/a"
+
+
+def terminal_settings(comp: "Comparison") -> list[str]:
+    """The differing settings worth showing on a terminal: those that apply to at least two rows and
+    differ between the rows they apply to (``method`` has its own column; a seed group's seeds too)."""
+    out = []
+    for k in comp.diff_keys:
+        if k == "method":
+            continue
+        rows = [r for r in comp.rows if r.applies(k)]
+        values = {json.dumps(r.runs[0].config.get(k), sort_keys=True, default=str) for r in rows}
+        if len(rows) >= 2 and len(values) > 1:
+            out.append(k)
+    return out
+
 
 @dataclass
 class Comparison:
@@ -346,16 +400,103 @@ class Comparison:
     def verdict_lines(self) -> list[str]:
         return [f"{r.name}: {r.verdict}" for r in self.runs]
 
-    def to_text(self) -> str:
-        cells = [self.headers()] + [self.cell_texts(r) for r in self.rows]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-        lines = ["  ".join(c.ljust(w) if i <= len(self.diff_keys) + self.grouped else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        foot = ["", "* best of its column (" + self.rule_text() + ")"] if self.best else []
+    def methods(self) -> list[str]:
+        """The rows' methods, in order of appearance."""
+        return list(dict.fromkeys(r.method for r in self.rows if r.method is not None))
+
+    def metric_groups(self) -> list[tuple[str | None, list[str]]]:
+        """Metric columns for a terminal: ``(None, shared)``, then ``(method, its own)`` per method.
+
+        A metric no row has is left out. With runs of several methods, a
+        metric only one method's runs have goes to that method's table.
+        """
+        has = {m: {r.method for r in self.rows if r.cells[m].mean is not None} for m in self.metrics}
+        shown = [m for m in self.metrics if has[m]]
+        methods = self.methods()
+        if len(methods) <= 1:
+            return [(None, shown)]
+        out: list[tuple[str | None, list[str]]] = [(None, [m for m in shown if len(has[m] - {None}) > 1])]
+        out += [(meth, own) for meth in methods if (own := [m for m in shown if has[m] - {None} == {meth}])]
+        return out
+
+    def _ordered_rows(self) -> list[Row]:
+        """The rows, runs of one method together (in the order the methods first appear)."""
+        order = {m: i for i, m in enumerate(self.methods())}
+        return sorted(self.rows, key=lambda r: order.get(r.method, len(order)))
+
+    def _metric_block(self, rows: list[Row], metrics: list[str], title: str | None, method_col: bool) -> Block:
+        head = ["run"] + (["seeds"] if self.grouped else []) + (["method"] if method_col else [])
+        cells, marked = [], set()
+        for i, row in enumerate(rows):
+            c = [row.name] + ([", ".join(str(r.seed) for r in row.runs)] if self.grouped else [])
+            c += [row.method or "-"] if method_col else []
+            for m in metrics:
+                if row.name in self.best.get(m, ()):
+                    marked.add((i, len(c)))
+                    c.append(row.cells[m].text() + " *")
+                else:
+                    c.append(row.cells[m].text())
+            cells.append(c)
+        n = len(head)
+        return Block(head + [TEXT_HEADERS.get(m, m) for m in metrics], cells, ["l"] * n + ["r"] * len(metrics), title,
+                     marked=marked)
+
+    def _with_settings(self, block: Block, rows: list[Row], keys: list[str]) -> Block:
+        """``block`` (one row per entry of ``rows``) with a column per setting after its own."""
+        n = len(block.header)
+        cells = [c + [fmt_value(r.runs[0].config.get(k)) if r.applies(k) else NOT_APPLICABLE for k in keys]
+                 for c, r in zip(block.rows, rows)]
+        return Block(block.header + keys, cells, block.align + ["l"] * len(keys), block.title,
+                     set(range(n, n + len(keys))), block.marked)
+
+    def text_blocks(self, width: int | None = None) -> list[Block]:
+        """The tables of the text output, each no wider than ``width`` where that can be done without cutting
+        a metric (None: one row per run, every column; see the module's docstring)."""
+        rows = self._ordered_rows()
+        groups = self.metric_groups()
+        keys = terminal_settings(self)
+        multi = len(self.methods()) > 1
+        shared = self._metric_block(rows, groups[0][1], "metrics" if multi or width else None, multi)
+        if not multi:
+            one = self._with_settings(shared, rows, keys)
+            one.title = None
+            fitted = fit(one, width, transpose_ok=False)
+            if not width or fitted[0].width() <= width:
+                return fitted
+        blocks = fit(shared, width)
+        for meth, metrics in groups[1:]:
+            own = [r for r in rows if r.method == meth]
+            blocks += fit(self._metric_block(own, metrics, f"{meth} metrics", False), width)
+        if keys:
+            settings = self._with_settings(Block(["run"], [[r.name] for r in rows], ["l"]), rows, keys)
+            settings.title = "settings that differ" + (f" ({NOT_APPLICABLE}: not a setting of that method)"
+                                                       if any(c == NOT_APPLICABLE for r in settings.rows for c in r)
+                                                       else "")
+            blocks += fit(settings, width)
+        return blocks
+
+    def notes(self, width: int | None = None) -> list[str]:
+        """The lines under the tables: what the marks mean, settings left out, the verdicts (wrapped to ``width``)."""
+        out = []
+        if self.best:
+            out.append("* best of its column" + (" among runs of the same method" if len(self.methods()) > 1 else "")
+                       + f" ({self.rule_text()})")
+        hidden = [k for k in self.diff_keys if k != "method" and k not in terminal_settings(self)]
+        if hidden:
+            out.append(f"{len(hidden)} more setting(s) differ, each a setting of one run's method only "
+                       "(--format markdown or json shows them)")
         if not self.diff_keys:
-            foot.append("(the runs' configurations do not differ)")
-        return "\n".join(lines + foot + ["", "verdicts:"] + [f"  {v}" for v in self.verdict_lines()])
+            out.append("(the runs' configurations do not differ)")
+        out = [wrapped for line in out for wrapped in _wrap(line, width, "  ")]
+        out += ["", "verdicts:"] + [w for v in self.verdict_lines() for w in _wrap("  " + v, width, "    ")]
+        return out
+
+    def to_text(self, width: int | None = None) -> str:
+        """The comparison as plain text, laid out for a terminal ``width`` columns wide (None: unlimited)."""
+        lines: list[str] = []
+        for b in self.text_blocks(width):
+            lines += b.lines() + [""]
+        return "\n".join(lines + self.notes(width))
 
     def rule_text(self) -> str:
         lows = [HEADERS.get(m, m) for m in self.metrics if direction(m) == "min"]
@@ -452,16 +593,37 @@ def compare(runs: list[RunInfo], metrics: list[str] | None = None, *, group_seed
     if len(set(names)) != len(names):  # two groups named alike: number them
         for i, r in enumerate(rows):
             r.name = f"{r.name}#{i}"
-    best = {}
-    if len(rows) > 1:
-        for m in metrics:
-            d = direction(m)
-            vals = [(row.cells[m].mean, row.name) for row in rows if _is_num(row.cells[m].mean)]
-            if d is None or len(vals) < 2 or len({v for v, _ in vals}) == 1:  # all equal: nothing to mark
+    return Comparison(runs, diff, metrics, rows, grouped, best_rows(rows, metrics))
+
+
+def best_rows(rows: list[Row], metrics: list[str]) -> dict[str, list[str]]:
+    """metric -> the names of the rows with its best value, by :func:`direction`, among the rows of the same
+    method (a loss of DPO and one of SFT measure different things); nothing marked where all are equal."""
+    best: dict[str, list[str]] = {}
+    for m in metrics:
+        d = direction(m)
+        if d is None:
+            continue
+        for method in dict.fromkeys(r.method for r in rows):
+            vals = [(row.cells[m].mean, row.name) for row in rows
+                    if row.method == method and _is_num(row.cells[m].mean)]
+            if len(vals) < 2 or len({v for v, _ in vals}) == 1:  # all equal: nothing to mark
                 continue
             target = min(v for v, _ in vals) if d == "min" else max(v for v, _ in vals)
-            best[m] = [n for v, n in vals if v == target]
-    return Comparison(runs, diff, metrics, rows, grouped, best)
+            best.setdefault(m, []).extend(n for v, n in vals if v == target)
+    return best
+
+
+def _wrap(line: str, width: int | None, indent: str) -> list[str]:
+    """``line`` wrapped to ``width`` (None: as it is), its leading spaces kept, continuation lines indented.
+
+    >>> _wrap("  r1: gate fail: val margin -0.1", 20, "    ")
+    ['  r1: gate fail: val', '    margin -0.1']
+    """
+    if not width or len(line) <= width:
+        return [line]
+    lead = line[: len(line) - len(line.lstrip())]
+    return textwrap.wrap(line.lstrip(), width, initial_indent=lead, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def plot_available() -> bool:

@@ -33,6 +33,7 @@ from ..assets import ARITH_FACTS_DIR, ARITH_SUMS_DIR, DEFAULT_SFT_RECIPE, RECIPE
 from ..config import RunConfig, build_config
 from ..errors import MlxpostError
 from ..methods import get as get_method
+from ..model.adapters import ADAPTER_WEIGHTS, own_adapter_dir
 from ..stats import describe
 from ..training.pipeline import run
 from ..training.resume import resume_config
@@ -130,7 +131,7 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
             sets.append(f"model.path={model}")
         if stage.from_stage:
             src = out / stage.from_stage
-            if not (src / "adapters.safetensors").exists():
+            if not (own_adapter_dir(src) / ADAPTER_WEIGHTS).exists():
                 raise MlxpostError(f"stage {stage.name} starts from {src}, which has no adapter: run the demo "
                                    f"from the start (or delete {out})")
             key = get_method(stage.method).from_key
@@ -165,7 +166,8 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
     (out / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     done = [st.name for st in STAGES if st.name in summaries]
     rep.info(f"demo done in {result['seconds']:.0f}s; stage runs in {out}/ (compare them: mlxpost compare "
-             + " ".join(f"{out}/{n}" for n in done) + "). "
+             + " ".join(f"{out}/{n}" for n in done) + f"; list them: mlxpost runs {out}; talk to the last: "
+             f"mlxpost chat --adapter {out}/{done[-1]}). "
              + ("" if full else "Full-length version: mlxpost demo --full"))
     return result
 

@@ -35,10 +35,12 @@ from ..errors import MlxpostError
 from ..files import file_sha256, shown_path
 from ..methods.base import Method, value
 from ..model.adapters import (
+    ADAPTER_WEIGHTS,
     adapter_config,
     attach_adapters,
     fuse_adapters,
     load_adapter_stack,
+    own_adapter_dir,
     read_adapter_config,
     resolve_targets,
     trainable_count,
@@ -103,7 +105,7 @@ def resolve_from_run(cfg: RunConfig, method: Method) -> None:
     d = Path(src).expanduser()
     if not d.is_dir():
         raise MlxpostError(f"--from {src}: not a directory (give an SFT run directory or an adapter directory)")
-    meta = read_adapter_config(d).get("mlxpost", {})
+    meta = read_adapter_config(own_adapter_dir(d)).get("mlxpost", {})
     base = meta.get("base_model")
     if cfg.model.path == "default" and base:
         cfg.model.path = base
@@ -128,7 +130,7 @@ def merge_from_run(model, cfg: RunConfig, directory: str, rep) -> dict:
         quantize_blocks(model, cfg.model.quantize, cfg.model.quantize_group_size)
     mx.eval(model.parameters())
     rep.info(f"merged the adapter of {d} into the base: it is the starting policy and the reference")
-    return {"from_adapter": str(d), "from_adapter_sha256": file_sha256(d / "adapters.safetensors")}
+    return {"from_adapter": str(d), "from_adapter_sha256": file_sha256(own_adapter_dir(d) / ADAPTER_WEIGHTS)}
 
 
 # ---------------------------------------------------------------------------

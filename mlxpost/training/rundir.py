@@ -4,9 +4,12 @@ A run directory holds::
 
     config.yaml                 the resolved configuration
     metrics.jsonl               one JSON object per report / evaluation / event
-    adapter_config.json         the final adapter (mlx-lm layout: mlx_lm.generate
-    adapters.safetensors          --adapter-path RUN_DIR works)
-    best/                       the adapter with the lowest validation loss
+    adapter_config.json         the final adapter in mlx-lm's layout (mlx_lm.generate
+    adapters.safetensors          --adapter-path RUN_DIR works); for a run trained
+                                  --from others, the whole stack as one adapter
+    own/                        only for a run trained --from others: its own
+                                  adapter (what --from, exports and mlxpost read)
+    best/                       the adapter with the lowest validation loss (same layout)
     checkpoints/step-0000100/   adapter, optimizer state, trainer state (step,
                                 data position; the random stream is derived
                                 from seed and step); written to a temporary
@@ -50,7 +53,15 @@ from ..files import (
     save_safetensors_atomic,
     shown_path,
 )
-from ..model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, load_adapter_weights, save_adapters
+from ..hub.export import write_combined_adapter
+from ..model.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    OWN_DIR,
+    adapter_weights,
+    load_adapter_weights,
+    save_adapters,
+)
 from .faults import fault_point
 
 STATE_FILE = "trainer_state.json"
@@ -63,6 +74,11 @@ LOCK_FILE = ".lock"
 
 # Records that mean a run has trained (a directory holding one is never discarded).
 PROGRESS_KINDS = ("step", "train", "failure")
+
+
+def is_stacked(adapter_cfg: dict) -> bool:
+    """Whether the adapter was trained on top of another (``--from``): its run directory then has ``own/``."""
+    return bool((adapter_cfg.get("mlxpost") or {}).get("from_adapter"))
 
 
 class RunLocked(MlxpostError):
@@ -155,20 +171,40 @@ class RunDir:
 
     # -- adapters -------------------------------------------------------------
     def save_final(self, model, adapter_cfg: dict) -> None:
-        """The final adapter in the run directory (each file atomic; a resume rewrites both if this was cut)."""
-        if self.writer:
-            save_safetensors_atomic(self.path / ADAPTER_WEIGHTS, adapter_weights(model))
-            fault_point("final_save")
-            atomic_write_json(self.path / ADAPTER_CONFIG, adapter_cfg)
+        """The final adapter in the run directory (each file atomic; a resume rewrites them all if this was cut).
+
+        A run trained on top of others (``--from``) writes its own adapter to
+        ``own/``, then the whole stack as one mlx-lm adapter at the top
+        (:func:`~mlxpost.hub.export.write_combined_adapter`); when mlx-lm
+        cannot hold the stack, why is logged and the top level holds no adapter.
+        """
+        if not self.writer:
+            return
+        stacked = is_stacked(adapter_cfg)
+        target = self.path / OWN_DIR if stacked else self.path
+        target.mkdir(exist_ok=True)
+        save_safetensors_atomic(target / ADAPTER_WEIGHTS, adapter_weights(model))
+        fault_point("final_save")
+        atomic_write_json(target / ADAPTER_CONFIG, adapter_cfg)
+        if stacked:
+            self._note_mlx_lm(write_combined_adapter(self.path))
 
     def save_best(self, model, adapter_cfg: dict, info: dict) -> None:
+        """``best/``: the adapter of the lowest validation loss, laid out as the final one (:meth:`save_final`)."""
         if not self.writer:
             return
         tmp = self.path / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapters(model, tmp, adapter_cfg)
+        stacked = is_stacked(adapter_cfg)
+        save_adapters(model, tmp / OWN_DIR if stacked else tmp, adapter_cfg)
+        note = write_combined_adapter(tmp) if stacked else None
         atomic_write_json(tmp / "best.json", info)
         _replace_dir(tmp, self.path / "best")
+        self._note_mlx_lm(note)
+
+    def _note_mlx_lm(self, note: str | None) -> None:
+        if note and not any(r.get("kind") == "mlx_lm" for r in self.read_metrics()):  # said once
+            self.log({"kind": "mlx_lm", "message": f"no adapter for mlx-lm at the top of the run directory: {note}"})
 
     # -- checkpoints ------------------------------------------------------------
     def save_checkpoint(self, step: int, model, optimizer, adapter_cfg: dict, state: dict, keep: int) -> Path:
@@ -303,12 +339,24 @@ def _assign(tree, parts: list[str], value) -> None:
         tree[last] = value
 
 
+LOCK_TRIES = 5  # a lock found held is tried again this many times, 50 ms apart (see is_locked)
+
+
 def acquire_lock(directory: Path) -> IO:
-    """Hold ``directory``'s lock (an OS file lock, released when the process ends); refuse when another has it."""
+    """Hold ``directory``'s lock (an OS file lock, released when the process ends); refuse when another has it.
+
+    A held lock is tried again a few times over 0.2 s before refusing: :func:`is_locked` (``mlxpost runs``)
+    holds it for a moment to probe it, which must never refuse a run.
+    """
     f = open(Path(directory) / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run: the lock lives with it
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(0.05)
+    else:
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
@@ -319,6 +367,26 @@ def acquire_lock(directory: Path) -> IO:
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def is_locked(directory: str | Path) -> bool:
+    """Whether a live process holds ``directory``'s lock (is training in it).
+
+    Probed with a shared lock taken and released at once (flock cannot be
+    queried otherwise); :func:`acquire_lock` retries, so a probe at the moment
+    a run starts delays it by 50 ms rather than refusing it.
+    """
+    try:
+        f = open(Path(directory) / LOCK_FILE, "rb")  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def new_run_dir(root: str | Path, name: str | None, method: str, overwrite: bool) -> Path:
