@@ -256,7 +256,7 @@ def test_refusals_are_clear(tmp_path):
 
     # A tensor type outside the supported set (I32, which mx.save_gguf can write) is named.
     bad = write_gguf(hf, tmp_path / "i32.gguf", extra_tensors={"blk.0.attn_q.weight": mx.zeros((64, 64), mx.int32)})
-    with pytest.raises(MlxpostError, match=r"'blk\.0\.attn_q\.weight' has GGUF type I32"):
+    with pytest.raises(MlxpostError, match=r"'blk\.0\.attn_q\.weight' has GGUF type I32.*cannot dequantize"):
         convert_gguf(bad, tmp_path / "o1")
 
     arch = write_gguf(hf, tmp_path / "gpt2.gguf", extra_meta={"general.architecture": "gpt2"})
@@ -280,41 +280,75 @@ def test_refusals_are_clear(tmp_path):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "o6")
 
 
-def test_quantized_and_bf16_tensors_match_llama_cpp_reference(tmp_path):
-    """Q4_0 / Q4_1 / Q8_0 / BF16 decode exactly as llama.cpp's own gguf-py does; Q4_K is refused."""
-    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's gguf-py) writes quantized tensors")
-    from gguf import GGMLQuantizationType as Q
+def _write_raw_gguf(path: Path, tensors: dict) -> Path:
+    """A GGUF with only the given (name -> (array, type)) tensors, written by gguf-py's writer."""
+    import gguf
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 256)).astype(np.float32)
-    path = tmp_path / "q.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    ref = {}
-    for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.BF16):
-        q = gguf.quants.quantize(x, t)
-        w.add_tensor(f"{t.name}.weight", q, raw_shape=q.shape, raw_dtype=t)
-        ref[f"{t.name}.weight"] = gguf.quants.dequantize(q, t)
+    for name, (q, t) in tensors.items():
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tensors, _ = load_gguf(path)
-    assert set(tensors) == set(ref)
-    for name, r in ref.items():
-        np.testing.assert_array_equal(np.array(tensors[name]), r, err_msg=name)
+    return path
 
-    # K-quants: MLX 0.32's reader fails on most and decodes Q4_K wrongly, so they are refused up front.
-    bs, nbytes = gguf.GGML_QUANT_SIZES[Q.Q4_K]
-    raw = rng.integers(0, 256, size=(8, 256 // bs * nbytes), dtype=np.uint8)
-    kpath = tmp_path / "k.gguf"
-    w = gguf.GGUFWriter(str(kpath), "llama")
-    w.add_tensor("blk.3.ffn_down.weight", raw, raw_shape=raw.shape, raw_dtype=Q.Q4_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(MlxpostError, match=r"'blk\.3\.ffn_down\.weight' has GGUF type Q4_K.*Q8_0, F16 or BF16"):
-        load_gguf(kpath)
+
+# Types gguf-py quantizes in numpy (the K- and I-quants it only dequantizes are tested from random blocks).
+QUANTIZABLE = ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"]
+# Relative RMS error each type may add to a standard-normal tensor (TQ*: ternary, coarse by design).
+REL_ERR = {"BF16": 0.005, "Q8_0": 0.01, "Q5_0": 0.06, "Q5_1": 0.06, "Q4_0": 0.12, "Q4_1": 0.12,
+           "TQ1_0": 0.9, "TQ2_0": 0.9}
+
+
+@pytest.mark.parametrize("qname", QUANTIZABLE)
+def test_quantized_tensors_equal_gguf_py_and_source(tmp_path, qname):
+    """Each type gguf-py can quantize: decoded bit for bit as gguf.quants.dequantize, near the source."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qname]
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    q = gguf.quants.quantize(x, t)
+    tensors, _ = load_gguf(_write_raw_gguf(tmp_path / "q.gguf", {"w.weight": (q, t)}))
+    got = np.array(tensors["w.weight"])
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(q, t))
+    assert np.sqrt(np.mean((got - x) ** 2)) < REL_ERR[qname], qname
+
+
+@pytest.mark.parametrize("qname", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS"])
+def test_k_and_i_quants_decode_like_gguf_py(tmp_path, qname):
+    """K-/I-quants (gguf-py only dequantizes them): random valid blocks decode exactly as gguf-py does."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qname]
+    block, nbytes = gguf.GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(1)
+    # Bytes below 0x7C: every fp16 scale in a block is then finite (exponent bits never all ones).
+    raw = rng.integers(0, 0x7C, size=(4, 512 // block * nbytes), dtype=np.uint8)
+    tensors, _ = load_gguf(_write_raw_gguf(tmp_path / "k.gguf", {"blk.3.ffn_down.weight": (raw, t)}))
+    ref = gguf.quants.dequantize(raw, t)
+    got = np.array(tensors["blk.3.ffn_down.weight"])
+    assert got.shape == (4, 512) and np.isfinite(ref).all()
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_gguf_fingerprint_is_cheap_and_sees_changes(tmp_path):
+    from mlxpost.model.gguf import gguf_fingerprint
+
+    a = tmp_path / "a.gguf"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 40 << 20, dtype=np.uint8).tobytes())
+    a.write_bytes(data)
+    key = gguf_fingerprint(a)
+    assert len(key) == 16 and gguf_fingerprint(a) == key
+    copy = tmp_path / "sub" / "renamed.gguf"
+    copy.parent.mkdir()
+    shutil.copy(a, copy)
+    assert gguf_fingerprint(copy) == key  # name and place do not matter
+    data[100] ^= 1  # the header changes
+    a.write_bytes(data)
+    assert gguf_fingerprint(a) != key
+    a.write_bytes(bytes(data) + b"x")  # size changes
+    assert gguf_fingerprint(a) != key
 
 
 def test_convert_cached_reuses_and_redoes_stale(tmp_path, monkeypatch):
@@ -324,6 +358,8 @@ def test_convert_cached_reuses_and_redoes_stale(tmp_path, monkeypatch):
     logs = []
     first = convert_gguf_cached(gguf, cache_dir=cache, log=logs.append)
     assert first.parent == cache / "gguf" and len(first.name) == 16
+    from mlxpost.model.gguf import gguf_fingerprint
+    assert first.name == gguf_fingerprint(gguf)
     assert (first / "config.json").exists() and logs
     stamp = (first / "model.safetensors").stat().st_mtime_ns
 
