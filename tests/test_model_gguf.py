@@ -468,3 +468,40 @@ def test_smollm2_tokenizer(smollm2):
     # SmolLM2's pre-tokenizer splits every digit on its own.
     assert len(tok.encode("2024", add_special_tokens=False)) == 4
     assert tok.decode(tok.encode("<|im_end|>"), skip_special_tokens=True) == ""
+
+
+def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
+    """A SentencePiece BPE vocabulary in GGUF form ('llama') tokenizes as SentencePiece itself does.
+
+    Trained without splitting at whitespace: llama.cpp's SentencePiece tokenizer merges across spaces
+    (Llama's vocabulary has runs of spaces), as Hugging Face's converted Llama tokenizers do.
+    """
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece trains the reference tokenizer")
+    from mlxpost.model.gguf import build_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 3 + ["the quick brown fox jumps over the lazy dog " * 3,
+                                              "def main():\n    return 42  # answer", "Paris is the capital of France."]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=420,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, split_by_whitespace=False, character_coverage=1.0,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+    }
+    tok, flags = build_tokenizer(tmp_path / "x.gguf", meta)
+    assert flags == {"add_bos_token": True, "add_eos_token": False}  # SentencePiece models add BOS by default
+    texts = TEXTS[:4] + ["the lazy fox", "Zebra ÿ ☃ unseen 字", "  leading spaces", "x"]
+    for text in texts:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert tok.encode(text).ids == [sp.bos_id()] + sp.encode(text)
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text

@@ -18,8 +18,9 @@ What converts, and what is refused with a message that says so:
   gate/up tensors). RoPE scaling: none, linear, and Llama-3's (recovered from
   the ``rope_freqs`` tensor).
 - tokenizers: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with one
-  of the pre-tokenizers in :data:`PRE_TOKENIZERS`. SentencePiece
-  (``"llama"``) and other tokenizer models are refused.
+  of the pre-tokenizers in :data:`PRE_TOKENIZERS`, and SentencePiece BPE
+  (``"llama"``: Llama 1/2, Mistral) rebuilt from tokens and scores with byte
+  fallback. Other tokenizer models (Unigram ``"t5"``, ...) are refused.
 
 Two llama.cpp conventions are undone here. Its converter reorders the rows of
 each q/k projection head from Hugging Face's half-split RoPE layout into
@@ -404,12 +405,17 @@ def _pre_tokenizer(pre: str):
 
 
 def build_tokenizer(path: Path, meta: dict):
-    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE tokenizer."""
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's tokenizer, and its add_bos/add_eos flags.
+
+    Byte-level BPE (``tokenizer.ggml.model`` ``gpt2``) or SentencePiece BPE
+    (``llama``: Llama 1/2, Mistral, TinyLlama, ...).
+    """
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _finish_tokenizer(_spm_tokenizer(path, meta), meta, default_bos=True)
     if kind != "gpt2":
-        what = {"llama": "SentencePiece (tokenizer.ggml.model 'llama')"}.get(kind, f"tokenizer.ggml.model {kind!r}")
-        raise MlxpostError(f"{path}: {what} tokenizers are not supported, only byte-level BPE ('gpt2'). "
-                           "Use the model's Hugging Face repository instead of the GGUF file.")
+        raise MlxpostError(f"{path}: tokenizer.ggml.model {kind!r} is not supported, only byte-level BPE ('gpt2') "
+                           "and SentencePiece ('llama'). Use the model's Hugging Face repository instead.")
     pre = meta.get("tokenizer.ggml.pre")
     if pre is None:  # older files; guessing a split rule could tokenize silently wrong
         raise MlxpostError(f"{path}: no tokenizer.ggml.pre in this (older) GGUF file, so its pre-tokenizer is "
@@ -438,14 +444,20 @@ def build_tokenizer(path: Path, meta: dict):
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
+    return _finish_tokenizer(tok, meta, default_bos=False)
 
+
+def _finish_tokenizer(tok, meta: dict, *, default_bos: bool):
+    """Add the control / user-defined tokens and the BOS/EOS post-processor; return (tok, flags)."""
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    vocab = {t: i for i, t in enumerate(tokens)}
     types = _plain(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
     tok.add_special_tokens(specials)
     tok.add_tokens(user)
 
-    add_bos = bool(_plain(meta.get("tokenizer.ggml.add_bos_token", False)))
+    add_bos = bool(_plain(meta.get("tokenizer.ggml.add_bos_token", default_bos)))
     add_eos = bool(_plain(meta.get("tokenizer.ggml.add_eos_token", False)))
     bos, eos = _token(meta, tokens, "bos_token_id"), _token(meta, tokens, "eos_token_id")
     head = [bos] if add_bos and bos else []
@@ -457,6 +469,64 @@ def build_tokenizer(path: Path, meta: dict):
             pair=" ".join(head + ["$A"] + tail + [f"{t}:1" for t in head] + ["$B:1"] + [f"{t}:1" for t in tail]),
             special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)])
     return tok, {"add_bos_token": add_bos, "add_eos_token": add_eos}
+
+
+_UNKNOWN, _BYTE = 2, 6
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece BPE vocabulary.
+
+    SentencePiece BPE keeps no merge list: it joins the adjacent pair whose
+    joined piece has the highest score. As merges, that is every split of a
+    normal piece into two vocabulary pieces, ranked by the joined piece's
+    score (ties: lower ids first), which is what Hugging Face's converter does.
+
+    >>> _spm_merges(["a", "b", "ab", "abb"], [0.0, 0.0, -1.0, -2.0], [1, 1, 1, 1])
+    [('a', 'b'), ('ab', 'b')]
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] not in (1, _USER_DEFINED) or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], i, ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _spm_tokenizer(path: Path, meta: dict) -> Tokenizer:
+    """SentencePiece BPE (llama.cpp's ``llama`` tokenizer) as a ``tokenizers`` BPE with byte fallback.
+
+    No pre-splitting (merges cross spaces, as in llama.cpp); spaces become
+    ``▁`` and one is put in front of the text
+    (``tokenizer.ggml.add_space_prefix``, default true), pieces not in the
+    vocabulary fall back to ``<0xNN>`` byte tokens, and decoding undoes both.
+    """
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise MlxpostError(f"{path}: SentencePiece tokenizer without one tokenizer.ggml.scores value per token; "
+                           "cannot rebuild its merges. Use the model's Hugging Face repository instead.")
+    types = list(_plain(meta.get("tokenizer.ggml.token_type", [1] * len(tokens))))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise MlxpostError(f"{path}: the GGUF vocabulary has duplicate tokens; cannot build a tokenizer")
+    unk = _token(meta, tokens, "unknown_token_id") or next((t for t, k in zip(tokens, types) if k == _UNKNOWN), None)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, [float(x) for x in scores], types),
+                               unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(_plain(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    # A normalizer, not the Metaspace pre-tokenizer: Metaspace skips the prefix when the text already
+    # starts with a space, llama.cpp does not. (Like Hugging Face's own Llama tokenizer.json files, text
+    # after a special token gets the prefix too.)
+    replace = normalizers.Replace(" ", "▁")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
 
 
 def _token(meta: dict, tokens: list[str], key: str) -> str | None:
