@@ -107,6 +107,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     report_every: int = 10
     stuck_steps: int = 10  # warn when the loss has not changed (or the gradient vanished) this long; 0 = off
+    report_to: str = "none"  # experiment tracker: none | tensorboard | wandb | trackio | mlflow
 
 
 @dataclass
@@ -370,6 +371,7 @@ CHOICES = {
     "data.batching": ("auto", "pack", "pad"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.report_to": ("none", "tensorboard", "wandb", "trackio", "mlflow"),
 }
 
 POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr",
