@@ -551,7 +551,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     for key in keys:
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
-        if isinstance(v, str) and v:
+        if isinstance(v, str) and v and not v.startswith("hf:"):  # hf:ORG/NAME is a Hub dataset, not a path
             setattr(getattr(cfg, section), name, str(Path(v).expanduser().resolve()))
     for key in method.plugin_keys:
         section, name = key.split(".")
