@@ -398,6 +398,17 @@ def test_hub_offline_env_means_unreachable(monkeypatch):
     assert hub_reachable() is False
 
 
+def test_transformers_offline_also_means_unreachable(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub_reachable() is False
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # as huggingface_hub read it at import
+    assert hub_reachable() is False
+
+
 def test_wheel_with_wrong_hash_is_not_used(tmp_path):
     from mlxpost.model.default import _find_wheel
 
