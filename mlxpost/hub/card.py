@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import ModelCardData
 
 from .source import Source
 
@@ -108,7 +108,7 @@ def model_card(src: Source, fmt: str, result: dict) -> str:
                  f"printf 'FROM ./{result.get('file')}\\n' > Modelfile && ollama create my-model -f Modelfile\n"
                  f"lms import {result.get('file')}                  # LM Studio\n```"),
     }[fmt]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+    lines = ["---", ModelCardData(**front).to_yaml(), "---", "",
              f"# {method.upper()} of {base}", "",
              f"{what}, trained with mlxpost ({method.upper()}, "
              f"{'best validation checkpoint' if src.best else 'final adapter'}).", "", "## Use", "", usage, "",
