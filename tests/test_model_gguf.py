@@ -516,3 +516,24 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
         assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
         assert tok.encode(text).ids == [sp.bos_id()] + sp.encode(text)
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_qwen3_round_trip_through_export_and_import(tmp_path):
+    """qwen3 (per-head q/k RMSNorm): written by our GGUF writer, read back by the importer, same logits."""
+    from mlxpost.hub.gguf_export import write_gguf as export_gguf
+
+    hf = build_tiny_model(tmp_path / "hf", rope_theta=50000.0)
+    sharpen_attention(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    w = dict(mx.load(str(hf / "model.safetensors")))
+    rng = np.random.default_rng(0)
+    for i in range(cfg["num_hidden_layers"]):
+        for n in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{n}.weight"] = mx.array(1 + 0.5 * rng.standard_normal(16).astype(np.float32))
+    mx.save_safetensors(str(hf / "model.safetensors"), w, metadata={"format": "pt"})
+    out = convert_gguf(export_gguf(hf, tmp_path / "q3.gguf", "f16"), tmp_path / "back")
+    back = json.loads((out / "config.json").read_text())
+    assert back["model_type"] == "qwen3" and back["head_dim"] == 16
+    np.testing.assert_allclose(logits(out, SEQ), logits(hf, SEQ), atol=5e-3, rtol=0)  # f16 weights
