@@ -29,7 +29,8 @@ def test_trl_names_in_a_recipe_map_to_our_keys(tmp_path):
     assert cfg.data.max_seq_len == 512 and cfg.dpo.beta == 0.3 and cfg.train.schedule == "linear"
     assert cfg.train.report_to == "tensorboard"
 
-    g = build_config(recipe(tmp_path, "method: grpo\ngrpo:\n  rewards: [accuracy]\nnum_generations: 4\nmax_completion_length: 64\nbeta: 0.04\n"
+    g = build_config(recipe(tmp_path, "method: grpo\ngrpo:\n  rewards: [accuracy]\nnum_generations: 4\n"
+                                      "max_completion_length: 64\nbeta: 0.04\n"
                                       "temperature: 0.7\nepsilon_high: 0.28\n"), method="grpo")
     assert (g.grpo.group_size, g.grpo.max_new_tokens, g.grpo.beta, g.grpo.temperature, g.grpo.epsilon_high) == \
         (4, 64, 0.04, 0.7, 0.28)

@@ -51,7 +51,8 @@ def hub(monkeypatch, tmp_path):
         "data/train-00000-of-00001.jsonl": jsonl(alpaca(20, 0)),
         "data/validation-00000-of-00001.jsonl": jsonl(alpaca(6, 1)),
         "en/train.parquet": parquet([r for r in arithmetic_rows(8, 2)]),
-        "bad/train.jsonl": jsonl([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+        "bad/train.jsonl": jsonl([{"messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "ok"}]},
                                   {"messages": [{"role": "user", "content": "no reply"}]}]),
     })
     yield h

@@ -492,10 +492,12 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS * 3 + ["the quick brown fox jumps over the lazy dog " * 3,
-                                              "def main():\n    return 42  # answer", "Paris is the capital of France."]))
+                                              "def main():\n    return 42  # answer",
+                                              "Paris is the capital of France."]))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=420,
                                    model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, split_digits=True, split_by_whitespace=False, character_coverage=1.0,
+                                   remove_extra_whitespaces=False, split_digits=True, split_by_whitespace=False,
+                                   character_coverage=1.0,
                                    minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     n = sp.get_piece_size()

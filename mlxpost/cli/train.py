@@ -56,7 +56,8 @@ COMMON_OPTIONS = [
                  help="Continue a killed or finished run directory."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory of the same name."),
     click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display."),
-    click.option("--report-to", "train__report_to", type=click.Choice(["none", "tensorboard", "wandb", "trackio", "mlflow"]),
+    click.option("--report-to", "train__report_to",
+                 type=click.Choice(["none", "tensorboard", "wandb", "trackio", "mlflow"]),
                  help="Also send every metric to this experiment tracker (tensorboard: RUN_DIR/tensorboard)."),
 ]
 

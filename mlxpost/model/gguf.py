@@ -628,7 +628,8 @@ def convert_gguf_cached(gguf_path: str | Path, *, dtype: str = "float32", cache_
                         log: Log = None) -> Path:
     """Convert ``gguf_path`` once; later calls return the cached directory.
 
-    The cache entry is ``<cache>/gguf/<gguf_fingerprint(file)>/`` (``-<dtype>`` appended unless float32), where ``<cache>`` is
+    The cache entry is ``<cache>/gguf/<gguf_fingerprint(file)>/`` (``-<dtype>``
+    appended unless float32), where ``<cache>`` is
     ``cache_dir``, ``$MLXPOST_CACHE`` or ``~/.cache/mlxpost``. It is written
     into a temporary directory and renamed into place, so an interrupted
     conversion never leaves a half-written entry behind.
