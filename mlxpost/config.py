@@ -107,6 +107,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     report_every: int = 10
     stuck_steps: int = 10  # warn when the loss has not changed (or the gradient vanished) this long; 0 = off
+    report_to: str = "none"  # experiment tracker: none | tensorboard | wandb | trackio | mlflow
 
 
 @dataclass
@@ -302,8 +303,97 @@ def _construct(node):
         loader.dispose()
 
 
+# TRL's config names (TrainingArguments, SFTConfig, DPOConfig, GRPOConfig, ...) that mean exactly one of our
+# keys, accepted at the top level of a recipe so that a TRL config carries over. "{m}.x": the method's
+# own section holding x (beta is dpo.beta, cpo.beta, simpo.beta, grpo.beta; ORPO's is orpo.lam).
+TRL_NAMES = {
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs",
+    "max_steps": "train.steps",
+    "max_length": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len",
+    "seed": "train.seed",
+    "warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "lr_scheduler_type": "train.schedule",
+    "adam_beta1": "train.beta1",
+    "adam_beta2": "train.beta2",
+    "adam_epsilon": "train.eps",
+    "gradient_checkpointing": "train.grad_checkpoint",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "logging_steps": "train.report_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "report_to": "train.report_to",
+    "beta": "{m}.beta",
+    "label_smoothing": "{m}.label_smoothing",
+    "rpo_alpha": "{m}.rpo_alpha",
+    "simpo_gamma": "{m}.gamma",
+    "cpo_alpha": "{m}.alpha",
+    "num_generations": "{m}.group_size",
+    "max_completion_length": "{m}.max_new_tokens",
+    "max_prompt_length": "{m}.max_prompt_len",
+    "num_iterations": "{m}.num_iterations",
+    "temperature": "{m}.temperature",
+    "top_p": "{m}.top_p",
+    "top_k": "{m}.top_k",
+    "min_p": "{m}.min_p",
+    "mask_truncated_completions": "{m}.mask_truncated",
+    "epsilon_high": "{m}.epsilon_high",
+}
+
+# TRL names that have no one-to-one key here, and what to write instead.
+TRL_NOT_ONE_TO_ONE = {
+    "epsilon": "TRL's epsilon sets both clip bounds: write grpo.epsilon_low (and grpo.epsilon_high)",
+    "optim": "train.optimizer takes adamw, adam or sgd",
+    "bf16": "the dtype is model.dtype (auto, float32, bfloat16, float16)",
+    "fp16": "the dtype is model.dtype (auto, float32, bfloat16, float16)",
+    "packing": "packing is data.batching: pack (or auto)",
+    "per_device_eval_batch_size": "evaluation uses train.batch_size",
+    "output_dir": "the run directory is output.dir + output.name (or --out/--name)",
+    "eval_strategy": "evaluation runs every train.eval_every steps",
+    "save_strategy": "checkpoints are saved every train.save_every steps",
+    "loss_type": "the loss is dpo.loss (sigmoid, ipo, hinge, robust) or grpo.loss_norm (grpo, dapo, dr_grpo)",
+    "use_peft": "mlxpost always trains a LoRA/DoRA adapter (lora.*)",
+    "lora_r": "write lora.rank",
+    "lora_alpha": "write lora.alpha",
+}
+
+
+def trl_key(key: str, method: str, where: str) -> str:
+    """Our dotted key for a top-level TRL config name in a recipe (other keys come back unchanged).
+
+    >>> trl_key("learning_rate", "sft", "r.yaml:1"), trl_key("beta", "orpo", "r.yaml:2"), trl_key("train.lr", "sft", "")
+    ('train.lr', 'orpo.lam', 'train.lr')
+    """
+    if "." in key or key == "method":
+        return key
+    if key in TRL_NOT_ONE_TO_ONE:
+        raise ConfigError(f"{where}: {key}: a TRL setting with no one-to-one mlxpost key; {TRL_NOT_ONE_TO_ONE[key]}")
+    target = TRL_NAMES.get(key)
+    if target is None or not target.startswith("{m}"):
+        return target or key
+    leaf = target.split(".", 1)[1]
+    if method == "orpo" and key == "beta":
+        return "orpo.lam"  # ORPO's lambda is TRL's beta
+    for section, cls in get_method(method).sections.items():
+        if leaf in {f.name for f in dataclasses.fields(cls)}:
+            return f"{section}.{leaf}"
+    raise ConfigError(f"{where}: {key}: a TRL setting that {method} has no counterpart for")
+
+
 def load_recipe(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
-    """Apply a YAML recipe on top of ``cfg`` (defaults when None)."""
+    """Apply a YAML recipe on top of ``cfg`` (defaults when None).
+
+    Top-level TRL config names (:data:`TRL_NAMES`: ``learning_rate``,
+    ``per_device_train_batch_size``, ``beta``, ``num_generations``, ...) are
+    read as the keys they mean; TRL names without a one-to-one key
+    (:data:`TRL_NOT_ONE_TO_ONE`) stop with what to write instead.
+    """
     cfg = cfg or RunConfig()
     path = Path(path)
     if not path.exists():
@@ -323,7 +413,13 @@ def load_recipe(path: str | Path, cfg: RunConfig | None = None) -> RunConfig:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, lora:, data:, train:, ...)")
     for key, value, line in _yaml_items(root):
-        set_value(cfg, key, value, f"{path}:{line}")
+        where = f"{path}:{line}"
+        key = trl_key(key, cfg.method, where)
+        if key == "train.report_to" and isinstance(value, list):  # TRL allows a list of trackers
+            if len(value) != 1:
+                raise ConfigError(f"{where}: report_to: mlxpost reports to one tracker; got {value}")
+            value = value[0]
+        set_value(cfg, key, value, where)
     return cfg
 
 
@@ -370,6 +466,7 @@ CHOICES = {
     "data.batching": ("auto", "pack", "pad"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.report_to": ("none", "tensorboard", "wandb", "trackio", "mlflow"),
 }
 
 POSITIVE = ("lora.rank", "data.max_seq_len", "train.batch_size", "train.grad_accum", "train.lr",
@@ -454,7 +551,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     for key in keys:
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
-        if isinstance(v, str) and v:
+        if isinstance(v, str) and v and not v.startswith("hf:"):  # hf:ORG/NAME is a Hub dataset, not a path
             setattr(getattr(cfg, section), name, str(Path(v).expanduser().resolve()))
     for key in method.plugin_keys:
         section, name = key.split(".")

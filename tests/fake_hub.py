@@ -9,6 +9,9 @@ Endpoints (``TYPE`` is ``models``, ``datasets`` or ``spaces``):
   read-only token), 409 when the repo exists, else ``{"url": ...}``.
 * ``GET /api/TYPE/NS/NAME[/revision/REV]``: repo info (``sha``, ``private``, ``siblings``).
 * ``GET /api/TYPE/NS/NAME/tree/REV[/PATH]``: every file (``type``, ``path``, ``oid``, ``size``).
+* ``GET|HEAD /[datasets/]NS/NAME/resolve/REV/PATH``: a file's bytes, with
+  ``X-Repo-Commit`` and ``ETag`` (what ``hf_hub_download`` /
+  ``snapshot_download`` read).
 * ``POST /api/validate-yaml``: checks README.md's YAML header parses.
 * ``POST /api/TYPE/NS/NAME/preupload/REV``: answers ``uploadMode: "regular"``
   for every file (so the commit carries the bytes base64-encoded: no LFS or
@@ -62,7 +65,12 @@ class Request:
 
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _REPO = r"/api/(?P<type>models|datasets|spaces)/(?P<ns>[^/]+)/(?P<name>[^/]+)"
+# File downloads: /NS/NAME/resolve/REV/PATH (models), /datasets/NS/NAME/resolve/REV/PATH.
+_RESOLVE = r"^/(?:(?P<type>datasets|spaces)/)?(?P<ns>[^/]+)/(?P<name>[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
+
 _ROUTES = [
+    ("GET", "resolve", re.compile(_RESOLVE)),
+    ("HEAD", "resolve", re.compile(_RESOLVE)),
     ("POST", "create", re.compile(r"^/api/repos/create$")),
     ("POST", "validate-yaml", re.compile(r"^/api/validate-yaml$")),
     ("GET", "tree", re.compile(_REPO + r"/tree/(?P<rev>[^/]+)(?P<sub>/.*)?$")),
@@ -89,6 +97,9 @@ class FakeHub:
 
             def do_POST(self):  # noqa: N802
                 hub._handle(self, "POST")
+
+            def do_HEAD(self):  # noqa: N802
+                hub._handle(self, "HEAD")
 
             def log_message(self, *args):  # silent
                 pass
@@ -142,7 +153,7 @@ class FakeHub:
             return self._send(h, status, {"error": msg}, {"X-Error-Message": msg})
         with self._lock:
             status, payload, headers = getattr(self, "_" + name.replace("-", "_"))(h, match.groupdict(), body)
-        self._send(h, status, payload, headers)
+        self._send(h, status, payload, headers, head=method == "HEAD")
 
     @staticmethod
     def _body(h: BaseHTTPRequestHandler) -> bytes:
@@ -159,15 +170,18 @@ class FakeHub:
         return h.rfile.read(n) if n else b""
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
+    def _send(h: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None,
+              head: bool = False) -> None:
+        raw = isinstance(payload, bytes)  # a file download
+        data = payload if raw else json.dumps(payload).encode()
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
         h.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             h.send_header(k, v)
         h.end_headers()
-        h.wfile.write(data)
+        if not head:
+            h.wfile.write(data)
 
     def _user(self, h) -> str | None:
         auth = h.headers.get("Authorization") or ""
@@ -183,7 +197,7 @@ class FakeHub:
 
     def _lookup(self, h, g, write: bool):
         """(repo, None) or (None, error answer)."""
-        repo_type, repo_id = _TYPES[g["type"]], f"{g['ns']}/{g['name']}"
+        repo_type, repo_id = _TYPES[g.get("type") or "models"], f"{g['ns']}/{g['name']}"
         auth = h.headers.get("Authorization")
         if auth and self._user(h) is None:
             return None, self._UNAUTHORIZED
@@ -231,6 +245,16 @@ class FakeHub:
         _, repo_id, repo = found
         return 200, {"id": repo_id, "sha": repo.sha, "private": repo.private,
                      "siblings": [{"rfilename": f} for f in sorted(repo.files)]}, {}
+
+    def _resolve(self, h, g, body):
+        found, err = self._lookup(h, g, write=False)
+        if err:
+            return err
+        repo = found[2]
+        data = repo.files.get(g["file"])
+        if data is None:
+            return 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+        return 200, data, {"X-Repo-Commit": repo.sha, "ETag": f'"{git_oid(data)}"'}
 
     def _tree(self, h, g, body):
         found, err = self._lookup(h, g, write=False)

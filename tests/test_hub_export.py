@@ -447,3 +447,48 @@ def test_export_without_out_writes_exports_run_format(tmp_path, tiny_model, monk
     r = CliRunner().invoke(export_command, [str(run), "--format", "mlx"])  # a second time: refused, not replaced
     assert r.exit_code != 0 and "not empty (pass --overwrite" in str(r.exception)
     assert CliRunner().invoke(export_command, [str(run), "--format", "mlx", "--overwrite"]).exit_code == 0
+
+
+# ---------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture, quant, tol", [("tiny_model", "f16", 2e-3), ("tiny_model", "q8_0", 5e-2),
+                                                  ("tiny_qwen", "q8_0", 5e-2)])
+def test_gguf_export_reads_back_and_converts_to_the_same_model(tmp_path, request, fixture, quant, tol):
+    """gguf-py's reader sees the types, tokenizer and template; our importer gives back the fused model's logits."""
+    import gguf
+    from mlx_lm import load
+
+    from mlxpost.model.gguf import convert_gguf
+
+    base = request.getfixturevalue(fixture)
+    run = make_run(tmp_path, base, "run")
+    result = export(run, "gguf", tmp_path / "out", quant=quant)
+    path = tmp_path / "out" / f"model.{quant}.gguf"
+    assert result["file"] == path.name and (tmp_path / "out" / "README.md").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", path.name]
+
+    r = gguf.GGUFReader(str(path))
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == quant.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    tcfg = json.loads((base / "tokenizer_config.json").read_text())
+    assert r.fields["tokenizer.chat_template"].contents() == tcfg["chat_template"]
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+
+    back = convert_gguf(path, tmp_path / "back")
+    want = mlx_logits(base, run)
+    assert close(mlx_logits(base), want) > EFFECT  # the adapter is in there
+    assert close(mlx_logits(back), want) < tol
+    _, tok, = load(str(back))
+    _, tok_base = load(str(base))
+    for text in ["Hello world 123", "<|im_start|>user\nhi<|im_end|>\n"]:
+        assert tok.encode(text) == tok_base.encode(text)
+
+
+def test_gguf_export_refuses_k_quants_with_the_way_out(tmp_path, tiny_model):
+    run = make_run(tmp_path, tiny_model, "run")
+    with pytest.raises(MlxpostError, match="cannot quantize K-quants.*llama-quantize"):
+        export(run, "gguf", tmp_path / "out", quant="q4_k_m")
+    assert not (tmp_path / "out").exists()

@@ -256,7 +256,7 @@ def test_refusals_are_clear(tmp_path):
 
     # A tensor type outside the supported set (I32, which mx.save_gguf can write) is named.
     bad = write_gguf(hf, tmp_path / "i32.gguf", extra_tensors={"blk.0.attn_q.weight": mx.zeros((64, 64), mx.int32)})
-    with pytest.raises(MlxpostError, match=r"'blk\.0\.attn_q\.weight' has GGUF type I32"):
+    with pytest.raises(MlxpostError, match=r"'blk\.0\.attn_q\.weight' has GGUF type I32.*cannot dequantize"):
         convert_gguf(bad, tmp_path / "o1")
 
     arch = write_gguf(hf, tmp_path / "gpt2.gguf", extra_meta={"general.architecture": "gpt2"})
@@ -280,41 +280,75 @@ def test_refusals_are_clear(tmp_path):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "o6")
 
 
-def test_quantized_and_bf16_tensors_match_llama_cpp_reference(tmp_path):
-    """Q4_0 / Q4_1 / Q8_0 / BF16 decode exactly as llama.cpp's own gguf-py does; Q4_K is refused."""
-    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's gguf-py) writes quantized tensors")
-    from gguf import GGMLQuantizationType as Q
+def _write_raw_gguf(path: Path, tensors: dict) -> Path:
+    """A GGUF with only the given (name -> (array, type)) tensors, written by gguf-py's writer."""
+    import gguf
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 256)).astype(np.float32)
-    path = tmp_path / "q.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    ref = {}
-    for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.BF16):
-        q = gguf.quants.quantize(x, t)
-        w.add_tensor(f"{t.name}.weight", q, raw_shape=q.shape, raw_dtype=t)
-        ref[f"{t.name}.weight"] = gguf.quants.dequantize(q, t)
+    for name, (q, t) in tensors.items():
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tensors, _ = load_gguf(path)
-    assert set(tensors) == set(ref)
-    for name, r in ref.items():
-        np.testing.assert_array_equal(np.array(tensors[name]), r, err_msg=name)
+    return path
 
-    # K-quants: MLX 0.32's reader fails on most and decodes Q4_K wrongly, so they are refused up front.
-    bs, nbytes = gguf.GGML_QUANT_SIZES[Q.Q4_K]
-    raw = rng.integers(0, 256, size=(8, 256 // bs * nbytes), dtype=np.uint8)
-    kpath = tmp_path / "k.gguf"
-    w = gguf.GGUFWriter(str(kpath), "llama")
-    w.add_tensor("blk.3.ffn_down.weight", raw, raw_shape=raw.shape, raw_dtype=Q.Q4_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(MlxpostError, match=r"'blk\.3\.ffn_down\.weight' has GGUF type Q4_K.*Q8_0, F16 or BF16"):
-        load_gguf(kpath)
+
+# Types gguf-py quantizes in numpy (the K- and I-quants it only dequantizes are tested from random blocks).
+QUANTIZABLE = ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"]
+# Relative RMS error each type may add to a standard-normal tensor (TQ*: ternary, coarse by design).
+REL_ERR = {"BF16": 0.005, "Q8_0": 0.01, "Q5_0": 0.06, "Q5_1": 0.06, "Q4_0": 0.12, "Q4_1": 0.12,
+           "TQ1_0": 0.9, "TQ2_0": 0.9}
+
+
+@pytest.mark.parametrize("qname", QUANTIZABLE)
+def test_quantized_tensors_equal_gguf_py_and_source(tmp_path, qname):
+    """Each type gguf-py can quantize: decoded bit for bit as gguf.quants.dequantize, near the source."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qname]
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    q = gguf.quants.quantize(x, t)
+    tensors, _ = load_gguf(_write_raw_gguf(tmp_path / "q.gguf", {"w.weight": (q, t)}))
+    got = np.array(tensors["w.weight"])
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(q, t))
+    assert np.sqrt(np.mean((got - x) ** 2)) < REL_ERR[qname], qname
+
+
+@pytest.mark.parametrize("qname", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS"])
+def test_k_and_i_quants_decode_like_gguf_py(tmp_path, qname):
+    """K-/I-quants (gguf-py only dequantizes them): random valid blocks decode exactly as gguf-py does."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qname]
+    block, nbytes = gguf.GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(1)
+    # Bytes below 0x7C: every fp16 scale in a block is then finite (exponent bits never all ones).
+    raw = rng.integers(0, 0x7C, size=(4, 512 // block * nbytes), dtype=np.uint8)
+    tensors, _ = load_gguf(_write_raw_gguf(tmp_path / "k.gguf", {"blk.3.ffn_down.weight": (raw, t)}))
+    ref = gguf.quants.dequantize(raw, t)
+    got = np.array(tensors["blk.3.ffn_down.weight"])
+    assert got.shape == (4, 512) and np.isfinite(ref).all()
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_gguf_fingerprint_is_cheap_and_sees_changes(tmp_path):
+    from mlxpost.model.gguf import gguf_fingerprint
+
+    a = tmp_path / "a.gguf"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 40 << 20, dtype=np.uint8).tobytes())
+    a.write_bytes(data)
+    key = gguf_fingerprint(a)
+    assert len(key) == 16 and gguf_fingerprint(a) == key
+    copy = tmp_path / "sub" / "renamed.gguf"
+    copy.parent.mkdir()
+    shutil.copy(a, copy)
+    assert gguf_fingerprint(copy) == key  # name and place do not matter
+    data[100] ^= 1  # the header changes
+    a.write_bytes(data)
+    assert gguf_fingerprint(a) != key
+    a.write_bytes(bytes(data) + b"x")  # size changes
+    assert gguf_fingerprint(a) != key
 
 
 def test_convert_cached_reuses_and_redoes_stale(tmp_path, monkeypatch):
@@ -324,6 +358,8 @@ def test_convert_cached_reuses_and_redoes_stale(tmp_path, monkeypatch):
     logs = []
     first = convert_gguf_cached(gguf, cache_dir=cache, log=logs.append)
     assert first.parent == cache / "gguf" and len(first.name) == 16
+    from mlxpost.model.gguf import gguf_fingerprint
+    assert first.name == gguf_fingerprint(gguf)
     assert (first / "config.json").exists() and logs
     stamp = (first / "model.safetensors").stat().st_mtime_ns
 
@@ -359,6 +395,17 @@ def test_pre_tokenizers_split_like_their_models(pre, expected):
 
 def test_hub_offline_env_means_unreachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+
+
+def test_transformers_offline_also_means_unreachable(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub_reachable() is False
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # as huggingface_hub read it at import
     assert hub_reachable() is False
 
 
@@ -432,3 +479,63 @@ def test_smollm2_tokenizer(smollm2):
     # SmolLM2's pre-tokenizer splits every digit on its own.
     assert len(tok.encode("2024", add_special_tokens=False)) == 4
     assert tok.decode(tok.encode("<|im_end|>"), skip_special_tokens=True) == ""
+
+
+def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
+    """A SentencePiece BPE vocabulary in GGUF form ('llama') tokenizes as SentencePiece itself does.
+
+    Trained without splitting at whitespace: llama.cpp's SentencePiece tokenizer merges across spaces
+    (Llama's vocabulary has runs of spaces), as Hugging Face's converted Llama tokenizers do.
+    """
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece trains the reference tokenizer")
+    from mlxpost.model.gguf import build_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 3 + ["the quick brown fox jumps over the lazy dog " * 3,
+                                              "def main():\n    return 42  # answer",
+                                              "Paris is the capital of France."]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=420,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, split_by_whitespace=False,
+                                   character_coverage=1.0,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+    }
+    tok, flags = build_tokenizer(tmp_path / "x.gguf", meta)
+    assert flags == {"add_bos_token": True, "add_eos_token": False}  # SentencePiece models add BOS by default
+    texts = TEXTS[:4] + ["the lazy fox", "Zebra ÿ ☃ unseen 字", "  leading spaces", "x"]
+    for text in texts:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert tok.encode(text).ids == [sp.bos_id()] + sp.encode(text)
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_qwen3_round_trip_through_export_and_import(tmp_path):
+    """qwen3 (per-head q/k RMSNorm): written by our GGUF writer, read back by the importer, same logits."""
+    from mlxpost.hub.gguf_export import write_gguf as export_gguf
+
+    hf = build_tiny_model(tmp_path / "hf", rope_theta=50000.0)
+    sharpen_attention(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    w = dict(mx.load(str(hf / "model.safetensors")))
+    rng = np.random.default_rng(0)
+    for i in range(cfg["num_hidden_layers"]):
+        for n in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{n}.weight"] = mx.array(1 + 0.5 * rng.standard_normal(16).astype(np.float32))
+    mx.save_safetensors(str(hf / "model.safetensors"), w, metadata={"format": "pt"})
+    out = convert_gguf(export_gguf(hf, tmp_path / "q3.gguf", "f16"), tmp_path / "back")
+    back = json.loads((out / "config.json").read_text())
+    assert back["model_type"] == "qwen3" and back["head_dim"] == 16
+    np.testing.assert_allclose(logits(out, SEQ), logits(hf, SEQ), atol=5e-3, rtol=0)  # f16 weights

@@ -11,6 +11,8 @@ import click
 
 from ..data.convert import convert
 from ..data.formats import LAYOUTS
+from ..data.hub import PREFIX as HUB_PREFIX
+from ..data.hub import stage_split
 from ..hub.upload import push_dataset, push_model
 from ..ui import make_reporter
 
@@ -28,7 +30,7 @@ def data():
 
 
 @data.command("convert")
-@click.argument("src", metavar="IN", type=click.Path(exists=True))
+@click.argument("src", metavar="IN")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory (train.jsonl, test.jsonl).")
 @click.option("--to", type=click.Choice(["sft", "preference"]),
@@ -56,6 +58,8 @@ def convert_cmd(src, out, to, layout, split, seed, tokenizer, system, skip_bad_r
     and counted.
     """
     rep = make_reporter(plain=True if plain else None)
+    if str(src).startswith(HUB_PREFIX):  # hf:ORG/NAME[:CONFIG][@SPLIT]: that split's files, downloaded
+        src = stage_split(src)
     result = convert(src, out, to=to, layout=layout, split=split, seed=seed, tokenizer=tokenizer, system=system,
                      skip_bad_rows=skip_bad_rows, overwrite=overwrite, log=rep.info)
     rep.table("data convert", result.table_rows())

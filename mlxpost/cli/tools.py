@@ -7,6 +7,7 @@ import click
 from ..backend.doctor import doctor_rows
 from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
+from ..hub.gguf_export import QUANTS, REFUSED_QUANTS
 from ..tools.chat import load_for_generation
 from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
@@ -16,15 +17,18 @@ from .train import show_blas_advice
 @click.command("export")
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
-              help="peft: PEFT adapter; fused: Hugging Face model with the adapter merged; mlx: mlx-lm adapter.")
+              help="peft: PEFT adapter; fused: Hugging Face model with the adapter merged; mlx: mlx-lm adapter; "
+                   "gguf: the merged model as one GGUF file (llama.cpp, Ollama, LM Studio).")
 @click.option("--out", type=click.Path(), help="Directory to write (default: exports/<run>-<format>).")
 @click.option("--best", is_flag=True, help="Export the run's best/ adapter (lowest validation loss).")
 @click.option("--model", help="Base model (default: the one the run trained on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="fused: weight dtype (auto: the base model's).")
+@click.option("--quant", type=click.Choice(QUANTS + REFUSED_QUANTS), default="q8_0", show_default=True,
+              help="gguf: tensor type (q4_k_m: not written here; the message says how to make it from q8_0).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
-    """Export a run's adapter: PEFT adapter, merged Hugging Face model, or mlx-lm adapter.
+def export_command(run_dir, fmt, out, best, model, dtype, quant, overwrite):
+    """Export a run's adapter: PEFT adapter, merged Hugging Face model, mlx-lm adapter, or GGUF file.
 
     \b
     Examples:
@@ -32,8 +36,9 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
       mlxpost export runs/sft-default --format peft --out exports/sft-peft
       mlxpost export runs/dpo-1 --format fused --out exports/dpo-merged --dtype bfloat16
       mlxpost export runs/sft-default --best --format mlx --out exports/sft-mlx
+      mlxpost export runs/sft-default --format gguf --quant q8_0 --out exports/sft-gguf
     """
-    result = export(run_dir, fmt, out, best=best, model=model, dtype=dtype, overwrite=overwrite)
+    result = export(run_dir, fmt, out, best=best, model=model, dtype=dtype, overwrite=overwrite, quant=quant)
     click.echo(f"wrote {fmt} export of {run_dir}{' (best/)' if best else ''} to {result['out']} "
                f"(base: {result['base']})")
     for note in result["notes"]:

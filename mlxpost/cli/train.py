@@ -56,7 +56,55 @@ COMMON_OPTIONS = [
                  help="Continue a killed or finished run directory."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory of the same name."),
     click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display."),
+    click.option("--report-to", "train__report_to",
+                 type=click.Choice(["none", "tensorboard", "wandb", "trackio", "mlflow"]),
+                 help="Also send every metric to this experiment tracker (tensorboard: RUN_DIR/tensorboard)."),
 ]
+
+
+# mlx_lm.lora's option names, accepted as hidden aliases so that habits and scripts carry over:
+# mlx-lm name -> our config key (``--adapter-path DIR``: the run directory, i.e. --out + --name).
+MLX_LM_ALIASES = {
+    "iters": ("train.steps", int),
+    "learning-rate": ("train.lr", float),
+    "adapter-path": ("output.path", str),
+    "num-layers": ("lora.num_layers", int),
+    "fine-tune-type": ("lora.type", click.Choice(["lora", "dora", "full"])),
+    "max-seq-length": ("data.max_seq_len", int),
+    "grad-accumulation-steps": ("train.grad_accum", int),
+}
+
+COMMON_OPTIONS += [click.option(f"--{name}", f"alias__{name.replace('-', '_')}", type=kind, hidden=True)
+                   for name, (_, kind) in MLX_LM_ALIASES.items()]
+
+
+def apply_aliases(kwargs: dict) -> None:
+    """Move mlx-lm-named options onto our keys in ``kwargs`` (in place); refuse one given both ways differently.
+
+    >>> kw = {"train__steps": None, "alias__iters": 7, "alias__learning_rate": None}
+    >>> apply_aliases(kw); kw
+    {'train__steps': 7}
+    """
+    for name, (key, _) in MLX_LM_ALIASES.items():
+        value = kwargs.pop(f"alias__{name.replace('-', '_')}", None)
+        if value is None:
+            continue
+        if key == "lora.type" and value == "full":
+            raise MlxpostError("--fine-tune-type full: mlxpost trains LoRA or DoRA adapters only (full fine-tuning "
+                               "is not offered); use --fine-tune-type lora or dora")
+        if key == "output.path":
+            path = Path(value)
+            for k, v in (("output__dir", str(path.parent)), ("output__name", path.name)):
+                if kwargs.get(k) not in (None, v):
+                    raise MlxpostError(f"--adapter-path {value} and --{k.split('__')[1]} {kwargs[k]} disagree; "
+                                       "give one of them")
+                kwargs[k] = v
+            continue
+        ours = key.replace(".", "__")
+        if kwargs.get(ours) not in (None, value):
+            raise MlxpostError(f"--{name} {value} and its mlxpost name (config key {key}) = {kwargs[ours]} "
+                               "disagree; give one of them")
+        kwargs[ours] = value
 
 
 def method_command(method: Method) -> click.Command:
@@ -73,6 +121,7 @@ def method_command(method: Method) -> click.Command:
 
 def config_values(kwargs: dict) -> dict:
     """Command-line values by dotted key (``train__lr`` -> ``train.lr``); a repeatable option not given is None."""
+    apply_aliases(kwargs)
     if kwargs.pop("dora"):
         kwargs["lora.type"] = "dora"
     if kwargs.pop("skip_bad_rows"):

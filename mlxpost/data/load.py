@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DataError, MlxpostError, RowIssue
+from .hub import PREFIX as HUB_PREFIX
+from .hub import hub_data_files
 from .render import Renderer, render_pair
 from .rows import read_jsonl, validate_pair_row, validate_prompt_row, validate_sft_row
 
@@ -82,7 +84,13 @@ SPLIT_NAMES = {
 
 
 def resolve_data_files(data: str | Path, valid: str | Path | None = None) -> dict[str, Path]:
-    """``data`` is a .jsonl file or a directory with train.jsonl (and valid.jsonl)."""
+    """``data`` is a .jsonl file, a directory with train.jsonl (and valid.jsonl), or a Hub dataset
+    ``hf:ORG/NAME[:CONFIG][@SPLIT]`` (:mod:`mlxpost.data.hub`: downloaded, converted, cached)."""
+    if str(data).startswith(HUB_PREFIX):
+        files = hub_data_files(str(data))
+        if valid is not None:
+            files["valid"] = resolve_data_files(files["train"], valid)["valid"]
+        return files
     p = Path(data)
     if not p.exists():
         raise MlxpostError(f"data not found: {p}")

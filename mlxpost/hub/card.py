@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import ModelCardData
 
 from .source import Source
 
@@ -76,11 +76,12 @@ def _metrics(src: Source) -> dict:
 
 def model_card(src: Source, fmt: str, result: dict) -> str:
     base, kind, method = result["base"], result["kind"], src.method
-    library = {"peft": "peft", "fused": "transformers", "mlx": "mlx"}[fmt]
+    library = {"peft": "peft", "fused": "transformers", "mlx": "mlx", "gguf": "gguf"}[fmt]
     tags = ["mlxpost", kind, method]
     if src.meta.get("quantize"):
         tags.append("qlora")
-    tags += {"peft": ["lora", "peft"], "fused": ["merged"], "mlx": ["mlx", "mlx-lm"]}[fmt]
+    tags += {"peft": ["lora", "peft"], "fused": ["merged"], "mlx": ["mlx", "mlx-lm"],
+             "gguf": ["gguf", "merged", str(result.get("quant", ""))]}[fmt]
     hp, metrics = _hyperparameters(src), _metrics(src)
     front: dict[str, Any] = {"base_model": base, "library_name": library, "pipeline_tag": "text-generation",
                              "tags": list(dict.fromkeys(tags))}
@@ -91,7 +92,8 @@ def model_card(src: Source, fmt: str, result: dict) -> str:
     kname = {"lora": "LoRA", "dora": "DoRA"}.get(kind, kind)
     what = {"peft": f"A {kname} adapter (PEFT format)",
             "fused": f"{base} with a {kname} adapter merged into its weights",
-            "mlx": f"A {kname} adapter (mlx-lm format)"}[fmt]
+            "mlx": f"A {kname} adapter (mlx-lm format)",
+            "gguf": f"{base} with a {kname} adapter merged into its weights, as GGUF ({result.get('quant')})"}[fmt]
     usage = {
         "peft": ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
                  f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
@@ -102,8 +104,11 @@ def model_card(src: Source, fmt: str, result: dict) -> str:
                   "tokenizer = AutoTokenizer.from_pretrained(\"<this directory or repo>\")\n```\n\n"
                   "or `mlx_lm.generate --model <this directory> --prompt \"...\"`."),
         "mlx": f"```bash\nmlx_lm.generate --model {base} --adapter-path <this directory> --prompt \"...\"\n```",
+        "gguf": (f"```bash\nllama-cli -m {result.get('file')} -cnv          # llama.cpp (chat template from the file)\n"
+                 f"printf 'FROM ./{result.get('file')}\\n' > Modelfile && ollama create my-model -f Modelfile\n"
+                 f"lms import {result.get('file')}                  # LM Studio\n```"),
     }[fmt]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+    lines = ["---", ModelCardData(**front).to_yaml(), "---", "",
              f"# {method.upper()} of {base}", "",
              f"{what}, trained with mlxpost ({method.upper()}, "
              f"{'best validation checkpoint' if src.best else 'final adapter'}).", "", "## Use", "", usage, "",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import DatasetCardData
 
 from ..data.convert import CONVERSION_FILE, pyarrow_modules
 from ..data.rows import read_jsonl, validate_pair_row, validate_sft_row
@@ -255,7 +255,8 @@ def dataset_card(staged: StagedDataset, repo: str | None, conversion: dict | Non
     else:
         what = ("Preference pairs (DPO, ORPO, CPO, SimPO): each row has a `prompt` message list and the `chosen` "
                 "and `rejected` answers as assistant message lists.")
-    lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+    # DatasetCardData writes the header the Hub's card tooling expects (configs and dataset_info are its fields).
+    lines = ["---", DatasetCardData(**header).to_yaml(), "---", "",
              f"# {title}", "", what, "", "| split | rows |", "|---|---|"]
     lines += [f"| {s} | {info['rows']} |" for s, info in staged.splits.items()]
     lines += ["", "## How it was made", ""]

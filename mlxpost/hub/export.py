@@ -9,6 +9,8 @@
   ``AutoModelForCausalLM.from_pretrained`` and ``mlx_lm`` load;
 * ``mlx``: mlx-lm's adapter layout (``adapter_config.json`` +
   ``adapters.safetensors``), for ``mlx_lm.generate --adapter-path``;
+* ``gguf``: the fused model as one ``model.<quant>.gguf`` file (f16 or q8_0,
+  :mod:`mlxpost.hub.gguf_export`), for llama.cpp, Ollama and LM Studio;
 
 each with a model card (``README.md``).
 
@@ -52,6 +54,7 @@ from ..model.adapters import (
 from ..model.load import DTYPES, default_dtype, load_model
 from ..model.peft import _LEAF, PEFT_PREFIX, PEFT_WEIGHTS
 from .card import model_card
+from .gguf_export import check_quant, write_gguf
 from .source import (
     Source,
     _hf_weight_shapes,
@@ -65,7 +68,7 @@ from .source import (
     stack_adapter,
 )
 
-FORMATS = ("peft", "fused", "mlx")
+FORMATS = ("peft", "fused", "mlx", "gguf")
 
 CARD = "README.md"
 
@@ -377,12 +380,32 @@ def default_out(run_dir: str | Path, fmt: str, best: bool = False) -> Path:
     return Path("exports") / f"{name}{'-best' if best else ''}-{fmt}"
 
 
+def export_gguf(src: Source, out: Path, model: str | None = None, quant: str = "q8_0") -> dict:
+    """The fused model (merged in float32, so the only rounding is the GGUF's own) as ``out/model.<quant>.gguf``."""
+    fused = out.with_name(f".{out.name}.fused-tmp")
+    shutil.rmtree(fused, ignore_errors=True)
+    try:
+        result = export_fused(src, fused, model, "float32")
+        out.mkdir(parents=True, exist_ok=True)
+        write_gguf(fused, out / f"model.{quant}.gguf", quant, name=result["base"])
+    finally:
+        shutil.rmtree(fused, ignore_errors=True)
+    result["quant"] = quant
+    result["file"] = f"model.{quant}.gguf"
+    return result
+
+
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, best: bool = False,
-           model: str | None = None, dtype: str = "auto", overwrite: bool = False) -> dict:
+           model: str | None = None, dtype: str = "auto", overwrite: bool = False, quant: str = "q8_0") -> dict:
     """Export ``run_dir``'s adapter as ``fmt`` into ``out`` (default: :func:`default_out`); returns what was
-    written (config, notes, base)."""
+    written (config, notes, base).
+
+    ``quant`` is the GGUF tensor type (``gguf`` format only): f16 or q8_0.
+    """
     if fmt not in FORMATS:
         raise MlxpostError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if fmt == "gguf":
+        check_quant(quant)  # before minutes of merging
     src = find_source(run_dir, best)
     out = Path(out).expanduser() if out is not None else default_out(run_dir, fmt, best)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -397,6 +420,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, best
             result = export_peft(src, tmp, model)
         elif fmt == "mlx":
             result = export_mlx(src, tmp, model)
+        elif fmt == "gguf":
+            result = export_gguf(src, tmp, model, quant)
         else:
             result = export_fused(src, tmp, model, dtype)
         (tmp / CARD).write_text(model_card(src, fmt, result))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import yaml
+from safetensors import SafetensorError, safe_open
 
 from ..errors import MlxpostError
 from ..files import read_json
@@ -143,13 +143,14 @@ def _local_base_dir(src: Source, model: str | None) -> Path:
 
 
 def _hf_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a Hugging Face model directory (safetensors headers only)."""
+    """Tensor names and shapes of a Hugging Face model directory (safetensors headers only, via ``safe_open``)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        try:
+            with safe_open(str(f), framework="numpy") as fh:
+                shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+        except (OSError, SafetensorError) as e:
+            raise MlxpostError(f"{f}: not a readable safetensors file ({e})") from None
     if not shapes:
         raise MlxpostError(f"{model_dir}: no .safetensors weights")
     return shapes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 import tempfile
@@ -125,8 +126,10 @@ def _ensure_repo(api, repo: str, repo_type: str, private: bool, endpoint: str) -
     Like ``create_repo(exist_ok=True)``, written out: when creating is refused
     (401/403: no right to create in that namespace) but the repo exists and
     can be read, go on: the commit then says whether the token may write
-    there. (huggingface_hub's own fallback builds a URL that a custom
-    HF_ENDPOINT set after import cannot parse.)
+    there. Not ``create_repo(exist_ok=True)`` itself: in huggingface_hub 2.4
+    its fallback still builds ``RepoUrl`` without the endpoint, which fails
+    ("Unrecognized host") for an endpoint other than the one read at import
+    (tests/test_hub_upload.py::test_someone_elses_repo shows it).
     """
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
     try:
@@ -142,6 +145,29 @@ def _ensure_repo(api, repo: str, repo_type: str, private: bool, endpoint: str) -
         except HfHubHTTPError:
             raise e from None
         return f"{endpoint}/{prefix}{repo}"
+
+
+def _unchanged(api, repo: str, repo_type: str, folder: Path, files: list[str]) -> list[str]:
+    """The files whose content the repo already has (git blob id, or sha256 for LFS files), from the
+    public tree listing; huggingface_hub skips uploading those itself."""
+    try:
+        remote = {f.path: f for f in api.list_repo_tree(repo, repo_type=repo_type, recursive=True)
+                  if hasattr(f, "blob_id")}
+    except HfHubHTTPError:
+        return []
+    same = []
+    for rel in files:
+        r = remote.get(rel)
+        if r is None:
+            continue
+        data = (folder / rel).read_bytes()
+        lfs = getattr(r, "lfs", None)
+        if lfs is not None:
+            if hashlib.sha256(data).hexdigest() == lfs.sha256:
+                same.append(rel)
+        elif hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == r.blob_id:
+            same.append(rel)
+    return same
 
 
 def upload_folder(folder: str | Path, repo: str, *, repo_type: str, private: bool = False,
@@ -165,6 +191,7 @@ def upload_folder(folder: str | Path, repo: str, *, repo_type: str, private: boo
     adds = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
     try:
         url = _ensure_repo(api, repo, repo_type, private, endpoint)
+        unchanged = _unchanged(api, repo, repo_type, folder, files)
         stale = []
         if delete_patterns:
             remote = api.list_repo_files(repo, repo_type=repo_type)
@@ -179,13 +206,6 @@ def upload_folder(folder: str | Path, repo: str, *, repo_type: str, private: boo
             raise
         raise err from None
 
-    def same(op) -> bool:
-        try:
-            return op._remote_oid is not None and op._remote_oid == op._local_oid
-        except Exception:  # noqa: BLE001 - internals of another huggingface_hub version
-            return False
-
-    unchanged = [op.path_in_repo for op in adds if same(op)]
     return PushResult(repo=repo, repo_type=repo_type, url=str(url), commit_url=getattr(info, "commit_url", None),
                       uploaded=[f for f in files if f not in set(unchanged)], unchanged=unchanged, deleted=stale)
 

@@ -6,6 +6,7 @@ import os
 import urllib.request
 from pathlib import Path
 
+import huggingface_hub.constants as hf_constants
 from huggingface_hub import snapshot_download
 
 from ..errors import MlxpostError
@@ -14,12 +15,16 @@ from ..errors import MlxpostError
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers within ``timeout`` seconds.
 
-    ``HF_HUB_OFFLINE=1`` counts as unreachable. Any HTTP answer counts as
-    reachable (the endpoint is up; errors for the repo show up later).
+    Offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``, as
+    huggingface_hub reads them) counts as unreachable. Any HTTP answer counts
+    as reachable (the endpoint is up; errors for the repo show up later).
+    huggingface_hub reads its environment once, at import; the variables are
+    read again here so that a change after import (tests, notebooks) counts too.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
+    if hf_constants.HF_HUB_OFFLINE or env in ("1", "true", "yes", "on"):
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = (os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT).rstrip("/")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
         return True

@@ -6,15 +6,21 @@ model is named.
 
 What converts, and what is refused with a message that says so:
 
-- tensor types: F32, F16, BF16, Q8_0, Q4_0 and Q4_1 (dequantized into the
-  training dtype). Everything else is refused, K-quants included: MLX 0.32's
-  GGUF reader fails on most of them and decodes Q4_K wrongly.
-- architectures: ``llama`` (Llama 1-3, SmolLM, Mistral-style models) and
-  ``qwen2``. RoPE scaling: none, linear, and Llama-3's (recovered from the
-  ``rope_freqs`` tensor).
+- tensor types: every type the ``gguf`` package (llama.cpp's own gguf-py)
+  dequantizes in numpy: F32, F16, BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the
+  K-quants (Q2_K ... Q6_K, i.e. Q4_K_M files) and the I-quants, decoded into
+  the training dtype. Reading and decoding are gguf-py's; MLX's own GGUF
+  reader (``mx.load``) is not used: it fails on most K-quants and decodes
+  Q4_K wrongly (MLX 0.32).
+- architectures: ``llama`` (Llama 1-3, SmolLM; llama.cpp also writes Mistral
+  7B as ``llama``), ``qwen2`` (Qwen2/2.5) and ``qwen3``. Not yet: gemma2/3
+  (llama.cpp stores their norms shifted by one) and phi3 (fused qkv and
+  gate/up tensors). RoPE scaling: none, linear, and Llama-3's (recovered from
+  the ``rope_freqs`` tensor).
 - tokenizers: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with one
-  of the pre-tokenizers in :data:`PRE_TOKENIZERS`. SentencePiece
-  (``"llama"``) and other tokenizer models are refused.
+  of the pre-tokenizers in :data:`PRE_TOKENIZERS`, and SentencePiece BPE
+  (``"llama"``: Llama 1/2, Mistral) rebuilt from tokens and scores with byte
+  fallback. Other tokenizer models (Unigram ``"t5"``, ...) are refused.
 
 Two llama.cpp conventions are undone here. Its converter reorders the rows of
 each q/k projection head from Hugging Face's half-split RoPE layout into
@@ -26,22 +32,22 @@ silently falls back to 10000 without it.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import mmap
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf
 import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import MlxpostError
-from ..files import cache_root, file_sha256
+from ..files import cache_root
 
 Log = Callable[[str], None] | None
 
@@ -55,19 +61,6 @@ _MARKER = ".mlxpost-gguf.json"
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
-# ggml tensor type ids (ggml.h) -> names, for messages.
-GGML_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
-    16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}
-
-
-_F32, _F16, _Q4_0, _Q4_1, _Q8_0, _BF16 = 0, 1, 2, 3, 8, 30
-
-SUPPORTED_TYPES = (_F32, _F16, _BF16, _Q8_0, _Q4_0, _Q4_1)
 
 
 # Pre-tokenizers (``tokenizer.ggml.pre``) whose splitting rules are known here.
@@ -91,6 +84,7 @@ _ARCHS = {
     # general.architecture -> (HF class, model_type, q/k rows permuted by llama.cpp)
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
 }
 
 
@@ -105,10 +99,23 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3: RMSNorm over each head's queries / keys
+    "attn_k_norm": "self_attn.k_norm",
 }
+
+# Per-layer tensors every model of an architecture must have (beyond the llama set).
+_ARCH_EXTRA = {
+    "qwen2": [f"self_attn.{p}_proj.bias" for p in "qkv"],
+    "qwen3": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+}
+_OPTIONAL_BLOCK = {"attn_q_norm", "attn_k_norm"}
 
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+# Tensor types stored as plain numbers that are not weights (token ids, masks): never dequantized.
+_NOT_WEIGHTS = {"I8", "I16", "I32", "I64", "F64"}
 
 
 @dataclass
@@ -120,145 +127,101 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return GGML_TYPE_NAMES.get(self.type, f"type {self.type}")
+        try:
+            return gguf.GGMLQuantizationType(self.type).name
+        except ValueError:
+            return f"type {self.type}"
 
 
-# Byte sizes of the fixed-size GGUF metadata value types (gguf.md).
-_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
+def _open_reader(path: Path) -> "gguf.GGUFReader":
+    """gguf-py's memory-mapped reader, with its errors turned into one-line messages."""
+    if not path.is_file():
+        raise MlxpostError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise MlxpostError(f"{path}: not a GGUF file (bad magic {magic!r})")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OSError) as e:
+        raise MlxpostError(f"{path}: truncated or corrupt GGUF file ({e})") from None
 
 
 def read_tensor_infos(path: str | Path) -> list[TensorInfo]:
-    """Names, shapes, types and file offsets of the tensors in a GGUF file.
+    """Names, shapes, types and file offsets of the tensors in a GGUF file (header only)."""
+    reader = _open_reader(Path(path))
+    return [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.tensor_type),
+                       int(t.data_offset)) for t in reader.tensors]
 
-    Reads only the header (metadata values are skipped), so unsupported
-    tensor types can be named before any data is loaded.
+
+def can_dequantize(qtype: int) -> bool:
+    """Whether gguf-py decodes this tensor type into floats (F32, F16 and every quant it has a
+    dequantizer for: BF16, Q4_0 ... Q8_0, all K-quants, I-quants, TQ, MXFP4).
+
+    >>> can_dequantize(gguf.GGMLQuantizationType.Q4_K), can_dequantize(gguf.GGMLQuantizationType.I32)
+    (True, False)
     """
-    path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            raise MlxpostError(f"{path}: empty file, not a GGUF model") from None
-    try:
-        return _parse_header(buf, path)
-    except (struct.error, IndexError, UnicodeDecodeError):
-        raise MlxpostError(f"{path}: truncated or corrupt GGUF header") from None
-    finally:
-        buf.close()
-
-
-def _parse_header(buf: mmap.mmap, path: Path) -> list[TensorInfo]:
-    if buf[:4] != b"GGUF":
-        raise MlxpostError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise MlxpostError(f"{path}: GGUF version {version} is not supported (2 or 3; "
-                           "a huge number means a big-endian file)")
-    pos = 24
-    alignment = 32
-
-    def string(pos: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
-
-    def skip_value(vtype: int, pos: int) -> int:
-        if vtype in _VALUE_SIZES:
-            return pos + _VALUE_SIZES[vtype]
-        if vtype == _STRING:
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            return pos + 8 + n
-        if vtype == _ARRAY:
-            etype, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if etype in _VALUE_SIZES:
-                return pos + count * _VALUE_SIZES[etype]
-            for _ in range(count):  # strings (token lists) or nested arrays
-                pos = skip_value(etype, pos)
-            return pos
-        raise MlxpostError(f"{path}: unknown GGUF metadata value type {vtype}")
-
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if key == "general.alignment" and vtype == _UINT32:
-            (alignment,) = struct.unpack_from("<I", buf, pos)
-        pos = skip_value(vtype, pos)
-
-    raw = []
-    for _ in range(n_tensors):
-        name, pos = string(pos)
-        (ndim,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
-        ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
-        pos += 4 + 8 * ndim + 12
-        raw.append((name, tuple(reversed(dims)), ttype, offset))
-    data_start = pos + (-pos) % alignment  # the data section is aligned
-    return [TensorInfo(n, s, t, data_start + o) for n, s, t, o in raw]
-
-
-def _read_bf16(path: Path, info: TensorInfo) -> mx.array:
-    """A BF16 tensor, exactly (MLX's GGUF reader rounds BF16 to float16)."""
-    count = int(np.prod(info.shape))
-    bits = np.fromfile(path, dtype="<u2", count=count, offset=info.offset)
-    # bfloat16 is the top half of a float32.
-    return mx.array((bits.astype(np.uint32) << 16).view(np.float32).reshape(info.shape))
+    t = gguf.GGMLQuantizationType(qtype)
+    return t in (t.F32, t.F16) or (t in gguf.quants._type_traits and t.name not in _NOT_WEIGHTS)
 
 
 def check_tensor_types(path: str | Path, infos: list[TensorInfo]) -> None:
-    bad = [i for i in infos if i.type not in SUPPORTED_TYPES]
+    bad = [i for i in infos if not can_dequantize(i.type)]
     if not bad:
         return
     first = bad[0]
     others = f" (and {len(bad) - 1} more tensors of types {', '.join(sorted({b.type_name for b in bad}))})" \
         if len(bad) > 1 else ""
     raise MlxpostError(
-        f"{path}: tensor {first.name!r} has GGUF type {first.type_name}{others}, which mlxpost cannot "
-        f"convert. Supported: {', '.join(GGML_TYPE_NAMES[t] for t in SUPPORTED_TYPES)}. "
-        "K-quants (Q4_K_M, Q5_K_M, Q6_K, ...) and I-quants are not supported: use a Q8_0, F16 or BF16 "
-        "GGUF of this model, or its Hugging Face repository."
+        f"{path}: tensor {first.name!r} has GGUF type {first.type_name}{others}, which the gguf package "
+        f"(gguf {_gguf_version()}) cannot dequantize; use another quantization of this model "
+        "(Q8_0, Q4_K_M, F16, ...) or its Hugging Face repository."
     )
 
 
-def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict[str, mx.array], dict[str, Any]]:
+def _gguf_version() -> str:
+    from importlib.metadata import version  # only for this message
+
+    try:
+        return version("gguf")
+    except Exception:  # noqa: BLE001 - any metadata problem: the message just lacks the number
+        return "?"
+
+
+def _metadata(reader: "gguf.GGUFReader") -> dict[str, Any]:
+    """Key/value metadata as Python values (``GGUF.*`` pseudo-fields of the header left out)."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def load_gguf(path: str | Path, dtype: str = "float32", *, log: Log = None
+              ) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """All tensors of a GGUF file as plain arrays in ``dtype``, and its metadata.
 
-    Quantized tensors are dequantized: MLX returns Q4_0/Q4_1/Q8_0 as
-    ``name.weight`` (packed uint32) + ``name.scales`` + ``name.biases`` with
-    groups of 32; the bit width follows from the packed width.
+    Reading and dequantizing is gguf-py's (llama.cpp's own Python package):
+    every type it decodes works, K- and I-quants included, bit for bit as
+    ``gguf.quants.dequantize`` gives them (float32), then cast to ``dtype``.
+    Tensors are memory-mapped and decoded one at a time, so peak memory stays
+    near the size of the output. ``log`` gets a progress line every ~10%.
     """
     path = Path(path)
     if dtype not in _DTYPES:
         raise MlxpostError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
-    infos = read_tensor_infos(path)
+    reader = _open_reader(path)
+    infos = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.tensor_type),
+                        int(t.data_offset)) for t in reader.tensors]
     check_tensor_types(path, infos)
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # noqa: BLE001 - MLX raises plain RuntimeError/ValueError
-        raise MlxpostError(f"{path}: MLX could not read this GGUF file ({e})") from None
-
     out_dtype = _DTYPES[dtype]
     tensors: dict[str, mx.array] = {}
-    for info in infos:
-        name = info.name
-        if info.type == _BF16:
-            t = _read_bf16(path, info)
-        elif info.type in (_Q4_0, _Q4_1, _Q8_0):
-            stem = name[: -len(".weight")] if name.endswith(".weight") else name
-            w, scales, biases = arrays[name], arrays[f"{stem}.scales"], arrays[f"{stem}.biases"]
-            bits = w.shape[-1] // scales.shape[-1]  # 32 values per group, 32 bits per uint32
-            # Float32 scales/biases: the products are then exact (as llama.cpp computes them).
-            t = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits)
-        else:
-            t = arrays[name]
-        if tuple(t.shape) != info.shape:
-            raise MlxpostError(f"{path}: tensor {name!r} read with shape {tuple(t.shape)}, header says {info.shape}")
-        tensors[name] = t.astype(out_dtype)
-        mx.eval(tensors[name])  # one tensor at a time keeps peak memory near the output size
-    return tensors, metadata
+    step = max(1, len(infos) // 10)
+    for n, (t, info) in enumerate(zip(reader.tensors, infos), 1):
+        x = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if x.size != int(np.prod(info.shape)):
+            raise MlxpostError(f"{path}: tensor {info.name!r} decodes to {x.size} values, header says {info.shape}")
+        tensors[info.name] = mx.array(x.reshape(info.shape)).astype(out_dtype)
+        mx.eval(tensors[info.name])  # one tensor at a time keeps peak memory near the output size
+        if log and (n % step == 0 or n == len(infos)):
+            log(f"dequantized {n}/{len(infos)} tensors")
+    return tensors, _metadata(reader)
 
 
 def _plain(v: Any) -> Any:
@@ -341,7 +304,7 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
     if get("rope.dimension_count", head_dim) != head_dim:
         raise MlxpostError(f"{path}: partial rotary embeddings (rope.dimension_count "
                            f"{get('rope.dimension_count')} < head size {head_dim}) are not supported")
-    if model_type == "qwen2" and head_dim != hidden // n_head:
+    if model_type == "qwen2" and head_dim != hidden // n_head:  # qwen3 has its own head_dim
         raise MlxpostError(f"{path}: qwen2 with head size {head_dim} != hidden/heads is not supported by mlx-lm")
     rope_theta = float(get("rope.freq_base", 10000.0))
 
@@ -418,9 +381,8 @@ def _hf_weights(path: Path, tensors: dict[str, mx.array], cfg: dict, unpermute: 
 
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg["num_hidden_layers"]):
-        expected += [f"model.layers.{i}.{n}.weight" for n in _BLOCK_NAMES.values()]
-        if cfg["model_type"] == "qwen2":
-            expected += [f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"]
+        expected += [f"model.layers.{i}.{n}.weight" for k, n in _BLOCK_NAMES.items() if k not in _OPTIONAL_BLOCK]
+        expected += [f"model.layers.{i}.{n}" for n in _ARCH_EXTRA.get(cfg["model_type"], [])]
     missing = [k for k in expected if k not in out]
     if missing:
         raise MlxpostError(f"{path}: missing tensors for a {cfg['model_type']} model: {', '.join(missing[:5])}"
@@ -443,12 +405,17 @@ def _pre_tokenizer(pre: str):
 
 
 def build_tokenizer(path: Path, meta: dict):
-    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE tokenizer."""
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's tokenizer, and its add_bos/add_eos flags.
+
+    Byte-level BPE (``tokenizer.ggml.model`` ``gpt2``) or SentencePiece BPE
+    (``llama``: Llama 1/2, Mistral, TinyLlama, ...).
+    """
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _finish_tokenizer(_spm_tokenizer(path, meta), meta, default_bos=True)
     if kind != "gpt2":
-        what = {"llama": "SentencePiece (tokenizer.ggml.model 'llama')"}.get(kind, f"tokenizer.ggml.model {kind!r}")
-        raise MlxpostError(f"{path}: {what} tokenizers are not supported, only byte-level BPE ('gpt2'). "
-                           "Use the model's Hugging Face repository instead of the GGUF file.")
+        raise MlxpostError(f"{path}: tokenizer.ggml.model {kind!r} is not supported, only byte-level BPE ('gpt2') "
+                           "and SentencePiece ('llama'). Use the model's Hugging Face repository instead.")
     pre = meta.get("tokenizer.ggml.pre")
     if pre is None:  # older files; guessing a split rule could tokenize silently wrong
         raise MlxpostError(f"{path}: no tokenizer.ggml.pre in this (older) GGUF file, so its pre-tokenizer is "
@@ -477,14 +444,20 @@ def build_tokenizer(path: Path, meta: dict):
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
+    return _finish_tokenizer(tok, meta, default_bos=False)
 
+
+def _finish_tokenizer(tok, meta: dict, *, default_bos: bool):
+    """Add the control / user-defined tokens and the BOS/EOS post-processor; return (tok, flags)."""
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    vocab = {t: i for i, t in enumerate(tokens)}
     types = _plain(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
     tok.add_special_tokens(specials)
     tok.add_tokens(user)
 
-    add_bos = bool(_plain(meta.get("tokenizer.ggml.add_bos_token", False)))
+    add_bos = bool(_plain(meta.get("tokenizer.ggml.add_bos_token", default_bos)))
     add_eos = bool(_plain(meta.get("tokenizer.ggml.add_eos_token", False)))
     bos, eos = _token(meta, tokens, "bos_token_id"), _token(meta, tokens, "eos_token_id")
     head = [bos] if add_bos and bos else []
@@ -496,6 +469,64 @@ def build_tokenizer(path: Path, meta: dict):
             pair=" ".join(head + ["$A"] + tail + [f"{t}:1" for t in head] + ["$B:1"] + [f"{t}:1" for t in tail]),
             special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)])
     return tok, {"add_bos_token": add_bos, "add_eos_token": add_eos}
+
+
+_UNKNOWN, _BYTE = 2, 6
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece BPE vocabulary.
+
+    SentencePiece BPE keeps no merge list: it joins the adjacent pair whose
+    joined piece has the highest score. As merges, that is every split of a
+    normal piece into two vocabulary pieces, ranked by the joined piece's
+    score (ties: lower ids first), which is what Hugging Face's converter does.
+
+    >>> _spm_merges(["a", "b", "ab", "abb"], [0.0, 0.0, -1.0, -2.0], [1, 1, 1, 1])
+    [('a', 'b'), ('ab', 'b')]
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] not in (1, _USER_DEFINED) or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], i, ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _spm_tokenizer(path: Path, meta: dict) -> Tokenizer:
+    """SentencePiece BPE (llama.cpp's ``llama`` tokenizer) as a ``tokenizers`` BPE with byte fallback.
+
+    No pre-splitting (merges cross spaces, as in llama.cpp); spaces become
+    ``▁`` and one is put in front of the text
+    (``tokenizer.ggml.add_space_prefix``, default true), pieces not in the
+    vocabulary fall back to ``<0xNN>`` byte tokens, and decoding undoes both.
+    """
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise MlxpostError(f"{path}: SentencePiece tokenizer without one tokenizer.ggml.scores value per token; "
+                           "cannot rebuild its merges. Use the model's Hugging Face repository instead.")
+    types = list(_plain(meta.get("tokenizer.ggml.token_type", [1] * len(tokens))))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise MlxpostError(f"{path}: the GGUF vocabulary has duplicate tokens; cannot build a tokenizer")
+    unk = _token(meta, tokens, "unknown_token_id") or next((t for t, k in zip(tokens, types) if k == _UNKNOWN), None)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, [float(x) for x in scores], types),
+                               unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(_plain(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    # A normalizer, not the Metaspace pre-tokenizer: Metaspace skips the prefix when the text already
+    # starts with a space, llama.cpp does not. (Like Hugging Face's own Llama tokenizer.json files, text
+    # after a special token gets the prefix too.)
+    replace = normalizers.Replace(" ", "▁")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
 
 
 def _token(meta: dict, tokens: list[str], key: str) -> str | None:
@@ -543,7 +574,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
         raise MlxpostError(f"GGUF file not found: {src}")
     if log:
         log(f"converting {src.name} to a Hugging Face directory ({dtype})")
-    tensors, meta = load_gguf(src, dtype)
+    tensors, meta = load_gguf(src, dtype, log=log)
     if "token_embd.weight" not in tensors:
         raise MlxpostError(f"{src}: no token_embd.weight tensor; not a language model GGUF")
     cfg, unpermute = _model_config(src, meta, tensors)
@@ -560,6 +591,31 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     return out
 
 
+_SAMPLE = 1 << 20  # bytes read at each sampled place
+_SAMPLES = 16
+
+
+def gguf_fingerprint(path: str | Path) -> str:
+    """A 16-hex-digit cache key for a GGUF file, read in milliseconds whatever its size.
+
+    Hashing a multi-GB file with sha256 on every run costs seconds to
+    minutes, so the key hashes the size, the first and last MiB (the header:
+    metadata, tokenizer, tensor table and offsets) and 16 MiB-sized blocks at
+    evenly spaced places of the tensor data. Any re-quantization or other
+    model changes the header or the sampled bytes; the file's name, location
+    and mtime are left out, so a copied or re-downloaded file reuses its entry.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(f"gguf-fingerprint-1:{size}".encode())
+    starts = {0, max(0, size - _SAMPLE)} | {size * i // (_SAMPLES + 1) for i in range(1, _SAMPLES + 1)}
+    with open(path, "rb") as f:
+        for start in sorted(starts):
+            f.seek(start)
+            h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:16]
+
+
 def _complete(d: Path) -> bool:
     try:
         marker = json.loads((d / _MARKER).read_text())
@@ -572,8 +628,8 @@ def convert_gguf_cached(gguf_path: str | Path, *, dtype: str = "float32", cache_
                         log: Log = None) -> Path:
     """Convert ``gguf_path`` once; later calls return the cached directory.
 
-    The cache entry is ``<cache>/gguf/<first 16 hex digits of the file's
-    sha256>/`` (``-<dtype>`` appended unless float32), where ``<cache>`` is
+    The cache entry is ``<cache>/gguf/<gguf_fingerprint(file)>/`` (``-<dtype>``
+    appended unless float32), where ``<cache>`` is
     ``cache_dir``, ``$MLXPOST_CACHE`` or ``~/.cache/mlxpost``. It is written
     into a temporary directory and renamed into place, so an interrupted
     conversion never leaves a half-written entry behind.
@@ -582,7 +638,7 @@ def convert_gguf_cached(gguf_path: str | Path, *, dtype: str = "float32", cache_
     if not src.is_file():
         raise MlxpostError(f"GGUF file not found: {src}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    key = file_sha256(src)[:16] + ("" if dtype == "float32" else f"-{dtype}")
+    key = gguf_fingerprint(src) + ("" if dtype == "float32" else f"-{dtype}")
     final = root / "gguf" / key
     if _complete(final):
         return final

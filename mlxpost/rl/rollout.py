@@ -77,6 +77,12 @@ def sample_next(logits: mx.array, temperature: float, top_p: float = 1.0, top_k:
     (0: off) the ``top_k`` most likely; ``top_p`` (1: off) the smallest set of
     most likely tokens whose mass reaches ``top_p``. What remains is renormalized.
     With no filter, one uniform number per row is inverted through the CDF.
+
+    Why not ``mlx_lm.sample_utils.make_sampler``: it offers the same filters,
+    but draws with ``mx.random.categorical``; inverting one uniform number
+    through the CDF was measured 2.7x faster over SmolLM2's 49k vocabulary,
+    and rollouts sample every token of every completion, so the sampler stays
+    ours (its signature is what the rollout benchmarks call).
     """
     if temperature <= 0:
         return mx.argmax(logits, axis=-1)

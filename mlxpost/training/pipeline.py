@@ -53,6 +53,7 @@ from .loop import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epo
 from .resume import config_changes, resume_point
 from .rundir import RunDir, new_run_dir
 from .sources import DataKind, data_kind
+from .trackers import open_tracker, require_tracker
 
 
 @dataclass
@@ -271,6 +272,8 @@ def start_run(cfg: RunConfig, world, rank: int, resume: Path | None, rep) -> Run
             rep.info("resuming with changed settings: "
                      + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
     rundir.write_text("config.yaml", dump_yaml(stored))
+    if rundir.writer:
+        rundir.tracker = open_tracker(cfg.train.report_to, rundir.path, stored.to_dict())
     return rundir
 
 
@@ -317,6 +320,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     rank = world.rank() if world else 0
     if world is not None and not kind.distributed:
         raise MlxpostError(f"{cfg.method} runs in one process for now (distributed rollouts are not supported)")
+    require_tracker(cfg.train.report_to)  # a missing package stops the run before its directory exists
     rundir = start_run(cfg, world, rank, resume, reporter)
     reporter.info(f"run directory: {shown_path(rundir.path)}")
     try:
@@ -326,6 +330,7 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
             reporter.info(f"removed {shown_path(rundir.path)} again: the run failed before its first step")
         raise
     finally:
+        rundir.close_tracker()
         rundir.unlock()
     return rundir.path, result
 

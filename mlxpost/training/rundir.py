@@ -94,6 +94,7 @@ class RunDir:
         self.ckpt_dir = self.path / "checkpoints"
         self.created = False  # this process made the directory (it may discard it, see discard())
         self.trained = False  # a step, report or failure was logged by this process
+        self.tracker = None  # an experiment tracker (--report-to, mlxpost.training.trackers) that log() feeds
         self._lock: IO | None = None
         if writer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ class RunDir:
             return None
 
     def log(self, record: dict) -> None:
-        """Append one line to metrics.jsonl (flushed at once: survives a kill)."""
+        """Append one line to metrics.jsonl (flushed at once: survives a kill), and pass it to the tracker."""
         if not self.writer:
             return
         record = {"time": round(time.time(), 3), **record}
@@ -156,6 +157,13 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json_text(record, indent=None) + "\n")
             f.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close_tracker(self) -> None:
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            tracker.close()
 
     def read_metrics(self) -> list[dict]:
         f = self.path / "metrics.jsonl"
