@@ -11,6 +11,8 @@ from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
 from ..model.adapters import load_adapter_stack, read_adapter_config
 from ..model.load import load_model
+from ..steer.hooks import steered
+from ..steer.vectors import steer_specs
 from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
 from .train import show_blas_advice
@@ -50,7 +52,9 @@ def export_command(run_dir, fmt, out, best, model, dtype, overwrite):
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
+@click.option("--steer", "steer", multiple=True, metavar="VEC_DIR@λ[:LAYER]",
+              help="Add λ·v to a block's output (repeatable: vectors sum; layer default: the directory's best).")
+def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p, steer):
     """Generate a reply (chat template applied), optionally with a trained adapter."""
     quantize = group = None
     dtype = "auto"
@@ -67,10 +71,11 @@ def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
     if adapter:
         load_adapter_stack(loaded.model, adapter)
     said = False
-    for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
-                             top_p=top_p, system=system):
-        said = said or bool(piece.strip())
-        click.echo(piece, nl=False)
+    with steered(loaded.model, steer_specs(loaded.model, steer)):
+        for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
+                                 top_p=top_p, system=system):
+            said = said or bool(piece.strip())
+            click.echo(piece, nl=False)
     click.echo()
     if not said:
         click.secho("(empty reply: the model wrote nothing but whitespace before ending its turn)", fg="yellow", err=True)
