@@ -155,3 +155,47 @@ def test_cli_extract_then_generate_steered(tmp_path, tiny_model):
     bad = subprocess.run([sys.executable, "-m", "mlxpost", "generate", "--model", str(tiny_model), "-p", "hi",
                           "--steer", f"{vec}@1:9"], capture_output=True, text=True, env=mlxpost_env(), timeout=300)
     assert bad.returncode == 2 and "not 9" in bad.stderr
+
+
+def test_sweep_scores_side_effects_and_verdicts(tmp_path, lm):
+    from mlxpost.steer.sweep import run_sweep, write_outputs
+
+    v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(3)) * 4
+    ps, ns = seqs_of(lm, POS[:4]), seqs_of(lm, NEG[:4])
+    res = run_sweep(lm.model, lm.tokenizer, SteerSpec(1, v, 1.0), [-8, 0, 8], ps, ns, score="length",
+                    max_new_tokens=6)
+    rows = {r["lambda"]: r for r in res["rows"]}
+    assert sorted(rows) == [-8.0, 0.0, 8.0]
+    assert rows[0.0]["side_effects"] == 0.0  # λ=0 is the reference
+    assert rows[8.0]["side_effects"] > 0  # a vector this long changes the greedy replies
+    with steered(lm.model, []):
+        from mlxpost.steer.sweep import greedy_replies
+        plain = greedy_replies(lm.model, lm.tokenizer, ps, 6)
+    from mlxpost.steer.scores import mean_length
+    assert rows[0.0]["score"] == pytest.approx(mean_length(plain))
+    assert 0.0 in res["verdicts"]["within_budget"]
+    written = write_outputs(res, tmp_path)
+    assert (tmp_path / "sweep.json").is_file() and "| λ |" in (tmp_path / "sweep.md").read_text()
+    assert len(written) >= 2
+
+
+def test_aqi_rises_as_synthetic_clusters_move_apart():
+    from mlxpost.steer.aqi import aqi, bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    base, y = rng.normal(size=(60, 16)), np.repeat([0, 1], 30)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    for k in (0, 1):  # both clusters centred on 0: the separation is exactly d
+        base[y == k] -= base[y == k].mean(0)
+    res = [aqi(base + d * y[:, None] * direction, y) for d in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)]
+    vals = [r["aqi"] for r in res]
+    assert all(b > a for a, b in zip(vals, vals[1:])), vals
+    assert all(b["calinski_harabasz"] > a["calinski_harabasz"] for a, b in zip(res, res[1:]))
+    assert all(b["xie_beni"] < a["xie_beni"] for a, b in zip(res, res[1:]))
+    assert res[-1]["davies_bouldin"] < res[1]["davies_bouldin"] and res[-1]["dunn"] > res[1]["dunn"]
+    lo, hi = bootstrap_interval(base + 8.0 * y[:, None] * direction, y, n=50)
+    lo0, hi0 = bootstrap_interval(base + 0.5 * y[:, None] * direction, y, n=50)
+    assert lo > hi0  # far apart: the intervals do not overlap
+    with pytest.raises(MlxpostError, match="both labels"):
+        aqi(base, np.zeros(60))

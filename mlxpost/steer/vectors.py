@@ -107,6 +107,8 @@ def separation(pos: np.ndarray, neg: np.ndarray) -> dict:
     >>> neg = rng.normal(size=(40, 8)); pos = neg + np.eye(8)[0] * 3
     >>> r = separation(pos, neg); r["gap_over_spread"] > 2, r["half_agreement"] > 0.9
     (True, True)
+    >>> separation(neg, neg)["gap_over_spread"]  # identical sides (a block below every adapter)
+    0.0
     """
     v = pos.mean(0) - neg.mean(0)
     norm = float(np.linalg.norm(v))
@@ -121,7 +123,8 @@ def separation(pos: np.ndarray, neg: np.ndarray) -> dict:
         den = float(np.linalg.norm(a) * np.linalg.norm(b))
         agree = float(a @ b / den) if den > 0 else 0.0
     return {"norm": norm, "gap": gap, "spread": spread,
-            "gap_over_spread": gap / spread if spread > 0 else float("inf"), "half_agreement": agree}
+            "gap_over_spread": 0.0 if norm == 0 else (gap / spread if spread > 0 else float("inf")),
+            "half_agreement": agree}
 
 
 def mean_difference(pos: dict[int, np.ndarray], neg: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict]:
