@@ -132,7 +132,7 @@ def test_bad_rows_and_specs_are_clear_errors(tmp_path, lm):
 
 
 @pytest.mark.slow
-def test_cli_extract_then_generate_steered(tmp_path, tiny_model):
+def test_cli_extract_then_generate_steered_and_aqi(tmp_path, tiny_model):
     write_jsonl(tmp_path / "pos.jsonl", [{"prompt": p} for p in POS])
     write_jsonl(tmp_path / "neg.jsonl", [{"prompt": p} for p in NEG])
 
@@ -155,6 +155,9 @@ def test_cli_extract_then_generate_steered(tmp_path, tiny_model):
     bad = subprocess.run([sys.executable, "-m", "mlxpost", "generate", "--model", str(tiny_model), "-p", "hi",
                           "--steer", f"{vec}@1:9"], capture_output=True, text=True, env=mlxpost_env(), timeout=300)
     assert bad.returncode == 2 and "not 9" in bad.stderr
+    write_jsonl(tmp_path / "lab.jsonl", [{"prompt": p, "label": "aligned"} for p in POS] +
+                [{"prompt": p, "label": "misaligned"} for p in NEG])
+    assert "AQI " in run("aqi", "--model", tiny_model, "--data", tmp_path / "lab.jsonl", "--layers", "0,1")
 
 
 def test_sweep_scores_side_effects_and_verdicts(tmp_path, lm):
@@ -162,8 +165,9 @@ def test_sweep_scores_side_effects_and_verdicts(tmp_path, lm):
 
     v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(3)) * 4
     ps, ns = seqs_of(lm, POS[:4]), seqs_of(lm, NEG[:4])
+    labelled = (ps + ns, np.repeat([1, 0], 4), [0, 1], 0)
     res = run_sweep(lm.model, lm.tokenizer, SteerSpec(1, v, 1.0), [-8, 0, 8], ps, ns, score="length",
-                    max_new_tokens=6)
+                    max_new_tokens=6, labelled=labelled)
     rows = {r["lambda"]: r for r in res["rows"]}
     assert sorted(rows) == [-8.0, 0.0, 8.0]
     assert rows[0.0]["side_effects"] == 0.0  # λ=0 is the reference
@@ -174,6 +178,8 @@ def test_sweep_scores_side_effects_and_verdicts(tmp_path, lm):
     from mlxpost.steer.scores import mean_length
     assert rows[0.0]["score"] == pytest.approx(mean_length(plain))
     assert 0.0 in res["verdicts"]["within_budget"]
+    assert all(0 < r["aqi"] < 1 and r["aqi_interval"][0] <= r["aqi_interval"][1] for r in res["rows"])
+    assert "aqi_increases" in res["verdicts"]
     written = write_outputs(res, tmp_path)
     assert (tmp_path / "sweep.json").is_file() and "| λ |" in (tmp_path / "sweep.md").read_text()
     assert len(written) >= 2

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import click
+import numpy as np
 
 from ..data.render import Renderer
 from ..steer.extract import extract, load_for_steering, read_sequences
-from ..steer.hooks import SteerSpec
-from ..steer.sweep import run_sweep, table, write_outputs
-from ..steer.vectors import load_vectors
 from ..errors import MlxpostError
+from ..steer.aqi import aqi, bootstrap_interval
+from ..steer.hooks import SteerSpec, model_blocks, steered
+from ..steer.sweep import run_sweep, table, write_outputs
+from ..steer.vectors import hidden_states, load_vectors, parse_layers, steer_specs
 from ..ui import make_reporter
 
 
@@ -63,9 +67,11 @@ def extract_command(model, adapter, positive, negative, against, prompts, limit,
 @click.option("--limit", type=int, help="Read at most this many prompts of each file.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--max-side-effects", type=float, default=0.10, show_default=True)
+@click.option("--aqi", "aqi_data", type=click.Path(dir_okay=False, exists=True),
+              help="Labelled JSONL (label: aligned/misaligned): AQI at each λ, mean-pooled over every block.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for sweep.json, sweep.md, sweep.png.")
 def sweep_command(vectors, layer, model, adapter, lambdas, prompts, neutral, score, limit, max_new_tokens,
-                  max_side_effects, out):
+                  max_side_effects, aqi_data, out):
     """Answer prompts greedily at each λ: behaviour score, side-effect rate, verdicts, table and plot.
 
     \b
@@ -84,9 +90,14 @@ def sweep_command(vectors, layer, model, adapter, lambdas, prompts, neutral, sco
     r = Renderer(loaded.tokenizer)
     ps = read_sequences(prompts, r, limit)
     ns = read_sequences(neutral, r, limit) if neutral else None
+    labelled = None
+    if aqi_data:
+        seqs, labels = _labelled(aqi_data, r)
+        labelled = (seqs, np.array(labels), list(range(len(model_blocks(loaded.model)))), r.eos_id or 0)
     rep = make_reporter()
     result = run_sweep(loaded.model, loaded.tokenizer, SteerSpec(layer, vecs[layer], 1.0, str(vectors)), grid, ps, ns,
-                       score=score, max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info)
+                       score=score, max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info,
+                       labelled=labelled)
     result.update(vectors=str(vectors), model=model or "default", adapter=adapter, prompts=str(prompts),
                   neutral=neutral and str(neutral))
     write_outputs(result, out)
@@ -96,4 +107,49 @@ def sweep_command(vectors, layer, model, adapter, lambdas, prompts, neutral, sco
     rep.info(f"score increases with λ: {v['score_increases']} (Spearman ρ {v['spearman_rho']:.2f}); "
              f"within side-effect budget {v['max_side_effects']:.0%}: {v['within_budget'] if v['side_effects_measured'] else 'not measured (no --neutral)'}; "
              f"recommended λ {v['recommended_lambda']}")
+    if "aqi_increases" in v:
+        rep.info(f"AQI increases with λ: {v['aqi_increases']} (ρ {v['aqi_spearman_rho']:.2f}; AQI at the largest λ "
+                 f"above the λ=0 bootstrap interval: {v['aqi_top_above_zero_interval']})")
     rep.info(f"wrote {out}")
+
+
+LABELS = {"aligned": 1, "misaligned": 0, 1: 1, 0: 0, True: 1, False: 0}
+
+
+def _labelled(path, renderer):
+    """Rows with a ``label`` (aligned/misaligned or 1/0) and any SFT or prompt fields; returns (seqs, labels)."""
+    seqs = read_sequences(path, renderer)
+    labels = []
+    with open(path, encoding="utf-8") as f:
+        rows = [(i, json.loads(t)) for i, t in enumerate(f, 1) if t.strip()]
+    for line, row in rows:
+        lab = row.get("label")
+        if lab not in LABELS:
+            raise MlxpostError(f"{path}:{line}: label: expected aligned or misaligned (or 1/0), got {lab!r}")
+        labels.append(LABELS[lab])
+    return seqs, labels
+
+
+@click.command("aqi")
+@click.option("--model", help="Model (default: the adapter's base, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory to load.")
+@click.option("--steer", "steer_", multiple=True, metavar="VEC_DIR@λ[:LAYER]", help="Steer while measuring (repeatable).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="JSONL rows with a 'label' (aligned/misaligned) and a prompt, messages or prompt/completion.")
+@click.option("--layers", default="all", show_default=True, help="Blocks whose pooled states are averaged.")
+@click.option("--position", type=click.Choice(["last", "mean"]), default="mean", show_default=True)
+def aqi_command(model, adapter, steer_, data, layers, position):
+    """Alignment Quality Index (Borah et al. 2025) of layer-pooled hidden states of labelled examples."""
+    loaded = load_for_steering(model, adapter)
+    r = Renderer(loaded.tokenizer)
+    seqs, labels = _labelled(data, r)
+    idx = parse_layers(layers, len(model_blocks(loaded.model)))
+    with steered(loaded.model, steer_specs(loaded.model, steer_)):
+        h = hidden_states(loaded.model, seqs, idx, position=position, pad_id=r.eos_id or 0)
+    x, y = np.mean([h[l] for l in idx], axis=0), np.array(labels)
+    res = aqi(x, y)
+    lo, hi = bootstrap_interval(x, y)
+    rep = make_reporter()
+    rep.info(f"AQI {res['aqi']:.4f} (95% bootstrap {lo:.4f}..{hi:.4f}) on {res['n']} examples; "
+             f"CH {res['calinski_harabasz']:.3f}, XB {res['xie_beni']:.4f}, DB {res['davies_bouldin']:.3f}, "
+             f"Dunn {res['dunn']:.4f}")

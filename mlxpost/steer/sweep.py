@@ -22,8 +22,10 @@ from ..core.sampling import Sampling
 from ..errors import MlxpostError
 from ..files import atomic_write_json
 from ..rl.rollout import sample_groups
+from .aqi import aqi, bootstrap_interval
 from .hooks import SteerSpec, steered
 from .scores import SCORES
+from .vectors import hidden_states
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -59,8 +61,12 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 def run_sweep(model, tokenizer, spec: SteerSpec, lambdas: Sequence[float], prompts: list[list[int]],
               neutral: list[list[int]] | None, *, score: str = "json", max_new_tokens: int = 48,
-              max_side_effects: float = 0.10, batch: int = 16, log=None) -> dict:
-    """Score every λ (see the module docstring); returns the rows, the verdicts and example replies."""
+              max_side_effects: float = 0.10, batch: int = 16, log=None, labelled=None) -> dict:
+    """Score every λ (see the module docstring); returns the rows, the verdicts and example replies.
+
+    ``labelled``: ``(seqs, labels (N,), layers, pad_id)``: AQI of the mean-pooled states, averaged over
+    ``layers``, is measured at each λ too (with a 95% bootstrap interval).
+    """
     if score not in SCORES:
         raise MlxpostError(f"--score must be one of {', '.join(SCORES)}; got {score!r}")
     grid = sorted(set(float(x) for x in lambdas) | {0.0})
@@ -70,8 +76,14 @@ def run_sweep(model, tokenizer, spec: SteerSpec, lambdas: Sequence[float], promp
         with steered(model, [SteerSpec(spec.layer, spec.vector, lam, spec.name)]):
             texts = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch)
             side = greedy_replies(model, tokenizer, neutral, max_new_tokens, batch) if neutral else None
+            row = {"lambda": lam, "score": SCORES[score](texts)}
+            if labelled is not None:
+                seqs, labels, layers, pad = labelled
+                h = hidden_states(model, seqs, layers, position="mean", pad_id=pad)
+                x = np.mean([h[l] for l in layers], axis=0)
+                row["aqi"], row["aqi_interval"] = aqi(x, labels)["aqi"], bootstrap_interval(x, labels)
         replies[lam] = (texts, side)
-        rows.append({"lambda": lam, "score": SCORES[score](texts), "seconds": time.perf_counter() - t0})
+        rows.append({**row, "seconds": time.perf_counter() - t0})
         if log:
             log(f"λ={lam:g}: {score} {rows[-1]['score']:.3f} ({rows[-1]['seconds']:.0f}s)")
     ref = replies[0.0][1]
@@ -96,18 +108,26 @@ def verdicts(rows: list[dict], max_side_effects: float) -> dict:
     ok = [r for r in rows if not measured or r["side_effects"] <= max_side_effects]
     best = max(ok, key=lambda r: (r["score"], -abs(r["lambda"]))) if ok else None
     rho = spearman([r["lambda"] for r in rows], [r["score"] for r in rows])
-    return {"max_side_effects": max_side_effects, "side_effects_measured": measured,
-            "within_budget": [r["lambda"] for r in ok], "recommended_lambda": best and best["lambda"],
-            "spearman_rho": rho, "score_increases": rho > 0}
+    out = {"max_side_effects": max_side_effects, "side_effects_measured": measured,
+           "within_budget": [r["lambda"] for r in ok], "recommended_lambda": best and best["lambda"],
+           "spearman_rho": rho, "score_increases": rho > 0}
+    if all("aqi" in r for r in rows):
+        arho = spearman([r["lambda"] for r in rows], [r["aqi"] for r in rows])
+        zero = next(r for r in rows if r["lambda"] == 0.0)
+        top = max(rows, key=lambda r: r["lambda"])
+        above = top["aqi"] > zero["aqi_interval"][1]
+        out.update(aqi_spearman_rho=arho, aqi_top_above_zero_interval=above, aqi_increases=arho > 0 and above)
+    return out
 
 
 def table(result: dict) -> list[str]:
     """The sweep as markdown table lines."""
     name = result["score_name"]
-    lines = [f"| λ | {name} | side effects | seconds |", "|---:|---:|---:|---:|"]
+    lines = [f"| λ | {name} | side effects | AQI | seconds |", "|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         side = "-" if r["side_effects"] is None else f"{r['side_effects']:.2f}"
-        lines.append(f"| {r['lambda']:g} | {r['score']:.3f} | {side} | {r['seconds']:.0f} |")
+        q = f"{r['aqi']:.3f}" if "aqi" in r else "-"
+        lines.append(f"| {r['lambda']:g} | {r['score']:.3f} | {side} | {q} | {r['seconds']:.0f} |")
     return lines
 
 
