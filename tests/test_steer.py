@@ -205,3 +205,24 @@ def test_aqi_rises_as_synthetic_clusters_move_apart():
     assert lo > hi0  # far apart: the intervals do not overlap
     with pytest.raises(MlxpostError, match="both labels"):
         aqi(base, np.zeros(60))
+
+
+def test_abliteration_leaves_no_component_along_r_and_the_fused_model_loads(tmp_path, tiny_model):
+    from mlxpost.steer.abliterate import direction, orthogonalize, writer_weights, write_fused
+
+    lm = load_model(str(tiny_model))
+    harmful = hidden_states(lm.model, seqs_of(lm, POS), [1], position="last")[1]
+    harmless = hidden_states(lm.model, seqs_of(lm, NEG), [1], position="last")[1]
+    r = direction(harmful, harmless)
+    before = {n: np.array(m.weight) for n, m in writer_weights(lm.model).items()}
+    left = orthogonalize(lm.model, r)
+    assert len(left) == 1 + 2 * len(model_blocks(lm.model))
+    for name, m in writer_weights(lm.model).items():
+        w = np.array(m.weight, dtype=np.float64)
+        proj = w @ r if name == "embed_tokens" else r @ w
+        assert np.abs(proj).max() < 1e-5, name
+        assert np.abs(w - before[name]).max() > 0  # it was edited
+    out = write_fused(lm, tmp_path / "abl")
+    again = load_model(str(out))
+    for name, m in writer_weights(again.model).items():
+        np.testing.assert_allclose(np.array(m.weight), np.array(writer_weights(lm.model)[name].weight), atol=1e-6)

@@ -17,7 +17,7 @@ from ..methods import METHODS
 from ..training.loop import NonFiniteError
 from .compare import compare_command
 from .data import data, push
-from .steer import aqi_command, steer
+from .steer import abliterate_command, aqi_command, steer
 from .sweep import ablate
 from .tools import demo, doctor, export_command, generate
 from .train import method_command
@@ -57,6 +57,7 @@ def cli():
     """
 
 
-for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push, steer, aqi_command):
+for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push, steer, aqi_command,
+                abliterate_command):
     cli.add_command(command)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from ..data.render import Renderer
 from ..steer.extract import extract, load_for_steering, read_sequences
 from ..errors import MlxpostError
+from ..files import atomic_write_json
+from ..steer.abliterate import run_abliterate
 from ..steer.aqi import aqi, bootstrap_interval
 from ..steer.hooks import SteerSpec, model_blocks, steered
 from ..steer.sweep import run_sweep, table, write_outputs
@@ -153,3 +156,32 @@ def aqi_command(model, adapter, steer_, data, layers, position):
     rep.info(f"AQI {res['aqi']:.4f} (95% bootstrap {lo:.4f}..{hi:.4f}) on {res['n']} examples; "
              f"CH {res['calinski_harabasz']:.3f}, XB {res['xie_beni']:.4f}, DB {res['davies_bouldin']:.3f}, "
              f"Dunn {res['dunn']:.4f}")
+
+
+@click.command("abliterate")
+@click.option("--model", help="Model (default: the adapter's base, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory (fused first).")
+@click.option("--harmful", type=click.Path(dir_okay=False, exists=True), help="Prompts the model refuses (default: bundled).")
+@click.option("--harmless", type=click.Path(dir_okay=False, exists=True), help="Prompts it answers (default: bundled).")
+@click.option("--layer", default="auto", show_default=True, help="Block of the refusal direction, or auto.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Directory for the edited Hugging Face model.")
+def abliterate_command(model, adapter, harmful, harmless, layer, max_new_tokens, out):
+    """Remove the refusal direction from every residual-stream writer; report refusal and retention before/after.
+
+    Use it only on models you are allowed to modify, for research on refusal behaviour; see the README.
+    """
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    rep = make_reporter()
+    res = run_abliterate(model=model, adapter=adapter, harmful=harmful or assets / "abliterate_harmful.jsonl",
+                         harmless=harmless or assets / "abliterate_harmless.jsonl", layer=layer, out=out,
+                         max_new_tokens=max_new_tokens, log=rep.info)
+    atomic_write_json(Path(out) / "abliteration.json", res)
+    v = res["verdicts"]
+    rep.info(f"block {res['layer']}; max |rᵀW| after the edit {res['max_residual']:.2e}")
+    rep.info(f"refusal rate on {res['n_heldout'][0]} held-out harmful prompts: {res['refusal_before']:.0%} -> "
+             f"{res['refusal_after']:.0%} (under 5%: {v['refusals_under_5pct']})")
+    rep.info(f"harmless: refusals {res['harmless_refusal_before']:.0%} -> {res['harmless_refusal_after']:.0%}; "
+             f"perplexity of the original replies {res['harmless_ppl_before']:.2f} -> {res['harmless_ppl_after']:.2f} "
+             f"(retention {res['retention']:.0%}, over 90%: {v['retention_over_90pct']})")
+    rep.info(f"wrote {out}")
