@@ -125,6 +125,11 @@ def test_bad_rows_and_specs_are_clear_errors(tmp_path, lm):
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
     with pytest.raises(MlxpostError, match="bad.jsonl:2: prompt"):
         read_sequences(bad, Renderer(lm.tokenizer))
+    two_users = tmp_path / "two.jsonl"
+    two_users.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                                   {"role": "assistant", "content": "c"}]}) + "\n")
+    with pytest.raises(MlxpostError, match=r"two.jsonl:1: messages\[1\].role"):
+        read_sequences(two_users, Renderer(lm.tokenizer))
     with pytest.raises(MlxpostError, match="VEC_DIR@LAMBDA"):
         parse_steer("just-a-dir")
     with pytest.raises(MlxpostError, match="not a steering-vector directory"):

@@ -37,7 +37,12 @@ def read_sequences(path: str | Path, renderer: Renderer, limit: int | None = Non
     for line, row, issue in read_jsonl(path):
         if issue is not None:
             raise MlxpostError(str(issue))
-        if row_format(row) is not None and not validate_sft_row(row):
+        prompt_only = "prompt" in row and "completion" not in row
+        if not prompt_only and row_format(row) is not None:  # an SFT row: its own problems, not the prompt format's
+            problems = validate_sft_row(row)
+            if problems:
+                field, msg = problems[0]
+                raise MlxpostError(f"{path}:{line}: {field}: {msg}")
             ids = renderer.render(row)[0]
         else:
             problems = validate_prompt_row(row)
