@@ -19,6 +19,7 @@ from .chat import chat
 from .compare import compare_command
 from .data import data, push
 from .runs import runs_command
+from .steer import abliterate_command, aqi_command, steer
 from .sweep import ablate
 from .tools import demo, doctor, export_command, generate
 from .train import method_command
@@ -58,6 +59,7 @@ def cli():
     """
 
 
-for command in (export_command, generate, chat, doctor, demo, compare_command, runs_command, ablate, data, push):
+for command in (export_command, generate, chat, doctor, demo, compare_command, runs_command, ablate, data, push,
+                steer, aqi_command, abliterate_command):
     cli.add_command(command)
 

@@ -9,6 +9,8 @@ from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
 from ..hub.gguf_export import QUANTS, REFUSED_QUANTS
 from ..tools.chat import load_for_generation
+from ..steer.hooks import steered
+from ..steer.vectors import steer_specs
 from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
 from .train import show_blas_advice
@@ -54,20 +56,24 @@ def export_command(run_dir, fmt, out, best, model, dtype, quant, overwrite):
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p):
+@click.option("--steer", "steer", multiple=True, metavar="VEC_DIR@λ[:LAYER]",
+              help="Add λ·v to a block's output (repeatable: vectors sum; layer default: the directory's best).")
+def generate(model, adapter, best, prompt, system, max_tokens, temp, top_p, steer):
     """Generate one reply (chat template applied), optionally with a trained run's adapter stack.
 
     \b
     Examples:
       mlxpost generate --adapter runs/demo/dpo --prompt "What is 38 + 47?"
       mlxpost generate --model HuggingFaceTB/SmolLM2-135M-Instruct -p "Hi" --temp 0.7
+      mlxpost generate --adapter runs/demo/sft --steer vectors/json@2 -p "What is 38 + 47?"
     """
     loaded, _ = load_for_generation(model, adapter, best)
     said = False
-    for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
-                             top_p=top_p, system=system):
-        said = said or bool(piece.strip())
-        click.echo(piece, nl=False)
+    with steered(loaded.model, steer_specs(loaded.model, steer)):
+        for piece in stream_text(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
+                                 top_p=top_p, system=system):
+            said = said or bool(piece.strip())
+            click.echo(piece, nl=False)
     click.echo()
     if not said:
         click.secho("(empty reply: the model wrote nothing but whitespace before ending its turn)", fg="yellow", err=True)

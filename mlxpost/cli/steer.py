@@ -1,0 +1,201 @@
+"""Representation-engineering commands: ``steer extract`` (and, where built, ``steer sweep``, ``aqi``, ``abliterate``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..data.render import Renderer
+from ..steer.extract import extract, load_for_steering, read_sequences
+from ..errors import MlxpostError
+from ..files import atomic_write_json
+from ..steer.abliterate import run_abliterate
+from ..steer.aqi import aqi, bootstrap_interval
+from ..steer.hooks import SteerSpec, model_blocks, steered
+from ..steer.sweep import run_sweep, table, write_outputs
+from ..steer.vectors import hidden_states, load_vectors, parse_layers, steer_specs
+from ..ui import make_reporter
+
+
+@click.group()
+def steer():
+    """Steering vectors: extract them from a contrast, then apply them with `mlxpost generate --steer DIR@λ`.
+
+    \b
+    Example:
+      mlxpost steer extract --adapter runs/demo/sft --against adapters-off --prompts q.jsonl --out vecs/sft
+    """
+
+
+@steer.command("extract")
+@click.option("--model", help="Base model (default: the adapter's base, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory to load.")
+@click.option("--positive", type=click.Path(dir_okay=False, exists=True), help="JSONL rows of the positive side.")
+@click.option("--negative", type=click.Path(dir_okay=False, exists=True), help="JSONL rows of the negative side.")
+@click.option("--against", help="Another model or run (negative side), or 'adapters-off' (the same model without adapters).")
+@click.option("--prompts", type=click.Path(dir_okay=False, exists=True), help="Prompts both sides read (with --against).")
+@click.option("--limit", type=int, help="Read at most this many prompts.")
+@click.option("--layers", default="all", show_default=True, help="Blocks to extract: 8,12,16 or all.")
+@click.option("--position", type=click.Choice(["last", "mean"]), default="last", show_default=True,
+              help="last real token, or the mean over real tokens.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Directory for vectors.safetensors and steer.json.")
+def extract_command(model, adapter, positive, negative, against, prompts, limit, layers, position, batch_size, out):
+    """Extract steering vectors v = mean(h⁺) − mean(h⁻) of each block's output.
+
+    \b
+    Examples:
+      mlxpost steer extract --adapter runs/sft --against adapters-off --prompts prompts.jsonl --out vecs/sft
+      mlxpost steer extract --positive json.jsonl --negative prose.jsonl --layers 8,12,16 --out vecs/json
+    """
+    meta = extract(model=model, adapter=adapter, out=out, layers=layers, position=position, positive=positive,
+                   negative=negative, against=against, prompts=prompts, batch_size=batch_size, limit=limit)
+    rep = make_reporter()
+    rep.info(f"{meta['counts']['positive']} positive / {meta['counts']['negative']} negative rows; "
+             f"position {meta['position']}")
+    rep.info("layer  norm      gap/spread  half-agreement")
+    for l, r in meta["report"].items():
+        agree = "-" if r["half_agreement"] is None else f"{r['half_agreement']:.3f}"
+        rep.info(f"{int(l):>5}  {r['norm']:<8.3f}  {r['gap_over_spread']:<10.2f}  {agree}")
+    rep.info(f"best layer (largest gap/spread): {meta['best_layer']}; wrote {out}")
+
+
+@steer.command("sweep")
+@click.option("--vectors", required=True, type=click.Path(file_okay=False, exists=True), help="A steer extract directory.")
+@click.option("--layer", type=int, help="Block to steer (default: the directory's best layer).")
+@click.option("--model", help="Model to steer (default: the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory to load.")
+@click.option("--lambdas", default="-2,-1,0,0.5,1,2,4", show_default=True, help="Comma-separated strengths.")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False, exists=True), help="Behaviour prompts (JSONL).")
+@click.option("--neutral", type=click.Path(dir_okay=False, exists=True), help="Neutral prompts for the side-effect rate.")
+@click.option("--score", type=click.Choice(["json", "refusal", "length"]), default="json", show_default=True)
+@click.option("--limit", type=int, help="Read at most this many prompts of each file.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--max-side-effects", type=float, default=0.10, show_default=True)
+@click.option("--aqi", "aqi_data", type=click.Path(dir_okay=False, exists=True),
+              help="Labelled JSONL (label: aligned/misaligned): AQI at each λ, mean-pooled over every block.")
+@click.option("--out", required=True, type=click.Path(), help="Directory for sweep.json, sweep.md, sweep.png.")
+def sweep_command(vectors, layer, model, adapter, lambdas, prompts, neutral, score, limit, max_new_tokens,
+                  max_side_effects, aqi_data, out):
+    """Answer prompts greedily at each λ: behaviour score, side-effect rate, verdicts, table and plot.
+
+    \b
+    Example:
+      mlxpost steer sweep --vectors vecs/sft --prompts q.jsonl --neutral chat.jsonl --lambdas -2,0,2,4 --out sweeps/sft
+    """
+    try:
+        grid = [float(x) for x in lambdas.split(",")]
+    except ValueError:
+        raise MlxpostError(f"--lambdas {lambdas!r}: expected numbers separated by commas") from None
+    vecs, meta = load_vectors(vectors)
+    layer = meta.get("best_layer") if layer is None else layer
+    if layer not in vecs:
+        raise MlxpostError(f"--layer {layer}: {vectors} has vectors for layers {sorted(vecs)}")
+    loaded = load_for_steering(model, adapter)
+    r = Renderer(loaded.tokenizer)
+    ps = read_sequences(prompts, r, limit)
+    ns = read_sequences(neutral, r, limit) if neutral else None
+    labelled = None
+    if aqi_data:
+        seqs, labels = _labelled(aqi_data, r)
+        labelled = (seqs, np.array(labels), list(range(len(model_blocks(loaded.model)))), r.eos_id or 0)
+    rep = make_reporter()
+    result = run_sweep(loaded.model, loaded.tokenizer, SteerSpec(layer, vecs[layer], 1.0, str(vectors)), grid, ps, ns,
+                       score=score, max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info,
+                       labelled=labelled)
+    result.update(vectors=str(vectors), model=model or "default", adapter=adapter, prompts=str(prompts),
+                  neutral=neutral and str(neutral))
+    write_outputs(result, out)
+    for line in table(result):
+        rep.info(line)
+    v = result["verdicts"]
+    rep.info(f"score increases with λ: {v['score_increases']} (Spearman ρ {v['spearman_rho']:.2f}); "
+             f"within side-effect budget {v['max_side_effects']:.0%}: {v['within_budget'] if v['side_effects_measured'] else 'not measured (no --neutral)'}; "
+             f"recommended λ {v['recommended_lambda']}")
+    if "aqi_increases" in v:
+        rep.info(f"AQI increases with λ: {v['aqi_increases']} (ρ {v['aqi_spearman_rho']:.2f}; AQI at the largest λ "
+                 f"above the λ=0 bootstrap interval: {v['aqi_top_above_zero_interval']})")
+    rep.info(f"wrote {out}")
+
+
+LABELS = {"aligned": 1, "misaligned": 0, 1: 1, 0: 0, True: 1, False: 0}
+
+
+def _labelled(path, renderer):
+    """Rows with a ``label`` (aligned/misaligned or 1/0) and any SFT or prompt fields; returns (seqs, labels)."""
+    seqs = read_sequences(path, renderer)
+    labels = []
+    with open(path, encoding="utf-8") as f:
+        rows = [(i, json.loads(t)) for i, t in enumerate(f, 1) if t.strip()]
+    for line, row in rows:
+        lab = row.get("label")
+        if lab not in LABELS:
+            raise MlxpostError(f"{path}:{line}: label: expected aligned or misaligned (or 1/0), got {lab!r}")
+        labels.append(LABELS[lab])
+    return seqs, labels
+
+
+@click.command("aqi")
+@click.option("--model", help="Model (default: the adapter's base, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory to load.")
+@click.option("--steer", "steer_", multiple=True, metavar="VEC_DIR@λ[:LAYER]", help="Steer while measuring (repeatable).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="JSONL rows with a 'label' (aligned/misaligned) and a prompt, messages or prompt/completion.")
+@click.option("--layers", default="all", show_default=True, help="Blocks whose pooled states are averaged.")
+@click.option("--position", type=click.Choice(["last", "mean"]), default="mean", show_default=True)
+def aqi_command(model, adapter, steer_, data, layers, position):
+    """Alignment Quality Index (Borah et al. 2025) of layer-pooled hidden states of labelled examples.
+
+    \b
+    Example:
+      mlxpost aqi --adapter runs/demo/dpo --data labelled.jsonl --layers 12,18,24
+    """
+    loaded = load_for_steering(model, adapter)
+    r = Renderer(loaded.tokenizer)
+    seqs, labels = _labelled(data, r)
+    idx = parse_layers(layers, len(model_blocks(loaded.model)))
+    with steered(loaded.model, steer_specs(loaded.model, steer_)):
+        h = hidden_states(loaded.model, seqs, idx, position=position, pad_id=r.eos_id or 0)
+    x, y = np.mean([h[l] for l in idx], axis=0), np.array(labels)
+    res = aqi(x, y)
+    lo, hi = bootstrap_interval(x, y)
+    rep = make_reporter()
+    rep.info(f"AQI {res['aqi']:.4f} (95% bootstrap {lo:.4f}..{hi:.4f}) on {res['n']} examples; "
+             f"CH {res['calinski_harabasz']:.3f}, XB {res['xie_beni']:.4f}, DB {res['davies_bouldin']:.3f}, "
+             f"Dunn {res['dunn']:.4f}")
+
+
+@click.command("abliterate")
+@click.option("--model", help="Model (default: the adapter's base, else the built-in default).")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory (fused first).")
+@click.option("--harmful", type=click.Path(dir_okay=False, exists=True), help="Prompts the model refuses (default: bundled).")
+@click.option("--harmless", type=click.Path(dir_okay=False, exists=True), help="Prompts it answers (default: bundled).")
+@click.option("--layer", default="auto", show_default=True, help="Block of the refusal direction, or auto.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Directory for the edited Hugging Face model.")
+def abliterate_command(model, adapter, harmful, harmless, layer, max_new_tokens, out):
+    """Remove the refusal direction from every residual-stream writer; report refusal and retention before/after.
+
+    Use it only on models you are allowed to modify, for research on refusal behaviour; see the README.
+
+    \b
+    Example:
+      mlxpost abliterate --model default --layer auto --out exports/smollm2-abliterated
+    """
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    rep = make_reporter()
+    res = run_abliterate(model=model, adapter=adapter, harmful=harmful or assets / "abliterate_harmful.jsonl",
+                         harmless=harmless or assets / "abliterate_harmless.jsonl", layer=layer, out=out,
+                         max_new_tokens=max_new_tokens, log=rep.info)
+    atomic_write_json(Path(out) / "abliteration.json", res)
+    v = res["verdicts"]
+    rep.info(f"block {res['layer']}; max |rᵀW| after the edit {res['max_residual']:.2e}")
+    rep.info(f"refusal rate on {res['n_heldout'][0]} held-out harmful prompts: {res['refusal_before']:.0%} -> "
+             f"{res['refusal_after']:.0%} (under 5%: {v['refusals_under_5pct']})")
+    rep.info(f"harmless: refusals {res['harmless_refusal_before']:.0%} -> {res['harmless_refusal_after']:.0%}; "
+             f"perplexity of the original replies {res['harmless_ppl_before']:.2f} -> {res['harmless_ppl_after']:.2f} "
+             f"(retention {res['retention']:.0%}, over 90%: {v['retention_over_90pct']})")
+    rep.info(f"wrote {out}")

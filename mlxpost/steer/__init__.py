@@ -1,0 +1,1 @@
+"""Representation engineering: steering vectors (extract, apply, sweep), AQI, abliteration."""
