@@ -3,7 +3,7 @@
 Each command parses its options, then calls one library function. The
 training commands come from the method registry (:mod:`mlxpost.cli.train`);
 the others from :mod:`.tools` (export, generate, doctor, demo), :mod:`.compare`,
-:mod:`.sweep` (ablate) and :mod:`.data` (data, push).
+:mod:`.sweep` (ablate), :mod:`.data` (data, push) and :mod:`.eval` (eval).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..methods import METHODS
 from ..training.loop import NonFiniteError
 from .compare import compare_command
 from .data import data, push
+from .eval import eval_command
 from .sweep import ablate
 from .tools import demo, doctor, export_command, generate
 from .train import method_command
@@ -56,6 +57,6 @@ def cli():
     """
 
 
-for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push):
+for command in (export_command, generate, doctor, demo, compare_command, ablate, data, push, eval_command):
     cli.add_command(command)
 
