@@ -12,6 +12,9 @@ stands for all its points) and shows:
   rule of :data:`RULES`;
 * runs that differ only in ``train.seed`` as one row per group, ``mean ± std``
   over the seeds (``--per-run`` to see them one by one);
+* the capability metrics of ``mlxpost eval`` (``RUN/eval/*.json``, the newest
+  result of each task) as columns ``eval:TASK/METRIC``, their direction
+  from the evaluation itself (higher or lower is better);
 * a verdict per run (``ok``, ``failed: reason``, ``gate fail: ...``);
 * a figure of the metric curves (one panel per metric, one line per run),
   written as PNG when matplotlib is installed.
@@ -56,6 +59,8 @@ EXTRA_METRICS = ["val_rewards/margins", "val_rewards/accuracies", "eval_after.re
 
 PERF_METRICS = ["tokens_per_s", "peak_memory_gb", "wall_seconds"]
 
+EVAL_PREFIX = "eval:"  # columns of mlxpost eval's results: eval:TASK/METRIC
+
 DEFAULT_CURVES = ["loss", "val_loss"]
 
 HEADERS = {"loss": "final loss", "tokens_per_s": "tok/s", "peak_memory_gb": "peak mem GB",
@@ -95,6 +100,7 @@ class RunInfo:
     reason: str | None = None
     sweep: Path | None = None
     _metrics: list | None = field(default=None, repr=False)
+    _evals: dict | None = field(default=None, repr=False)
 
     @property
     def metrics(self) -> list[dict]:
@@ -108,6 +114,23 @@ class RunInfo:
                     except json.JSONDecodeError:  # a line cut by a kill
                         pass
         return self._metrics
+
+    @property
+    def evals(self) -> dict:
+        """``{"eval:TASK/METRIC": (value, higher_is_better)}`` from RUN/eval/*.json, the newest file of a task last."""
+        if self._evals is not None:
+            return self._evals
+        out: dict = {}
+        self._evals = out
+        d = self.path / "eval"
+        files = sorted(d.glob("*.json"), key=lambda f: f.stat().st_mtime) if d.is_dir() else []
+        for f in files:
+            doc = _read_json(f) or {}
+            for task, r in (doc.get("tasks") or {}).items():
+                hib = r.get("higher_is_better") or {}
+                for m, v in (r.get("metrics") or {}).items():
+                    out[f"{EVAL_PREFIX}{task}/{m}"] = ((v or {}).get("value"), hib.get(m))
+        return out
 
     @property
     def verdict(self) -> str:
@@ -192,7 +215,9 @@ def run_verdict(summary: dict | None, *, status: str | None = None, reason: str 
     if warned:
         notes.append("warnings: " + ", ".join(warned))
     if gate.get("verdict") == "fail":
-        if "step_acc" in gate:
+        if "detail" in gate:
+            why = gate["detail"]
+        elif "step_acc" in gate:
             why = (f"val step accuracy {gate['step_acc']:.3f} (> {gate.get('min_step_acc')} needed), "
                    f"final accuracy {gate['final_acc']:.3f} (> {gate.get('min_final_acc')} needed)")
         else:
@@ -219,6 +244,8 @@ def metric_value(run: RunInfo, name: str):
     ``val_metrics``, ``final_metrics``), then in the last record of
     metrics.jsonl (evaluations for ``val_*`` names, training reports otherwise).
     """
+    if name.startswith(EVAL_PREFIX):
+        return run.evals.get(name, (None, None))[0]
     s = run.summary or {}
     key = "final_train_loss" if name == "loss" else name
     if key in s and not isinstance(s[key], dict):
@@ -357,9 +384,12 @@ class Comparison:
             foot.append("(the runs' configurations do not differ)")
         return "\n".join(lines + foot + ["", "verdicts:"] + [f"  {v}" for v in self.verdict_lines()])
 
+    def direction(self, metric: str) -> str | None:
+        return column_direction(self.runs, metric)
+
     def rule_text(self) -> str:
-        lows = [HEADERS.get(m, m) for m in self.metrics if direction(m) == "min"]
-        highs = [HEADERS.get(m, m) for m in self.metrics if direction(m) == "max"]
+        lows = [HEADERS.get(m, m) for m in self.metrics if self.direction(m) == "min"]
+        highs = [HEADERS.get(m, m) for m in self.metrics if self.direction(m) == "max"]
         parts = ([f"lowest: {', '.join(lows)}"] if lows else []) + ([f"highest: {', '.join(highs)}"] if highs else [])
         return "; ".join(parts)
 
@@ -391,7 +421,7 @@ class Comparison:
                          "verdict": r.verdict, "config": {k: r.config.get(k) for k in self.diff_keys},
                          "metrics": {m: num(metric_value(r, m)) for m in self.metrics}})
         out = {"diff_keys": self.diff_keys, "metrics": self.metrics,
-               "directions": {m: direction(m) for m in self.metrics}, "runs": runs,
+               "directions": {m: self.direction(m) for m in self.metrics}, "runs": runs,
                "best": {m: v for m, v in self.best.items()}, "grouped": self.grouped}
         if self.grouped:
             out["groups"] = [{"name": row.name, "runs": [r.name for r in row.runs],
@@ -403,7 +433,16 @@ class Comparison:
 
 def default_metrics(runs: list[RunInfo]) -> list[str]:
     extra = [m for m in EXTRA_METRICS if any(metric_value(r, m) is not None for r in runs)]
-    return DEFAULT_METRICS + extra
+    evals = list(dict.fromkeys(k for r in runs for k in r.evals))
+    return DEFAULT_METRICS + extra + evals
+
+
+def column_direction(runs: list[RunInfo], metric: str) -> str | None:
+    """``min``, ``max`` or None: an eval column's from the evaluation's ``higher_is_better``, else by :data:`RULES`."""
+    if not metric.startswith(EVAL_PREFIX):
+        return direction(metric)
+    hib = next((r.evals[metric][1] for r in runs if metric in r.evals and r.evals[metric][1] is not None), None)
+    return None if hib is None else ("max" if hib else "min")
 
 
 def _group_name(runs: list[RunInfo]) -> str:
@@ -455,7 +494,7 @@ def compare(runs: list[RunInfo], metrics: list[str] | None = None, *, group_seed
     best = {}
     if len(rows) > 1:
         for m in metrics:
-            d = direction(m)
+            d = column_direction(runs, m)
             vals = [(row.cells[m].mean, row.name) for row in rows if _is_num(row.cells[m].mean)]
             if d is None or len(vals) < 2 or len({v for v, _ in vals}) == 1:  # all equal: nothing to mark
                 continue
