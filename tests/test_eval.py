@@ -33,7 +33,7 @@ from mlxpost.eval.retention import compare as compare_retention
 from mlxpost.eval.run import evaluate
 from mlxpost.eval.sandbox import Limits, run_program, run_programs
 from mlxpost.eval.tasks import parse_tasks
-from mlxpost.methods.sft_health import SFTHealth, SFTThresholds
+from mlxpost.methods.sft import SFTConfig, SFTHealth
 from mlxpost.model.load import load_model
 from mlxpost.tools.compare import collect_runs, compare
 from mlxpost.training.pipeline import run as run_training
@@ -395,16 +395,16 @@ def test_code_that_runs_generated_code_needs_consent_before_loading(tmp_path):
 
 
 def test_sft_health_flags_flat_rising_and_oscillating_runs():
-    t = SFTThresholds(warmup=2, flat_window=5, rising_evals=3, oscillation_window=10)
-    flat = SFTHealth(40, t)
+    t = SFTConfig(flat_window=5, rising_evals=3, oscillation_window=10)
+    flat = SFTHealth(40, t, warmup=2)
     found = [f for s in range(1, 20) for f in flat.observe(s, {"loss": 2.0 + 0.001 * (s % 2)})]
     assert [f.check for f in found] == ["flat-loss"] and found[0].step == 12  # 2 warmup + 2 windows
-    falling = SFTHealth(40, t)
+    falling = SFTHealth(40, t, warmup=2)
     assert not [f for s in range(1, 30) for f in falling.observe(s, {"loss": 3.0 * 0.95 ** s})]
-    zigzag = SFTHealth(40, t)
+    zigzag = SFTHealth(40, t, warmup=2)
     found = [f for s in range(1, 20) for f in zigzag.observe(s, {"loss": 2.0 - 0.02 * s + (0.5 if s % 2 else 0)})]
     assert "oscillation" in [f.check for f in found]
-    rising = SFTHealth(40, t)
+    rising = SFTHealth(40, t, warmup=2)
     evals = [rising.observe_eval(s, {"val_loss": v}) for s, v in enumerate([2.0, 1.5, 1.6, 1.7, 1.8])]
     assert [bool(f) for f in evals] == [False, False, False, False, True] and evals[-1][0].check == "val-rising"
     assert rising.summary({"val_ppl": 12.0})["quality_gate"]["verdict"] == "pass"
