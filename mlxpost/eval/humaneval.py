@@ -10,6 +10,12 @@ tests + check(entry_point)`` then runs in the sandbox
 network, a temporary directory); a hang, a crash, a fork or a memory hog is
 a failed sample and never stops the evaluation.
 
+``humaneval:chat`` is the variant for chat models: the prompt goes through
+the chat template inside an instruction (:data:`CHAT_INSTRUCTION`), the
+first fenced code block of the reply is the completion
+(:func:`extract_code`), and a reply that writes the whole function replaces
+the prompt's stub (the prompt's imports stay).
+
 Metrics: ``pass@k`` for k in 1, 10, 100 up to the number of samples ``n``
 per problem, the unbiased estimator of Chen et al.
 (:func:`mlxpost.eval.stats.pass_at_k`) averaged over problems. With one
@@ -35,6 +41,11 @@ from .stats import mean_metric, pass_at_k
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the stop sequences of the Codex paper
 
 KS = (1, 10, 100)
+
+CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the whole function in one ```python "
+                    "code block.\n\n```python\n{prompt}```")
+
+CHAT_STOP = ("```\n\n",)  # a closing fence and a blank line: what follows is prose
 
 CODE_EXEC_RISK = (
     "humaneval runs the Python code the model writes, to test it. mlxpost runs it in a separate process "
@@ -70,11 +81,44 @@ def check_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
+def extract_code(reply: str) -> str:
+    r"""The first fenced code block of a chat reply (all of it when it has none).
+
+    >>> extract_code("Sure:\n```python\ndef f(x):\n    return x\n```\nIt returns x.")
+    'def f(x):\n    return x\n'
+    >>> extract_code("    return x")
+    '    return x'
+    """
+    start = reply.find("```")
+    if start == -1:
+        return reply
+    body = reply[reply.find("\n", start) + 1:] if "\n" in reply[start:] else ""
+    end = body.find("```")
+    return body if end == -1 else body[:end]
+
+
+def chat_program(problem: dict, reply: str) -> str:
+    r"""The test program of a chat reply: its code replaces the prompt's stub when it defines the function.
+
+    >>> p = {"prompt": "import math\ndef f(x):\n    'doc'\n", "test": "", "entry_point": "f"}
+    >>> chat_program(p, "```python\ndef f(x):\n    return 1\n```").splitlines()[:6]
+    ['import math', 'def f(x):', "    'doc'", '', 'def f(x):', '    return 1']
+    """
+    code = extract_code(reply)
+    if f"def {problem['entry_point']}" in code:
+        return check_program({**problem, "prompt": problem["prompt"] + "\n"}, code)
+    return check_program(problem, code)
+
+
 class HumanEvalTask(Task):
-    """HumanEval pass@k through the sandbox (see the module docstring)."""
+    """HumanEval pass@k through the sandbox (see the module docstring); ``chat``: the chat-model variant."""
 
     kind = "humaneval"
     executes_code = True
+
+    def __init__(self, spec: str, chat: bool = False):
+        super().__init__(spec)
+        self.chat = chat
 
     def check(self) -> None:
         load_problems()
@@ -82,12 +126,12 @@ class HumanEvalTask(Task):
     def sampling(self, ctx: EvalContext) -> Sampling:
         temperature = ctx.temperature if ctx.temperature is not None else (0.0 if ctx.num_samples == 1 else 0.8)
         return Sampling(temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
-                        max_new_tokens=ctx.max_new_tokens or 512, stop=STOP)
+                        max_new_tokens=ctx.max_new_tokens or 512, stop=CHAT_STOP if self.chat else STOP)
 
     def config(self, ctx: EvalContext) -> dict:
         s = self.sampling(ctx)
         return {"spec": self.key, "limit": ctx.limit, "n": ctx.num_samples, "temperature": s.temperature,
-                "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "stop": list(STOP),
+                "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "stop": list(s.stop), "chat": self.chat,
                 "seed": ctx.seed if s.temperature > 0 else None}
 
     def run(self, ctx: EvalContext) -> TaskResult:
@@ -95,12 +139,16 @@ class HumanEvalTask(Task):
             raise MlxpostError(CODE_EXEC_RISK)
         problems = ctx.limited(load_problems())
         n = ctx.num_samples
-        plain = Renderer(ctx.tokenizer, chat_template="none")  # the raw prompt, as the paper's models saw it
-        prompts = [plain.prompt(p["prompt"])[0] for p in problems]
+        if self.chat:
+            prompts = [ctx.renderer.prompt(CHAT_INSTRUCTION.format(prompt=p["prompt"]))[0] for p in problems]
+        else:  # the raw prompt, as the paper's models saw it
+            plain = Renderer(ctx.tokenizer, chat_template="none")
+            prompts = [plain.prompt(p["prompt"])[0] for p in problems]
         with ctx.progress(f"{self.key}: writing code", len(problems)) as bar:
             texts, cut = complete(ctx.model, ctx.tokenizer, prompts, self.sampling(ctx), n=n,
                                   batch_size=ctx.batch_size, seed=ctx.seed, pad_id=ctx.pad_id, progress=bar.advance)
-        programs = [check_program(p, t) for p, ts in zip(problems, texts) for t in ts]
+        make = chat_program if self.chat else check_program
+        programs = [make(p, t) for p, ts in zip(problems, texts) for t in ts]
         with ctx.progress(f"{self.key}: running tests", len(programs)) as bar:
             outcomes = run_programs(programs, Limits(), progress=bar.advance)
         passed = [sum(o.passed for o in outcomes[i * n:(i + 1) * n]) for i in range(len(problems))]

@@ -106,7 +106,7 @@ class LmEvalTask(Task):
                     model=lm, tasks=[self.name], task_manager=task_manager(self.index_dirs), limit=ctx.limit,
                     num_fewshot=ctx.num_fewshot, apply_chat_template=ctx.chat_template,
                     fewshot_as_multiturn=ctx.chat_template, log_samples=False, bootstrap_iters=1000,
-                    random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=ctx.seed,
+                    random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=None,  # no torch needed
                     fewshot_random_seed=ctx.seed, confirm_run_unsafe_code=ctx.allow_code_exec)
             except Exception as e:  # noqa: BLE001 - lm-eval and the Hub raise many kinds; sort them
                 raise download_error(self.key, e) or e

@@ -80,6 +80,11 @@ class _Row:
     targets: np.ndarray  # (K,) the token predicted
     owner: np.ndarray  # (K,) which continuation of the group it belongs to
 
+    @property
+    def plain(self) -> bool:
+        """One sequence at its own positions (at most one continuation holds slots): the causal mask serves."""
+        return bool((self.positions == np.arange(len(self.positions))).all())
+
 
 def shared_row(group: Group) -> _Row:
     """The group as one row: prefix, then every continuation but its last token (see the module docstring).
@@ -248,7 +253,8 @@ class Scorer:
         try:
             for batch in self._batches(order, units):
                 rows = [units[u][1] for u in batch]
-                lp, ok = run_entries(self.model, self.split, _stack(rows, self.pad_id), self.shared, self.chunk)
+                tree = self.shared and not all(r.plain for r in rows)  # one-token choices need no tree mask
+                lp, ok = run_entries(self.model, self.split, _stack(rows, self.pad_id), tree, self.chunk)
                 start, done = 0, 0
                 for u, row in zip(batch, rows):
                     gi, k = units[u][0], len(row.targets)

