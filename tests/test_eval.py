@@ -28,7 +28,7 @@ from mlxpost.errors import DataError, MlxpostError
 from mlxpost.eval import builtin, humaneval, loglik
 from mlxpost.eval.context import EvalContext
 from mlxpost.eval.lm_eval_model import make_lm
-from mlxpost.eval.loglik import Group, Scorer, sharing_problem
+from mlxpost.eval.loglik import Scorer, sharing_problem
 from mlxpost.eval.retention import compare as compare_retention
 from mlxpost.eval.run import evaluate
 from mlxpost.eval.sandbox import Limits, run_program, run_programs
@@ -348,6 +348,21 @@ def test_a_run_directory_equals_its_fused_export(tmp_path, tiny_model, sft_data,
     assert a["tasks"][tasks[2]]["beta"] == 0.1  # dpo.beta of the run's config
 
 
+def test_a_run_baseline_is_evaluated_once_and_kept_in_its_directory(tmp_path, tiny_model):
+    from test_hub_export import make_run
+
+    sft = make_run(tmp_path, tiny_model, "sft", seed=1)
+    dpo = make_run(tmp_path, tiny_model, "dpo", from_run=sft, method="dpo", seed=2)
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    doc = evaluate(str(dpo), [f"task:{mc}"], baseline=str(sft))
+    saved = list((sft / "eval").glob("*.json"))
+    assert len(saved) == 1 and doc["baseline"]["target"]["spec"] == str(sft)
+    assert {r["metric"] for r in doc["baseline"]["rows"]} == {"acc", "acc_norm"}
+    before = saved[0].stat().st_mtime_ns
+    again = evaluate(str(dpo), [f"task:{mc}"], baseline=str(sft))  # the SFT run's saved result is reused
+    assert saved[0].stat().st_mtime_ns == before and again["baseline"]["rows"] == doc["baseline"]["rows"]
+
+
 def test_resume_keeps_finished_tasks_and_redoes_changed_ones(tmp_path, tiny, sft_data):
     mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
     ppl = f"ppl:{sft_data / 'valid.jsonl'}"
@@ -364,7 +379,7 @@ def test_resume_keeps_finished_tasks_and_redoes_changed_ones(tmp_path, tiny, sft
 
 
 def test_bad_input_gets_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(MlxpostError, match=r"(?s)unknown task 'nosuchtask_xyz'.*humaneval.*task:FILE.jsonl.*To add one"):
+    with pytest.raises(MlxpostError, match=r"(?s)unknown task 'nosuchtask_xyz'.*humaneval.*task:FILE.jsonl.*add one"):
         parse_tasks("nosuchtask_xyz")
     with pytest.raises(MlxpostError, match="'frob' is not a kind of task"):
         parse_tasks("frob:x.jsonl")

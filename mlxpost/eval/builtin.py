@@ -13,7 +13,9 @@
   ``acc_norm`` (the same per token), ``margin`` (chosen - rejected, nats). For a
   run directory also the implicit reward against its reference (its own
   adapter off, as preference training computes it): ``implicit_acc`` and
-  ``implicit_margin`` (times the run's beta when it has one).
+  ``implicit_margin`` (times the run's beta when it has one); these have no
+  direction across runs (each run has its own reference), so retention
+  leaves them out.
 * :class:`UserTask` (``task:FILE.jsonl``): multiple-choice rows
   ``{"question", "choices", "answer"}`` scored by log-likelihood (``acc``;
   ``acc_norm`` divides by the choice's length in bytes, as lm-eval does) and
@@ -247,7 +249,7 @@ class PairsTask(Task):
         metrics = {"acc": mean_metric((diff > 0).astype(float).tolist()),
                    "acc_norm": mean_metric((per_token > 0).astype(float).tolist()),
                    "margin": mean_metric(diff.tolist())}
-        info = {}
+        info, hib = {}, {k: True for k in metrics}
         if ctx.reference is not None:
             with ctx.without_adapter():
                 ref = side_scores(ctx, pairs, f"{self.key}: reference")
@@ -255,8 +257,10 @@ class PairsTask(Task):
             beta = ctx.beta if ctx.beta is not None else 1.0
             metrics["implicit_acc"] = mean_metric((h > 0).astype(float).tolist())
             metrics["implicit_margin"] = mean_metric((beta * h).tolist())
+            # Relative to this run's own reference: no direction across runs (two runs have two references).
+            hib.update(implicit_acc=None, implicit_margin=None)
             info["beta"] = beta
-        return TaskResult(metrics, len(pairs), {k: True for k in metrics}, info)
+        return TaskResult(metrics, len(pairs), hib, info)
 
 
 # ---------------------------------------------------------------------------

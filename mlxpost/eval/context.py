@@ -76,8 +76,8 @@ class EvalContext:
     max_length: int = 2048  # the model's context length (lm-eval's requests are cut to it)
     num_fewshot: int | None = None  # lm-eval tasks: few-shot examples (None: the task's own)
     chat_template: bool = False  # lm-eval tasks: prompts through the chat template
-    _scorer: Scorer | None = None
-    _renderer: Renderer | None = None
+    _scorer: Scorer | None = field(default=None, init=False, repr=False)
+    _renderer: Renderer | None = field(default=None, init=False, repr=False)
 
     @property
     def pad_id(self) -> int:

@@ -109,7 +109,10 @@ class LmEvalTask(Task):
                     random_seed=ctx.seed, numpy_random_seed=ctx.seed, torch_random_seed=None,  # no torch needed
                     fewshot_random_seed=ctx.seed, confirm_run_unsafe_code=ctx.allow_code_exec)
             except Exception as e:  # noqa: BLE001 - lm-eval and the Hub raise many kinds; sort them
-                raise download_error(self.key, e) or e
+                err = download_error(self.key, e)
+                if err is None:
+                    raise
+                raise err from None
         return parse_results(out, self.name)
 
 

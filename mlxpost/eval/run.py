@@ -45,6 +45,7 @@ from ..model.lora import adapter_modules, adapters_off
 from ..ui import NullReporter
 from . import retention
 from .context import EvalContext, Task
+from .humaneval import CODE_EXEC_RISK
 from .tasks import parse_tasks
 
 
@@ -114,10 +115,14 @@ def identity(target: Target, loaded: LoadedModel) -> dict:
     out = {"spec": target.spec, "kind": "run" if target.is_run else "model", "model": target.base,
            "model_dir": str(loaded.path), "model_config_sha256": file_sha256(cfg) if cfg.exists() else None}
     if target.is_run:
-        out["adapters"] = [{"path": str(d.resolve()), "sha256": file_sha256(d / ADAPTER_WEIGHTS)}
-                           for d in adapter_stack(target.adapter_dir)]
+        out["adapters"] = adapter_identity(target.adapter_dir)
         out["method"] = target.run_cfg.get("method")
     return out
+
+
+def adapter_identity(directory: Path) -> list[dict]:
+    """Path and sha256 of every adapter of a run's stack, the run's own last."""
+    return [{"path": str(d.resolve()), "sha256": file_sha256(d / ADAPTER_WEIGHTS)} for d in adapter_stack(directory)]
 
 
 def load_target(target: Target, log=None) -> LoadedModel:
@@ -272,8 +277,6 @@ def check_code_exec(tasks: list[Task], allowed: bool) -> None:
     if not allowed:
         for t in tasks:
             if getattr(t, "executes_code", False):
-                from .humaneval import CODE_EXEC_RISK
-
                 raise MlxpostError(CODE_EXEC_RISK)
 
 
@@ -287,7 +290,6 @@ def baseline_doc(spec: str, tasks: list[Task], settings: dict, reporter=None) ->
         return read_json(p / "eval.json")
     if p.is_dir() and ((p / "adapter_config.json").exists() or (p / "config.yaml").exists()):
         saved = saved_results(p)
-        target = resolve_target(spec)
         probe_ctx = EvalContext(None, None, **{k: v for k, v in settings.items() if k in SETTINGS})
         missing = [t for t in tasks if saved.get(t.key, {}).get("config_hash") != t.config_hash(probe_ctx)]
         if not missing:
@@ -298,14 +300,21 @@ def baseline_doc(spec: str, tasks: list[Task], settings: dict, reporter=None) ->
 
 
 def saved_results(run_dir: Path) -> dict:
-    """Every task result a run directory holds (baseline_metrics.json, then eval/*.json, newest last)."""
-    files = [run_dir / "baseline_metrics.json"] if (run_dir / "baseline_metrics.json").exists() else []
-    files += sorted((run_dir / "eval").glob("*.json"), key=lambda f: f.stat().st_mtime) \
-        if (run_dir / "eval").is_dir() else []
+    """The task results of a run's trained model that its directory holds (eval/*.json, newest last).
+
+    Results of another adapter (the run was continued since) are left out;
+    ``baseline_metrics.json`` is the run's starting point, not the run.
+    """
+    d = Path(run_dir) / "eval"
+    files = sorted(d.glob("*.json"), key=lambda f: f.stat().st_mtime) if d.is_dir() else []
+    current = file_sha256(Path(run_dir) / ADAPTER_WEIGHTS) if (Path(run_dir) / ADAPTER_WEIGHTS).exists() else None
     tasks: dict = {}
     for f in files:
         try:
-            tasks.update(read_json(f).get("tasks", {}))
+            doc = read_json(f)
+            adapters = doc.get("target", {}).get("adapters") or []
+            if adapters and adapters[-1].get("sha256") == current:
+                tasks.update(doc.get("tasks", {}))
         except (MlxpostError, AttributeError):
             continue
     return tasks

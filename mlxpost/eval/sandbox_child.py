@@ -78,10 +78,10 @@ def _guard() -> None:
         return call
 
     for name in ("_exit", "abort", "fork", "forkpty", "system", "popen", "kill", "killpg", "setsid", "remove",
-                 "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown", "fchmod", "fchown",
-                 "lchown", "chroot", "putenv", "unsetenv", "execv", "execve", "execvp", "execvpe", "execl",
-                 "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
-                 "posix_spawn", "posix_spawnp", "setuid", "setgid", "nice"):
+                 "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
+                 "fchmod", "fchown", "lchown", "chroot", "putenv", "unsetenv", "execv", "execve", "execvp", "execvpe",
+                 "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl",
+                 "spawnle", "posix_spawn", "posix_spawnp", "setuid", "setgid", "nice"):
         if hasattr(os, name):
             setattr(os, name, forbidden(f"os.{name}"))
     for name in ("rmtree", "move", "chown"):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..files import atomic_write_json, read_json
 from ..model.load import LoadedModel
-from .run import check_code_exec, compare_baseline, context_for, eval_chunk, run_beta, run_tasks, tasks_slug
+from .run import (adapter_identity, check_code_exec, compare_baseline, context_for, eval_chunk, run_beta,
+                  run_tasks, tasks_slug)
 from .tasks import parse_tasks
 
 BASELINE_FILE = "baseline_metrics.json"
@@ -52,6 +53,8 @@ class StageEval:
         ctx.beta = run_beta(self.run_cfg)
         ident = {"spec": str(run_dir), "kind": "run", "model": loaded.name, "model_dir": str(loaded.path),
                  "when": when}
+        if when == "after":  # the final adapter is written by now: the results are this run's (--baseline RUN)
+            ident["adapters"] = adapter_identity(run_dir)
         out = run_dir / BASELINE_FILE if when == "before" else run_dir / "eval" / f"{tasks_slug(self.tasks)}.json"
         with eval_chunk(loaded.model):
             doc = run_tasks(loaded.model, loaded.tokenizer, self.tasks, ctx, ident=ident, out=out, reporter=rep)
