@@ -257,6 +257,11 @@ def test_humaneval_sandbox_passes_canonical_solutions_and_stops_bad_code():
     got = run_programs([humaneval.check_program(p0, code) for code, _ in bad.values()], Limits(seconds=3))
     assert [(o.passed, o.status) for o in got] == [(False, want) for _, want in bad.values()]
     assert run_program("assert True", limits).isolation["limits"]  # the child says what it applied
+    # humaneval:chat: a reply's fenced code, a whole function (replacing the stub) or only its body
+    replies = [f"Here it is:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems[:6]]
+    replies += [f"```python\n{p['canonical_solution']}```" for p in problems[6:12]]
+    out = run_programs([humaneval.chat_program(p, r) for p, r in zip(problems[:12], replies)], limits)
+    assert all(o.passed for o in out), [o.detail for o in out if not o.passed]
 
 
 def test_humaneval_pass_at_k_and_consent(tmp_path, tiny, monkeypatch):

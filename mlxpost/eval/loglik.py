@@ -22,7 +22,10 @@ mask is :func:`mlxpost.core.forward.tree_mask` and RoPE is per position
 the model itself that this gives the hidden states of separate sequences,
 and a model that fails gets one row per continuation instead (always exact).
 
-Rows of one batch are groups of similar length (sorted), right-padded; only
+A batch whose rows each hold one sequence at its own positions (questions
+with one-token choices, single continuations) runs under the model's own
+causal mask, without the tree. Rows of one batch are groups of similar
+length (sorted), right-padded; only
 the scored positions go through the output layer when the model's head can
 be split off (:class:`mlxpost.core.logprobs.HeadSplit`): a batch computes
 ``K x V`` logits for its ``K`` continuation tokens rather than ``B x L x V``.
@@ -265,7 +268,7 @@ class Scorer:
                     left[gi] -= 1
                     done += left[gi] == 0
                 if progress is not None and done:
-                    progress(done)
+                    progress(int(done))
         finally:
             if was_training:
                 self.model.train()
