@@ -92,7 +92,8 @@ class SFTHealth(HealthMonitor):
         self.losses: list[float] = []  # after warmup
         self.val: list[float] = []
 
-    def observe(self, step: int, m: dict) -> list[Finding]:
+    def check(self, step: int, m: dict) -> list[Finding]:
+        """The SFT checks of one step (the base monitor's stuck check runs first, in ``observe``)."""
         t = self.t
         loss = m.get("loss")
         if loss is None or not math.isfinite(loss) or step <= self.warmup:
