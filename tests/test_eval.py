@@ -220,6 +220,8 @@ def test_arith_checks_every_step_and_the_final_answer(tmp_path, tiny, monkeypatc
     m = res["metrics"]
     assert m["final_acc"]["value"] == 0.5 and m["step_acc"]["value"] == 0.75 and m["format"]["value"] == 1.0
     assert res["steps"] == 4 and res["n"] == 2
+    # a rate carries Wilson's 95% interval (1 of 2 right); the ratio of steps, not a 0/1 mean, does not
+    assert m["final_acc"]["ci95"] == pytest.approx([0.0945, 0.9055]) and "ci95" not in m["step_acc"]
 
 
 def test_ppl_is_the_exponential_of_the_mean_loss_over_trained_tokens(tmp_path, tiny, sft_data):

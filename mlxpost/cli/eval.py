@@ -18,11 +18,13 @@ def _num(v) -> str:
 
 
 def result_rows(doc: dict) -> list[list[str]]:
-    """One row per task and metric: value ± stderr, samples, seconds."""
+    """One row per task and metric: value ± stderr (and a rate's 95% interval), samples, seconds."""
     rows = []
     for task, r in doc["tasks"].items():
         for i, (m, v) in enumerate(r["metrics"].items()):
             se = f" ± {_num(v['stderr'])}" if v.get("stderr") is not None else ""
+            if v.get("ci95"):  # a rate: its Wilson 95% interval, which the stderr misstates at 0, n or small n
+                se += f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
             rows.append([task if i == 0 else "", m, _num(v["value"]) + se, str(r["n"]) if i == 0 else "",
                          f"{r['seconds']:.1f}" if i == 0 else ""])
     return rows

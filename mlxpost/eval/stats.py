@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..stats import rate_interval
+
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     """``(mean, standard error of the mean)``; the error is ``sqrt(s^2 / n)`` with ``ddof=1`` (0 for one value).
@@ -95,9 +97,19 @@ def metric(value: float, stderr: float | None = None) -> dict:
 
 
 def mean_metric(values: Sequence[float]) -> dict:
-    """:func:`metric` of the mean of ``values`` with its standard error.
+    """:func:`metric` of the mean of ``values`` with its standard error; for 0/1 values also ``ci95``.
+
+    A rate's standard error says nothing at the ends (0 of 20 right has
+    stderr 0, yet 20 samples cannot tell 0% from 10%), so a rate also gets
+    Wilson's 95% interval (:func:`mlxpost.stats.rate_interval`), which stays
+    honest at 0, at n and at small n.
 
     >>> mean_metric([1.0, 0.0])
-    {'value': 0.5, 'stderr': 0.5}
+    {'value': 0.5, 'stderr': 0.5, 'ci95': [0.0945, 0.9055]}
+    >>> mean_metric([0.0] * 20)["ci95"], mean_metric([0.25, 0.75])
+    ([0.0, 0.1611], {'value': 0.5, 'stderr': 0.25})
     """
-    return metric(*mean_stderr(values))
+    out = metric(*mean_stderr(values))
+    if values and all(v in (0, 1) for v in values):
+        out["ci95"] = [round(x, 4) for x in rate_interval(int(sum(values)), len(values))]
+    return out
