@@ -107,6 +107,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     report_every: int = 10
     stuck_steps: int = 10  # warn when the loss has not changed (or the gradient vanished) this long; 0 = off
+    eval_tasks: list = field(default_factory=list)  # evaluation tasks run before and after training (mlxpost eval)
+    eval_limit: int | None = None  # ... on the first N samples of each
+    eval_allow_code_exec: bool = False  # ... letting humaneval run the code the model writes
+    eval_min_retention: float = 0.95  # ... each metric after training kept at least this share of before
     report_to: str = "none"  # experiment tracker: none | tensorboard | wandb | trackio | mlflow
 
 
@@ -504,6 +508,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.steps: must be positive, got {cfg.train.steps}")
     if cfg.train.epochs <= 0:
         raise ConfigError(f"train.epochs: must be positive, got {cfg.train.epochs}")
+    if not all(isinstance(x, str) and x.strip() for x in cfg.train.eval_tasks):
+        raise ConfigError(f"train.eval_tasks: expected a list of task names (e.g. [arith, ppl:data/valid.jsonl]), "
+                          f"got {cfg.train.eval_tasks!r}")
+    if cfg.train.eval_limit is not None and cfg.train.eval_limit <= 0:
+        raise ConfigError(f"train.eval_limit: must be positive (or null for every sample), got {cfg.train.eval_limit}")
     t = cfg.lora.targets
     if not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
         raise ConfigError(f"lora.targets: expected all-linear, attention, mlp or a list of names, got {t!r}")

@@ -56,6 +56,49 @@ class NullReporter:
     def grid(self, title: str, header: list[str], rows: list[list[Any]]) -> None: ...
     def error(self, msg: str) -> None: ...
 
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator["Bar"]:
+        """A progress bar of ``total`` items for one piece of work (an evaluation task); ``advance(n)`` moves it."""
+        yield Bar()
+
+
+class Bar:
+    """A progress bar's handle: :meth:`advance` by ``n`` items. This one shows nothing."""
+
+    def __init__(self, total: int = 0):
+        self.total, self.done = total, 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+
+class _LineBar(Bar):
+    """Plain progress: a line at about every tenth of the work, with the time left at the rate so far."""
+
+    def __init__(self, total: int, description: str, out):
+        super().__init__(total)
+        self.description, self.out = description, out
+        self.t0 = time.time()
+        self.next = max(1, total // 10)
+
+    def advance(self, n: int = 1) -> None:
+        super().advance(n)
+        if self.done >= self.next or self.done >= self.total:
+            dt = time.time() - self.t0
+            eta = dt / self.done * (self.total - self.done) if self.done else 0.0
+            self.out(f"{self.description}: {self.done}/{self.total} ({dt:.0f}s, eta {eta:.0f}s)")
+            self.next = self.done + max(1, self.total // 10)
+
+
+class _RichBar(Bar):
+    def __init__(self, total: int, progress: Progress, task):
+        super().__init__(total)
+        self.bar, self.task = progress, task
+
+    def advance(self, n: int = 1) -> None:
+        super().advance(n)
+        self.bar.update(self.task, completed=self.done)
+
 
 class PlainReporter(NullReporter):
     """One line per event: for logs, pipes and CI."""
@@ -120,6 +163,10 @@ class PlainReporter(NullReporter):
         self._print(f"== {title}")
         for r in cells:
             self._print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Bar]:
+        yield _LineBar(total, description, self._print)
 
     def samples(self, rows: list[dict]) -> None:
         for r in rows:
@@ -240,6 +287,17 @@ class RichReporter(PlainReporter):
         for r in rows:
             t.add_row(*[str(c) for c in r])
         self.console.print(t)
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Bar]:
+        if self.live is not None:  # inside training's live display (evaluation hooks): plain lines
+            yield _LineBar(total, description, self._print)
+            return
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
+                       TextColumn("•"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                       console=self.console, expand=True)
+        with bar:
+            yield _RichBar(total, bar, bar.add_task(description, total=total))
 
     def samples(self, rows: list[dict]) -> None:
         for r in rows:

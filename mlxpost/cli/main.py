@@ -3,7 +3,8 @@
 Each command parses its options, then calls one library function. The
 training commands come from the method registry (:mod:`mlxpost.cli.train`);
 the others from :mod:`.tools` (export, generate, doctor, demo), :mod:`.chat`, :mod:`.runs`,
-:mod:`.compare`, :mod:`.sweep` (ablate) and :mod:`.data` (data, push).
+:mod:`.compare`, :mod:`.sweep` (ablate), :mod:`.data` (data, push), :mod:`.steer`
+(steer, aqi, abliterate) and :mod:`.eval` (eval).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..training.loop import NonFiniteError
 from .chat import chat
 from .compare import compare_command
 from .data import data, push
+from .eval import eval_command
 from .runs import runs_command
 from .steer import abliterate_command, aqi_command, steer
 from .sweep import ablate
@@ -60,6 +62,6 @@ def cli():
 
 
 for command in (export_command, generate, chat, doctor, demo, compare_command, runs_command, ablate, data, push,
-                steer, aqi_command, abliterate_command):
+                steer, aqi_command, abliterate_command, eval_command):
     cli.add_command(command)
 

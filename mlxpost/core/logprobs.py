@@ -59,7 +59,7 @@ class HeadSplit:
         return split if err <= tol * scale else None
 
 
-def _target_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
+def target_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
     """log softmax(logits)[target], computed in float32. (..., V), (...) -> (...)"""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -86,14 +86,14 @@ def token_logprobs(model: nn.Module, batch: Batch, split: HeadSplit | None = Non
         raise ValueError("per-entry log-probs (a shared-prompt pair batch) need a head split")
     if split is None or select is None:
         logits = forward(model, batch.inputs, batch.segments)  # (B, L, V)
-        return _target_logprobs(logits, batch.targets) * batch.weights
+        return target_logprobs(logits, batch.targets) * batch.weights
     index, valid = select[0], select[1]
     h = forward(model, batch.inputs, batch.segments, body=split.body, branches=batch.branches,
                 positions=batch.positions)  # (B, L, D)
     h = h.reshape(B * L, -1)[index]  # (K, D): only trained positions
     if entries:
-        return _target_logprobs(split.head(h), select[2]) * valid  # (K,)
-    lp = _target_logprobs(split.head(h), batch.targets.reshape(-1)[index]) * valid  # (K,)
+        return target_logprobs(split.head(h), select[2]) * valid  # (K,)
+    lp = target_logprobs(split.head(h), batch.targets.reshape(-1)[index]) * valid  # (K,)
     out = mx.zeros((B * L,), mx.float32).at[index].add(lp)
     return out.reshape(B, L) * batch.weights
 

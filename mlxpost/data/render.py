@@ -50,6 +50,11 @@ class Renderer:
     def _encode(self, text: str) -> list[int]:
         return self.hf(text, add_special_tokens=False)["input_ids"]
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of plain text (no template), with one BOS where this tokenizer wants one."""
+        ids = self._encode(text)
+        return self._fix_bos(ids, [False] * len(ids))[0]
+
     def _fix_bos(self, ids: list[int], mask: list[bool]) -> tuple[list[int], list[bool]]:
         """Exactly one BOS where the tokenizer wants one, never two."""
         if self.bos_id is None:

@@ -13,6 +13,9 @@ stands for all its points) and shows:
   methods measure different things);
 * runs that differ only in ``train.seed`` as one row per group, ``mean ± std``
   over the seeds (``--per-run`` to see them one by one);
+* the capability metrics of ``mlxpost eval`` (``RUN/eval/*.json``, the newest
+  result of each task) as columns ``eval:TASK/METRIC``, their direction
+  from the evaluation itself (higher or lower is better);
 * a verdict per run (``ok``, ``failed: reason``, ``gate fail: ...``);
 * a figure of the metric curves (one panel per metric, one line per run),
   written as PNG when matplotlib is installed.
@@ -68,6 +71,8 @@ EXTRA_METRICS = ["behaviour.json.after", "behaviour.correct.after", "behaviour.e
 
 PERF_METRICS = ["tokens_per_s", "peak_memory_gb", "wall_seconds"]
 
+EVAL_PREFIX = "eval:"  # columns of mlxpost eval's results: eval:TASK/METRIC
+
 DEFAULT_CURVES = ["loss", "val_loss"]
 
 HEADERS = {"loss": "final loss", "tokens_per_s": "tok/s", "peak_memory_gb": "peak mem GB",
@@ -111,6 +116,7 @@ class RunInfo:
     reason: str | None = None
     sweep: Path | None = None
     _metrics: list | None = field(default=None, repr=False)
+    _evals: dict | None = field(default=None, repr=False)
 
     @property
     def metrics(self) -> list[dict]:
@@ -124,6 +130,23 @@ class RunInfo:
                     except json.JSONDecodeError:  # a line cut by a kill
                         pass
         return self._metrics
+
+    @property
+    def evals(self) -> dict:
+        """``{"eval:TASK/METRIC": (value, higher_is_better)}`` from RUN/eval/*.json, the newest file of a task last."""
+        if self._evals is not None:
+            return self._evals
+        out: dict = {}
+        self._evals = out
+        d = self.path / "eval"
+        files = sorted(d.glob("*.json"), key=lambda f: f.stat().st_mtime) if d.is_dir() else []
+        for f in files:
+            doc = _read_json(f) or {}
+            for task, r in (doc.get("tasks") or {}).items():
+                hib = r.get("higher_is_better") or {}
+                for m, v in (r.get("metrics") or {}).items():
+                    out[f"{EVAL_PREFIX}{task}/{m}"] = ((v or {}).get("value"), hib.get(m))
+        return out
 
     @property
     def verdict(self) -> str:
@@ -208,7 +231,9 @@ def run_verdict(summary: dict | None, *, status: str | None = None, reason: str 
     if warned:
         notes.append("warnings: " + ", ".join(warned))
     if gate.get("verdict") == "fail":
-        if "step_acc" in gate:
+        if "detail" in gate:
+            why = gate["detail"]
+        elif "step_acc" in gate:
             why = (f"val step accuracy {_f3(gate['step_acc'])} (> {gate.get('min_step_acc')} needed), "
                    f"final accuracy {_f3(gate.get('final_acc'))} (> {gate.get('min_final_acc')} needed)")
         else:
@@ -246,6 +271,8 @@ def metric_value(run: RunInfo, name: str):
     ``val_metrics``, ``final_metrics``), then in the last record of
     metrics.jsonl (evaluations for ``val_*`` names, training reports otherwise).
     """
+    if name.startswith(EVAL_PREFIX):
+        return run.evals.get(name, (None, None))[0]
     s = run.summary or {}
     key = "final_train_loss" if name == "loss" else name
     if key in s and not isinstance(s[key], dict):
@@ -498,9 +525,12 @@ class Comparison:
             lines += b.lines() + [""]
         return "\n".join(lines + self.notes(width))
 
+    def direction(self, metric: str) -> str | None:
+        return column_direction(self.runs, metric)
+
     def rule_text(self) -> str:
-        lows = [HEADERS.get(m, m) for m in self.metrics if direction(m) == "min"]
-        highs = [HEADERS.get(m, m) for m in self.metrics if direction(m) == "max"]
+        lows = [HEADERS.get(m, m) for m in self.metrics if self.direction(m) == "min"]
+        highs = [HEADERS.get(m, m) for m in self.metrics if self.direction(m) == "max"]
         parts = ([f"lowest: {', '.join(lows)}"] if lows else []) + ([f"highest: {', '.join(highs)}"] if highs else [])
         return "; ".join(parts)
 
@@ -532,7 +562,7 @@ class Comparison:
                          "verdict": r.verdict, "config": {k: r.config.get(k) for k in self.diff_keys},
                          "metrics": {m: num(metric_value(r, m)) for m in self.metrics}})
         out = {"diff_keys": self.diff_keys, "metrics": self.metrics,
-               "directions": {m: direction(m) for m in self.metrics}, "runs": runs,
+               "directions": {m: self.direction(m) for m in self.metrics}, "runs": runs,
                "best": {m: v for m, v in self.best.items()}, "grouped": self.grouped}
         if self.grouped:
             out["groups"] = [{"name": row.name, "runs": [r.name for r in row.runs],
@@ -544,7 +574,16 @@ class Comparison:
 
 def default_metrics(runs: list[RunInfo]) -> list[str]:
     extra = [m for m in EXTRA_METRICS if any(metric_value(r, m) is not None for r in runs)]
-    return DEFAULT_METRICS + extra
+    evals = list(dict.fromkeys(k for r in runs for k in r.evals))
+    return DEFAULT_METRICS + extra + evals
+
+
+def column_direction(runs: list[RunInfo], metric: str) -> str | None:
+    """``min``, ``max`` or None: an eval column's from the evaluation's ``higher_is_better``, else by :data:`RULES`."""
+    if not metric.startswith(EVAL_PREFIX):
+        return direction(metric)
+    hib = next((r.evals[metric][1] for r in runs if metric in r.evals and r.evals[metric][1] is not None), None)
+    return None if hib is None else ("max" if hib else "min")
 
 
 def _group_name(runs: list[RunInfo]) -> str:
@@ -593,15 +632,15 @@ def compare(runs: list[RunInfo], metrics: list[str] | None = None, *, group_seed
     if len(set(names)) != len(names):  # two groups named alike: number them
         for i, r in enumerate(rows):
             r.name = f"{r.name}#{i}"
-    return Comparison(runs, diff, metrics, rows, grouped, best_rows(rows, metrics))
+    return Comparison(runs, diff, metrics, rows, grouped, best_rows(rows, metrics, runs))
 
 
-def best_rows(rows: list[Row], metrics: list[str]) -> dict[str, list[str]]:
-    """metric -> the names of the rows with its best value, by :func:`direction`, among the rows of the same
+def best_rows(rows: list[Row], metrics: list[str], runs: list[RunInfo] = ()) -> dict[str, list[str]]:
+    """metric -> the names of the rows with its best value, by :func:`column_direction`, among the rows of the same
     method (a loss of DPO and one of SFT measure different things); nothing marked where all are equal."""
     best: dict[str, list[str]] = {}
     for m in metrics:
-        d = direction(m)
+        d = column_direction(list(runs), m)
         if d is None:
             continue
         for method in dict.fromkeys(r.method for r in rows):

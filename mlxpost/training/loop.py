@@ -454,6 +454,8 @@ class Trainer:
         for rec in records:
             if rec["kind"] == "step":
                 self.monitor.observe(rec["step"], rec)
+            elif rec["kind"] == "eval":
+                self.monitor.observe_eval(rec["step"], rec)
 
     def _step(self, batches: Iterator[Batch]) -> tuple[dict, list[Batch], float]:
         """One optimizer step: ``grad_accum`` micro-batches, the update, one sync. Returns its outputs."""
@@ -530,6 +532,7 @@ class Trainer:
         else:
             self.bad_evals += 1
         self.reporter.eval(self.step, val, best=self.best_val, improved=improved)
+        self._findings(self.monitor.observe_eval(self.step, val))
         return cfg.early_stopping_patience > 0 and self.bad_evals >= cfg.early_stopping_patience
 
     def _observe(self, out: dict, host: dict | None = None) -> None:
@@ -538,7 +541,11 @@ class Trainer:
              **{k: v.item() for k, v in out["metrics"].items()}, **(host or {})}
         # Kept so that a resumed run can replay the monitor's history.
         self.run.log({"kind": "step", "step": self.step, **m})
-        for f in self.monitor.observe(self.step, m):
+        self._findings(self.monitor.observe(self.step, m))
+
+    def _findings(self, findings: list) -> None:
+        """Show the health monitor's new findings live and log them."""
+        for f in findings:
             self.reporter.warn(str(f))
             self.run.log({"kind": "health", "step": self.step, "check": f.check, "message": f.message,
                           "advice": f.advice})

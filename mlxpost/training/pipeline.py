@@ -4,7 +4,7 @@
 
     run directory -> load the model (merge --from) -> attach adapters -> probes
       -> data (by kind: rows, pairs, prompts) -> the method's preparation
-      -> measure before -> the training loop -> measure after -> summary
+      -> measure before (and train.eval_tasks) -> the training loop -> measure after (and eval) -> summary
 
 Every stage of the end (the final adapter, measuring after training, the
 summary, written last) is one that ``--resume`` completes when a kill cut
@@ -32,6 +32,7 @@ from ..core.forward import attention_chunk, set_attention_chunk
 from ..core.logprobs import HeadSplit
 from ..core.probes import resolve_attention_chunk
 from ..errors import MlxpostError
+from ..eval.stage import StageEval
 from ..files import file_sha256, shown_path
 from ..methods.base import Method, value
 from ..model.adapters import (
@@ -321,10 +322,11 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     if world is not None and not kind.distributed:
         raise MlxpostError(f"{cfg.method} runs in one process for now (distributed rollouts are not supported)")
     require_tracker(cfg.train.report_to)  # a missing package stops the run before its directory exists
+    stage_eval = StageEval.from_config(cfg) if rank == 0 else None  # train.eval_tasks, checked before loading
     rundir = start_run(cfg, world, rank, resume, reporter)
     reporter.info(f"run directory: {shown_path(rundir.path)}")
     try:
-        result = train_run(cfg, method, kind, rundir, world, reporter, objective_for, resume, cache)
+        result = train_run(cfg, method, kind, rundir, world, reporter, objective_for, resume, cache, stage_eval)
     except BaseException:
         if rundir.discard():
             reporter.info(f"removed {shown_path(rundir.path)} again: the run failed before its first step")
@@ -336,8 +338,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
 
 
 def train_run(cfg: RunConfig, method: Method, kind: DataKind, rundir: RunDir, world, rep, objective_for,
-              resume: Path | None, cache) -> TrainResult:
-    """Prepare, measure before, train (or continue), then :func:`finish_run`."""
+              resume: Path | None, cache, stage_eval: StageEval | None = None) -> TrainResult:
+    """Prepare, measure before (and ``train.eval_tasks``), train (or continue), then :func:`finish_run`."""
     rank, size = (world.rank(), world.size()) if world else (0, 1)
     t_start = time.time()
     prep = agree(world, lambda: prepare(cfg, rep, rank, size, cache=cache, method=method),
@@ -355,6 +357,8 @@ def train_run(cfg: RunConfig, method: Method, kind: DataKind, rundir: RunDir, wo
     before = None
     if rank == 0:  # a resumed run measured before training the first time
         before = kind.measure(prep, rep, rundir, "before") if ckpt is None else kind.measured(rundir, "before")
+        if stage_eval is not None:
+            stage_eval.run(prep.loaded, rundir.path, "before", rep, resumed=ckpt is not None)
 
     trainer = Trainer(prep.loaded.model, (objective_for or method.objective)(prep), cfg.train, total_steps=steps,
                       run=rundir, reporter=rep, adapter_cfg=prep.adapter_cfg, world=world,
@@ -367,12 +371,12 @@ def train_run(cfg: RunConfig, method: Method, kind: DataKind, rundir: RunDir, wo
         raise
     finally:
         rep.end()
-    finish_run(prep, kind, rundir, result, trainer.monitor, before, t_start, rep, rank)
+    finish_run(prep, kind, rundir, result, trainer.monitor, before, t_start, rep, rank, stage_eval)
     return result
 
 
 def finish_run(prep: Prepared, kind: DataKind, rundir: RunDir, result: TrainResult, monitor, before,
-               t_start: float, rep, rank: int) -> None:
+               t_start: float, rep, rank: int, stage_eval: StageEval | None = None) -> None:
     """Measure after training (unless a run cut short after doing so already did), then the summary, last.
 
     Each stage is marked done in metrics.jsonl (``{"kind": "end", "stage": ..., "step": ...}``), so a
@@ -389,6 +393,8 @@ def finish_run(prep: Prepared, kind: DataKind, rundir: RunDir, result: TrainResu
             after = kind.measure(prep, rep, rundir, "after")
             rundir.log({"kind": "end", "stage": "after", "step": result.steps})
     summary = summarize(prep, kind, result, t_start, monitor, before, after, rundir.path)
+    if stage_eval is not None:
+        summary["eval_tasks"] = stage_eval.run(prep.loaded, rundir.path, "after", rep)
     fault_point("summary")
     rundir.write_json("summary.json", summary)
     report_summary(summary, rundir.path, rep)
@@ -417,11 +423,15 @@ def summarize(prep: Prepared, kind: DataKind, result: TrainResult, t_start: floa
 
 
 def report_summary(summary: dict, run_path: Path, rep) -> None:
-    skip = ("run_dir", "final_metrics", "val_metrics", "health", "eval_before", "eval_after")
+    skip = ("run_dir", "final_metrics", "val_metrics", "health", "eval_before", "eval_after", "eval_tasks")
     rows = [(k, v) for k, v in summary.items() if k not in skip]
     rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
              if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
     rep.table(f"summary: {shown_path(run_path)}", rows)
+    if summary.get("eval_tasks"):
+        ev = summary["eval_tasks"]
+        rep.info(f"eval tasks: every metric kept {ev['min_retention']} of its value before training: "
+                 f"{'yes' if ev['passed'] else 'no'} ({ev['file']})")
     if summary.get("health") is not None:
         report_health(summary["health"], rep)
 
@@ -431,7 +441,9 @@ def report_health(health: dict, rep) -> None:
     rows = []
     for check, h in health.items():
         verdict = h["verdict"]
-        if check == "quality_gate" and verdict in ("pass", "fail") and "step_acc" in h:
+        if check == "quality_gate" and verdict in ("pass", "fail") and "detail" in h:
+            verdict += f" ({h['detail']})"
+        elif check == "quality_gate" and verdict in ("pass", "fail") and "step_acc" in h:
             verdict += (f" (val step accuracy {h['step_acc']:.3f} vs > {h['min_step_acc']}, final accuracy "
                         f"{h['final_acc']:.3f} vs > {h['min_final_acc']})")
         elif check == "quality_gate" and verdict in ("pass", "fail"):
