@@ -15,7 +15,7 @@ from mlxpost.data.render import Renderer
 from mlxpost.errors import MlxpostError
 from mlxpost.model.adapters import adapter_weights, attach_adapters, resolve_targets
 from mlxpost.model.load import load_model
-from mlxpost.model.lora import LoRALinear, adapters_off
+from mlxpost.model.lora import LoRALinear
 from mlxpost.steer.extract import from_adapters_off, read_sequences
 from mlxpost.steer.hooks import SteerSpec, model_blocks, recording, steered
 from mlxpost.steer.vectors import hidden_states, load_vectors, mean_difference, parse_steer
@@ -213,7 +213,7 @@ def test_aqi_rises_as_synthetic_clusters_move_apart():
 
 
 def test_abliteration_leaves_no_component_along_r_and_the_fused_model_loads(tmp_path, tiny_model):
-    from mlxpost.steer.abliterate import direction, orthogonalize, writer_weights, write_fused
+    from mlxpost.steer.abliterate import direction, orthogonalize, write_fused, writer_weights
 
     lm = load_model(str(tiny_model))
     harmful = hidden_states(lm.model, seqs_of(lm, POS), [1], position="last")[1]

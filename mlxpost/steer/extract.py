@@ -21,9 +21,9 @@ import numpy as np
 from ..data.render import Renderer
 from ..data.rows import read_jsonl, row_format, validate_prompt_row, validate_sft_row
 from ..errors import MlxpostError
-from ..model.lora import adapter_modules, adapters_off
 from ..model.adapters import load_adapter_stack, read_adapter_config
 from ..model.load import load_model
+from ..model.lora import adapter_modules, adapters_off
 from .hooks import model_blocks
 from .vectors import best_layer, hidden_states, mean_difference, parse_layers, save_vectors
 
