@@ -598,3 +598,28 @@ def test_top_k_and_min_p_keep_the_right_tokens_renormalized():
         got = np.bincount(np.array(sample_next(rows, 0.7, top_p, top_k, min_p)), minlength=6) / rows.shape[0]
         want = np.where(np.isin(np.arange(6), keep), p, 0)
         np.testing.assert_allclose(got, want / want.sum(), atol=0.01, err_msg=str((top_k, min_p, top_p)))
+
+
+def test_sampling_across_vocabulary_blocks():
+    """The two-level draw over a vocabulary of several blocks (not a multiple of the block size): the tempered
+    softmax in distribution, mass spread over every block, and tokens filtered out (probability 0) never drawn."""
+    from mlxpost.rl.rollout import SAMPLE_BLOCK, sample_next
+
+    V = 3 * SAMPLE_BLOCK + 37
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=V) * 0.5
+    hot = rng.choice(V, 40, replace=False)  # 40 likely tokens scattered over every block, the last partial one too
+    hot[:2] = [V - 1, SAMPLE_BLOCK]  # incl. the very last entry and the first of a block
+    base[hot] += 4.0
+    logits = mx.array(base[None].astype(np.float32))
+    rows = mx.repeat(logits, 60000, axis=0)
+    mx.random.seed(11)
+    got = np.bincount(np.array(sample_next(rows, 0.8)), minlength=V) / rows.shape[0]
+    want = np.array(mx.softmax(logits[0] / 0.8))
+    assert 0.5 * np.abs(got - want).sum() < 0.04  # total variation; 60k exact draws give about 0.026
+    for b in range(0, V, SAMPLE_BLOCK):  # the mass of every block
+        assert abs(got[b:b + SAMPLE_BLOCK].sum() - want[b:b + SAMPLE_BLOCK].sum()) < 0.01, b
+    np.testing.assert_allclose(got[hot[:2]], want[hot[:2]], atol=0.005)
+    mx.random.seed(12)
+    kept = np.array(sample_next(rows, 0.8, top_k=5))
+    assert set(kept.tolist()) <= set(np.argsort(-base)[:5].tolist())
