@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -151,20 +152,29 @@ class ArithTask(Task):
 # ---------------------------------------------------------------------------
 
 
-class PerplexityTask(Task):
-    """Perplexity over the trained tokens of an SFT-format file, batched as training batches it."""
+class FileTask(Task):
+    """A task over the rows of one JSONL file: its rows are checked (file:line:field) before the model loads."""
 
-    kind = "ppl"
+    valid_row: Callable[[dict], list]  # a row's problems as (field, message); set by each file task
+    rows_what = ""  # what a row must hold, for the error message
 
     def __init__(self, spec: str, path: str):
         super().__init__(spec)
         self.path = Path(path).expanduser()
 
     def check(self) -> None:
-        check_rows(self.path, validate_sft_row, "SFT rows (messages, prompt/completion or text)")
+        check_rows(self.path, self.valid_row, self.rows_what)
 
     def config(self, ctx: EvalContext) -> dict:
         return file_config(self.key, self.path, ctx, max_seq_len=MAX_SEQ_LEN)
+
+
+class PerplexityTask(FileTask):
+    """Perplexity over the trained tokens of an SFT-format file, batched as training batches it."""
+
+    kind = "ppl"
+    valid_row = staticmethod(validate_sft_row)
+    rows_what = "SFT rows (messages, prompt/completion or text)"
 
     def run(self, ctx: EvalContext) -> TaskResult:
         examples, stats = tokenize_file(self.path, ctx.renderer, max_seq_len=MAX_SEQ_LEN, limit=ctx.limit)
@@ -224,20 +234,12 @@ def side_scores(ctx: EvalContext, pairs: list[PairExample], what: str) -> np.nda
     return out
 
 
-class PairsTask(Task):
+class PairsTask(FileTask):
     """Preference accuracy and margin of the model's log-probs (and, for a run, of its implicit reward)."""
 
     kind = "pairs"
-
-    def __init__(self, spec: str, path: str):
-        super().__init__(spec)
-        self.path = Path(path).expanduser()
-
-    def check(self) -> None:
-        check_rows(self.path, validate_pair_row, "preference pairs (prompt, chosen, rejected)")
-
-    def config(self, ctx: EvalContext) -> dict:
-        return file_config(self.key, self.path, ctx, max_seq_len=MAX_SEQ_LEN)
+    valid_row = staticmethod(validate_pair_row)
+    rows_what = "preference pairs (prompt, chosen, rejected)"
 
     def run(self, ctx: EvalContext) -> TaskResult:
         pairs, _ = tokenize_pairs_file(self.path, ctx.renderer, max_seq_len=MAX_SEQ_LEN, limit=ctx.limit)
@@ -299,17 +301,12 @@ def _choice_row(row: dict) -> list[tuple[str, str]]:
     return []
 
 
-class UserTask(Task):
+class UserTask(FileTask):
     """Rows of your own: multiple choice by log-likelihood, or generate and check with reward functions."""
 
     kind = "task"
-
-    def __init__(self, spec: str, path: str):
-        super().__init__(spec)
-        self.path = Path(path).expanduser()
-
-    def check(self) -> None:
-        check_rows(self.path, _user_row, "task rows ({question, choices, answer} or {prompt, answer})")
+    valid_row = staticmethod(_user_row)
+    rows_what = "task rows ({question, choices, answer} or {prompt, answer})"
 
     def config(self, ctx: EvalContext) -> dict:
         return file_config(self.key, self.path, ctx, rewards=list(ctx.rewards),
