@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --kernels off,on       # MLX's softmax/log-sum-exp against mlxpost.backend.kernels
     python benchmarks/bench_step.py --method sft --batch-size 4
     python benchmarks/bench_step.py --chunks 0,64,96,128 --num-layers -1
+    python benchmarks/bench_step.py --method sft --chunks 0 --head full,fused   # the output layer's two paths
 
 Settings are the product of ``--chunks`` (``train.attention_chunk``; 0 =
 whole rows) and ``--kernels`` (``on``/``off``: whether training passes use
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2, help="pairs (or SFT rows) per step")
     ap.add_argument("--chunks", default="0,96", help="attention chunk settings to compare; 0 = whole rows")
     ap.add_argument("--kernels", default="auto", help="fused CPU kernels: on, off, auto, or a list (off,on)")
+    ap.add_argument("--head", default="fused",
+                    help="output layer of the policy pass: fused (chunked log-probs with their gradient), "
+                         "full (whole logits, autodiff), or a list (full,fused)")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
@@ -63,6 +67,7 @@ def main() -> None:
     from mlxpost.config import build_config
     from mlxpost.core.batches import batch_from_arrays
     from mlxpost.core.forward import set_attention_chunk
+    from mlxpost.core.logprobs import set_fused_head
     from mlxpost.methods import get as get_method
     from mlxpost.training.pipeline import prepare
     from mlxpost.ui import NullReporter
@@ -71,7 +76,10 @@ def main() -> None:
     kernel_opts = [auto if k.strip() == "auto" else k.strip() for k in args.kernels.split(",")]
     if any(k not in ("on", "off") for k in kernel_opts):
         ap.error(f"--kernels: on, off or auto, got {args.kernels!r}")
-    settings = [(int(c), k) for c in args.chunks.split(",") for k in kernel_opts]
+    heads = [h.strip() for h in args.head.split(",")]
+    if any(h not in ("fused", "full") for h in heads):
+        ap.error(f"--head: fused, full or a list, got {args.head!r}")
+    settings = [(int(c), k, h) for c in args.chunks.split(",") for k in kernel_opts for h in heads]
     data = args.data or (str(BENCH_PAIRS) if args.method != "sft" and BENCH_PAIRS.exists() else None)
     sets = [f"model.path={args.model}", f"lora.num_layers={args.num_layers}", f"train.batch_size={args.batch_size}",
             "model.dtype=float32", "train.attention_chunk=0"]
@@ -86,16 +94,18 @@ def main() -> None:
     batches = [next(it) for _ in range(args.batches)]
 
     steps, losses = {}, {}
-    for c, k in settings:
-        set_attention_chunk(model, c or None)  # both read when the step is traced
+    for c, k, h in settings:
+        set_attention_chunk(model, c or None)  # all three read when the step is traced
         kernels.set_enabled(k == "on")
+        set_fused_head(h == "fused")
         objective = get_method(args.method).objective(prep)
         vg = nn.value_and_grad(model, lambda m, a, o=objective: o.loss(m, batch_from_arrays(a))[0])
         step = mx.compile(lambda a, vg=vg: vg(model, a), inputs=[model.state], outputs=[model.state])
-        losses[c, k] = [step(b.arrays())[0].item() for b in batches]  # traces every shape once
-        steps[c, k] = step
+        losses[c, k, h] = [step(b.arrays())[0].item() for b in batches]  # traces every shape once
+        steps[c, k, h] = step
     set_attention_chunk(model, None)
     kernels.set_enabled(None)
+    set_fused_head(True)
 
     seconds = {s: 0.0 for s in settings}
     for _ in range(args.rounds):
@@ -111,17 +121,18 @@ def main() -> None:
           f"(of {len(model.layers)}), batch shapes {shapes} ({prep.batching}); "
           f"{args.rounds} interleaved rounds; JIT flags: {os.environ.get(jit.ACTIVE_VAR) or 'none'}")
     base = per_step[settings[0]]
-    print(f"{'attention chunk':<18}{'kernels':<9}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}")
+    print(f"{'attention chunk':<18}{'kernels':<9}{'head':<7}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}")
     for s in settings:
         diff = max(abs(a - b) for a, b in zip(losses[s], losses[settings[0]]))
-        c, k = s
-        print(f"{(str(c) if c else 'whole rows'):<18}{k:<9}{per_step[s]:>9.3f}{base / per_step[s]:>9.2f}x{diff:>17.2e}")
+        c, k, h = s
+        print(f"{(str(c) if c else 'whole rows'):<18}{k:<9}{h:<7}{per_step[s]:>9.3f}{base / per_step[s]:>9.2f}x"
+              f"{diff:>17.2e}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model": args.model, "method": args.method, "num_layers": args.num_layers, "batch_size": args.batch_size,
            "data": data or "bundled", "shapes": shapes, "batching": prep.batching, "rounds": args.rounds,
            "jit_flags": os.environ.get(jit.ACTIVE_VAR),
-           "seconds_per_step": {f"chunk={c},kernels={k}": v for (c, k), v in per_step.items()},
-           "losses": {f"chunk={c},kernels={k}": v for (c, k), v in losses.items()}}
+           "seconds_per_step": {f"chunk={c},kernels={k},head={h}": v for (c, k, h), v in per_step.items()},
+           "losses": {f"chunk={c},kernels={k},head={h}": v for (c, k, h), v in losses.items()}}
     path = RESULTS / f"step-{args.method}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"\nwritten {path}")

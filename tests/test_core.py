@@ -9,7 +9,7 @@ import pytest
 from conftest import chat
 from mlx.utils import tree_flatten
 
-from mlxpost.core.batches import BatchSource, _stack, pack_rows, selection
+from mlxpost.core.batches import BatchSource, _stack, batch_from_arrays, pack_rows, selection
 from mlxpost.core.logprobs import HeadSplit, logprobs
 from mlxpost.data.load import Example
 from mlxpost.data.render import Renderer
@@ -126,6 +126,89 @@ def test_head_split_on_selected_positions_equals_full_logits(llama, tiny_qwen):
             full = logprobs(lm.model, b)
             part = logprobs(lm.model, b, split=split, select=b.select)
             assert mx.abs(full - part).max().item() < 1e-5
+
+
+def _weighted_loss(b, split, grad, weights):
+    """A loss-shaped scalar with a different weight per position (as DPO and GRPO weight tokens)."""
+    return lambda m: (logprobs(m, b, split=split, select=b.select, grad=grad) * weights).sum()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_head_equals_full_logits_in_value_and_gradient(llama, tiny_qwen, monkeypatch, compiled):
+    """The output layer in chunks of 7 rows (fused gradient, and plain chunks) equals the whole head."""
+    from mlxpost.core import logprobs as lpmod
+    for lm in (llama, adapted(tiny_qwen, "attention")):  # tied embedding head; qwen's own lm_head
+        split = HeadSplit.find(lm.model)
+        exs = make_examples(lm.tokenizer, 6, seed=3)
+        b = selected_batch(exs, packed=True, per_row=3)
+        weights = mx.random.normal(b.weights.shape)
+        model = lm.model
+        v0, g0 = nn.value_and_grad(model, _weighted_loss(b, split, False, weights))(model)
+        monkeypatch.setattr(lpmod, "HEAD_CHUNK_BYTES", 7 * 4 * model.args.vocab_size)  # 7 rows a chunk
+        assert lpmod.head_chunk(model.args.vocab_size, 100) == 16  # never below 16 rows by default...
+        monkeypatch.setattr(lpmod, "head_chunk", lambda vocab, rows, budget=None: min(rows, 7))  # ...so force 7
+        for grad in (True, False):
+            def loss(m, arrays, grad=grad):  # as the training loop runs its step: the batch as arrays
+                bb = batch_from_arrays(arrays)
+                return (logprobs(m, bb, split=split, select=bb.select, grad=grad) * arrays["w"]).sum()
+            vg = nn.value_and_grad(model, loss)
+            fn = (lambda arrays: vg(model, arrays))
+            if compiled:
+                fn = mx.compile(fn, inputs=[model.state], outputs=[model.state])
+            v1, g1 = fn({**b.arrays(), "w": weights})
+            assert abs(v1.item() - v0.item()) <= 1e-5 * max(1.0, abs(v0.item()))
+            flat0, flat1 = dict(tree_flatten(g0)), dict(tree_flatten(g1))
+            assert flat0.keys() == flat1.keys() and len(flat0) > 0
+            for k in flat0:
+                scale = max(1e-3, mx.abs(flat0[k]).max().item())
+                assert mx.abs(flat0[k] - flat1[k]).max().item() <= 1e-4 * scale, k
+        monkeypatch.undo()
+
+
+def test_chunked_head_keeps_autodiff_for_a_trainable_head(llama):
+    """A head with trainable weights gets its weights' gradient (which the fused path does not carry)."""
+    from mlxpost.core.logprobs import head_logprobs
+    head = nn.Linear(8, 40, bias=False)
+    h, t = mx.random.normal((20, 8)), mx.random.randint(0, 40, (20,))
+
+    def loss(params, fused_ok):
+        head.update(params)
+        return head_logprobs(head, h, t, grad=fused_ok, chunk=6).sum()
+
+    g_plain = mx.grad(loss)(head.trainable_parameters(), False)
+    g_fused = mx.grad(loss)(head.trainable_parameters(), True)
+    assert mx.abs(g_plain["weight"]).max().item() > 0
+    assert mx.allclose(g_plain["weight"], g_fused["weight"], atol=1e-6).item()
+    head.freeze()
+    frozen = mx.grad(lambda x: head_logprobs(head, x, t, grad=True, chunk=6).sum())(h)
+    plain = mx.grad(lambda x: head_logprobs(head, x, t, grad=False).sum())(h)
+    assert mx.allclose(frozen, plain, atol=1e-6).item()
+
+
+def test_fused_head_never_holds_every_chunks_logits():
+    """Peak memory of a value-and-gradient (fused) and of a plain pass: a few chunks' logits, not the whole (K, V)."""
+    from mlxpost.core.logprobs import head_logprobs, target_logprobs
+    V, D, K = 32_000, 64, 2048
+    head = nn.Linear(D, V, bias=False)
+    head.freeze()
+    h, t = mx.random.normal((K, D)), mx.random.randint(0, V, (K,))
+    mx.eval(head.parameters(), h, t)
+    whole = K * V * 4  # one float32 copy of the full logits: 262 MB; a chunk of 64 rows: 8 MB
+
+    def peak(fn):
+        mx.eval(fn(h))  # once, so compiled pieces exist
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(fn(h))
+        return mx.get_peak_memory() - before
+
+    full = peak(mx.grad(lambda x: target_logprobs(head(x), t).sum()))
+    fused = peak(mx.grad(lambda x: head_logprobs(head, x, t, grad=True, chunk=64).sum()))
+    assert full > 1.5 * whole  # autodiff keeps the logits and their softmax: the test can fail
+    plain = peak(lambda x: head_logprobs(head, x, t, grad=False, chunk=64))
+    assert fused < 0.35 * whole, (fused, whole)
+    assert plain < 0.35 * whole, (plain, whole)
 
 
 class Wrapped(nn.Module):

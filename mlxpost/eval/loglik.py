@@ -40,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..core.forward import forward, rope_owners
-from ..core.logprobs import HeadSplit, target_logprobs
+from ..core.logprobs import HeadSplit, head_chunk, target_logprobs
 
 
 @dataclass
@@ -173,8 +173,16 @@ def run_entries(model, split: HeadSplit | None, arrays: dict, shared: bool, chun
     With a head split only the K scored positions go through the output layer.
     """
     states = entry_states(model, split, arrays, shared, chunk)
-    logits = split.head(states) if split is not None else states  # (K, V)
     targets = mx.array(arrays["targets"])
+    if split is None:  # states are the logits already
+        return _score(states, targets)
+    rows = head_chunk(split.head(states[:1]).shape[-1], states.shape[0])  # (rows, V) logits at a time
+    parts = [_score(split.head(states[i:i + rows]), targets[i:i + rows]) for i in range(0, states.shape[0], rows)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _score(logits: mx.array, targets: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    """Log-prob and greedy flag per row of (K, V) logits, evaluated (so the logits can go)."""
     lp = target_logprobs(logits, targets)
     greedy = mx.argmax(logits, axis=-1) == targets
     mx.eval(lp, greedy)

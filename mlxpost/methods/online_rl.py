@@ -137,7 +137,7 @@ def objective(split: HeadSplit | None, *, eps_low: float = 0.2, eps_high: float 
 
     def loss(model, batch):
         w = batch.weights
-        logp = token_logprobs(model, batch, split, batch.select)
+        logp = token_logprobs(model, batch, split, batch.select, grad=True)
         extra = batch.extra or {}
         old = extra.get("old_logps")
         old = mx.stop_gradient(logp) if old is None else old

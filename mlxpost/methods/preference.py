@@ -211,7 +211,7 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
     def loss(model, batch):
         live = shared_blocks if reference and not (batch.extra and "ref_logps" in batch.extra) else None
         with live.policy() if live is not None else nullcontext():
-            tok = logprobs(model, batch, reduction="none", split=split, select=batch.select)
+            tok = logprobs(model, batch, reduction="none", split=split, select=batch.select, grad=True)
         ref_tok = reference_token_logprobs(model, batch, split, shared_blocks=live) if reference else None
         extra = batch.extra or {}
         weights = batch.select[1] if batch.entries else batch.weights  # per entry (K,) or per position

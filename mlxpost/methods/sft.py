@@ -171,7 +171,7 @@ def objective(split: HeadSplit | None = None, monitor=None) -> Objective:
     """The SFT objective; ``split`` computes logits only at trained positions; ``monitor``: a health monitor factory."""
 
     def loss(model, batch):
-        lp = logprobs(model, batch, reduction="none", split=split, select=batch.select)  # (B, L)
+        lp = logprobs(model, batch, reduction="none", split=split, select=batch.select, grad=True)  # (B, L)
         return sft_loss(lp, batch.weights)
 
     return Objective(loss=loss, unit="token", perplexity=True, monitor=monitor)
