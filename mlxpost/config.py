@@ -95,6 +95,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     grad_checkpoint: bool = False
+    max_memory_gb: float = -1.0  # peak-memory budget (GB) for checkpointing / micro-batch; -1: auto; 0: none
     attention_chunk: int = -1  # query chunk of training passes (positions); -1: auto (CPU: 96, GPU: off); 0: off
     compile: bool = True
     eval_every: int = 50  # optimizer steps; 0 = only at the end
@@ -493,6 +494,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.max_grad_norm is not None and cfg.train.max_grad_norm <= 0:
         raise ConfigError(f"train.max_grad_norm: must be positive (or null for no clipping), "
                           f"got {cfg.train.max_grad_norm}")
+    if cfg.train.max_memory_gb < 0 and cfg.train.max_memory_gb != -1:
+        raise ConfigError(f"train.max_memory_gb: must be -1 (auto), 0 (no budget) or a size in GB, "
+                          f"got {cfg.train.max_memory_gb}")
     if cfg.train.attention_chunk < -1:
         raise ConfigError(f"train.attention_chunk: must be -1 (auto), 0 (off) or a length, "
                           f"got {cfg.train.attention_chunk}")

@@ -38,6 +38,9 @@ COMMON_OPTIONS = [
     click.option("--epochs", "train__epochs", type=float, help="Epochs, when --steps is not given."),
     click.option("--batch-size", "train__batch_size", type=int, help="Rows per micro-batch."),
     click.option("--grad-accum", "train__grad_accum", type=int, help="Micro-batches per optimizer step."),
+    click.option("--max-memory", "train__max_memory_gb", type=float,
+                 help="Peak-memory budget in GB: gradient checkpointing and smaller micro-batches when needed "
+                      "(default: 2/3 of this machine's memory; 0: no budget)."),
     click.option("--lr", "train__lr", type=float, help="Peak learning rate."),
     click.option("--rank", "lora__rank", type=int, help="LoRA rank."),
     click.option("--max-seq-len", "data__max_seq_len", type=int, help="Longest sequence in tokens."),

@@ -50,6 +50,7 @@ from ..model.load import LoadedModel, is_quantized, load_model, quantize_blocks
 from ..model.peft import load_init_adapter
 from .distributed import agree, world_group
 from .faults import fault_point
+from . import memory
 from .loop import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
 from .resume import config_changes, resume_point
 from .rundir import RunDir, new_run_dir
@@ -68,6 +69,7 @@ class Prepared:
     adapter_cfg: dict
     trainable: int
     chunk: int | None = None  # attention's query chunk in training passes (None: whole rows)
+    memory: Any = None  # the memory plan (mlxpost.training.memory.Plan), when a budget applies
     train: Any = None  # the batch source of training (BatchSource, PairSource or RolloutSource)
     valid: BatchSource | None = None
     stats: dict = field(default_factory=dict)  # what data_stats.json records
@@ -202,11 +204,40 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None,
     prep = Prepared(cfg, method, loaded, HeadSplit.find(model), adapter_cfg, trainable)
     set_attention_chunk(model, None)  # the probes run whole rows
     prep.chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, warn=rep.warn)
+    prep.memory = fit_memory(cfg, method, model, prep.chunk, rep)
     kind = data_kind(method.data)
     kind.read(prep, rep, rank=rank, world=world_size, cache=cache)
     set_attention_chunk(model, prep.chunk)  # after the data kind's probes (packing runs whole rows)
     method.prepare(prep, rep)
     return prep
+
+
+def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
+    """Apply ``train.max_memory_gb`` (see :mod:`mlxpost.training.memory`): may turn on gradient checkpointing
+    and split the micro-batch in ``cfg.train``; warns when the budget cannot be met. The plan, or None."""
+    t = cfg.train
+    if t.max_memory_gb == 0:
+        return None
+    budget = memory.default_budget() if t.max_memory_gb == -1 else t.max_memory_gb * memory.GB
+    shape = memory.ModelShape.of(model)
+    if method.data == "prompts":  # rollouts: completions of grpo.max_prompt_len + max_new_tokens, sized by the method
+        sec = next((getattr(cfg, n) for n in method.sections if hasattr(getattr(cfg, n, None), "max_new_tokens")), None)
+        length = (getattr(sec, "max_prompt_len", 0) or 0) + (getattr(sec, "max_new_tokens", 0) or 0) or cfg.data.max_seq_len
+        rows = getattr(sec, "micro_batch", None) or t.batch_size
+        p = memory.plan(shape, budget, batch_size=rows, grad_accum=t.grad_accum, length=length,
+                        checkpoint=t.grad_checkpoint, query_chunk=chunk, can_split=False)
+    else:
+        length = cfg.data.pack_len or cfg.data.max_seq_len
+        p = memory.plan(shape, budget, batch_size=t.batch_size, grad_accum=t.grad_accum, length=length,
+                        rows_per_item=2 if method.data == "pairs" else 1, checkpoint=t.grad_checkpoint,
+                        query_chunk=chunk)
+    t.grad_checkpoint, t.batch_size, t.grad_accum = p.checkpoint, p.batch_size, p.grad_accum
+    if not p.fits:
+        rep.warn(f"train.max_memory_gb: the estimated peak memory is {p.estimate.total / memory.GB:.1f} GB "
+                 f"(weights {p.estimate.weights / memory.GB:.1f} GB) even with gradient checkpointing and a "
+                 f"micro-batch of {p.batch_size}, over the budget of {budget / memory.GB:.1f} GB: shorten "
+                 f"data.max_seq_len, quantize the base (--quantize 4) or raise --max-memory")
+    return p
 
 
 def total_steps(cfg: RunConfig, source: BatchSource) -> int:
@@ -232,6 +263,8 @@ def setup_rows(prep: Prepared, kind: DataKind, steps: int, size: int) -> list[tu
             "logits": "trained positions only" if prep.split else "all positions"}
     for key, v in prep.rows:
         rows[key] = v
+    if prep.memory is not None:
+        rows["memory"] = prep.memory.describe()
     chunk = attention_chunk(prep.loaded.model)
     rows["attention"] = f"in query chunks of ~{chunk} positions (at most 8 a row)" if chunk else "whole rows"
     out = [(k, v) for k, v in rows.items() if v is not None]

@@ -1,0 +1,201 @@
+"""Training memory to a budget: ``train.max_memory_gb`` (``--max-memory``).
+
+Before the data are read, the run estimates the peak memory of one
+micro-batch's forward and backward pass and, when it would not fit the
+budget, picks (in this order, cheapest in time first) gradient
+checkpointing of whole blocks, then smaller micro-batches with more
+accumulation (same rows per optimizer step, same loss: the loop sums losses
+and counts over micro-batches before it divides). The choice is a row of the
+setup table; a budget that even one row with checkpointing cannot meet is a
+warning before training starts, not an error.
+
+The estimate, in float elements of the training dtype, for ``T = rows x
+length`` positions through ``n`` blocks of width ``D``, MLP width ``I``,
+``H`` query heads:
+
+* weights: the model's own bytes (quantized bases count as quantized);
+* trainable weights: 4 copies (value, gradient, Adam's two moments) in float32;
+* saved activations without checkpointing: ``T * n * (ACT_D * D + ACT_I * I
+  + 2 * H * S)``, where ``S`` is the keys a query sees on average (half a
+  row under causal query chunks, a whole row without), the 2 for the
+  attention scores and probabilities kept for the backward pass;
+* with checkpointing: each block's input (``T * n * D``), plus one block's
+  saved activations and their gradients while that block is recomputed
+  (twice the per-block term above);
+* the output layer: the fused log-prob pass (:mod:`mlxpost.core.logprobs`)
+  keeps (T, D) gradient vectors and works on chunks of
+  ``HEAD_CHUNK_BYTES``; a few chunks are alive at a time.
+
+``ACT_D`` and ``ACT_I`` were fitted on Qwen2.5-0.5B's shapes (hidden 896,
+MLP 4864, 24 blocks, 2 x 1024 positions, float32 on the CPU, LoRA on every
+linear): MLX's measured peak was 10.4 GB without checkpointing; see
+benchmarks/bench_memory.py. The same constants are used on every backend:
+what the backward pass keeps is the graph's, not the device's.
+
+Not chosen automatically: checkpointing only parts of a block, and
+off-loading; the auto budget (:func:`default_budget`) leaves a third of the
+machine's memory (Metal: of the recommended working set) to the system.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..core.logprobs import HEAD_CHUNK_BYTES
+
+ACT_D = 10  # per position and block, in units of the hidden width: norms, q/k/v/o inputs, residuals, LoRA
+ACT_I = 4  # ... of the MLP width: gate, up, activation, product
+GB = 1e9
+
+
+@dataclass
+class ModelShape:
+    blocks: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    weight_bytes: int
+    trainable: int
+    itemsize: int = 4  # bytes per activation element (the model's compute dtype)
+
+    @staticmethod
+    def of(model: nn.Module) -> "ModelShape":
+        """Read the shapes from an mlx-lm model (its ``args``) and its parameters."""
+        args = getattr(model, "args", None)
+
+        def arg(*names, default=0):
+            for n in names:
+                v = getattr(args, n, None)
+                if v:
+                    return int(v)
+            return default
+
+        params = tree_flatten(model.parameters())
+        weight_bytes = sum(v.nbytes for _, v in params)
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        floats = [v for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
+        hidden = arg("hidden_size", "d_model", "n_embd")
+        return ModelShape(blocks=len(getattr(model, "layers", [])) or arg("num_hidden_layers"), hidden=hidden,
+                          intermediate=arg("intermediate_size", "ffn_dim", default=4 * hidden),
+                          heads=arg("num_attention_heads", "n_head", default=max(1, hidden // 64)),
+                          vocab=arg("vocab_size"), weight_bytes=weight_bytes, trainable=trainable,
+                          itemsize=floats[0].itemsize if floats else 4)
+
+
+@dataclass
+class Estimate:
+    weights: float
+    optimizer: float
+    activations: float
+    head: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.optimizer + self.activations + self.head
+
+
+def estimate(shape: ModelShape, rows: int, length: int, *, checkpoint: bool, query_chunk: int | None) -> Estimate:
+    """Peak bytes of one micro-batch of ``rows x length`` positions (see the module doc).
+
+    >>> s = ModelShape(blocks=24, hidden=896, intermediate=4864, heads=14, vocab=151_936,
+    ...                weight_bytes=1_976_000_000, trainable=4_399_104)
+    >>> round(estimate(s, 2, 1024, checkpoint=False, query_chunk=96).total / 1e9, 1)
+    10.4
+    >>> round(estimate(s, 2, 1024, checkpoint=True, query_chunk=96).total / 1e9, 1)
+    3.0
+    """
+    T = rows * length
+    seen = (length + (query_chunk or 0)) / 2 if query_chunk else length  # keys per query, on average
+    per_block = T * (ACT_D * shape.hidden + ACT_I * shape.intermediate + 2 * shape.heads * seen) * shape.itemsize
+    if checkpoint:
+        activations = T * shape.blocks * shape.hidden * shape.itemsize + 2 * per_block
+    else:
+        activations = shape.blocks * per_block
+    head_chunk = min(T * shape.vocab * 4, HEAD_CHUNK_BYTES)
+    head = T * shape.hidden * 4 + 3 * head_chunk
+    return Estimate(weights=float(shape.weight_bytes), optimizer=16.0 * shape.trainable, activations=float(activations),
+                    head=float(head))
+
+
+@dataclass
+class Plan:
+    budget: float
+    checkpoint: bool
+    batch_size: int
+    grad_accum: int
+    estimate: Estimate
+    fits: bool
+    changed: bool
+
+    def describe(self) -> str:
+        """The setup table's row."""
+        parts = [f"budget {self.budget / GB:.1f} GB, estimated peak {self.estimate.total / GB:.1f} GB"]
+        if self.changed:
+            parts.append(("gradient checkpointing, " if self.checkpoint else "")
+                         + f"micro-batch {self.batch_size} x {self.grad_accum} accumulated (chosen to fit)")
+        elif self.checkpoint:
+            parts.append("gradient checkpointing")
+        return ": ".join(parts)
+
+
+def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, length: int, rows_per_item: int = 1,
+         checkpoint: bool = False, query_chunk: int | None = None, can_split: bool = True) -> Plan:
+    """The fastest settings whose estimate fits ``budget`` bytes (the given ones when they fit).
+
+    ``rows_per_item``: rows a batch item puts through the model (2 for a
+    preference pair). ``can_split``: whether the micro-batch may shrink (RL
+    methods size theirs elsewhere). Order tried: as given; checkpointing;
+    then smaller micro-batches (each a divisor of the given one) with more
+    accumulation, down to one item.
+
+    >>> s = ModelShape(blocks=24, hidden=896, intermediate=4864, heads=14, vocab=151_936,
+    ...                weight_bytes=1_976_000_000, trainable=4_399_104)
+    >>> p = plan(s, 4e9, batch_size=2, grad_accum=1, length=1024, query_chunk=96)
+    >>> p.checkpoint, p.batch_size, p.grad_accum, p.fits
+    (True, 2, 1, True)
+    >>> p = plan(s, 2.7e9, batch_size=4, grad_accum=1, length=1024, query_chunk=96)
+    >>> p.checkpoint, p.batch_size, p.grad_accum, p.fits
+    (True, 1, 4, True)
+    >>> plan(s, 1e9, batch_size=4, grad_accum=1, length=1024, query_chunk=96).fits
+    False
+    """
+    def est(ckpt, bs):
+        return estimate(shape, bs * rows_per_item, length, checkpoint=ckpt, query_chunk=query_chunk)
+
+    options = [(checkpoint, batch_size, grad_accum)]
+    if not checkpoint:
+        options.append((True, batch_size, grad_accum))
+    if can_split:  # smaller micro-batches that divide the given one: the same rows per optimizer step
+        options += [(True, d, grad_accum * (batch_size // d)) for d in range(batch_size - 1, 0, -1)
+                    if batch_size % d == 0]
+    for ckpt, b, a in options:
+        e = est(ckpt, b)
+        if e.total <= budget:
+            return Plan(budget, ckpt, b, a, e, True, (ckpt, b, a) != (checkpoint, batch_size, grad_accum))
+    ckpt, b, a = options[-1]
+    return Plan(budget, ckpt, b, a, est(ckpt, b), False, (ckpt, b, a) != (checkpoint, batch_size, grad_accum))
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def default_budget() -> float:
+    """Two thirds of the machine's memory; on Metal, at most the recommended working set (None-safe)."""
+    total = machine_memory()
+    try:
+        working = mx.device_info().get("max_recommended_working_set_size") or 0
+    except (AttributeError, RuntimeError, ValueError):
+        working = 0
+    options = [x for x in (2 * total / 3, working) if x]
+    return float(min(options)) if options else float("inf")

@@ -1,0 +1,97 @@
+"""train.max_memory_gb: the estimate, the plan, and what a run does with it."""
+
+from __future__ import annotations
+
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxpost.config import ConfigError, build_config
+from mlxpost.training import memory
+from mlxpost.training.pipeline import prepare, setup_rows, total_steps
+from mlxpost.training.sources import data_kind
+from mlxpost.ui import NullReporter
+
+QWEN05 = memory.ModelShape(blocks=24, hidden=896, intermediate=4864, heads=14, vocab=151_936,
+                           weight_bytes=1_976_000_000, trainable=4_399_104)
+
+
+class Warnings(NullReporter):
+    def __init__(self):
+        self.warnings = []
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+
+def test_estimate_grows_with_positions_and_shrinks_with_checkpointing():
+    e = {(rows, ck): memory.estimate(QWEN05, rows, 1024, checkpoint=ck, query_chunk=96).total
+         for rows in (1, 2, 4) for ck in (False, True)}
+    assert e[1, False] < e[2, False] < e[4, False]
+    assert e[2, True] < e[2, False] / 3  # checkpointing keeps one block's activations, not 24
+    whole = memory.estimate(QWEN05, 2, 1024, checkpoint=False, query_chunk=None).activations
+    chunked = memory.estimate(QWEN05, 2, 1024, checkpoint=False, query_chunk=96).activations
+    assert chunked < whole  # causal query chunks keep about half the attention scores
+
+
+def test_plan_keeps_what_fits_and_rows_per_step():
+    kept = memory.plan(QWEN05, 64e9, batch_size=2, grad_accum=3, length=1024, query_chunk=96)
+    assert (kept.checkpoint, kept.batch_size, kept.grad_accum, kept.fits, kept.changed) == (False, 2, 3, True, False)
+    p = memory.plan(QWEN05, 3.4e9, batch_size=6, grad_accum=1, length=1024, query_chunk=96)
+    assert p.fits and p.checkpoint and p.batch_size * p.grad_accum == 6 and p.batch_size < 6
+    assert p.estimate.total <= 3.4e9
+    pairs = memory.plan(QWEN05, 3.4e9, batch_size=6, grad_accum=1, length=1024, query_chunk=96, rows_per_item=2)
+    assert pairs.batch_size < p.batch_size  # a pair puts two rows through the model
+    rl = memory.plan(QWEN05, 3.4e9, batch_size=6, grad_accum=1, length=1024, query_chunk=96, can_split=False)
+    assert rl.batch_size == 6 and rl.checkpoint and not rl.fits
+    assert "chosen to fit" in p.describe() and "budget 3.4 GB" in p.describe()
+
+
+def test_default_budget_leaves_the_system_room():
+    total = memory.machine_memory()
+    assert total > 0
+    assert 0 < memory.default_budget() <= 2 * total / 3 + 1
+
+
+def _prepare(tiny_model, sft_data, *sets, rep=None):
+    cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", "train.batch_size=4", *sets])
+    rep = rep or NullReporter()
+    prep = prepare(cfg, rep)
+    return cfg, prep, dict(setup_rows(prep, data_kind(prep.method.data), total_steps(cfg, prep.train), 1))
+
+
+def test_a_run_under_budget_checkpoints_and_splits_its_micro_batch(tiny_model, sft_data):
+    cfg, prep, rows = _prepare(tiny_model, sft_data, "train.max_memory_gb=0")
+    assert prep.memory is None and "memory" not in rows
+    shape = memory.ModelShape.of(prep.loaded.model)
+    length = cfg.data.pack_len or cfg.data.max_seq_len
+    chunk = prep.chunk
+    # A budget between "checkpointing, 2 rows" and "checkpointing, 4 rows": 2 x 2 accumulated.
+    two = memory.estimate(shape, 2, length, checkpoint=True, query_chunk=chunk).total
+    four = memory.estimate(shape, 4, length, checkpoint=True, query_chunk=chunk).total
+    budget_gb = (two + four) / 2 / 1e9
+    cfg, prep, rows = _prepare(tiny_model, sft_data, f"train.max_memory_gb={budget_gb}")
+    assert (cfg.train.grad_checkpoint, cfg.train.batch_size, cfg.train.grad_accum) == (True, 2, 2)
+    assert prep.train.batch_size == 2  # the batches are built with the chosen size
+    assert "gradient checkpointing, micro-batch 2 x 2 accumulated" in rows["memory"]
+
+
+def test_a_budget_that_cannot_be_met_is_a_warning_before_training(tiny_model, sft_data):
+    rep = Warnings()
+    cfg, prep, rows = _prepare(tiny_model, sft_data, "train.max_memory_gb=0.000001", rep=rep)
+    assert cfg.train.grad_checkpoint and cfg.train.batch_size == 1 and cfg.train.grad_accum == 4
+    assert any("max_memory_gb" in w and "over the budget" in w for w in rep.warnings)
+
+
+def test_max_memory_is_checked():
+    with pytest.raises(ConfigError, match="max_memory_gb"):
+        build_config(None, ["train.max_memory_gb=-2"])
+
+
+def test_model_shape_reads_an_mlx_lm_model(tiny_model):
+    from mlxpost.model.load import load_model
+    lm = load_model(str(tiny_model))
+    s = memory.ModelShape.of(lm.model)
+    a = lm.model.args
+    assert (s.blocks, s.hidden, s.intermediate, s.vocab) == (a.num_hidden_layers, a.hidden_size,
+                                                             a.intermediate_size, a.vocab_size)
+    assert s.weight_bytes == sum(v.nbytes for _, v in tree_flatten(lm.model.parameters()))
