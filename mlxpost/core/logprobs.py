@@ -39,7 +39,6 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from mlx.utils import tree_flatten
 
 from ..backend import kernels
