@@ -52,6 +52,7 @@ QWEN05 = dict(model_type="qwen2", hidden_size=896, num_layers=24, num_heads=14, 
 SETTINGS = {
     "default": [],
     "grad_checkpoint": ["train.grad_checkpoint=true"],
+    "budget_2.8": ["train.max_memory_gb=2.8"],  # the plan picks checkpointing and the micro-batch
 }
 
 

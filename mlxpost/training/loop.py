@@ -13,8 +13,9 @@ optimizer step: the gradient is exactly that of the mean over every unit in
 the step, however the work is split.
 
 Per optimizer step: ``grad_accum`` compiled micro-steps (forward + backward),
-one compiled update (all-reduce across ranks, normalise, clip, AdamW), one
-``mx.eval``. Scalars stay arrays until a report is printed.
+one compiled update (all-reduce across ranks, normalise, clip, AdamW), an
+``mx.eval`` after each micro-step (peak memory: one micro-batch's graph) and
+after the update. Scalars stay arrays until a report is printed.
 """
 
 from __future__ import annotations
@@ -458,7 +459,7 @@ class Trainer:
                 self.monitor.observe_eval(rec["step"], rec)
 
     def _step(self, batches: Iterator[Batch]) -> tuple[dict, list[Batch], float]:
-        """One optimizer step: ``grad_accum`` micro-batches, the update, one sync. Returns its outputs."""
+        """One optimizer step: ``grad_accum`` micro-batches, the update (each evaluated on its own). Returns its outputs."""
         t0 = time.perf_counter()
         # The random stream (LoRA dropout) restarts from (seed, step) at every
         # step, so a resumed run draws exactly what an uninterrupted one draws.
@@ -469,11 +470,13 @@ class Trainer:
             batch = next(batches)
             used.append(batch)
             acc = self._micro(batch.arrays(), acc)
-            if i + 1 < self.cfg.grad_accum:
-                mx.eval(acc)  # bound memory to one micro-batch's graph
+            # Bound memory to one micro-batch's graph, the last one's too: evaluated together with the
+            # update, MLX allocated ahead and the peak grew by half the activations (Qwen2.5-0.5B's shapes,
+            # checkpointed, 2 x 1024 positions: 4.03 GB against 3.07 GB).
+            mx.eval(acc)
         local = mx.array([sum(b.n_tokens for b in used), sum(b.n_targets for b in used)], mx.float32)
         out = self._update(acc, local)
-        mx.eval(self._state, out)  # the one sync point of the step
+        mx.eval(self._state, out)
         dt = time.perf_counter() - t0
         self.step += 1
         out["n_tokens"], out["n_trained"] = (int(x) for x in out["tokens"].tolist())  # summed over ranks
