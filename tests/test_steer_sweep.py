@@ -1,0 +1,106 @@
+"""Steering sweeps on tiny models: completion pooling, reward functions as the score, perplexity side effects,
+λ relative to the residual norm."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import write_jsonl
+
+from mlxpost.data.render import Renderer
+from mlxpost.errors import MlxpostError
+from mlxpost.model.load import load_model
+from mlxpost.steer.extract import read_rows
+from mlxpost.steer.hooks import SteerSpec, recording, steered
+from mlxpost.steer.sweep import Behaviour, greedy, greedy_replies, reply_perplexity, residual_norm, run_sweep
+from mlxpost.steer.vectors import hidden_states
+
+PROMPTS = ["The cat sat on the mat.", "A cat likes milk.", "My cat is asleep.", "Cats chase mice."]
+NEUTRAL = ["The dog ran in the park.", "A dog likes bones.", "My dog is barking.", "Dogs chase balls."]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(str(tiny_model))
+
+
+def ids_of(lm, texts):
+    r = Renderer(lm.tokenizer)
+    return [r.prompt(t)[0] for t in texts]
+
+
+def test_completion_pooling_reads_only_the_completion_tokens(tmp_path, lm):
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p, "completion": " " + n} for p, n in zip(PROMPTS, NEUTRAL)] +
+                [{"prompt": "only a prompt"}])
+    rows = read_rows(tmp_path / "sft.jsonl", Renderer(lm.tokenizer))
+    assert rows[-1][1] is None and all(0 < s < len(ids) for ids, s in rows[:-1])
+    seqs, starts = [ids for ids, _ in rows[:-1]], [s for _, s in rows[:-1]]
+    got = hidden_states(lm.model, seqs, [0, 1], position="completion", starts=starts, batch_size=3)
+    for i, (s, b) in enumerate(zip(seqs, starts)):
+        with recording(lm.model, [0, 1]) as sink:
+            lm.model(mx.array([s]))
+            for l in (0, 1):
+                np.testing.assert_allclose(got[l][i], np.array(sink[l])[0, b:].mean(0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(MlxpostError, match="--position completion needs rows with a completion"):
+        hidden_states(lm.model, [ids for ids, _ in rows], [0], position="completion", starts=[s for _, s in rows])
+
+
+def test_reward_functions_score_the_sweep_with_the_prompt_columns(tmp_path, lm):
+    (tmp_path / "rw.py").write_text(
+        "def mentions(completions, word, **kw):\n"
+        "    return [float(w in c) for c, w in zip(completions, word)]\n"
+        "def words(completions, **kw):\n"
+        "    return [len(c.split()) for c in completions]\n")
+    ps = ids_of(lm, PROMPTS)
+    plain = greedy_replies(lm.model, lm.tokenizer, ps, 6)
+    word = [t.split()[0] if t.split() else "zz" for t in plain]
+    word[0] = "never-said"
+    b = Behaviour.rewards([f"{tmp_path}/rw.py:mentions", f"{tmp_path}/rw.py:words@0.5"], {"word": word},
+                          PROMPTS, [f"q.jsonl:{i}" for i in range(1, 5)])
+    assert b.name == "reward:mentions+words"
+    want = np.mean([float(w in t) + 0.5 * len(t.split()) for t, w in zip(plain, word)])
+    assert b.fn(plain) == pytest.approx(want)
+    v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(5)) * 6
+    res = run_sweep(lm.model, lm.tokenizer, SteerSpec(1, v, 1.0), [0, 4], ps, None, score=b, max_new_tokens=6)
+    assert res["score_name"] == "reward:mentions+words"
+    assert res["rows"][0]["score"] == pytest.approx(want)  # λ=0: the unsteered replies
+    missing = Behaviour.rewards([f"{tmp_path}/rw.py:mentions"], {}, PROMPTS, [f"q.jsonl:{i}" for i in range(1, 5)])
+    with pytest.raises(MlxpostError, match="word"):
+        missing.fn(plain)
+
+
+def test_perplexity_side_effect_is_zero_at_lambda_zero_and_grows_with_lambda(lm):
+    ps, ns = ids_of(lm, PROMPTS), ids_of(lm, NEUTRAL)
+    v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(3)) * 4
+    res = run_sweep(lm.model, lm.tokenizer, SteerSpec(1, v, 1.0), [2, 0, 8], ps, ns, score="length",
+                    max_new_tokens=6)
+    rows = {r["lambda"]: r for r in res["rows"]}
+    assert [r["lambda"] for r in res["rows"]] == [0.0, 2.0, 8.0]
+    _, reply_ids = greedy(lm.model, lm.tokenizer, ns, 6)
+    assert rows[0.0]["perplexity"] == pytest.approx(reply_perplexity(lm.model, ns, reply_ids), rel=1e-5)
+    assert rows[0.0]["perplexity_change"] == 0.0
+    assert 0 < rows[2.0]["perplexity_change"] < rows[8.0]["perplexity_change"]  # the λ=0 replies get less likely
+    with steered(lm.model, [SteerSpec(1, v, 8.0)]):
+        assert rows[8.0]["perplexity"] == pytest.approx(reply_perplexity(lm.model, ns, reply_ids), rel=1e-5)
+    assert "perplexity change" in "\n".join(__import__("mlxpost.steer.sweep", fromlist=["table"]).table(res))
+
+
+def test_relative_lambda_is_in_units_of_the_residual_norm(lm):
+    ps = ids_of(lm, PROMPTS)
+    with recording(lm.model, [1]) as sink:
+        norms = []
+        for s in ps:
+            lm.model(mx.array([s]))
+            norms += list(np.linalg.norm(np.array(sink[1])[0, 1:], axis=-1))
+    r = residual_norm(lm.model, ps, 1)
+    assert r == pytest.approx(float(np.mean(norms)), rel=1e-5)
+    v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(4)) * 3
+    res = run_sweep(lm.model, lm.tokenizer, [SteerSpec(1, v, 1.0)], [0.5], ps, None, score="length",
+                    max_new_tokens=4, relative=True)
+    row = next(x for x in res["rows"] if x["lambda"] == 0.5)
+    assert res["residual_norm"][0] == pytest.approx(r, rel=1e-5)
+    assert row["raw_lambda"] == pytest.approx(0.5 * r / float(np.linalg.norm(np.array(v))), rel=1e-5)
+    with pytest.raises(MlxpostError, match="length 0"):
+        run_sweep(lm.model, lm.tokenizer, [SteerSpec(1, mx.zeros_like(v), 1.0)], [1], ps, None, score="length",
+                  max_new_tokens=2, relative=True)
