@@ -104,3 +104,28 @@ def test_relative_lambda_is_in_units_of_the_residual_norm(lm):
     with pytest.raises(MlxpostError, match="length 0"):
         run_sweep(lm.model, lm.tokenizer, [SteerSpec(1, mx.zeros_like(v), 1.0)], [1], ps, None, score="length",
                   max_new_tokens=2, relative=True)
+
+
+def test_eval_steer_runs_every_task_steered_and_records_it(tmp_path, tiny_model, sft_data, monkeypatch):
+    from mlxpost.eval.run import evaluate
+    from mlxpost.steer.vectors import save_vectors
+
+    monkeypatch.chdir(tmp_path)
+    lm = load_model(str(tiny_model))
+    d = lm.model.args.hidden_size
+    v = np.array(mx.random.normal((d,), key=mx.random.key(7))) * 2
+    save_vectors(tmp_path / "vec", {1: v}, {"best_layer": 1})
+    task = f"ppl:{sft_data / 'valid.jsonl'}"
+    ppl = lambda doc: doc["tasks"][task]["metrics"]["ppl"]["value"]  # noqa: E731
+    plain = evaluate(str(tiny_model), [task])
+    zero = evaluate(str(tiny_model), [task], steer=[f"{tmp_path / 'vec'}@0"])
+    assert ppl(zero) == ppl(plain)  # λ=0 installs nothing
+    steered_doc = evaluate(str(tiny_model), [task], steer=[f"{tmp_path / 'vec'}@3:1"], baseline=str(tiny_model))
+    with steered(lm.model, [SteerSpec(1, mx.array(v), 3.0)]):
+        by_hand = evaluate(lm, [task], out=tmp_path / "hand")
+    assert ppl(steered_doc) == pytest.approx(ppl(by_hand), rel=1e-6) and ppl(steered_doc) != ppl(plain)
+    rec = steered_doc["target"]["steer"][0]
+    assert rec["layer"] == 1 and rec["lambda"] == 3.0 and len(rec["sha256"]) == 64
+    assert "+steer-" in steered_doc["path"] and steered_doc["path"] != plain["path"]  # never overwrites the plain one
+    row = next(r for r in steered_doc["baseline"]["rows"] if r["metric"] == "ppl")
+    assert row["before"] == pytest.approx(ppl(plain)) and row["after"] == pytest.approx(ppl(steered_doc))
