@@ -129,3 +129,28 @@ def test_eval_steer_runs_every_task_steered_and_records_it(tmp_path, tiny_model,
     assert "+steer-" in steered_doc["path"] and steered_doc["path"] != plain["path"]  # never overwrites the plain one
     row = next(r for r in steered_doc["baseline"]["rows"] if r["metric"] == "ppl")
     assert row["before"] == pytest.approx(ppl(plain)) and row["after"] == pytest.approx(ppl(steered_doc))
+
+
+def test_a_run_steers_its_before_and_after_samples(tmp_path, tiny_model, sft_data):
+    from mlxpost.config import build_config
+    from mlxpost.errors import ConfigError
+    from mlxpost.steer.vectors import save_vectors
+    from mlxpost.training.pipeline import run as run_training
+    from mlxpost.ui import NullReporter
+
+    lm = load_model(str(tiny_model))
+    v = np.array(mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(9))) * 8
+    save_vectors(tmp_path / "vec", {1: v}, {"best_layer": 1})
+    prompts = PROMPTS[:3]
+    common = [f"model.path={tiny_model}", f"data.path={sft_data}", "train.steps=1", f"output.dir={tmp_path}",
+              f"sample.prompts={prompts}", "sample.max_tokens=6", "sft.gate_max_val_ppl=1e9"]
+    with pytest.raises(ConfigError, match="sample.steer: .*not a steering-vector directory"):
+        build_config(None, common + [f"sample.steer=[{tmp_path}@1]"], method="sft")
+    runs = {}
+    for name, steer in (("plain", "[]"), ("zero", f"[{tmp_path / 'vec'}@0]"), ("on", f"[{tmp_path / 'vec'}@1:1]")):
+        cfg = build_config(None, common + [f"output.name={name}", f"sample.steer={steer}"], method="sft")
+        path, _ = run_training(cfg, reporter=NullReporter())
+        runs[name] = __import__("json").loads((path / "samples_before.json").read_text())
+    with steered(lm.model, [SteerSpec(1, mx.array(v), 1.0)]):
+        by_hand = greedy_replies(lm.model, lm.tokenizer, ids_of(lm, prompts), 6)
+    assert runs["zero"] == runs["plain"] and runs["on"] == by_hand and runs["on"] != runs["plain"]
