@@ -154,3 +154,17 @@ def test_a_run_steers_its_before_and_after_samples(tmp_path, tiny_model, sft_dat
     with steered(lm.model, [SteerSpec(1, mx.array(v), 1.0)]):
         by_hand = greedy_replies(lm.model, lm.tokenizer, ids_of(lm, prompts), 6)
     assert runs["zero"] == runs["plain"] and runs["on"] == by_hand and runs["on"] != runs["plain"]
+
+
+def test_aqi_parts_match_scikit_learn_and_aqi_depends_on_geometry_only():
+    from mlxpost.steer.aqi import aqi, calinski_harabasz, davies_bouldin
+
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(60, 8)), np.repeat([0, 1], 30)
+    x[y == 1] += 1.2
+    assert calinski_harabasz(x, y) == pytest.approx(metrics.calinski_harabasz_score(x, y), rel=1e-10)
+    assert davies_bouldin(x, y) == pytest.approx(metrics.davies_bouldin_score(x, y), rel=1e-10)
+    base = aqi(x, y)["aqi"]
+    assert aqi(np.vstack([x, x, x]), np.tile(y, 3))["aqi"] == pytest.approx(base, rel=1e-12)  # N-free
+    assert aqi(0.01 * x + 5, y)["aqi"] == pytest.approx(base, rel=1e-12)  # scale- and shift-free
