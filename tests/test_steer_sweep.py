@@ -168,3 +168,36 @@ def test_aqi_parts_match_scikit_learn_and_aqi_depends_on_geometry_only():
     base = aqi(x, y)["aqi"]
     assert aqi(np.vstack([x, x, x]), np.tile(y, 3))["aqi"] == pytest.approx(base, rel=1e-12)  # N-free
     assert aqi(0.01 * x + 5, y)["aqi"] == pytest.approx(base, rel=1e-12)  # scale- and shift-free
+
+
+def test_cli_sweep_with_a_reward_relative_lambda_and_a_reference_set(tmp_path, tiny_model):
+    import json
+
+    from click.testing import CliRunner
+
+    from mlxpost.cli.main import cli
+
+    write_jsonl(tmp_path / "pos.jsonl", [{"prompt": p} for p in PROMPTS])
+    write_jsonl(tmp_path / "neg.jsonl", [{"prompt": p} for p in NEUTRAL])
+    write_jsonl(tmp_path / "q.jsonl", [{"prompt": p, "word": "cat"} for p in PROMPTS])
+    write_jsonl(tmp_path / "ref.jsonl", [{"prompt": p, "completion": " A fine day."} for p in NEUTRAL])
+    (tmp_path / "rw.py").write_text("def mentions(completions, word, **kw):\n"
+                                    "    return [float(w in c) for c, w in zip(completions, word)]\n")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["steer", "extract", "--model", str(tiny_model), "--positive", str(tmp_path / "pos.jsonl"),
+                              "--negative", str(tmp_path / "neg.jsonl"), "--layers", "0,1", "--out", str(tmp_path / "v")])
+    assert out.exit_code == 0, out.output
+    args = ["steer", "sweep", "--vectors", str(tmp_path / "v"), "--model", str(tiny_model), "--layer", "0,1",
+            "--relative", "--lambdas", "0,0.5", "--prompts", str(tmp_path / "q.jsonl"), "--neutral",
+            str(tmp_path / "neg.jsonl"), "--reference", str(tmp_path / "ref.jsonl"), "--max-new-tokens", "4",
+            "--out", str(tmp_path / "s")]
+    out = runner.invoke(cli, args + ["--reward", f"{tmp_path / 'rw.py'}:mentions"])
+    assert out.exit_code == 0, out.output
+    res = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert res["score_name"] == "reward:mentions" and res["layers"] == [0, 1] and res["relative"]
+    assert [r["lambda"] for r in res["rows"]] == [0.0, 0.5]
+    assert res["rows"][0]["perplexity_change"] == 0.0 and res["rows"][1]["perplexity_change"] != 0.0
+    assert all(0.0 <= r["score"] <= 1.0 for r in res["rows"])
+    write_jsonl(tmp_path / "q.jsonl", [{"prompt": p} for p in PROMPTS])  # the column the reward needs is gone
+    out = runner.invoke(cli, args + ["--reward", f"{tmp_path / 'rw.py'}:mentions"])
+    assert out.exit_code != 0 and "word" in str(out.exception) + out.output
