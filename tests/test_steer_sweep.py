@@ -201,3 +201,21 @@ def test_cli_sweep_with_a_reward_relative_lambda_and_a_reference_set(tmp_path, t
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": p} for p in PROMPTS])  # the column the reward needs is gone
     out = runner.invoke(cli, args + ["--reward", f"{tmp_path / 'rw.py'}:mentions"])
     assert out.exit_code != 0 and "word" in str(out.exception) + out.output
+
+
+def test_steered_kv_cached_decoding_steers_every_generated_position(lm):
+    """The sampler's cached decode steps go through the wrapped blocks: equal to a full recompute per token."""
+    v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(11)) * 3
+    prompt = ids_of(lm, PROMPTS[:1])[0]
+    with steered(lm.model, [SteerSpec(1, v, 1.0)]):
+        _, got = greedy(lm.model, lm.tokenizer, [prompt], 8)
+        seq = list(prompt)
+        eos = set(getattr(lm.tokenizer, "eos_token_ids", None) or {lm.tokenizer.eos_token_id})
+        for _ in range(8):
+            nxt = int(mx.argmax(lm.model(mx.array([seq]))[0, -1]))
+            if nxt in eos:
+                break
+            seq.append(nxt)
+    assert got[0] == seq[len(prompt):] and len(got[0]) > 0
+    _, plain = greedy(lm.model, lm.tokenizer, [prompt], 8)
+    assert plain[0] != got[0]  # the steering changed the reply
