@@ -153,17 +153,18 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1, ensure_ascii=False))
 
+    for name, v in vecs.items():  # every block first (the adapters act on many blocks), then single blocks
+        for lam in [float(x) for x in args.all_lambdas.split(",")]:
+            specs = [SteerSpec(l, mx.array(v[l] - (v[l - 1] if l else 0)), lam) for l in layers]
+            run(name, specs, layers="all (increments)", raw_lambda=lam)
     for name, v in vecs.items():
         for l in [int(x) for x in args.single_layers.split(",")]:
             nv = float(np.linalg.norm(v[l]))
-            if nv == 0:
+            if nv == 0:  # a block below every adapter: adapters on and off agree there
                 continue
             for a in [float(x) for x in args.alphas.split(",")]:
                 run(name, [SteerSpec(l, mx.array(v[l] / nv), a * norms[l])], layers=str(l), alpha=a,
                     raw_lambda=a * norms[l] / nv)
-        for lam in [float(x) for x in args.all_lambdas.split(",")]:
-            specs = [SteerSpec(l, mx.array(v[l] - (v[l - 1] if l else 0)), lam) for l in layers]
-            run(name, specs, layers="all (increments)", raw_lambda=lam)
     res["wall_seconds"] = time.perf_counter() - t_all
     Path(args.out).write_text(json.dumps(res, indent=1, ensure_ascii=False))
     print(f"wall {res['wall_seconds']:.0f}s", flush=True)
