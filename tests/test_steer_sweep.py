@@ -219,3 +219,25 @@ def test_steered_kv_cached_decoding_steers_every_generated_position(lm):
     assert got[0] == seq[len(prompt):] and len(got[0]) > 0
     _, plain = greedy(lm.model, lm.tokenizer, [prompt], 8)
     assert plain[0] != got[0]  # the steering changed the reply
+
+
+def test_steer_all_adds_each_blocks_increment(tmp_path, lm):
+    """``DIR@λ:all``: block l gets λ·(v_l − v_(l−1)), so the stream after the top block moves by λ·v_top."""
+    from mlxpost.steer.vectors import save_vectors, steer_specs
+
+    d = lm.model.args.hidden_size
+    v0, v1 = (np.array(mx.random.normal((d,), key=mx.random.key(k))) for k in (1, 2))
+    save_vectors(tmp_path / "v", {0: v0, 1: v1}, {"best_layer": 1})
+    specs = steer_specs(lm.model, [f"{tmp_path / 'v'}@0.5:all"])
+    assert [(s.layer, s.scale) for s in specs] == [(0, 0.5), (1, 0.5)]
+    np.testing.assert_allclose(np.array(specs[1].vector), v1 - v0, rtol=1e-6)
+    ids = mx.array([ids_of(lm, PROMPTS[:1])[0]])
+    with steered(lm.model, specs), recording(lm.model, [0]) as sink:
+        lm.model(ids)
+        got = np.array(sink[0])
+    with recording(lm.model, [0]) as sink:
+        lm.model(ids)
+        plain = np.array(sink[0])
+    np.testing.assert_allclose(got, plain + 0.5 * v0, atol=1e-5)
+    with pytest.raises(MlxpostError, match="integer or all"):
+        steer_specs(lm.model, [f"{tmp_path / 'v'}@1:top"])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+import mlx.core as mx
 import numpy as np
 
 from ..data.render import Renderer
@@ -17,7 +18,7 @@ from ..steer.abliterate import run_abliterate
 from ..steer.aqi import aqi, bootstrap_interval
 from ..steer.hooks import SteerSpec, model_blocks, steered
 from ..steer.sweep import Behaviour, run_sweep, table, write_outputs
-from ..steer.vectors import hidden_states, load_vectors, parse_layers, steer_specs
+from ..steer.vectors import hidden_states, increments, load_vectors, parse_layers, parse_steer, steer_specs
 from ..ui import make_reporter
 
 
@@ -66,9 +67,11 @@ def extract_command(model, adapter, positive, negative, against, prompts, limit,
 
 
 @steer.command("sweep")
-@click.option("--vectors", required=True, type=click.Path(file_okay=False, exists=True), help="A steer extract directory.")
-@click.option("--layer", help="Block(s) to steer: 18, or 12,18,24 (each its own vector, all at λ), or all "
-                              "(default: the directory's best layer).")
+@click.option("--vectors", "vectors_opts", required=True, multiple=True, metavar="DIR[@W[:LAYER|:all]]",
+              help="A steer extract directory; repeatable: the vectors sum, each weighted by W (default 1), "
+                   "all scaled by λ.")
+@click.option("--layer", help="Block(s) to steer: 18, or 12,18,24 (each its own vector), or all (every block "
+                              "with its increment, as --steer DIR@λ:all) (default: the directory's best layer).")
 @click.option("--model", help="Model to steer (default: the built-in default).")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory to load.")
 @click.option("--lambdas", default="-2,-1,0,0.5,1,2,4", show_default=True, help="Comma-separated strengths.")
@@ -89,7 +92,7 @@ def extract_command(model, adapter, positive, negative, against, prompts, limit,
 @click.option("--aqi", "aqi_data", type=click.Path(dir_okay=False, exists=True),
               help="Labelled JSONL (label: aligned/misaligned): AQI at each λ, mean-pooled over every block.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for sweep.json, sweep.md, sweep.png.")
-def sweep_command(vectors, layer, model, adapter, lambdas, relative, prompts, neutral, reference, score, rewards,
+def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompts, neutral, reference, score, rewards,
                   limit, max_new_tokens, max_side_effects, aqi_data, out):
     """Answer prompts greedily at each λ: behaviour score, side effects, verdicts, table and plot.
 
@@ -103,11 +106,8 @@ def sweep_command(vectors, layer, model, adapter, lambdas, relative, prompts, ne
         grid = [float(x) for x in lambdas.split(",")]
     except ValueError:
         raise MlxpostError(f"--lambdas {lambdas!r}: expected numbers separated by commas") from None
-    vecs, meta = load_vectors(vectors)
-    layers = [meta.get("best_layer")] if layer is None else parse_layers(layer, max(vecs) + 1)
-    for l in layers:
-        if l not in vecs:
-            raise MlxpostError(f"--layer {l}: {vectors} has vectors for layers {sorted(vecs)}")
+    specs = [s for v in vectors_opts for s in _sweep_specs(v, layer)]
+    vectors = ",".join(vectors_opts)
     loaded = load_for_steering(model, adapter)
     r = Renderer(loaded.tokenizer)
     ps = read_sequences(prompts, r, limit)
@@ -124,7 +124,6 @@ def sweep_command(vectors, layer, model, adapter, lambdas, relative, prompts, ne
         seqs, labels = _labelled(aqi_data, r)
         labelled = (seqs, np.array(labels), list(range(len(model_blocks(loaded.model)))), r.eos_id or 0)
     rep = make_reporter()
-    specs = [SteerSpec(l, vecs[l], 1.0, str(vectors)) for l in layers]
     result = run_sweep(loaded.model, loaded.tokenizer, specs, grid, ps, ns, score=behaviour,
                        max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info,
                        labelled=labelled, relative=relative, reference=ref)
@@ -132,6 +131,23 @@ def sweep_command(vectors, layer, model, adapter, lambdas, relative, prompts, ne
                   neutral=neutral and str(neutral), reference=reference and str(reference))
     write_outputs(result, out)
     _report_sweep(rep, result, out)
+
+
+def _sweep_specs(option: str, layer: str | None) -> list[SteerSpec]:
+    """One ``--vectors DIR[@W[:LAYER|:all]]``: its vectors at weight W (λ multiplies them in the sweep)."""
+    if "@" in option:
+        path, weight, own = parse_steer(option)
+    else:
+        path, weight, own = option, 1.0, None
+    vecs, meta = load_vectors(path)
+    spec = str(own) if own is not None else layer
+    if spec == "all":
+        return [SteerSpec(l, mx.array(v), weight, path) for l, v in increments(vecs).items()]
+    layers = [meta.get("best_layer")] if spec is None else parse_layers(spec, max(vecs) + 1)
+    for l in layers:
+        if l not in vecs:
+            raise MlxpostError(f"--layer {l}: {path} has vectors for layers {sorted(vecs)}")
+    return [SteerSpec(l, vecs[l], weight, path) for l in layers]
 
 
 def _reward_behaviour(rewards, prompts, renderer, limit) -> Behaviour:

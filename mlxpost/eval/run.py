@@ -43,7 +43,7 @@ from ..model.adapters import ADAPTER_WEIGHTS, from_adapter_of, load_adapter_stac
 from ..model.load import LoadedModel, load_model
 from ..model.lora import adapter_modules, adapters_off
 from ..steer.hooks import steered
-from ..steer.vectors import VECTORS_FILE, steer_specs
+from ..steer.vectors import VECTORS_FILE, parse_steer, steer_specs
 from ..ui import NullReporter
 from . import retention
 from .context import EvalContext, Task
@@ -264,7 +264,7 @@ def evaluate(model_or_run: Any, tasks: str | list, *, out: str | Path | None = N
         ident = identity(target, loaded)
     specs = steer_specs(loaded.model, list(steer))
     if specs:
-        ident["steer"] = steer_identity(list(steer), specs)
+        ident["steer"] = steer_identity(list(steer))
         if out is None and path is not None:
             path = path.with_name(f"{path.stem}+steer-{slug('+'.join(steer), 40)}.json")
     ctx = context_for(loaded, target, progress=rep.progress, **settings)
@@ -282,10 +282,13 @@ def evaluate(model_or_run: Any, tasks: str | list, *, out: str | Path | None = N
     return doc
 
 
-def steer_identity(options: list[str], specs: list) -> list[dict]:
-    """What eval.json records of each ``--steer``: the option, its block and λ, the vectors file's sha256."""
-    return [{"spec": o, "layer": s.layer, "lambda": s.scale,
-             "sha256": file_sha256(Path(s.name) / VECTORS_FILE)} for o, s in zip(options, specs)]
+def steer_identity(options: list[str]) -> list[dict]:
+    """What eval.json records of each ``--steer``: the option, its block(s) and λ, the vectors file's sha256."""
+    out = []
+    for o in options:
+        path, scale, layer = parse_steer(o)
+        out.append({"spec": o, "layer": layer, "lambda": scale, "sha256": file_sha256(Path(path) / VECTORS_FILE)})
+    return out
 
 
 def check_code_exec(tasks: list[Task], allowed: bool) -> None:

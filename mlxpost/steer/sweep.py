@@ -77,25 +77,32 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return greedy(model, tokenizer, prompts, max_new_tokens, batch)[0]
 
 
-def residual_norm(model, seqs: Sequence[Sequence[int]], layer: int, limit: int = 32) -> float:
-    """Mean L2 norm of block ``layer``'s output over the real tokens of ``seqs`` after the first.
+def residual_norms(model, seqs: Sequence[Sequence[int]], layers: Sequence[int], limit: int = 32) -> dict[int, float]:
+    """Mean L2 norm of each listed block's output over the real tokens of ``seqs`` after the first.
 
     The first token's state is left out: in many models (SmolLM2 included) it
     is an attention sink whose norm is tens of times the others'. This is the
     unit of ``relative`` λ: ``λ=1`` adds a vector as long as a typical token's
-    residual stream at that block.
+    residual stream at that block. One forward pass per sequence records every block.
     """
-    tot, n = 0.0, 0
-    with recording(model, [layer]) as sink:
+    layers = sorted(set(layers))
+    tot, n = dict.fromkeys(layers, 0.0), 0
+    with recording(model, layers) as sink:
         for s in list(seqs)[:limit]:
             if len(s) < 2:
                 continue
             model(mx.array([list(s)]))
-            tot += float(mx.linalg.norm(sink[layer][0, 1:].astype(mx.float32), axis=-1).sum())
+            for l in layers:
+                tot[l] += float(mx.linalg.norm(sink[l][0, 1:].astype(mx.float32), axis=-1).sum())
             n += len(s) - 1
     if n == 0:
         raise MlxpostError("residual norm: every sequence has a single token")
-    return tot / n
+    return {l: t / n for l, t in tot.items()}
+
+
+def residual_norm(model, seqs: Sequence[Sequence[int]], layer: int, limit: int = 32) -> float:
+    """:func:`residual_norms` of one block."""
+    return residual_norms(model, seqs, [layer], limit)[layer]
 
 
 @dataclass
@@ -163,7 +170,8 @@ def run_sweep(model, tokenizer, spec: SteerSpec | Sequence[SteerSpec], lambdas: 
     specs = [spec] if isinstance(spec, SteerSpec) else list(spec)
     behaviour = Behaviour.builtin(score) if isinstance(score, str) else score
     norms = [float(mx.linalg.norm(mx.array(s.vector).astype(mx.float32))) for s in specs]
-    resid = [residual_norm(model, prompts, s.layer) for s in specs]
+    by_layer = residual_norms(model, prompts, [s.layer for s in specs])
+    resid = [by_layer[s.layer] for s in specs]
     if relative and 0.0 in norms:
         raise MlxpostError("--relative: a steering vector of length 0 cannot be normalized")
     unit = [r / n for r, n in zip(resid, norms)] if relative else [1.0] * len(specs)

@@ -175,31 +175,58 @@ def load_vectors(directory: str | Path) -> tuple[dict[int, mx.array], dict]:
     return {int(k.split(".")[1]): v for k, v in arrays.items()}, meta
 
 
-def parse_steer(spec: str) -> tuple[str, float, int | None]:
-    """``VEC_DIR@λ[:layer]`` to ``(dir, λ, layer or None)``.
+def parse_steer(spec: str) -> tuple[str, float, int | str | None]:
+    """``VEC_DIR@λ[:layer|:all]`` to ``(dir, λ, layer, "all" or None)``.
 
     >>> parse_steer("vecs/json@1.5:12")
     ('vecs/json', 1.5, 12)
     >>> parse_steer("v@-2")
     ('v', -2.0, None)
+    >>> parse_steer("v@0.3:all")
+    ('v', 0.3, 'all')
     """
     path, at, rest = spec.rpartition("@")
     if not at or not path:
-        raise MlxpostError(f"--steer {spec!r}: expected VEC_DIR@LAMBDA[:LAYER], e.g. vecs/json@2:12")
+        raise MlxpostError(f"--steer {spec!r}: expected VEC_DIR@LAMBDA[:LAYER|:all], e.g. vecs/json@2:12")
     scale, _, layer = rest.partition(":")
     try:
-        return path, float(scale), (int(layer) if layer else None)
+        return path, float(scale), (layer if layer == "all" else int(layer) if layer else None)
     except ValueError:
-        raise MlxpostError(f"--steer {spec!r}: λ must be a number and the layer an integer") from None
+        raise MlxpostError(f"--steer {spec!r}: λ must be a number and the layer an integer or all") from None
+
+
+def increments(vectors: dict[int, mx.array | np.ndarray]) -> dict[int, np.ndarray]:
+    """Per block, what the contrast adds there: ``v_l − v_(previous block)`` (the first block: ``v_l``).
+
+    ``v_l`` is the difference of the residual stream *after* block ``l``, so it accumulates everything
+    the blocks below did; adding ``v_l`` at every block would count the lower blocks' part many times.
+    Adding the increments instead shifts the stream after block ``l`` by ``v_l`` (to first order), at
+    every block at once (``--steer DIR@λ:all``).
+
+    >>> {l: v.tolist() for l, v in increments({0: np.array([1.0]), 1: np.array([3.0])}).items()}
+    {0: [1.0], 1: [2.0]}
+    """
+    out, prev = {}, None
+    for l in sorted(vectors):
+        v = np.array(vectors[l], dtype=np.float32)
+        out[l] = v if prev is None else v - prev
+        prev = v
+    return out
 
 
 def steer_specs(model: nn.Module, specs: Sequence[str]) -> list[SteerSpec]:
-    """``--steer`` options to :class:`SteerSpec` s (the layer defaults to the directory's best layer)."""
+    """``--steer`` options to :class:`SteerSpec` s (the layer defaults to the directory's best layer;
+    ``all``: every block of the directory with its :func:`increments`)."""
     out = []
     n = len(model_blocks(model))
     for s in specs:
         path, scale, layer = parse_steer(s)
         vectors, meta = load_vectors(path)
+        if layer == "all":
+            if max(vectors) >= n:
+                raise MlxpostError(f"--steer {s}: {path} has a vector for block {max(vectors)}; the model has {n}")
+            out += [SteerSpec(l, mx.array(v), scale, path) for l, v in increments(vectors).items()]
+            continue
         layer = meta.get("best_layer") if layer is None else layer
         if layer not in vectors:
             raise MlxpostError(f"--steer {s}: {path} has vectors for layers {sorted(vectors)}, not {layer}")
