@@ -198,6 +198,13 @@ def test_cli_sweep_with_a_reward_relative_lambda_and_a_reference_set(tmp_path, t
     assert [r["lambda"] for r in res["rows"]] == [0.0, 0.5]
     assert res["rows"][0]["perplexity_change"] == 0.0 and res["rows"][1]["perplexity_change"] != 0.0
     assert all(0.0 <= r["score"] <= 1.0 for r in res["rows"])
+    two = ["steer", "sweep", "--vectors", f"{tmp_path / 'v'}@1:all", "--vectors", f"{tmp_path / 'v'}@0.5:1",
+           "--model", str(tiny_model), "--lambdas", "0,1", "--prompts", str(tmp_path / "q.jsonl"),
+           "--max-new-tokens", "2", "--score", "length", "--out", str(tmp_path / "s2")]
+    out = runner.invoke(cli, two)
+    assert out.exit_code == 0, out.output
+    res = json.loads((tmp_path / "s2" / "sweep.json").read_text())
+    assert res["layers"] == [0, 1, 1]  # the increments of every block, then block 1 at weight 0.5
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": p} for p in PROMPTS])  # the column the reward needs is gone
     out = runner.invoke(cli, args + ["--reward", f"{tmp_path / 'rw.py'}:mentions"])
     assert out.exit_code != 0 and "word" in str(out.exception) + out.output
