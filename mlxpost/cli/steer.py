@@ -11,11 +11,11 @@ import numpy as np
 
 from ..data.render import Renderer
 from ..data.rows import read_jsonl
-from ..steer.extract import extract, load_for_steering, read_rows, read_sequences
 from ..errors import MlxpostError
 from ..files import atomic_write_json
 from ..steer.abliterate import run_abliterate
 from ..steer.aqi import aqi, bootstrap_interval
+from ..steer.extract import extract, load_for_steering, read_rows, read_sequences
 from ..steer.hooks import SteerSpec, model_blocks, steered
 from ..steer.sweep import Behaviour, run_sweep, table, write_outputs
 from ..steer.vectors import hidden_states, increments, load_vectors, parse_layers, parse_steer, steer_specs
@@ -183,7 +183,7 @@ def _report_sweep(rep, result: dict, out) -> None:
     rep.info(f"wrote {out}")
 
 
-LABELS = {"aligned": 1, "misaligned": 0, 1: 1, 0: 0, True: 1, False: 0}
+LABELS = {"aligned": 1, "misaligned": 0, 1: 1, 0: 0}  # True and False are 1 and 0 as dict keys
 
 
 def _labelled(path, renderer):
