@@ -248,3 +248,29 @@ def test_steer_all_adds_each_blocks_increment(tmp_path, lm):
     np.testing.assert_allclose(got, plain + 0.5 * v0, atol=1e-5)
     with pytest.raises(MlxpostError, match="integer or all"):
         steer_specs(lm.model, [f"{tmp_path / 'v'}@1:top"])
+
+
+def test_an_rl_run_steers_its_validation_samples(tmp_path, tiny_model):
+    import json
+
+    from mlxpost.config import build_config
+    from mlxpost.steer.vectors import save_vectors
+    from mlxpost.training.pipeline import run as run_training
+    from mlxpost.ui import NullReporter
+
+    lm = load_model(str(tiny_model))
+    v = np.array(mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(12))) * 8
+    save_vectors(tmp_path / "vec", {1: v}, {"best_layer": 1})
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"word {i}"} for i in range(24)])  # 20+: a validation split
+    (tmp_path / "r.py").write_text("def length(completions, **c):\n    return [len(x) / 10 for x in completions]\n")
+    evs = {}
+    for name, steer in (("plain", "[]"), ("zero", f"[{tmp_path / 'vec'}@0]"), ("on", f"[{tmp_path / 'vec'}@1:1]")):
+        cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={data}", "grpo.group_size=2",
+                                  "grpo.prompts_per_step=2", "grpo.max_new_tokens=4", "grpo.eval_prompts=4", "data.valid_fraction=0.2",
+                                  f"grpo.rewards=[{tmp_path / 'r.py'}:length]", "train.steps=1",
+                                  f"output.dir={tmp_path / 'runs'}", f"output.name={name}",
+                                  f"sample.steer={steer}"], method="grpo")
+        path, _ = run_training(cfg, reporter=NullReporter())
+        ev = json.loads((path / "rl_eval_before.json").read_text())
+        evs[name] = ev["samples"] if "samples" in ev else {k: v for k, v in ev.items() if k != "seconds"}
+    assert evs["zero"] == evs["plain"] and evs["on"] != evs["plain"]

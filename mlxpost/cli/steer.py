@@ -99,8 +99,7 @@ def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompt
     \b
     Examples:
       mlxpost steer sweep --vectors vecs/sft --prompts q.jsonl --neutral chat.jsonl --lambdas -2,0,2,4 --out sweeps/sft
-      mlxpost steer sweep --vectors vecs/sft --layer 12 --relative --lambdas 0,0.25,0.5,1 \\
-          --prompts q.jsonl --reward accuracy --reward format@0.2 --out sweeps/acc
+      mlxpost steer sweep --vectors vecs/sft --layer 12 --relative --prompts q.jsonl --reward accuracy --out sweeps/acc
     """
     try:
         grid = [float(x) for x in lambdas.split(",")]

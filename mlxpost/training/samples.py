@@ -21,8 +21,13 @@ def run_samples(model, tokenizer, prompts: list[str], cfg) -> list[str]:
     """
     if not prompts:
         return []
-    with steered(model, steer_specs(model, list(cfg.sample.steer))):
+    with sample_steering(model, cfg):
         return _replies(model, tokenizer, prompts, cfg)
+
+
+def sample_steering(model, cfg):
+    """The run's ``sample.steer`` installed (a context manager; nothing when the list is empty)."""
+    return steered(model, steer_specs(model, list(cfg.sample.steer)))
 
 
 def _replies(model, tokenizer, prompts: list[str], cfg) -> list[str]:
