@@ -67,11 +67,20 @@ def residual_norms(model, seqs, layers) -> dict[int, float]:
     return {l: tot[l] / n for l in layers}
 
 
+def is_object(text: str) -> bool:
+    """Any JSON object (the strict check also wants exactly the keys answer and explanation)."""
+    try:
+        return isinstance(json.loads(text.strip()), dict)
+    except ValueError:
+        return False
+
+
 def score(texts):
     j = sum(map(check_json_answer, texts))
+    o = sum(map(is_object, texts))
     b = sum(t.lstrip().startswith("{") for t in texts)
-    return {"json": j / len(texts), "json_ci": wilson(j, len(texts)), "brace": b / len(texts),
-            "brace_ci": wilson(b, len(texts))}
+    return {"json": j / len(texts), "json_ci": wilson(j, len(texts)), "object": o / len(texts),
+            "object_ci": wilson(o, len(texts)), "brace": b / len(texts), "brace_ci": wilson(b, len(texts))}
 
 
 def main():
@@ -84,6 +93,10 @@ def main():
     ap.add_argument("--single-layers", default="6,12,18,24")
     ap.add_argument("--alphas", default="0.25,0.5,1,2")
     ap.add_argument("--all-lambdas", default="1,2,4")
+    ap.add_argument("--combos", default="", help="extra configurations, ';'-separated, each a '+'-sum of "
+                    "VECTOR:BLOCK:STRENGTH terms (BLOCK 'all': raw λ on the increments; a block: α relative)")
+    ap.add_argument("--only-combos", action="store_true", help="skip the grid, run only --combos")
+    ap.add_argument("--cache", help="npz of the replies' vectors and norms (written when missing)")
     args = ap.parse_args()
     t_all = time.perf_counter()
     loaded = load_for_steering(None, args.run)
@@ -99,10 +112,15 @@ def main():
     res = {"run": args.run, "n_eval": len(ev), "max_new_tokens": args.max_new_tokens, "rows": []}
 
     t0 = time.perf_counter()
-    sft_ext = greedy_replies(model, tok, ext_ids, 64)
+    cached = np.load(args.cache, allow_pickle=True) if args.cache and Path(args.cache).exists() else None
+    if cached is not None:
+        sft_ext, base_ext = list(cached["sft_ext"]), list(cached["base_ext"])
+    else:
+        sft_ext = greedy_replies(model, tok, ext_ids, 64)
+        with adapters_off(model):
+            base_ext = greedy_replies(model, tok, ext_ids, 64)
     sft_ev = greedy_replies(model, tok, ev_ids, args.max_new_tokens)
     with adapters_off(model):
-        base_ext = greedy_replies(model, tok, ext_ids, 64)
         base_ev = greedy_replies(model, tok, ev_ids, args.max_new_tokens)
     res["sft_adapters_on"] = score(sft_ev)
     res["base"] = score(base_ev)
@@ -136,6 +154,8 @@ def main():
         "output-contrast": {l: off_comp[l].mean(0) - base_comp[l].mean(0) for l in layers},
     }
     res["extract_seconds"] = time.perf_counter() - t0
+    if args.cache and cached is None:
+        np.savez(args.cache, sft_ext=np.array(sft_ext, dtype=object), base_ext=np.array(base_ext, dtype=object))
     res["residual_norm"] = {str(l): norms[l] for l in layers}
     res["vector_norm"] = {k: {str(l): float(np.linalg.norm(v[l])) for l in layers} for k, v in vecs.items()}
     print(f"vectors: {res['extract_seconds']:.0f}s; residual norms " +
@@ -147,18 +167,33 @@ def main():
             texts = greedy_replies(model, tok, ev_ids, args.max_new_tokens)
         sc = score(texts)
         row = {"vector": name, **info, **sc, "changed": sum(a != b for a, b in zip(texts, base_ev)) / len(ev),
-               "seconds": time.perf_counter() - t, "example": texts[0][:120]}
+               "seconds": time.perf_counter() - t, "example": texts[0][:120], "replies": texts}
         res["rows"].append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1, ensure_ascii=False))
 
+    for combo in [c for c in args.combos.split(";") if c.strip()]:
+        specs = []
+        for term in combo.split("+"):
+            name, block, strength = term.strip().split(":")
+            v, x = vecs[name], float(strength)
+            if block == "all":
+                specs += [SteerSpec(l, mx.array(v[l] - (v[l - 1] if l else 0)), x) for l in layers]
+            else:
+                l = int(block)
+                specs.append(SteerSpec(l, mx.array(v[l] / np.linalg.norm(v[l])), x * norms[l]))
+        run(combo.strip(), specs, layers="combo")
+    if args.only_combos:
+        layers_grid = []
+    else:
+        layers_grid = layers
     for name, v in vecs.items():  # every block first (the adapters act on many blocks), then single blocks
-        for lam in [float(x) for x in args.all_lambdas.split(",")]:
+        for lam in [float(x) for x in args.all_lambdas.split(",")] if layers_grid else []:
             specs = [SteerSpec(l, mx.array(v[l] - (v[l - 1] if l else 0)), lam) for l in layers]
             run(name, specs, layers="all (increments)", raw_lambda=lam)
     for name, v in vecs.items():
-        for l in [int(x) for x in args.single_layers.split(",")]:
+        for l in [int(x) for x in args.single_layers.split(",")] if layers_grid else []:
             nv = float(np.linalg.norm(v[l]))
             if nv == 0:  # a block below every adapter: adapters on and off agree there
                 continue
