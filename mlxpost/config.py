@@ -24,10 +24,11 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, MlxpostError
 from .methods import METHODS
 from .methods import get as get_method
 from .methods.base import Method, check_choice, check_fraction, check_non_negative, check_positive
+from .steer.vectors import META_FILE, parse_steer
 
 
 @dataclass
@@ -127,6 +128,7 @@ class SampleConfig:
     prompts: list = field(default_factory=list)  # generated before and after training
     max_tokens: int = 64
     temperature: float = 0.0
+    steer: list = field(default_factory=list)  # VEC_DIR@λ[:layer]: the samples are steered (as generate --steer)
 
 
 COMMON_SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "train": TrainConfig,
@@ -484,6 +486,19 @@ NON_NEGATIVE = ("train.eval_every", "train.measure_every", "train.save_every", "
 FRACTIONS = ("train.warmup_ratio", "train.min_lr_ratio")
 
 
+def check_steer(specs) -> None:
+    """``sample.steer``: a list of ``VEC_DIR@λ[:layer]`` whose directories hold steering vectors."""
+    if not isinstance(specs, list):
+        raise ConfigError(f"sample.steer: expected a list of VEC_DIR@λ[:layer], got {specs!r}")
+    for s in specs:
+        try:
+            path, _, _ = parse_steer(str(s))
+        except MlxpostError as e:
+            raise ConfigError(f"sample.steer: {e}") from None
+        if not (Path(path) / META_FILE).is_file():
+            raise ConfigError(f"sample.steer: {path} is not a steering-vector directory (mlxpost steer extract)")
+
+
 def validate(cfg: RunConfig) -> None:
     """Check the common settings, then the method's own (:meth:`mlxpost.methods.base.Method.validate`)."""
     for key, choices in CHOICES.items():
@@ -500,6 +515,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.attention_chunk < -1:
         raise ConfigError(f"train.attention_chunk: must be -1 (auto), 0 (off) or a length, "
                           f"got {cfg.train.attention_chunk}")
+    check_steer(cfg.sample.steer)
     if cfg.data.pack_len is not None and cfg.data.pack_len <= 1:
         raise ConfigError(f"data.pack_len: must be more than 1, got {cfg.data.pack_len}")
     if cfg.model.quantize not in (None, 2, 3, 4, 6, 8):

@@ -68,9 +68,12 @@ def baseline_rows(base: dict) -> list[list[str]]:
 @click.option("--num-fewshot", type=int, help="lm-eval tasks: few-shot examples (default: the task's own).")
 @click.option("--chat-template", is_flag=True, help="lm-eval tasks: render prompts with the chat template.")
 @click.option("--model", "base_model", help="For a run directory: the base model, instead of the one it recorded.")
+@click.option("--steer", "steer", multiple=True, metavar="VEC_DIR@λ[:LAYER]",
+              help="Evaluate the model steered (repeatable: vectors sum); a --baseline runs unsteered.")
 @click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display.")
 def eval_command(target, tasks, limit, out, baseline, min_retention, batch_size, seed, resume, allow_code_exec,
-                 num_samples, temperature, max_new_tokens, rewards, num_fewshot, chat_template, base_model, plain):
+                 num_samples, temperature, max_new_tokens, rewards, num_fewshot, chat_template, base_model, steer,
+                 plain):
     """Evaluate a model or a run directory: capability baselines, before/after deltas, retention gates.
 
     \b
@@ -82,6 +85,7 @@ def eval_command(target, tasks, limit, out, baseline, min_retention, batch_size,
       mlxpost eval runs/demo/dpo --baseline runs/demo/sft --tasks arith,pairs:prefs/valid.jsonl
       mlxpost eval runs/my-sft --tasks ppl:data/valid.jsonl,mmlu --limit 100
       mlxpost eval default --tasks my_tasks/quiz.yaml          # an lm-eval task from a local YAML
+      mlxpost eval default --tasks ppl:chat.jsonl --steer vecs/sft@2:18 --baseline default  # steering's cost
     \b
     Exit code: 0, or 1 when a metric kept less than --min-retention of the baseline.
     """
@@ -92,7 +96,7 @@ def eval_command(target, tasks, limit, out, baseline, min_retention, batch_size,
                     rewards=list(rewards) or ["accuracy"], num_fewshot=num_fewshot, chat_template=chat_template)
     try:
         doc = evaluate(target, list(tasks), out=out, resume=resume, baseline=baseline, min_retention=min_retention,
-                       reporter=rep, base_model=base_model, **settings)
+                       reporter=rep, base_model=base_model, steer=steer, **settings)
     except KeyboardInterrupt:
         click.secho("\ninterrupted: the finished tasks are kept; run the same command with --resume for the rest.",
                     fg="yellow", err=True)

@@ -6,17 +6,19 @@ import json
 from pathlib import Path
 
 import click
+import mlx.core as mx
 import numpy as np
 
 from ..data.render import Renderer
-from ..steer.extract import extract, load_for_steering, read_sequences
+from ..data.rows import read_jsonl
 from ..errors import MlxpostError
 from ..files import atomic_write_json
 from ..steer.abliterate import run_abliterate
 from ..steer.aqi import aqi, bootstrap_interval
+from ..steer.extract import extract, load_for_steering, read_rows, read_sequences
 from ..steer.hooks import SteerSpec, model_blocks, steered
-from ..steer.sweep import run_sweep, table, write_outputs
-from ..steer.vectors import hidden_states, load_vectors, parse_layers, steer_specs
+from ..steer.sweep import Behaviour, run_sweep, table, write_outputs
+from ..steer.vectors import hidden_states, increments, load_vectors, parse_layers, parse_steer, steer_specs
 from ..ui import make_reporter
 
 
@@ -39,8 +41,9 @@ def steer():
 @click.option("--prompts", type=click.Path(dir_okay=False, exists=True), help="Prompts both sides read (with --against).")
 @click.option("--limit", type=int, help="Read at most this many prompts.")
 @click.option("--layers", default="all", show_default=True, help="Blocks to extract: 8,12,16 or all.")
-@click.option("--position", type=click.Choice(["last", "mean"]), default="last", show_default=True,
-              help="last real token, or the mean over real tokens.")
+@click.option("--position", type=click.Choice(["last", "mean", "completion"]), default="last", show_default=True,
+              help="last real token, the mean over real tokens, or the mean over the completion's tokens "
+                   "(SFT rows only).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Directory for vectors.safetensors and steer.json.")
 def extract_command(model, adapter, positive, negative, against, prompts, limit, layers, position, batch_size, out):
@@ -64,64 +67,122 @@ def extract_command(model, adapter, positive, negative, against, prompts, limit,
 
 
 @steer.command("sweep")
-@click.option("--vectors", required=True, type=click.Path(file_okay=False, exists=True), help="A steer extract directory.")
-@click.option("--layer", type=int, help="Block to steer (default: the directory's best layer).")
+@click.option("--vectors", "vectors_opts", required=True, multiple=True, metavar="DIR[@W[:LAYER|:all]]",
+              help="A steer extract directory; repeatable: the vectors sum, each weighted by W (default 1), "
+                   "all scaled by λ.")
+@click.option("--layer", help="Block(s) to steer: 18, or 12,18,24 (each its own vector), or all (every block "
+                              "with its increment, as --steer DIR@λ:all) (default: the directory's best layer).")
 @click.option("--model", help="Model to steer (default: the built-in default).")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run or adapter directory to load.")
 @click.option("--lambdas", default="-2,-1,0,0.5,1,2,4", show_default=True, help="Comma-separated strengths.")
+@click.option("--relative", is_flag=True,
+              help="λ in units of the block's mean residual norm (the vector normalized to length 1).")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False, exists=True), help="Behaviour prompts (JSONL).")
 @click.option("--neutral", type=click.Path(dir_okay=False, exists=True), help="Neutral prompts for the side-effect rate.")
+@click.option("--reference", type=click.Path(dir_okay=False, exists=True),
+              help="SFT rows whose completions' perplexity is measured at each λ (default: the neutral "
+                   "prompts with their greedy replies at λ=0).")
 @click.option("--score", type=click.Choice(["json", "refusal", "length"]), default="json", show_default=True)
+@click.option("--reward", "rewards", multiple=True, metavar="SPEC[@W]",
+              help="Behaviour score from reward functions as grpo takes them (accuracy, FILE.py:fn, ...), fed "
+                   "the prompt rows' columns; replaces --score.")
 @click.option("--limit", type=int, help="Read at most this many prompts of each file.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--max-side-effects", type=float, default=0.10, show_default=True)
 @click.option("--aqi", "aqi_data", type=click.Path(dir_okay=False, exists=True),
               help="Labelled JSONL (label: aligned/misaligned): AQI at each λ, mean-pooled over every block.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for sweep.json, sweep.md, sweep.png.")
-def sweep_command(vectors, layer, model, adapter, lambdas, prompts, neutral, score, limit, max_new_tokens,
-                  max_side_effects, aqi_data, out):
-    """Answer prompts greedily at each λ: behaviour score, side-effect rate, verdicts, table and plot.
+def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompts, neutral, reference, score, rewards,
+                  limit, max_new_tokens, max_side_effects, aqi_data, out):
+    """Answer prompts greedily at each λ: behaviour score, side effects, verdicts, table and plot.
 
     \b
-    Example:
+    Examples:
       mlxpost steer sweep --vectors vecs/sft --prompts q.jsonl --neutral chat.jsonl --lambdas -2,0,2,4 --out sweeps/sft
+      mlxpost steer sweep --vectors vecs/sft --layer 12 --relative --prompts q.jsonl --reward accuracy --out sweeps/acc
     """
     try:
         grid = [float(x) for x in lambdas.split(",")]
     except ValueError:
         raise MlxpostError(f"--lambdas {lambdas!r}: expected numbers separated by commas") from None
-    vecs, meta = load_vectors(vectors)
-    layer = meta.get("best_layer") if layer is None else layer
-    if layer not in vecs:
-        raise MlxpostError(f"--layer {layer}: {vectors} has vectors for layers {sorted(vecs)}")
+    specs = [s for v in vectors_opts for s in _sweep_specs(v, layer)]
+    vectors = ",".join(vectors_opts)
     loaded = load_for_steering(model, adapter)
     r = Renderer(loaded.tokenizer)
     ps = read_sequences(prompts, r, limit)
     ns = read_sequences(neutral, r, limit) if neutral else None
+    ref = None
+    if reference:
+        rows = [(ids, s) for ids, s in read_rows(reference, r, limit) if s is not None]
+        if not rows:
+            raise MlxpostError(f"{reference}: --reference needs SFT rows (a prompt with its completion)")
+        ref = ([ids[:s] for ids, s in rows], [ids[s:] for ids, s in rows])
+    behaviour = _reward_behaviour(rewards, prompts, r, limit) if rewards else score
     labelled = None
     if aqi_data:
         seqs, labels = _labelled(aqi_data, r)
         labelled = (seqs, np.array(labels), list(range(len(model_blocks(loaded.model)))), r.eos_id or 0)
     rep = make_reporter()
-    result = run_sweep(loaded.model, loaded.tokenizer, SteerSpec(layer, vecs[layer], 1.0, str(vectors)), grid, ps, ns,
-                       score=score, max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info,
-                       labelled=labelled)
+    result = run_sweep(loaded.model, loaded.tokenizer, specs, grid, ps, ns, score=behaviour,
+                       max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info,
+                       labelled=labelled, relative=relative, reference=ref)
     result.update(vectors=str(vectors), model=model or "default", adapter=adapter, prompts=str(prompts),
-                  neutral=neutral and str(neutral))
+                  neutral=neutral and str(neutral), reference=reference and str(reference))
     write_outputs(result, out)
+    _report_sweep(rep, result, out)
+
+
+def _sweep_specs(option: str, layer: str | None) -> list[SteerSpec]:
+    """One ``--vectors DIR[@W[:LAYER|:all]]``: its vectors at weight W (λ multiplies them in the sweep)."""
+    if "@" in option:
+        path, weight, own = parse_steer(option)
+    else:
+        path, weight, own = option, 1.0, None
+    vecs, meta = load_vectors(path)
+    spec = str(own) if own is not None else layer
+    if spec == "all":
+        return [SteerSpec(l, mx.array(v), weight, path) for l, v in increments(vecs).items()]
+    layers = [meta.get("best_layer")] if spec is None else parse_layers(spec, max(vecs) + 1)
+    for l in layers:
+        if l not in vecs:
+            raise MlxpostError(f"--layer {l}: {path} has vectors for layers {sorted(vecs)}")
+    return [SteerSpec(l, vecs[l], weight, path) for l in layers]
+
+
+def _reward_behaviour(rewards, prompts, renderer, limit) -> Behaviour:
+    """Reward functions as the behaviour score, fed the prompt rows' columns (as GRPO feeds them)."""
+    rows = []
+    for line, row, issue in read_jsonl(prompts):
+        if issue is not None:
+            raise MlxpostError(str(issue))
+        rows.append((line, row))
+        if limit and len(rows) >= limit:
+            break
+    keys = sorted({k for _, row in rows for k in row} - {"prompt", "messages", "completion", "completions"})
+    columns = {k: [row.get(k) for _, row in rows] for k in keys}
+    texts = [renderer.prompt(row["prompt"])[1] if "prompt" in row else "" for _, row in rows]
+    return Behaviour.rewards(rewards, columns, texts, [f"{prompts}:{line}" for line, _ in rows])
+
+
+def _report_sweep(rep, result: dict, out) -> None:
     for line in table(result):
         rep.info(line)
     v = result["verdicts"]
+    budget = v["within_budget"] if v["side_effects_measured"] else "not measured (no --neutral)"
     rep.info(f"score increases with λ: {v['score_increases']} (Spearman ρ {v['spearman_rho']:.2f}); "
-             f"within side-effect budget {v['max_side_effects']:.0%}: {v['within_budget'] if v['side_effects_measured'] else 'not measured (no --neutral)'}; "
+             f"within side-effect budget {v['max_side_effects']:.0%}: {budget}; "
              f"recommended λ {v['recommended_lambda']}")
     if "aqi_increases" in v:
         rep.info(f"AQI increases with λ: {v['aqi_increases']} (ρ {v['aqi_spearman_rho']:.2f}; AQI at the largest λ "
                  f"above the λ=0 bootstrap interval: {v['aqi_top_above_zero_interval']})")
+    if result["relative"]:
+        rep.info("λ relative to the mean residual norm " + ", ".join(
+            f"{n:.1f} (block {l})" for l, n in zip(result["layers"], result["residual_norm"])) +
+            "; raw λ is what --steer DIR@λ takes")
     rep.info(f"wrote {out}")
 
 
-LABELS = {"aligned": 1, "misaligned": 0, 1: 1, 0: 0, True: 1, False: 0}
+LABELS = {"aligned": 1, "misaligned": 0, 1: 1, 0: 0}  # True and False are 1 and 0 as dict keys
 
 
 def _labelled(path, renderer):

@@ -42,6 +42,8 @@ from ..hub.source import base_model_spec, find_source
 from ..model.adapters import ADAPTER_WEIGHTS, from_adapter_of, load_adapter_stack
 from ..model.load import LoadedModel, load_model
 from ..model.lora import adapter_modules, adapters_off
+from ..steer.hooks import steered
+from ..steer.vectors import VECTORS_FILE, parse_steer, steer_specs
 from ..ui import NullReporter
 from . import retention
 from .context import EvalContext, Task
@@ -166,7 +168,7 @@ def resumable(out: Path, ident: dict) -> dict | None:
         return None
     doc = read_json(out)
     old = doc.get("target", {})
-    for key in ("model_config_sha256", "adapters"):
+    for key in ("model_config_sha256", "adapters", "steer"):
         if old.get(key) != ident.get(key):
             raise MlxpostError(f"--resume: {out} holds results of another model ({key} differs); "
                                "give another --out or leave --resume out to start again")
@@ -230,7 +232,7 @@ SETTINGS = ("batch_size", "limit", "seed", "allow_code_exec", "rewards", "num_sa
 
 def evaluate(model_or_run: Any, tasks: str | list, *, out: str | Path | None = None, resume: bool = False,
              baseline: str | dict | None = None, min_retention: float = 0.95, reporter=None,
-             base_model: str | None = None, **settings) -> dict:
+             base_model: str | None = None, steer: list[str] | tuple = (), **settings) -> dict:
     """Evaluate a model or run directory on ``tasks``; returns eval.json's content (also written to disk).
 
     ``model_or_run``: a model spec or run directory (loaded here), or a
@@ -239,7 +241,10 @@ def evaluate(model_or_run: Any, tasks: str | list, *, out: str | Path | None = N
     ``baseline``: an eval.json (path or content), a run directory or a model
     to compare with (:func:`compare_baseline`); the result then has a
     ``baseline`` section whose ``passed`` says whether every metric kept
-    ``min_retention``.
+    ``min_retention``. ``steer``: ``VEC_DIR@λ[:layer]`` specs (``mlxpost generate --steer``): every
+    task runs inside :func:`mlxpost.steer.hooks.steered`; eval.json records them (and the default
+    output file name carries them), and a baseline is evaluated unsteered, so ``--baseline`` gives
+    the steering's retention.
     """
     unknown = set(settings) - set(SETTINGS)
     if unknown:
@@ -257,8 +262,13 @@ def evaluate(model_or_run: Any, tasks: str | list, *, out: str | Path | None = N
         with rep.status(f"loading {target.spec}"):
             loaded = load_target(target, log=rep.info)
         ident = identity(target, loaded)
+    specs = steer_specs(loaded.model, list(steer))
+    if specs:
+        ident["steer"] = steer_identity(list(steer))
+        if out is None and path is not None:
+            path = path.with_name(f"{path.stem}+steer-{slug('+'.join(steer), 40)}.json")
     ctx = context_for(loaded, target, progress=rep.progress, **settings)
-    with eval_chunk(loaded.model):
+    with eval_chunk(loaded.model), steered(loaded.model, specs):
         doc = run_tasks(loaded.model, loaded.tokenizer, parsed, ctx, ident=ident, out=path, resume=resume,
                         reporter=rep)
     if path is not None:
@@ -270,6 +280,15 @@ def evaluate(model_or_run: Any, tasks: str | list, *, out: str | Path | None = N
         if path is not None:
             atomic_write_json(path, {k: v for k, v in doc.items() if k != "path"})
     return doc
+
+
+def steer_identity(options: list[str]) -> list[dict]:
+    """What eval.json records of each ``--steer``: the option, its block(s) and λ, the vectors file's sha256."""
+    out = []
+    for o in options:
+        path, scale, layer = parse_steer(o)
+        out.append({"spec": o, "layer": layer, "lambda": scale, "sha256": file_sha256(Path(path) / VECTORS_FILE)})
+    return out
 
 
 def check_code_exec(tasks: list[Task], allowed: bool) -> None:
@@ -302,7 +321,7 @@ def baseline_doc(spec: str, tasks: list[Task], settings: dict, reporter=None) ->
 def saved_results(run_dir: Path) -> dict:
     """The task results of a run's trained model that its directory holds (eval/*.json, newest last).
 
-    Results of another adapter (the run was continued since) are left out;
+    Results of another adapter (the run was continued since) and steered results are left out;
     ``baseline_metrics.json`` is the run's starting point, not the run.
     """
     d = Path(run_dir) / "eval"
@@ -313,6 +332,8 @@ def saved_results(run_dir: Path) -> dict:
         try:
             doc = read_json(f)
             adapters = doc.get("target", {}).get("adapters") or []
+            if doc.get("target", {}).get("steer"):
+                continue  # a steered evaluation is not the run's own result
             if adapters and adapters[-1].get("sha256") == current:
                 tasks.update(doc.get("tasks", {}))
         except (MlxpostError, AttributeError):

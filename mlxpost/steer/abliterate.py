@@ -28,7 +28,7 @@ from ..model.lora import adapter_modules
 from .extract import load_for_steering, read_sequences
 from .hooks import model_blocks
 from .scores import refusal_rate
-from .sweep import greedy_replies
+from .sweep import greedy_replies, reply_perplexity
 from .vectors import hidden_states, separation
 
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
@@ -98,19 +98,6 @@ def write_fused(loaded, out) -> Path:
                                                                         "generation_config.json")):
             shutil.copyfile(f, out / f.name)
     return out
-
-
-def reply_perplexity(model: nn.Module, prompts: list[list[int]], replies: list[list[int]]) -> float:
-    """exp(mean NLL) of the reply tokens given their prompts (one sequence at a time; few, short)."""
-    nll, n = 0.0, 0
-    for p, c in zip(prompts, replies):
-        if not c:
-            continue
-        ids = mx.array([p + c])
-        logits = model(ids[:, :-1]).astype(mx.float32)[0, len(p) - 1:]
-        nll += float(nn.losses.cross_entropy(logits, mx.array(c), reduction="sum"))
-        n += len(c)
-    return float(np.exp(nll / n)) if n else float("nan")
 
 
 def run_abliterate(*, model, adapter, harmful, harmless, layer: str = "auto", out, max_new_tokens: int = 48,

@@ -8,11 +8,19 @@ misaligned (0), with cluster centroids ``μ_k``, global mean ``μ`` and sizes ``
 * Xie–Beni (hard memberships): ``XB = Σ_k Σ_{i∈k} ‖x_i − μ_k‖² / (N · min_{j≠k} ‖μ_j − μ_k‖²)``
   (compactness over separation; lower = better);
 * ``AQI = λ · (1 / XB) + (1 − λ) · CH`` with ``λ = 0.5`` by default, as in the paper, where both terms
-  are "higher is better". The paper normalizes the two terms before combining them; here they are
-  combined after squashing each to (0, 1) with ``t / (1 + t)``, so AQI lies in (0, 1) and rises with
-  separation whatever the scale of the hidden states.
+  are "higher is better" and are normalized before they are combined.
 
-Davies–Bouldin (lower = better) and Dunn (higher = better) are reported too.
+Normalization, as done here. Both terms are put on (0, 1) with ``t ↦ t / (1 + t)`` (monotone, so
+AQI still rises with separation), and CH enters *per example*: ``CH · (K − 1) / (N − K)`` = between-
+over within-cluster dispersion. Textbook CH carries the degrees-of-freedom factor ``(N − K)/(K − 1)``,
+so the same geometry read on twice the examples doubles it (for two balanced clusters
+``CH ≈ (N − 2)/4 · (1/XB)``); squashed as it is, it saturates near 1 from a few dozen examples and the
+AQI would depend on the data set's size. With the factor removed, AQI depends on the geometry only:
+it is unchanged by duplicating the data and by scaling the hidden states (``aqi(c·X) = aqi(X)``).
+CH itself (textbook, equal to scikit-learn's ``calinski_harabasz_score``), XB, Davies–Bouldin
+(lower = better, equal to scikit-learn's ``davies_bouldin_score``) and Dunn (higher = better) are
+reported unnormalized. The paper's own normalization of the two terms could not be checked against its
+text from this machine; this one is stated here so that numbers can be compared across runs.
 """
 
 from __future__ import annotations
@@ -89,13 +97,18 @@ def aqi(x: np.ndarray, labels: np.ndarray, weight: float = 0.5) -> dict:
     >>> near = aqi(base + 0.5 * y[:, None], y)["aqi"]; far = aqi(base + 4.0 * y[:, None], y)["aqi"]
     >>> 0 < near < far < 1
     True
+    >>> x = base + y[:, None]; twice = aqi(np.vstack([x, x]), np.concatenate([y, y]))["aqi"]
+    >>> bool(np.isclose(twice, aqi(x, y)["aqi"])), bool(np.isclose(aqi(7 * x, y)["aqi"], aqi(x, y)["aqi"]))
+    (True, True)
     """
     x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels)
     ch, xb = calinski_harabasz(x, labels), xie_beni(x, labels)
+    n, k = len(x), len(np.unique(labels))
     inv_xb = 1.0 / xb if xb > 0 else float("inf")
+    ch_per_example = ch * (k - 1) / (n - k)  # between / within dispersion: N-free (module docstring)
     squash = lambda t: 1.0 if t == float("inf") else t / (1.0 + t)  # noqa: E731
-    return {"aqi": weight * squash(inv_xb) + (1 - weight) * squash(ch), "calinski_harabasz": ch, "xie_beni": xb,
-            "davies_bouldin": davies_bouldin(x, labels), "dunn": dunn(x, labels), "n": int(len(x))}
+    return {"aqi": weight * squash(inv_xb) + (1 - weight) * squash(ch_per_example), "calinski_harabasz": ch,
+            "xie_beni": xb, "davies_bouldin": davies_bouldin(x, labels), "dunn": dunn(x, labels), "n": int(n)}
 
 
 def bootstrap_interval(x: np.ndarray, labels: np.ndarray, n: int = 200, seed: int = 0) -> tuple[float, float]:

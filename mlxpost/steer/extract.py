@@ -30,6 +30,12 @@ from .vectors import best_layer, hidden_states, mean_difference, parse_layers, s
 
 def read_sequences(path: str | Path, renderer: Renderer, limit: int | None = None) -> list[list[int]]:
     """Token ids of each row of a JSONL file (SFT rows with their completion, or prompt rows)."""
+    return [ids for ids, _ in read_rows(path, renderer, limit)]
+
+
+def read_rows(path: str | Path, renderer: Renderer, limit: int | None = None) -> list[tuple[list[int], int | None]]:
+    """``(ids, start)`` of each row: ``start`` is the index of the first completion token of an SFT row
+    (the first position its training mask marks), None for a prompt row (see ``--position completion``)."""
     path = Path(path)
     if not path.is_file():
         raise MlxpostError(f"{path}: no such file")
@@ -43,14 +49,15 @@ def read_sequences(path: str | Path, renderer: Renderer, limit: int | None = Non
             if problems:
                 field, msg = problems[0]
                 raise MlxpostError(f"{path}:{line}: {field}: {msg}")
-            ids = renderer.render(row)[0]
+            ids, mask, _ = renderer.render(row)
+            start = next((t for t, m in enumerate(mask) if m), None)
         else:
             problems = validate_prompt_row(row)
             if problems:
                 field, msg = problems[0]
                 raise MlxpostError(f"{path}:{line}: {field}: {msg} (expected an SFT row or a prompt row)")
-            ids = renderer.prompt(row["prompt"])[0]
-        out.append(ids)
+            ids, start = renderer.prompt(row["prompt"])[0], None
+        out.append((ids, start))
         if limit and len(out) >= limit:
             break
     if not out:
@@ -58,19 +65,24 @@ def read_sequences(path: str | Path, renderer: Renderer, limit: int | None = Non
     return out
 
 
+def _states(model, rows, layers, **kw):
+    return hidden_states(model, [r[0] for r in rows], layers, starts=[r[1] for r in rows], **kw)
+
+
 def from_files(model: nn.Module, renderer: Renderer, positive, negative, layers: Sequence[int], **kw):
-    pos = hidden_states(model, read_sequences(positive, renderer), layers, **kw)
-    neg = hidden_states(model, read_sequences(negative, renderer), layers, **kw)
+    pos = _states(model, read_rows(positive, renderer), layers, **kw)
+    neg = _states(model, read_rows(negative, renderer), layers, **kw)
     return pos, neg
 
 
-def from_adapters_off(model: nn.Module, seqs, layers: Sequence[int], **kw):
-    """Adapters on (positive) vs off (negative) in the same model."""
+def from_adapters_off(model: nn.Module, rows, layers: Sequence[int], **kw):
+    """Adapters on (positive) vs off (negative) in the same model; ``rows``: ``(ids, start)`` (:func:`read_rows`)."""
     if not adapter_modules(model):
         raise MlxpostError("--against adapters-off needs --adapter RUN (the loaded model has no adapters)")
-    pos = hidden_states(model, seqs, layers, **kw)
+    rows = [(r, None) if r and isinstance(r[0], int) else r for r in rows]  # bare id lists too
+    pos = _states(model, rows, layers, **kw)
     with adapters_off(model):
-        neg = hidden_states(model, seqs, layers, **kw)
+        neg = _states(model, rows, layers, **kw)
     return pos, neg
 
 
@@ -112,18 +124,18 @@ def extract(*, model: str | None, adapter: str | None, out: str | Path, layers: 
         pos, neg = from_files(loaded.model, renderer, positive, negative, idx, **kw)
         source = {"kind": "files", "positive": str(positive), "negative": str(negative)}
     else:
-        seqs = read_sequences(prompts, renderer, limit)
+        seqs = read_rows(prompts, renderer, limit)
         if against == "adapters-off":
             pos, neg = from_adapters_off(loaded.model, seqs, idx, **kw)
         else:
-            pos = hidden_states(loaded.model, seqs, idx, **kw)
+            pos = _states(loaded.model, seqs, idx, **kw)
             del loaded  # the second model is loaded only after the first is dropped
             other = Path(against)
             if (other / "adapter_config.json").is_file():
                 second = load_for_steering(model, other)
             else:
                 second = load_model(against)
-            neg = hidden_states(second.model, seqs, idx, **kw)
+            neg = _states(second.model, seqs, idx, **kw)
         source = {"kind": "against", "against": against, "prompts": str(prompts)}
     vectors, report = mean_difference(pos, neg)
     meta = {"model": model or "default", "adapter": str(adapter) if adapter else None, "layers": idx,

@@ -2,8 +2,11 @@
 
 A steering vector for block ``l`` is ``v_l = mean(h⁺_l) − mean(h⁻_l)``, where
 ``h_l`` (D,) is the block's output (the residual stream after the block) at
-the chosen position of each sequence: ``last`` (the last real token) or
-``mean`` (the mean over real tokens; pads excluded by the mask). Both sides
+the chosen position of each sequence: ``last`` (the last real token),
+``mean`` (the mean over real tokens; pads excluded by the mask) or
+``completion`` (the mean over the completion's tokens of SFT rows only: the
+prompt's states are the same on both sides of a completion contrast, so
+averaging them in only shrinks the difference). Both sides
 are read with :func:`hidden_states`, which batches sequences right-padded
 (a causal model's real positions do not see the pads) and records every
 requested layer in one forward pass per batch.
@@ -24,7 +27,7 @@ from ..files import atomic_write_json
 from .hooks import SteerSpec, model_blocks, recording
 
 VECTORS_FILE, META_FILE = "vectors.safetensors", "steer.json"
-POSITIONS = ("last", "mean")
+POSITIONS = ("last", "mean", "completion")
 
 
 def parse_layers(spec: str, n_blocks: int) -> list[int]:
@@ -50,32 +53,44 @@ def parse_layers(spec: str, n_blocks: int) -> list[int]:
     return sorted(set(out))
 
 
-def pool(h: np.ndarray, lengths: np.ndarray, position: str) -> np.ndarray:
+def pool(h: np.ndarray, lengths: np.ndarray, position: str, starts: np.ndarray | None = None) -> np.ndarray:
     """Pool hidden states ``h`` (B, T, D) of right-padded rows with ``lengths`` (B,) to (B, D).
+
+    ``completion`` averages positions ``starts[b] .. lengths[b] - 1`` (the
+    completion's tokens; ``starts`` (B,) is required).
 
     >>> h = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
     >>> pool(h, np.array([3, 1]), "last").tolist()
     [[4.0, 5.0], [6.0, 7.0]]
     >>> pool(h, np.array([3, 1]), "mean").tolist()
     [[2.0, 3.0], [6.0, 7.0]]
+    >>> pool(h, np.array([3, 1]), "completion", np.array([1, 0])).tolist()
+    [[3.0, 4.0], [6.0, 7.0]]
     """
     if position == "last":
         return h[np.arange(len(h)), lengths - 1]
-    mask = (np.arange(h.shape[1])[None, :] < lengths[:, None]).astype(h.dtype)
-    return (h * mask[..., None]).sum(1) / lengths[:, None].astype(h.dtype)
+    first = np.zeros_like(lengths) if position == "mean" else np.asarray(starts)
+    t = np.arange(h.shape[1])[None, :]
+    mask = ((t >= first[:, None]) & (t < lengths[:, None])).astype(h.dtype)
+    return (h * mask[..., None]).sum(1) / (lengths - first)[:, None].astype(h.dtype)
 
 
 def hidden_states(model: nn.Module, seqs: Sequence[Sequence[int]], layers: Sequence[int], *,
-                  position: str = "last", batch_size: int = 8, pad_id: int = 0) -> dict[int, np.ndarray]:
+                  position: str = "last", batch_size: int = 8, pad_id: int = 0,
+                  starts: Sequence[int | None] | None = None) -> dict[int, np.ndarray]:
     """Pooled block outputs ``{layer: (N, D) float32}`` of ``seqs``: one forward pass per batch of ``batch_size``.
 
     Rows are sorted by length before batching (less padding) and returned in
-    the input order.
+    the input order. ``starts``: each sequence's first completion token (for
+    ``position="completion"``; None for a prompt without completion).
     """
     if position not in POSITIONS:
-        raise MlxpostError(f"--position must be last or mean; got {position!r}")
+        raise MlxpostError(f"--position must be one of {', '.join(POSITIONS)}; got {position!r}")
     if not seqs:
         raise MlxpostError("no sequences to read hidden states from")
+    if position == "completion" and (starts is None or any(s is None or s >= len(q) for s, q in zip(starts, seqs))):
+        raise MlxpostError("--position completion needs rows with a completion (SFT rows: messages with an "
+                           "assistant reply, or prompt/completion); prompt-only rows have none")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = {l: [None] * len(seqs) for l in layers}
     with recording(model, layers) as sink:
@@ -87,8 +102,9 @@ def hidden_states(model: nn.Module, seqs: Sequence[Sequence[int]], layers: Seque
                 ids[r, :lengths[r]] = seqs[i]
             model(mx.array(ids))
             mx.eval(list(sink.values()))
+            first = None if starts is None else np.array([starts[i] or 0 for i in idx])
             for l in layers:
-                pooled = pool(np.array(sink[l].astype(mx.float32)), lengths, position)
+                pooled = pool(np.array(sink[l].astype(mx.float32)), lengths, position, first)
                 for r, i in enumerate(idx):
                     out[l][i] = pooled[r]
             sink.clear()
@@ -159,31 +175,58 @@ def load_vectors(directory: str | Path) -> tuple[dict[int, mx.array], dict]:
     return {int(k.split(".")[1]): v for k, v in arrays.items()}, meta
 
 
-def parse_steer(spec: str) -> tuple[str, float, int | None]:
-    """``VEC_DIR@λ[:layer]`` to ``(dir, λ, layer or None)``.
+def parse_steer(spec: str) -> tuple[str, float, int | str | None]:
+    """``VEC_DIR@λ[:layer|:all]`` to ``(dir, λ, layer, "all" or None)``.
 
     >>> parse_steer("vecs/json@1.5:12")
     ('vecs/json', 1.5, 12)
     >>> parse_steer("v@-2")
     ('v', -2.0, None)
+    >>> parse_steer("v@0.3:all")
+    ('v', 0.3, 'all')
     """
     path, at, rest = spec.rpartition("@")
     if not at or not path:
-        raise MlxpostError(f"--steer {spec!r}: expected VEC_DIR@LAMBDA[:LAYER], e.g. vecs/json@2:12")
+        raise MlxpostError(f"--steer {spec!r}: expected VEC_DIR@LAMBDA[:LAYER|:all], e.g. vecs/json@2:12")
     scale, _, layer = rest.partition(":")
     try:
-        return path, float(scale), (int(layer) if layer else None)
+        return path, float(scale), (layer if layer == "all" else int(layer) if layer else None)
     except ValueError:
-        raise MlxpostError(f"--steer {spec!r}: λ must be a number and the layer an integer") from None
+        raise MlxpostError(f"--steer {spec!r}: λ must be a number and the layer an integer or all") from None
+
+
+def increments(vectors: dict[int, mx.array | np.ndarray]) -> dict[int, np.ndarray]:
+    """Per block, what the contrast adds there: ``v_l − v_(previous block)`` (the first block: ``v_l``).
+
+    ``v_l`` is the difference of the residual stream *after* block ``l``, so it accumulates everything
+    the blocks below did; adding ``v_l`` at every block would count the lower blocks' part many times.
+    Adding the increments instead shifts the stream after block ``l`` by ``v_l`` (to first order), at
+    every block at once (``--steer DIR@λ:all``).
+
+    >>> {l: v.tolist() for l, v in increments({0: np.array([1.0]), 1: np.array([3.0])}).items()}
+    {0: [1.0], 1: [2.0]}
+    """
+    out, prev = {}, None
+    for l in sorted(vectors):
+        v = np.array(vectors[l], dtype=np.float32)
+        out[l] = v if prev is None else v - prev
+        prev = v
+    return out
 
 
 def steer_specs(model: nn.Module, specs: Sequence[str]) -> list[SteerSpec]:
-    """``--steer`` options to :class:`SteerSpec` s (the layer defaults to the directory's best layer)."""
+    """``--steer`` options to :class:`SteerSpec` s (the layer defaults to the directory's best layer;
+    ``all``: every block of the directory with its :func:`increments`)."""
     out = []
     n = len(model_blocks(model))
     for s in specs:
         path, scale, layer = parse_steer(s)
         vectors, meta = load_vectors(path)
+        if layer == "all":
+            if max(vectors) >= n:
+                raise MlxpostError(f"--steer {s}: {path} has a vector for block {max(vectors)}; the model has {n}")
+            out += [SteerSpec(l, mx.array(v), scale, path) for l, v in increments(vectors).items()]
+            continue
         layer = meta.get("best_layer") if layer is None else layer
         if layer not in vectors:
             raise MlxpostError(f"--steer {s}: {path} has vectors for layers {sorted(vectors)}, not {layer}")

@@ -8,6 +8,8 @@ from ..core.generate import generate_text
 from ..core.sampling import Sampling
 from ..data.render import prompt_ids
 from ..rl.rollout import sample_groups
+from ..steer.hooks import steered
+from ..steer.vectors import steer_specs
 
 
 def run_samples(model, tokenizer, prompts: list[str], cfg) -> list[str]:
@@ -15,9 +17,20 @@ def run_samples(model, tokenizer, prompts: list[str], cfg) -> list[str]:
 
     Greedy by default (``sample.temperature``); one batch instead of one
     prompt after another makes the before/after samples several times faster.
+    ``sample.steer`` (``VEC_DIR@λ[:layer]``) steers every reply, as ``mlxpost generate --steer`` does.
     """
     if not prompts:
         return []
+    with sample_steering(model, cfg):
+        return _replies(model, tokenizer, prompts, cfg)
+
+
+def sample_steering(model, cfg):
+    """The run's ``sample.steer`` installed (a context manager; nothing when the list is empty)."""
+    return steered(model, steer_specs(model, list(cfg.sample.steer)))
+
+
+def _replies(model, tokenizer, prompts: list[str], cfg) -> list[str]:
     mx.random.seed(cfg.train.seed)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -45,7 +45,7 @@ from ..rl.rewards import RewardSet, parse_reward_option
 from ..rl.source import RolloutSource
 from ..rl.verifiers import StepVerifier
 from ..stats import paired_change
-from .samples import run_samples
+from .samples import run_samples, sample_steering
 
 SHOWN_SAMPLES = 5  # before/after replies printed at the end of a run (all are in samples.json)
 
@@ -353,8 +353,9 @@ class Prompts(DataKind):
             return None
         with rep.status(f"answering {len(rl['eval_rows'])} validation prompts ({when} training)"):
             t0 = time.time()
-            ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
-                          rewards=rl["rewards"], verifier=rl["verifier"])
+            with sample_steering(prep.loaded.model, prep.cfg):  # sample.steer, as the SFT samples
+                ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
+                              rewards=rl["rewards"], verifier=rl["verifier"])
             ev["seconds"] = round(time.time() - t0, 1)
         shown = ", ".join(f"{k} {ev[k]:.3f}" for k in ("reward", "final_acc", "step_acc") if k in ev)
         rep.info(f"validation ({when} training): {shown}")
@@ -365,7 +366,8 @@ class Prompts(DataKind):
         rl = prep.state["rl"]
         if not rl["eval_rows"]:
             return None
-        with rep.status(f"answering {len(rl['eval_rows'])} validation prompts"):
+        with rep.status(f"answering {len(rl['eval_rows'])} validation prompts"), \
+                sample_steering(prep.loaded.model, prep.cfg):
             ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
                           rewards=rl["rewards"], verifier=rl["verifier"])
         return {k: ev[k] for k in ("reward", "final_acc", "step_acc") if k in ev}
