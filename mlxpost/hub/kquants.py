@@ -83,7 +83,7 @@ def _fit_affine(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
         best_s, best_b, best_err = np.where(better, a, best_s), np.where(better, b, best_b), np.minimum(
             best_err, np.where(better, err, best_err))
     best_s = np.where(flat, 0.0, best_s)
-    return best_s.astype(np.float32), (-best_b).astype(np.float32)
+    return best_s.astype(np.float32), (0.0 - best_b).astype(np.float32)
 
 
 def _pack_scales_mins(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -141,7 +141,8 @@ def _fit_symmetric(x: np.ndarray, nmax: int, nstep: int) -> np.ndarray:
     """Best scale per row of ``x`` (..., n) for codes -nmax..nmax-1 (x ~ scale*q), weights x**2.
 
     The candidate steps put the largest-magnitude weight at about -nmax
-    (the side with one more level) and refit the scale by least squares.
+    (the side with one more level), plus one at exactly +(nmax-1), and
+    refit the scale by least squares.
 
     >>> np.round(_fit_symmetric(np.array([[-32.0, 16.0, 8.0, 1.0]]), 32, 9), 4).tolist()
     [1.0]
@@ -152,8 +153,7 @@ def _fit_symmetric(x: np.ndarray, nmax: int, nstep: int) -> np.ndarray:
     zero = amax[..., 0] == 0
     amax = np.where(amax == 0, 1.0, amax)
     best_s, best_err = np.zeros(x.shape[:-1], np.float32), np.full(x.shape[:-1], np.inf, np.float32)
-    for s in range(-nstep, nstep + 1):
-        inv = -(nmax + 0.1 * s) / amax
+    for inv in [-(nmax + 0.1 * s) / amax for s in range(-nstep, nstep + 1)] + [(nmax - 1) / amax]:
         q = np.clip(np.rint(x * inv), -nmax, nmax - 1)
         wq = w * q
         sl2 = (wq * q).sum(-1)
@@ -195,7 +195,7 @@ def quantize_k(x: np.ndarray, kind: str) -> np.ndarray:
     >>> x = np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256)
     >>> b = quantize_k(x, "Q6_K")
     >>> b.shape, float(np.abs(gguf.quants.dequantize(b, gguf.GGMLQuantizationType.Q6_K) - x).max()) < 0.02
-    ((2, 420), True)
+    ((2, 210), True)
     """
     if kind not in _ENCODERS:
         raise ValueError(f"unknown K-quant {kind!r}; known: {', '.join(_ENCODERS)}")
