@@ -38,6 +38,8 @@ TEXTS = [
 # ---------------------------------------------------------------------------
 
 _HF_TO_GGUF_BLOCK = {
+    "self_attn.qkv_proj": "attn_qkv",  # phi3: fused, written whole by llama.cpp
+    "mlp.gate_up_proj": "ffn_up",
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -194,6 +196,63 @@ def test_tiny_gguf_round_trip(tmp_path, build):
     assert tok.apply_chat_template(msgs) == tok_hf.apply_chat_template(msgs)
     assert tok.eos_token_id == tok_hf.eos_token_id
     assert tok.bos_token_id == tok_hf.bos_token_id
+
+
+def as_phi3(hf: Path, out: Path, partial_rotary_factor: float) -> Path:
+    """The llama in ``hf`` as a Phi-3 directory: q/k/v rows fused into qkv_proj, gate/up into gate_up_proj
+    (the layout of microsoft/Phi-3-mini), norm weights made non-trivial so a misplaced one shows."""
+    shutil.copytree(hf, out)
+    cfg = json.loads((hf / "config.json").read_text())
+    for k in ("attention_bias", "mlp_bias", "head_dim"):
+        cfg.pop(k, None)
+    cfg.update(model_type="phi3", architectures=["Phi3ForCausalLM"], partial_rotary_factor=partial_rotary_factor,
+               original_max_position_embeddings=cfg["max_position_embeddings"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    w = mx.load(str(hf / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    fused = {}
+    for k, v in w.items():
+        if "norm" in k:
+            v = mx.array(1 + 0.3 * rng.standard_normal(v.shape).astype(np.float32))
+        p = k.rsplit(".", 2)[0]
+        if k.endswith("q_proj.weight"):
+            fused[p + ".qkv_proj.weight"] = mx.concatenate([v, w[p + ".k_proj.weight"], w[p + ".v_proj.weight"]])
+        elif k.endswith("gate_proj.weight"):
+            fused[p + ".gate_up_proj.weight"] = mx.concatenate([v, w[p + ".up_proj.weight"]])
+        elif not k.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+            fused[k] = v
+    mx.save_safetensors(str(out / "model.safetensors"), fused, metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("rotary", [1.0, 0.5])
+def test_phi3_gguf_converts_to_the_same_model(tmp_path, rotary):
+    """Phi-3 as llama.cpp writes it (attn_qkv, ffn_up = gate+up, rope.dimension_count for a partial
+    rotary): the converted directory gives mlx-lm's phi3 model the source's logits."""
+    hf = build_tiny_model(tmp_path / "llama", rope_theta=50000.0, tie_word_embeddings=False)
+    sharpen_attention(hf)
+    phi = as_phi3(hf, tmp_path / "phi3", rotary)
+    head_dim = 16
+    path = write_gguf(phi, tmp_path / "phi3.gguf", extra_meta={
+        "phi3.rope.dimension_count": u32(int(head_dim * rotary)),
+        "phi3.rope.scaling.original_context_length": u32(4096)})
+    out = convert_gguf(path, tmp_path / "converted")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "phi3" and cfg["partial_rotary_factor"] == rotary
+    assert sorted(k for k in mx.load(str(out / "model.safetensors")) if ".0." in k) == sorted(
+        k for k in mx.load(str(phi / "model.safetensors")) if ".0." in k)
+    np.testing.assert_allclose(logits(out, SEQ), logits(phi, SEQ), atol=1e-5, rtol=0)
+    if rotary == 1.0:  # control: the half-rotary model really differs, so the check above sees the rope size
+        other = as_phi3(hf, tmp_path / "phi3-half", 0.5)
+        assert np.abs(logits(other, SEQ) - logits(phi, SEQ)).max() > 1e-2
+
+
+def test_phi3_long_rope_is_refused(tmp_path):
+    hf = build_tiny_model(tmp_path / "llama", tie_word_embeddings=False)
+    phi = as_phi3(hf, tmp_path / "phi3", 1.0)
+    path = write_gguf(phi, tmp_path / "phi3.gguf", extra_tensors={"rope_factors_long.weight": mx.ones(8)})
+    with pytest.raises(MlxpostError, match="Phi-3 LongRoPE"):
+        convert_gguf(path, tmp_path / "converted")
 
 
 def test_lost_rope_theta_or_row_order_would_be_caught(tmp_path):

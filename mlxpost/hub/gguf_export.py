@@ -45,6 +45,9 @@ QUANTS = ("f16", "q8_0", "q4_k_m")
 _FILE_TYPE = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 
+# Architectures written here (the importer reads more, e.g. phi3, whose fused tensors this writer does not name).
+_WRITABLE = ("llama", "qwen2", "qwen3")
+
 # llama.cpp's substitutes when a row length is not a multiple of 256 (tensor_type_fallback).
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -74,11 +77,12 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _arch(cfg: dict, path: Path) -> tuple[str, bool]:
-    for arch, (_, model_type, permuted) in _ARCHS.items():
+    writable = {a: v for a, v in _ARCHS.items() if a in _WRITABLE}
+    for arch, (_, model_type, permuted) in writable.items():
         if cfg.get("model_type") == model_type:
             return arch, permuted
     raise MlxpostError(f"{path}: model_type {cfg.get('model_type')!r} cannot be written as GGUF here "
-                       f"(supported: {', '.join(m for _, m, _ in _ARCHS.values())}); use --format fused")
+                       f"(supported: {', '.join(m for _, m, _ in writable.values())}); use --format fused")
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:

@@ -85,6 +85,7 @@ _ARCHS = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "phi3": ("Phi3ForCausalLM", "phi3", False),  # llama.cpp's convert_hf_to_gguf keeps Phi-3's fused q/k/v rows as they are
 }
 
 
@@ -101,6 +102,15 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",  # qwen3: RMSNorm over each head's queries / keys
     "attn_k_norm": "self_attn.k_norm",
+}
+
+# Architectures whose blocks differ from llama's: GGUF name -> Hugging Face name, replacing _BLOCK_NAMES.
+# Phi-3 keeps q/k/v in one matrix (rows: all q heads, then k, then v) and gate/up in another (gate
+# rows first); llama.cpp writes them whole as attn_qkv and ffn_up, and mlx-lm's phi3 model reads
+# them whole as qkv_proj / gate_up_proj, so they are renamed, never split.
+_ARCH_BLOCK_NAMES = {
+    "phi3": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
 }
 
 # Per-layer tensors every model of an architecture must have (beyond the llama set).
@@ -301,7 +311,8 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
     head_dim = get("attention.key_length", hidden // n_head)
     if get("attention.value_length", head_dim) != head_dim:
         raise MlxpostError(f"{path}: different key and value head sizes are not supported")
-    if get("rope.dimension_count", head_dim) != head_dim:
+    rope_dim = get("rope.dimension_count", head_dim)
+    if rope_dim != head_dim and model_type != "phi3":  # phi3: partial_rotary_factor below
         raise MlxpostError(f"{path}: partial rotary embeddings (rope.dimension_count "
                            f"{get('rope.dimension_count')} < head size {head_dim}) are not supported")
     if model_type == "qwen2" and head_dim != hidden // n_head:  # qwen3 has its own head_dim
@@ -326,6 +337,15 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
         "vocab_size": vocab,
         "tie_word_embeddings": tied,
     }
+    if model_type == "phi3":
+        if head_dim != hidden // n_head:
+            raise MlxpostError(f"{path}: phi3 with head size {head_dim} != hidden/heads is not supported by mlx-lm")
+        if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+            raise MlxpostError(f"{path}: Phi-3 LongRoPE (rope_factors_long/short, the 128k-context models) is not "
+                               "supported; use a 4k-context Phi-3 GGUF or the Hugging Face repository")
+        cfg["partial_rotary_factor"] = rope_dim / head_dim
+        cfg["original_max_position_embeddings"] = get("rope.scaling.original_context_length", cfg[
+            "max_position_embeddings"])
     if model_type == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
@@ -363,17 +383,18 @@ def _eos_ids(meta: dict) -> list[int]:
 def _hf_weights(path: Path, tensors: dict[str, mx.array], cfg: dict, unpermute: bool) -> dict[str, mx.array]:
     """Rename GGUF tensors to Hugging Face names (undoing the q/k row order)."""
     out: dict[str, mx.array] = {}
+    block_names = _ARCH_BLOCK_NAMES.get(cfg["model_type"], _BLOCK_NAMES)
     for name, t in tensors.items():
         parts = name.split(".")
         if name == "rope_freqs.weight":
             continue  # now in config.json's rope_scaling
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in block_names:
             _, layer, kind, leaf = parts
             if unpermute and kind == "attn_q":
                 t = _unpermute_rope_rows(t, cfg["num_attention_heads"])
             elif unpermute and kind == "attn_k":
                 t = _unpermute_rope_rows(t, cfg["num_key_value_heads"])
-            out[f"model.layers.{layer}.{_BLOCK_NAMES[kind]}.{leaf}"] = t
+            out[f"model.layers.{layer}.{block_names[kind]}.{leaf}"] = t
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
             out[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = t
         else:
@@ -381,7 +402,7 @@ def _hf_weights(path: Path, tensors: dict[str, mx.array], cfg: dict, unpermute: 
 
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg["num_hidden_layers"]):
-        expected += [f"model.layers.{i}.{n}.weight" for k, n in _BLOCK_NAMES.items() if k not in _OPTIONAL_BLOCK]
+        expected += [f"model.layers.{i}.{n}.weight" for k, n in block_names.items() if k not in _OPTIONAL_BLOCK]
         expected += [f"model.layers.{i}.{n}" for n in _ARCH_EXTRA.get(cfg["model_type"], [])]
     missing = [k for k in expected if k not in out]
     if missing:
