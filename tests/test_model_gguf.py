@@ -62,8 +62,10 @@ def u32(x: int) -> mx.array:
 
 
 def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: dict | None = None,
-               extra_tensors: dict | None = None) -> Path:
-    """Write the model in ``hf_dir`` as a llama.cpp-style GGUF file."""
+               extra_tensors: dict | None = None, block_names: dict | None = None, norm_plus_one: bool = False
+               ) -> Path:
+    """Write the model in ``hf_dir`` as a llama.cpp-style GGUF file (``block_names`` overrides the
+    per-block names; ``norm_plus_one``: store norm weights + 1, as llama.cpp's Gemma converters do)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
@@ -72,6 +74,8 @@ def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: di
 
     tensors = {}
     for name, w in mx.load(str(hf_dir / "model.safetensors")).items():
+        if norm_plus_one and "norm" in name:
+            w = w + 1
         if name == "model.embed_tokens.weight":
             tensors["token_embd.weight"] = w
         elif name == "model.norm.weight":
@@ -80,7 +84,7 @@ def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: di
             tensors["output.weight"] = w
         else:
             _, _, layer, *mod, leaf = name.split(".")
-            kind = _HF_TO_GGUF_BLOCK[".".join(mod)]
+            kind = {**_HF_TO_GGUF_BLOCK, **(block_names or {})}[".".join(mod)]
             if permute and arch == "llama" and kind in ("attn_q", "attn_k"):
                 w = llama_cpp_permute(w, n_head if kind == "attn_q" else n_kv)
             tensors[f"blk.{layer}.{kind}.{leaf}"] = w
@@ -253,6 +257,62 @@ def test_phi3_long_rope_is_refused(tmp_path):
     path = write_gguf(phi, tmp_path / "phi3.gguf", extra_tensors={"rope_factors_long.weight": mx.ones(8)})
     with pytest.raises(MlxpostError, match="Phi-3 LongRoPE"):
         convert_gguf(path, tmp_path / "converted")
+
+
+def as_gemma2(hf: Path, out: Path, head_dim: int = 32) -> Path:
+    """A Gemma 2 directory with ``hf``'s tokenizer: head size != hidden/heads, four norms per block with
+    weights around 0 (Gemma multiplies by 1 + weight), small soft-caps so they matter."""
+    shutil.copytree(hf, out)
+    cfg = json.loads((hf / "config.json").read_text())
+    d, n_head, n_kv, f = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], \
+        cfg["intermediate_size"]
+    for k in ("attention_bias", "mlp_bias"):
+        cfg.pop(k, None)
+    cfg.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=head_dim,
+               query_pre_attn_scalar=head_dim, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+               hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+               sliding_window=4096)
+    (out / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(2)
+
+    def w(*shape, std=0.02):
+        return mx.array((rng.standard_normal(shape) * std).astype(np.float32))
+
+    t = {"model.embed_tokens.weight": w(cfg["vocab_size"], d, std=0.5), "model.norm.weight": w(d, std=0.3)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": w(n_head * head_dim, d, std=0.2),
+                  p + "self_attn.k_proj.weight": w(n_kv * head_dim, d, std=0.2),
+                  p + "self_attn.v_proj.weight": w(n_kv * head_dim, d), p + "self_attn.o_proj.weight": w(d, n_head * head_dim),
+                  p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f)})
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            t[p + n + ".weight"] = w(d, std=0.3)
+    mx.save_safetensors(str(out / "model.safetensors"), t, metadata={"format": "pt"})
+    return out
+
+
+GEMMA2_BLOCK = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def test_gemma2_gguf_converts_to_the_same_model(tmp_path):
+    """Gemma 2 as llama.cpp writes it (norm weights + 1, key_length, soft-caps in metadata): mlx-lm's
+    gemma2 gives the converted directory the source's logits; without the - 1 they would differ."""
+    hf = as_gemma2(build_tiny_model(tmp_path / "llama"), tmp_path / "gemma2")
+    meta = {"gemma2.attention.key_length": u32(32), "gemma2.attention.value_length": u32(32),
+            "gemma2.attn_logit_softcapping": mx.array(5.0, dtype=mx.float32),
+            "gemma2.final_logit_softcapping": mx.array(3.0, dtype=mx.float32),
+            "gemma2.attention.sliding_window": u32(4096)}
+    path = write_gguf(hf, tmp_path / "g.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK, norm_plus_one=True)
+    out = convert_gguf(path, tmp_path / "converted")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["head_dim"], cfg["query_pre_attn_scalar"]) == ("gemma2", 32, 32)
+    assert (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"]) == (5.0, 3.0)
+    want = logits(hf, SEQ)
+    np.testing.assert_allclose(logits(out, SEQ), want, atol=1e-5, rtol=0)
+    # control: the norms really are stored + 1 and the check sees it
+    plain = write_gguf(hf, tmp_path / "plain.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK)
+    assert np.abs(logits(convert_gguf(plain, tmp_path / "plain"), SEQ) - want).max() > 1e-2
 
 
 def test_lost_rope_theta_or_row_order_would_be_caught(tmp_path):

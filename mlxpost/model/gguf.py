@@ -85,7 +85,8 @@ _ARCHS = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
-    "phi3": ("Phi3ForCausalLM", "phi3", False),  # llama.cpp's convert_hf_to_gguf keeps Phi-3's fused q/k/v rows as they are
+    "phi3": ("Phi3ForCausalLM", "phi3", False),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False),  # llama.cpp's convert_hf_to_gguf keeps Phi-3's fused q/k/v rows as they are
 }
 
 
@@ -111,7 +112,15 @@ _BLOCK_NAMES = {
 _ARCH_BLOCK_NAMES = {
     "phi3": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
              "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
+    # Gemma 2 normalizes before and after both attention and MLP; GGUF's ffn_norm is the pre-MLP one.
+    "gemma2": {**{k: v for k, v in _BLOCK_NAMES.items() if k not in ("attn_q_norm", "attn_k_norm")},
+               "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
 }
+
+# Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores weight + 1 so its norm is a
+# plain product. mlx-lm's gemma models add the 1 themselves, so every norm weight comes back minus 1.
+_NORM_PLUS_ONE = {"gemma2"}
 
 # Per-layer tensors every model of an architecture must have (beyond the llama set).
 _ARCH_EXTRA = {
@@ -346,6 +355,8 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
         cfg["partial_rotary_factor"] = rope_dim / head_dim
         cfg["original_max_position_embeddings"] = get("rope.scaling.original_context_length", cfg[
             "max_position_embeddings"])
+    if model_type == "gemma2":
+        _gemma2_config(cfg, get, hidden, n_head, head_dim)
     if model_type == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
@@ -368,6 +379,23 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
     if eos:
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return cfg, permuted
+
+
+def _gemma2_config(cfg: dict, get, hidden: int, n_head: int, head_dim: int) -> None:
+    """Gemma 2's extra config.json keys from GGUF metadata.
+
+    GGUF has no ``query_pre_attn_scalar``: llama.cpp scales queries by
+    1/sqrt(hidden/heads) for the 27B model (46 blocks) and 1/sqrt(head size)
+    otherwise, which is what the 2B and 9B configs' query_pre_attn_scalar say.
+    mlx-lm's gemma2 attends over the whole context (no sliding window), as
+    this config cannot change.
+    """
+    cfg["hidden_act"] = cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    cfg["attn_logit_softcapping"] = float(get("attn_logit_softcapping", 50.0))
+    cfg["final_logit_softcapping"] = float(get("final_logit_softcapping", 30.0))
+    cfg["query_pre_attn_scalar"] = hidden // n_head if cfg["num_hidden_layers"] == 46 else head_dim
+    if (window := get("attention.sliding_window", None)) is not None:
+        cfg["sliding_window"] = int(window)
 
 
 def _eos_ids(meta: dict) -> list[int]:
@@ -394,8 +422,12 @@ def _hf_weights(path: Path, tensors: dict[str, mx.array], cfg: dict, unpermute: 
                 t = _unpermute_rope_rows(t, cfg["num_attention_heads"])
             elif unpermute and kind == "attn_k":
                 t = _unpermute_rope_rows(t, cfg["num_key_value_heads"])
+            if cfg["model_type"] in _NORM_PLUS_ONE and kind.endswith("norm"):
+                t = t - 1
             out[f"model.layers.{layer}.{block_names[kind]}.{leaf}"] = t
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            if cfg["model_type"] in _NORM_PLUS_ONE and parts[0] == "output_norm":
+                t = t - 1
             out[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = t
         else:
             raise MlxpostError(f"{path}: unexpected tensor {name!r} for a {cfg['model_type']} model")
