@@ -40,6 +40,8 @@ TEXTS = [
 _HF_TO_GGUF_BLOCK = {
     "self_attn.qkv_proj": "attn_qkv",  # phi3: fused, written whole by llama.cpp
     "mlp.gate_up_proj": "ffn_up",
+    "self_attn.q_norm": "attn_q_norm",  # qwen3, gemma3
+    "self_attn.k_norm": "attn_k_norm",
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -69,7 +71,7 @@ def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: di
     cfg = json.loads((hf_dir / "config.json").read_text())
     tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    arch = cfg["model_type"]
+    arch = {"gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])  # GGUF architecture name
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
     tensors = {}
@@ -259,9 +261,10 @@ def test_phi3_long_rope_is_refused(tmp_path):
         convert_gguf(path, tmp_path / "converted")
 
 
-def as_gemma2(hf: Path, out: Path, head_dim: int = 32) -> Path:
-    """A Gemma 2 directory with ``hf``'s tokenizer: head size != hidden/heads, four norms per block with
-    weights around 0 (Gemma multiplies by 1 + weight), small soft-caps so they matter."""
+def as_gemma2(hf: Path, out: Path, head_dim: int = 32, gemma3: bool = False) -> Path:
+    """A Gemma 2 (or Gemma 3 text) directory with ``hf``'s tokenizer: head size != hidden/heads, four norms
+    per block with weights around 0 (Gemma multiplies by 1 + weight), small soft-caps so they matter;
+    Gemma 3: q/k norms, 6 layers so one is global, a sliding window shorter than the test sequence."""
     shutil.copytree(hf, out)
     cfg = json.loads((hf / "config.json").read_text())
     d, n_head, n_kv, f = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], \
@@ -272,6 +275,11 @@ def as_gemma2(hf: Path, out: Path, head_dim: int = 32) -> Path:
                query_pre_attn_scalar=head_dim, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
                sliding_window=4096)
+    if gemma3:
+        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cfg.pop(k)
+        cfg.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], num_hidden_layers=6,
+                   sliding_window=8, sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=10000.0)
     (out / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(2)
 
@@ -287,6 +295,9 @@ def as_gemma2(hf: Path, out: Path, head_dim: int = 32) -> Path:
                   p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f)})
         for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
             t[p + n + ".weight"] = w(d, std=0.3)
+        if gemma3:
+            t[p + "self_attn.q_norm.weight"] = w(head_dim, std=0.3)
+            t[p + "self_attn.k_norm.weight"] = w(head_dim, std=0.3)
     mx.save_safetensors(str(out / "model.safetensors"), t, metadata={"format": "pt"})
     return out
 
@@ -313,6 +324,24 @@ def test_gemma2_gguf_converts_to_the_same_model(tmp_path):
     # control: the norms really are stored + 1 and the check sees it
     plain = write_gguf(hf, tmp_path / "plain.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK)
     assert np.abs(logits(convert_gguf(plain, tmp_path / "plain"), SEQ) - want).max() > 1e-2
+
+
+def test_gemma3_text_gguf_converts_to_the_same_model(tmp_path):
+    """Gemma 3 (text) as llama.cpp writes it: norms + 1 (q/k norms too), global RoPE base in metadata,
+    local layers' base and 5-in-6 pattern implied; mlx-lm's gemma3_text gives the source's logits."""
+    hf = as_gemma2(build_tiny_model(tmp_path / "llama"), tmp_path / "gemma3", gemma3=True)
+    meta = {"gemma3.attention.key_length": u32(32), "gemma3.attention.value_length": u32(32),
+            "gemma3.attention.sliding_window": u32(8)}
+    path = write_gguf(hf, tmp_path / "g.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK, norm_plus_one=True)
+    out = convert_gguf(path, tmp_path / "converted")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["sliding_window"], cfg["sliding_window_pattern"]) == ("gemma3_text", 8, 6)
+    assert cfg["rope_theta"] == 1e6 and cfg["rope_local_base_freq"] == 10000.0
+    want = logits(hf, SEQ)
+    np.testing.assert_allclose(logits(out, SEQ), want, atol=1e-5, rtol=0)
+    for key, wrong in (("sliding_window", 4096), ("rope_local_base_freq", 1e6)):  # controls: both are seen
+        (out / "config.json").write_text(json.dumps({**cfg, key: wrong}))
+        assert np.abs(logits(out, SEQ) - want).max() > 1e-3, key
 
 
 def test_lost_rope_theta_or_row_order_would_be_caught(tmp_path):

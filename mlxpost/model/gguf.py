@@ -13,9 +13,10 @@ What converts, and what is refused with a message that says so:
   reader (``mx.load``) is not used: it fails on most K-quants and decodes
   Q4_K wrongly (MLX 0.32).
 - architectures: ``llama`` (Llama 1-3, SmolLM; llama.cpp also writes Mistral
-  7B as ``llama``), ``qwen2`` (Qwen2/2.5) and ``qwen3``. Not yet: gemma2/3
-  (llama.cpp stores their norms shifted by one) and phi3 (fused qkv and
-  gate/up tensors). RoPE scaling: none, linear, and Llama-3's (recovered from
+  7B as ``llama``), ``qwen2`` (Qwen2/2.5), ``qwen3``, ``phi3`` (fused qkv
+  and gate/up tensors kept fused, as mlx-lm's phi3 reads them; not LongRoPE),
+  ``gemma2`` and ``gemma3`` text models (llama.cpp stores their norm weights
+  plus one; they come back minus one). RoPE scaling: none, linear, and Llama-3's (recovered from
   the ``rope_freqs`` tensor).
 - tokenizers: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with one
   of the pre-tokenizers in :data:`PRE_TOKENIZERS`, and SentencePiece BPE
@@ -85,8 +86,9 @@ _ARCHS = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
-    "phi3": ("Phi3ForCausalLM", "phi3", False),
-    "gemma2": ("Gemma2ForCausalLM", "gemma2", False),  # llama.cpp's convert_hf_to_gguf keeps Phi-3's fused q/k/v rows as they are
+    "phi3": ("Phi3ForCausalLM", "phi3", False),  # llama.cpp's convert_hf_to_gguf keeps Phi-3's fused rows as they are
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False),  # the text model (mlx-lm's gemma3_text)
 }
 
 
@@ -116,16 +118,21 @@ _ARCH_BLOCK_NAMES = {
     "gemma2": {**{k: v for k, v in _BLOCK_NAMES.items() if k not in ("attn_q_norm", "attn_k_norm")},
                "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"},
+    # Gemma 3 adds Qwen3-style RMSNorms over each head's queries and keys.
+    "gemma3_text": {**{k: v for k, v in _BLOCK_NAMES.items()},
+                    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                    "post_ffw_norm": "post_feedforward_layernorm"},
 }
 
 # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores weight + 1 so its norm is a
 # plain product. mlx-lm's gemma models add the 1 themselves, so every norm weight comes back minus 1.
-_NORM_PLUS_ONE = {"gemma2"}
+_NORM_PLUS_ONE = {"gemma2", "gemma3_text"}
 
 # Per-layer tensors every model of an architecture must have (beyond the llama set).
 _ARCH_EXTRA = {
     "qwen2": [f"self_attn.{p}_proj.bias" for p in "qkv"],
     "qwen3": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+    "gemma3_text": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
 }
 _OPTIONAL_BLOCK = {"attn_q_norm", "attn_k_norm"}
 
@@ -355,8 +362,8 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
         cfg["partial_rotary_factor"] = rope_dim / head_dim
         cfg["original_max_position_embeddings"] = get("rope.scaling.original_context_length", cfg[
             "max_position_embeddings"])
-    if model_type == "gemma2":
-        _gemma2_config(cfg, get, hidden, n_head, head_dim)
+    if model_type in ("gemma2", "gemma3_text"):
+        _gemma_config(cfg, get, hidden, n_head, head_dim)
     if model_type == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
@@ -381,21 +388,27 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
     return cfg, permuted
 
 
-def _gemma2_config(cfg: dict, get, hidden: int, n_head: int, head_dim: int) -> None:
-    """Gemma 2's extra config.json keys from GGUF metadata.
+def _gemma_config(cfg: dict, get, hidden: int, n_head: int, head_dim: int) -> None:
+    """Gemma 2 / Gemma 3 extra config.json keys from GGUF metadata.
 
     GGUF has no ``query_pre_attn_scalar``: llama.cpp scales queries by
-    1/sqrt(hidden/heads) for the 27B model (46 blocks) and 1/sqrt(head size)
-    otherwise, which is what the 2B and 9B configs' query_pre_attn_scalar say.
-    mlx-lm's gemma2 attends over the whole context (no sliding window), as
-    this config cannot change.
+    1/sqrt(hidden/heads) for the 27B models (Gemma 2: 46 blocks, Gemma 3: 62)
+    and by 1/sqrt(head size) otherwise, as the smaller configs say. Gemma 3's
+    local layers (5 of every 6, RoPE base 10,000) are fixed in llama.cpp's
+    code too, so they are written here as those constants. mlx-lm's gemma2
+    attends over the whole context (no sliding window); gemma3_text uses it.
     """
+    gemma3 = cfg["model_type"] == "gemma3_text"
     cfg["hidden_act"] = cfg["hidden_activation"] = "gelu_pytorch_tanh"
-    cfg["attn_logit_softcapping"] = float(get("attn_logit_softcapping", 50.0))
-    cfg["final_logit_softcapping"] = float(get("final_logit_softcapping", 30.0))
-    cfg["query_pre_attn_scalar"] = hidden // n_head if cfg["num_hidden_layers"] == 46 else head_dim
+    if not gemma3:
+        cfg["attn_logit_softcapping"] = float(get("attn_logit_softcapping", 50.0))
+        cfg["final_logit_softcapping"] = float(get("final_logit_softcapping", 30.0))
+    big = cfg["num_hidden_layers"] == (62 if gemma3 else 46)
+    cfg["query_pre_attn_scalar"] = hidden // n_head if big else head_dim
     if (window := get("attention.sliding_window", None)) is not None:
         cfg["sliding_window"] = int(window)
+    if gemma3:
+        cfg.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
 
 
 def _eos_ids(meta: dict) -> list[int]:
