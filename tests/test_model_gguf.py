@@ -38,6 +38,10 @@ TEXTS = [
 # ---------------------------------------------------------------------------
 
 _HF_TO_GGUF_BLOCK = {
+    "self_attn.qkv_proj": "attn_qkv",  # phi3: fused, written whole by llama.cpp
+    "mlp.gate_up_proj": "ffn_up",
+    "self_attn.q_norm": "attn_q_norm",  # qwen3, gemma3
+    "self_attn.k_norm": "attn_k_norm",
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -60,16 +64,20 @@ def u32(x: int) -> mx.array:
 
 
 def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: dict | None = None,
-               extra_tensors: dict | None = None) -> Path:
-    """Write the model in ``hf_dir`` as a llama.cpp-style GGUF file."""
+               extra_tensors: dict | None = None, block_names: dict | None = None, norm_plus_one: bool = False
+               ) -> Path:
+    """Write the model in ``hf_dir`` as a llama.cpp-style GGUF file (``block_names`` overrides the
+    per-block names; ``norm_plus_one``: store norm weights + 1, as llama.cpp's Gemma converters do)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    arch = cfg["model_type"]
+    arch = {"gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])  # GGUF architecture name
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
     tensors = {}
     for name, w in mx.load(str(hf_dir / "model.safetensors")).items():
+        if norm_plus_one and "norm" in name:
+            w = w + 1
         if name == "model.embed_tokens.weight":
             tensors["token_embd.weight"] = w
         elif name == "model.norm.weight":
@@ -78,7 +86,7 @@ def write_gguf(hf_dir: Path, path: Path, *, permute: bool = True, extra_meta: di
             tensors["output.weight"] = w
         else:
             _, _, layer, *mod, leaf = name.split(".")
-            kind = _HF_TO_GGUF_BLOCK[".".join(mod)]
+            kind = {**_HF_TO_GGUF_BLOCK, **(block_names or {})}[".".join(mod)]
             if permute and arch == "llama" and kind in ("attn_q", "attn_k"):
                 w = llama_cpp_permute(w, n_head if kind == "attn_q" else n_kv)
             tensors[f"blk.{layer}.{kind}.{leaf}"] = w
@@ -194,6 +202,146 @@ def test_tiny_gguf_round_trip(tmp_path, build):
     assert tok.apply_chat_template(msgs) == tok_hf.apply_chat_template(msgs)
     assert tok.eos_token_id == tok_hf.eos_token_id
     assert tok.bos_token_id == tok_hf.bos_token_id
+
+
+def as_phi3(hf: Path, out: Path, partial_rotary_factor: float) -> Path:
+    """The llama in ``hf`` as a Phi-3 directory: q/k/v rows fused into qkv_proj, gate/up into gate_up_proj
+    (the layout of microsoft/Phi-3-mini), norm weights made non-trivial so a misplaced one shows."""
+    shutil.copytree(hf, out)
+    cfg = json.loads((hf / "config.json").read_text())
+    for k in ("attention_bias", "mlp_bias", "head_dim"):
+        cfg.pop(k, None)
+    cfg.update(model_type="phi3", architectures=["Phi3ForCausalLM"], partial_rotary_factor=partial_rotary_factor,
+               original_max_position_embeddings=cfg["max_position_embeddings"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    w = mx.load(str(hf / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    fused = {}
+    for k, v in w.items():
+        if "norm" in k:
+            v = mx.array(1 + 0.3 * rng.standard_normal(v.shape).astype(np.float32))
+        p = k.rsplit(".", 2)[0]
+        if k.endswith("q_proj.weight"):
+            fused[p + ".qkv_proj.weight"] = mx.concatenate([v, w[p + ".k_proj.weight"], w[p + ".v_proj.weight"]])
+        elif k.endswith("gate_proj.weight"):
+            fused[p + ".gate_up_proj.weight"] = mx.concatenate([v, w[p + ".up_proj.weight"]])
+        elif not k.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+            fused[k] = v
+    mx.save_safetensors(str(out / "model.safetensors"), fused, metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("rotary", [1.0, 0.5])
+def test_phi3_gguf_converts_to_the_same_model(tmp_path, rotary):
+    """Phi-3 as llama.cpp writes it (attn_qkv, ffn_up = gate+up, rope.dimension_count for a partial
+    rotary): the converted directory gives mlx-lm's phi3 model the source's logits."""
+    hf = build_tiny_model(tmp_path / "llama", rope_theta=50000.0, tie_word_embeddings=False)
+    sharpen_attention(hf)
+    phi = as_phi3(hf, tmp_path / "phi3", rotary)
+    head_dim = 16
+    path = write_gguf(phi, tmp_path / "phi3.gguf", extra_meta={
+        "phi3.rope.dimension_count": u32(int(head_dim * rotary)),
+        "phi3.rope.scaling.original_context_length": u32(4096)})
+    out = convert_gguf(path, tmp_path / "converted")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "phi3" and cfg["partial_rotary_factor"] == rotary
+    assert sorted(k for k in mx.load(str(out / "model.safetensors")) if ".0." in k) == sorted(
+        k for k in mx.load(str(phi / "model.safetensors")) if ".0." in k)
+    np.testing.assert_allclose(logits(out, SEQ), logits(phi, SEQ), atol=1e-5, rtol=0)
+    if rotary == 1.0:  # control: the half-rotary model really differs, so the check above sees the rope size
+        other = as_phi3(hf, tmp_path / "phi3-half", 0.5)
+        assert np.abs(logits(other, SEQ) - logits(phi, SEQ)).max() > 1e-2
+
+
+def test_phi3_long_rope_is_refused(tmp_path):
+    hf = build_tiny_model(tmp_path / "llama", tie_word_embeddings=False)
+    phi = as_phi3(hf, tmp_path / "phi3", 1.0)
+    path = write_gguf(phi, tmp_path / "phi3.gguf", extra_tensors={"rope_factors_long.weight": mx.ones(8)})
+    with pytest.raises(MlxpostError, match="Phi-3 LongRoPE"):
+        convert_gguf(path, tmp_path / "converted")
+
+
+def as_gemma2(hf: Path, out: Path, head_dim: int = 32, gemma3: bool = False) -> Path:
+    """A Gemma 2 (or Gemma 3 text) directory with ``hf``'s tokenizer: head size != hidden/heads, four norms
+    per block with weights around 0 (Gemma multiplies by 1 + weight), small soft-caps so they matter;
+    Gemma 3: q/k norms, 6 layers so one is global, a sliding window shorter than the test sequence."""
+    shutil.copytree(hf, out)
+    cfg = json.loads((hf / "config.json").read_text())
+    d, n_head, n_kv, f = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], \
+        cfg["intermediate_size"]
+    for k in ("attention_bias", "mlp_bias"):
+        cfg.pop(k, None)
+    cfg.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=head_dim,
+               query_pre_attn_scalar=head_dim, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+               hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+               sliding_window=4096)
+    if gemma3:
+        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cfg.pop(k)
+        cfg.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], num_hidden_layers=6,
+                   sliding_window=8, sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=10000.0)
+    (out / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(2)
+
+    def w(*shape, std=0.02):
+        return mx.array((rng.standard_normal(shape) * std).astype(np.float32))
+
+    t = {"model.embed_tokens.weight": w(cfg["vocab_size"], d, std=0.5), "model.norm.weight": w(d, std=0.3)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": w(n_head * head_dim, d, std=0.2),
+                  p + "self_attn.k_proj.weight": w(n_kv * head_dim, d, std=0.2),
+                  p + "self_attn.v_proj.weight": w(n_kv * head_dim, d), p + "self_attn.o_proj.weight": w(d, n_head * head_dim),
+                  p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f)})
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            t[p + n + ".weight"] = w(d, std=0.3)
+        if gemma3:
+            t[p + "self_attn.q_norm.weight"] = w(head_dim, std=0.3)
+            t[p + "self_attn.k_norm.weight"] = w(head_dim, std=0.3)
+    mx.save_safetensors(str(out / "model.safetensors"), t, metadata={"format": "pt"})
+    return out
+
+
+GEMMA2_BLOCK = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def test_gemma2_gguf_converts_to_the_same_model(tmp_path):
+    """Gemma 2 as llama.cpp writes it (norm weights + 1, key_length, soft-caps in metadata): mlx-lm's
+    gemma2 gives the converted directory the source's logits; without the - 1 they would differ."""
+    hf = as_gemma2(build_tiny_model(tmp_path / "llama"), tmp_path / "gemma2")
+    meta = {"gemma2.attention.key_length": u32(32), "gemma2.attention.value_length": u32(32),
+            "gemma2.attn_logit_softcapping": mx.array(5.0, dtype=mx.float32),
+            "gemma2.final_logit_softcapping": mx.array(3.0, dtype=mx.float32),
+            "gemma2.attention.sliding_window": u32(4096)}
+    path = write_gguf(hf, tmp_path / "g.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK, norm_plus_one=True)
+    out = convert_gguf(path, tmp_path / "converted")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["head_dim"], cfg["query_pre_attn_scalar"]) == ("gemma2", 32, 32)
+    assert (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"]) == (5.0, 3.0)
+    want = logits(hf, SEQ)
+    np.testing.assert_allclose(logits(out, SEQ), want, atol=1e-5, rtol=0)
+    # control: the norms really are stored + 1 and the check sees it
+    plain = write_gguf(hf, tmp_path / "plain.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK)
+    assert np.abs(logits(convert_gguf(plain, tmp_path / "plain"), SEQ) - want).max() > 1e-2
+
+
+def test_gemma3_text_gguf_converts_to_the_same_model(tmp_path):
+    """Gemma 3 (text) as llama.cpp writes it: norms + 1 (q/k norms too), global RoPE base in metadata,
+    local layers' base and 5-in-6 pattern implied; mlx-lm's gemma3_text gives the source's logits."""
+    hf = as_gemma2(build_tiny_model(tmp_path / "llama"), tmp_path / "gemma3", gemma3=True)
+    meta = {"gemma3.attention.key_length": u32(32), "gemma3.attention.value_length": u32(32),
+            "gemma3.attention.sliding_window": u32(8)}
+    path = write_gguf(hf, tmp_path / "g.gguf", extra_meta=meta, block_names=GEMMA2_BLOCK, norm_plus_one=True)
+    out = convert_gguf(path, tmp_path / "converted")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["sliding_window"], cfg["sliding_window_pattern"]) == ("gemma3_text", 8, 6)
+    assert cfg["rope_theta"] == 1e6 and cfg["rope_local_base_freq"] == 10000.0
+    want = logits(hf, SEQ)
+    np.testing.assert_allclose(logits(out, SEQ), want, atol=1e-5, rtol=0)
+    for key, wrong in (("sliding_window", 4096), ("rope_local_base_freq", 1e6)):  # controls: both are seen
+        (out / "config.json").write_text(json.dumps({**cfg, key: wrong}))
+        assert np.abs(logits(out, SEQ) - want).max() > 1e-3, key
 
 
 def test_lost_rope_theta_or_row_order_would_be_caught(tmp_path):

@@ -7,7 +7,7 @@ import click
 from ..backend.doctor import doctor_rows
 from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
-from ..hub.gguf_export import QUANTS, REFUSED_QUANTS
+from ..hub.gguf_export import QUANTS
 from ..tools.chat import load_for_generation
 from ..steer.hooks import steered
 from ..steer.vectors import steer_specs
@@ -26,8 +26,8 @@ from .train import show_blas_advice
 @click.option("--model", help="Base model (default: the one the run trained on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="fused: weight dtype (auto: the base model's).")
-@click.option("--quant", type=click.Choice(QUANTS + REFUSED_QUANTS), default="q8_0", show_default=True,
-              help="gguf: tensor type (q4_k_m: not written here; the message says how to make it from q8_0).")
+@click.option("--quant", type=click.Choice(QUANTS), default="q8_0", show_default=True,
+              help="gguf: tensor type (q4_k_m: llama.cpp's Q4_K_M mix of Q4_K and Q6_K).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export_command(run_dir, fmt, out, best, model, dtype, quant, overwrite):
     """Export a run's adapter: PEFT adapter, merged Hugging Face model, mlx-lm adapter, or GGUF file.

@@ -9,7 +9,7 @@
   ``AutoModelForCausalLM.from_pretrained`` and ``mlx_lm`` load;
 * ``mlx``: mlx-lm's adapter layout (``adapter_config.json`` +
   ``adapters.safetensors``), for ``mlx_lm.generate --adapter-path``;
-* ``gguf``: the fused model as one ``model.<quant>.gguf`` file (f16 or q8_0,
+* ``gguf``: the fused model as one ``model.<quant>.gguf`` file (f16, q8_0 or q4_k_m,
   :mod:`mlxpost.hub.gguf_export`), for llama.cpp, Ollama and LM Studio;
 
 each with a model card (``README.md``).
@@ -400,7 +400,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, best
     """Export ``run_dir``'s adapter as ``fmt`` into ``out`` (default: :func:`default_out`); returns what was
     written (config, notes, base).
 
-    ``quant`` is the GGUF tensor type (``gguf`` format only): f16 or q8_0.
+    ``quant`` is the GGUF tensor type (``gguf`` format only): f16, q8_0 or q4_k_m.
     """
     if fmt not in FORMATS:
         raise MlxpostError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")

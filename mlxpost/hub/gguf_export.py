@@ -12,14 +12,18 @@ package (gguf-py) for the file format and the quantization:
   llama.cpp's interleaved pairs;
 - 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them; 2-D weights
   are F16, or Q8_0 (blocks of 32 with one fp16 scale) where the row length is
-  a multiple of 32;
+  a multiple of 32, or the Q4_K_M mix (see :func:`q4_k_m_type`, encoded by
+  :mod:`mlxpost.hub.kquants` since gguf-py only decodes K-quants);
 - the tokenizer (byte-level BPE: tokens, token types, merges and the
   pre-tokenizer name that llama.cpp knows it by), the special token ids and
   the chat template go into the metadata.
 
-``q4_k_m`` is refused: gguf-py has no numpy quantizer for K-quants (it only
-decodes them), so this writes q8_0 and the message says how to get Q4_K_M
-from it with llama.cpp's ``llama-quantize``.
+``q4_k_m`` follows llama.cpp's ``llama_tensor_get_type`` for that file
+type: Q4_K by default, Q6_K for the output matrix (the token embedding when
+tied) and for ``attn_v`` / ``ffn_down`` in the layers ``_use_more_bits``
+picks, and where a row is not a multiple of 256 llama.cpp's fallback
+(Q4_K -> Q5_0, Q6_K -> Q8_0), so a model with hidden size 896 (Qwen2.5-0.5B)
+gets mostly Q5_0, exactly as ``llama-quantize`` would give it.
 """
 
 from __future__ import annotations
@@ -34,13 +38,18 @@ from tokenizers import Tokenizer
 from ..errors import MlxpostError
 from ..files import read_json
 from ..model.gguf import _ARCHS, _BLOCK_NAMES, _TOP_NAMES, _pre_tokenizer
+from .kquants import QK_K, quantize_k
 
-QUANTS = ("f16", "q8_0")
+QUANTS = ("f16", "q8_0", "q4_k_m")
 
-# Accepted on the command line only to say why not (see the module docstring).
-REFUSED_QUANTS = ("q4_k_m",)
+_FILE_TYPE = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 
-_FILE_TYPE = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+# Architectures written here (the importer reads more, e.g. phi3, whose fused tensors this writer does not name).
+_WRITABLE = ("llama", "qwen2", "qwen3")
+
+# llama.cpp's substitutes when a row length is not a multiple of 256 (tensor_type_fallback).
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # Text on which each known pre-tokenizer splits differently (digits, contractions, runs of newlines/spaces).
 _PROBE = "Hello world 12345 it's\n\n  x\tcafé"
@@ -68,21 +77,59 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _arch(cfg: dict, path: Path) -> tuple[str, bool]:
-    for arch, (_, model_type, permuted) in _ARCHS.items():
+    writable = {a: v for a, v in _ARCHS.items() if a in _WRITABLE}
+    for arch, (_, model_type, permuted) in writable.items():
         if cfg.get("model_type") == model_type:
             return arch, permuted
     raise MlxpostError(f"{path}: model_type {cfg.get('model_type')!r} cannot be written as GGUF here "
-                       f"(supported: {', '.join(m for _, m, _ in _ARCHS.values())}); use --format fused")
+                       f"(supported: {', '.join(m for _, m, _ in writable.values())}); use --format fused")
 
 
-def _add_tensor(w: gguf.GGUFWriter, name: str, x: np.ndarray, quant: str) -> None:
-    if x.ndim == 1:
-        w.add_tensor(name, x.astype(np.float32))
-    elif quant == "q8_0" and x.shape[-1] % 32 == 0:
-        q = gguf.quants.quantize(x.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in the _M mixes: the first and last eighth, and
+    every third layer between.
+
+    >>> [i for i in range(24) if _use_more_bits(i, 24)]
+    [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]
+    """
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, ncols: int, n_layers: int, has_output: bool) -> str:
+    """GGUF tensor type of the 2-D weight ``name`` (row length ``ncols``) in a Q4_K_M file.
+
+    >>> q4_k_m_type("blk.0.ffn_down.weight", 4864, 24, False), q4_k_m_type("blk.3.ffn_down.weight", 4864, 24, False)
+    ('Q6_K', 'Q4_K')
+    >>> q4_k_m_type("token_embd.weight", 896, 24, False), q4_k_m_type("blk.3.attn_q.weight", 896, 24, False)
+    ('Q8_0', 'Q5_0')
+    """
+    if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+        kind = "Q6_K"
+    elif name.endswith((".attn_v.weight", ".ffn_down.weight")):
+        kind = "Q6_K" if _use_more_bits(int(name.split(".")[1]), n_layers) else "Q4_K"
     else:
-        w.add_tensor(name, x.astype(np.float16))
+        kind = "Q4_K"
+    if ncols % QK_K:
+        kind = _K_FALLBACK[kind]
+    return kind if ncols % 32 == 0 else "F16"
+
+
+def _add_tensor(w: gguf.GGUFWriter, name: str, x: np.ndarray, kind: str) -> None:
+    """Write ``x`` as GGUF type ``kind`` (F32, F16, Q8_0, Q5_0, Q5_1: gguf-py; Q4_K, Q5_K, Q6_K: ours)."""
+    if kind in ("F32", "F16"):
+        w.add_tensor(name, x.astype(np.float32 if kind == "F32" else np.float16))
+        return
+    t = gguf.GGMLQuantizationType[kind]
+    q = quantize_k(x, kind) if kind.endswith("_K") else gguf.quants.quantize(x.astype(np.float32), t)
+    w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+
+
+def _tensor_type(name: str, x: np.ndarray, quant: str, n_layers: int, has_output: bool) -> str:
+    if x.ndim == 1:
+        return "F32"
+    if quant == "q4_k_m":
+        return q4_k_m_type(name, x.shape[-1], n_layers, has_output)
+    return "Q8_0" if quant == "q8_0" and x.shape[-1] % 32 == 0 else "F16"
 
 
 def _pre_name(tok: Tokenizer, path: Path) -> str:
@@ -146,11 +193,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, d: Path) -> None:
 
 
 def check_quant(quant: str) -> None:
-    """Refuse a --quant this writer cannot produce, saying what to do instead."""
-    if quant in REFUSED_QUANTS:
-        raise MlxpostError(f"--quant {quant}: the gguf package cannot quantize K-quants in Python (it only reads "
-                           "them). Export q8_0 (or f16) and make Q4_K_M from it with llama.cpp: "
-                           "llama-quantize model.q8_0.gguf model.q4_k_m.gguf Q4_K_M --allow-requantize")
+    """Refuse a --quant this writer cannot produce."""
     if quant not in QUANTS:
         raise MlxpostError(f"--quant must be one of {', '.join(QUANTS)}; got {quant!r}")
 
@@ -195,10 +238,11 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "f16", 
         if hf_name not in names:
             raise MlxpostError(f"{d}: tensor {hf_name!r} has no GGUF name for a {arch} model")
         x = np.array(weights[hf_name].astype(mx.float32))
-        kind = names[hf_name].split(".")[2] if hf_name.startswith("model.layers.") else ""
-        if permuted and kind in ("attn_q", "attn_k"):
-            x = _permute_rope_rows(x, n_head if kind == "attn_q" else n_kv)
-        _add_tensor(w, names[hf_name], x, quant)
+        part = names[hf_name].split(".")[2] if hf_name.startswith("model.layers.") else ""
+        if permuted and part in ("attn_q", "attn_k"):
+            x = _permute_rope_rows(x, n_head if part == "attn_q" else n_kv)
+        kind = _tensor_type(names[hf_name], x, quant, cfg["num_hidden_layers"], "lm_head.weight" in weights)
+        _add_tensor(w, names[hf_name], x, kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -126,10 +126,17 @@ def _ensure_repo(api, repo: str, repo_type: str, private: bool, endpoint: str) -
     Like ``create_repo(exist_ok=True)``, written out: when creating is refused
     (401/403: no right to create in that namespace) but the repo exists and
     can be read, go on: the commit then says whether the token may write
-    there. Not ``create_repo(exist_ok=True)`` itself: in huggingface_hub 2.4
-    its fallback still builds ``RepoUrl`` without the endpoint, which fails
-    ("Unrecognized host") for an endpoint other than the one read at import
-    (tests/test_hub_upload.py::test_someone_elses_repo shows it).
+    there. Not ``create_repo(exist_ok=True)`` itself: in huggingface_hub
+    2.4.0, its 401/402/403 branch returns ``RepoUrl(f"{self.endpoint}/...")``
+    without ``endpoint=self.endpoint`` (the success path passes it), so the
+    URL is parsed against ``constants.ENDPOINT`` (``HF_ENDPOINT`` as read at
+    import) and raises ``HfUriError: ... Unrecognized host`` whenever the
+    ``HfApi`` endpoint differs, e.g. ``HF_ENDPOINT`` set after import or a
+    mirror. Checked by swapping this function for ``create_repo(...,
+    exist_ok=True)``: tests/test_hub_upload.py::test_someone_elses_repo[False]
+    and ::test_cli_push_error_is_one_line then fail with that error instead
+    of the one-line "no write access" message. Use it once a release passes
+    the endpoint in that branch (those two tests say when).
     """
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
     try:

@@ -13,9 +13,10 @@ What converts, and what is refused with a message that says so:
   reader (``mx.load``) is not used: it fails on most K-quants and decodes
   Q4_K wrongly (MLX 0.32).
 - architectures: ``llama`` (Llama 1-3, SmolLM; llama.cpp also writes Mistral
-  7B as ``llama``), ``qwen2`` (Qwen2/2.5) and ``qwen3``. Not yet: gemma2/3
-  (llama.cpp stores their norms shifted by one) and phi3 (fused qkv and
-  gate/up tensors). RoPE scaling: none, linear, and Llama-3's (recovered from
+  7B as ``llama``), ``qwen2`` (Qwen2/2.5), ``qwen3``, ``phi3`` (fused qkv
+  and gate/up tensors kept fused, as mlx-lm's phi3 reads them; not LongRoPE),
+  ``gemma2`` and ``gemma3`` text models (llama.cpp stores their norm weights
+  plus one; they come back minus one). RoPE scaling: none, linear, and Llama-3's (recovered from
   the ``rope_freqs`` tensor).
 - tokenizers: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with one
   of the pre-tokenizers in :data:`PRE_TOKENIZERS`, and SentencePiece BPE
@@ -85,6 +86,9 @@ _ARCHS = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "phi3": ("Phi3ForCausalLM", "phi3", False),  # llama.cpp's convert_hf_to_gguf keeps Phi-3's fused rows as they are
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False),  # the text model (mlx-lm's gemma3_text)
 }
 
 
@@ -103,10 +107,32 @@ _BLOCK_NAMES = {
     "attn_k_norm": "self_attn.k_norm",
 }
 
+# Architectures whose blocks differ from llama's: GGUF name -> Hugging Face name, replacing _BLOCK_NAMES.
+# Phi-3 keeps q/k/v in one matrix (rows: all q heads, then k, then v) and gate/up in another (gate
+# rows first); llama.cpp writes them whole as attn_qkv and ffn_up, and mlx-lm's phi3 model reads
+# them whole as qkv_proj / gate_up_proj, so they are renamed, never split.
+_ARCH_BLOCK_NAMES = {
+    "phi3": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
+    # Gemma 2 normalizes before and after both attention and MLP; GGUF's ffn_norm is the pre-MLP one.
+    "gemma2": {**{k: v for k, v in _BLOCK_NAMES.items() if k not in ("attn_q_norm", "attn_k_norm")},
+               "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    # Gemma 3 adds Qwen3-style RMSNorms over each head's queries and keys.
+    "gemma3_text": {**{k: v for k, v in _BLOCK_NAMES.items()},
+                    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                    "post_ffw_norm": "post_feedforward_layernorm"},
+}
+
+# Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores weight + 1 so its norm is a
+# plain product. mlx-lm's gemma models add the 1 themselves, so every norm weight comes back minus 1.
+_NORM_PLUS_ONE = {"gemma2", "gemma3_text"}
+
 # Per-layer tensors every model of an architecture must have (beyond the llama set).
 _ARCH_EXTRA = {
     "qwen2": [f"self_attn.{p}_proj.bias" for p in "qkv"],
     "qwen3": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+    "gemma3_text": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
 }
 _OPTIONAL_BLOCK = {"attn_q_norm", "attn_k_norm"}
 
@@ -301,7 +327,8 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
     head_dim = get("attention.key_length", hidden // n_head)
     if get("attention.value_length", head_dim) != head_dim:
         raise MlxpostError(f"{path}: different key and value head sizes are not supported")
-    if get("rope.dimension_count", head_dim) != head_dim:
+    rope_dim = get("rope.dimension_count", head_dim)
+    if rope_dim != head_dim and model_type != "phi3":  # phi3: partial_rotary_factor below
         raise MlxpostError(f"{path}: partial rotary embeddings (rope.dimension_count "
                            f"{get('rope.dimension_count')} < head size {head_dim}) are not supported")
     if model_type == "qwen2" and head_dim != hidden // n_head:  # qwen3 has its own head_dim
@@ -326,6 +353,17 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
         "vocab_size": vocab,
         "tie_word_embeddings": tied,
     }
+    if model_type == "phi3":
+        if head_dim != hidden // n_head:
+            raise MlxpostError(f"{path}: phi3 with head size {head_dim} != hidden/heads is not supported by mlx-lm")
+        if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+            raise MlxpostError(f"{path}: Phi-3 LongRoPE (rope_factors_long/short, the 128k-context models) is not "
+                               "supported; use a 4k-context Phi-3 GGUF or the Hugging Face repository")
+        cfg["partial_rotary_factor"] = rope_dim / head_dim
+        cfg["original_max_position_embeddings"] = get("rope.scaling.original_context_length", cfg[
+            "max_position_embeddings"])
+    if model_type in ("gemma2", "gemma3_text"):
+        _gemma_config(cfg, get, hidden, n_head, head_dim)
     if model_type == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
@@ -350,6 +388,29 @@ def _model_config(path: Path, meta: dict, tensors: dict[str, mx.array]) -> tuple
     return cfg, permuted
 
 
+def _gemma_config(cfg: dict, get, hidden: int, n_head: int, head_dim: int) -> None:
+    """Gemma 2 / Gemma 3 extra config.json keys from GGUF metadata.
+
+    GGUF has no ``query_pre_attn_scalar``: llama.cpp scales queries by
+    1/sqrt(hidden/heads) for the 27B models (Gemma 2: 46 blocks, Gemma 3: 62)
+    and by 1/sqrt(head size) otherwise, as the smaller configs say. Gemma 3's
+    local layers (5 of every 6, RoPE base 10,000) are fixed in llama.cpp's
+    code too, so they are written here as those constants. mlx-lm's gemma2
+    attends over the whole context (no sliding window); gemma3_text uses it.
+    """
+    gemma3 = cfg["model_type"] == "gemma3_text"
+    cfg["hidden_act"] = cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    if not gemma3:
+        cfg["attn_logit_softcapping"] = float(get("attn_logit_softcapping", 50.0))
+        cfg["final_logit_softcapping"] = float(get("final_logit_softcapping", 30.0))
+    big = cfg["num_hidden_layers"] == (62 if gemma3 else 46)
+    cfg["query_pre_attn_scalar"] = hidden // n_head if big else head_dim
+    if (window := get("attention.sliding_window", None)) is not None:
+        cfg["sliding_window"] = int(window)
+    if gemma3:
+        cfg.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
+
+
 def _eos_ids(meta: dict) -> list[int]:
     """EOS plus end-of-turn / end-of-message ids (Llama 3 ends turns with <|eot_id|>)."""
     ids = []
@@ -363,25 +424,30 @@ def _eos_ids(meta: dict) -> list[int]:
 def _hf_weights(path: Path, tensors: dict[str, mx.array], cfg: dict, unpermute: bool) -> dict[str, mx.array]:
     """Rename GGUF tensors to Hugging Face names (undoing the q/k row order)."""
     out: dict[str, mx.array] = {}
+    block_names = _ARCH_BLOCK_NAMES.get(cfg["model_type"], _BLOCK_NAMES)
     for name, t in tensors.items():
         parts = name.split(".")
         if name == "rope_freqs.weight":
             continue  # now in config.json's rope_scaling
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in block_names:
             _, layer, kind, leaf = parts
             if unpermute and kind == "attn_q":
                 t = _unpermute_rope_rows(t, cfg["num_attention_heads"])
             elif unpermute and kind == "attn_k":
                 t = _unpermute_rope_rows(t, cfg["num_key_value_heads"])
-            out[f"model.layers.{layer}.{_BLOCK_NAMES[kind]}.{leaf}"] = t
+            if cfg["model_type"] in _NORM_PLUS_ONE and kind.endswith("norm"):
+                t = t - 1
+            out[f"model.layers.{layer}.{block_names[kind]}.{leaf}"] = t
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            if cfg["model_type"] in _NORM_PLUS_ONE and parts[0] == "output_norm":
+                t = t - 1
             out[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = t
         else:
             raise MlxpostError(f"{path}: unexpected tensor {name!r} for a {cfg['model_type']} model")
 
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg["num_hidden_layers"]):
-        expected += [f"model.layers.{i}.{n}.weight" for k, n in _BLOCK_NAMES.items() if k not in _OPTIONAL_BLOCK]
+        expected += [f"model.layers.{i}.{n}.weight" for k, n in block_names.items() if k not in _OPTIONAL_BLOCK]
         expected += [f"model.layers.{i}.{n}" for n in _ARCH_EXTRA.get(cfg["model_type"], [])]
     missing = [k for k in expected if k not in out]
     if missing:

@@ -10,6 +10,15 @@ back into the base model without a second copy of the weights. The switch is
 a Python attribute read while a function is traced, so switching inside a
 compiled function works (the trace records both paths); flipping it between
 calls of an already compiled function does not, and is never done.
+
+Why not subclasses of mlx-lm's ``LoRALinear`` / ``DoRALinear`` (inheriting
+their ``fuse``): importing ``mlx_lm.tuner.lora`` runs ``mlx_lm/__init__``,
+which imports transformers: 4-6 s on the 2-core Linux machine (measured with
+``python -X importtime -c "import mlx_lm.tuner.lora"``; this module imports
+in 0.05 s), and subclassing needs that import at module level, on every
+command. ``fused`` here is a few lines of the same math; tests/test_hub_export.py
+checks that mlx-lm's own layers, loading an exported adapter, give our
+logits, and that the fused export gives them in transformers.
 """
 
 from __future__ import annotations
