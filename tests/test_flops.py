@@ -1,0 +1,64 @@
+"""The FLOP model (mlxpost.core.flops) on a tiny llama: hand counts, LoRA vs full, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlxpost.core.flops import causal_pairs, flop_model, mfu, step_flops
+from mlxpost.model.adapters import attach_adapters
+from mlxpost.model.load import load_model
+
+# build_tiny_model's defaults: hidden 64, 2 blocks, 4 heads of 16, 2 kv heads, mlp 128, vocab 512, tied.
+D, LAYERS, KV, FF, V = 64, 2, 32, 128, 512
+BLOCK = 2 * (D * D + D * KV + D * KV + D * D + 3 * D * FF)  # q, k, v, o, gate, up, down: forward per token
+HEAD = 2 * D * V
+
+
+@pytest.fixture()
+def model(tiny_model):
+    return load_model(str(tiny_model), dtype="float32").model
+
+
+def test_full_finetune_hand_count(model):
+    fm = flop_model(model)
+    assert fm.n_layers == LAYERS and fm.attn_dim == D and fm.first_trained_block == 0
+    T, H, P = 40, 10, causal_pairs(40, 4)
+    f = step_flops(fm, T, H, P)
+    attn = 4 * D * P
+    assert f["forward"] == LAYERS * (BLOCK * T + attn) + HEAD * H
+    # every weight trained (the tied head too): 2x forward backward, attention 2x
+    assert f["backward"] == LAYERS * (2 * BLOCK * T + 2 * attn) + 2 * HEAD * H
+    assert f["model"] == f["hardware"]
+    # the 6 N T rule with every position through the head and no attention bounds it from below
+    n_matmul = LAYERS * BLOCK // 2 + D * V
+    assert step_flops(fm, T, T, 0)["model"] == 6 * n_matmul * T
+
+
+def test_lora_counts_frozen_backward_once(model):
+    attach_adapters(model, rank=4, scale=2.0, keys=["self_attn.q_proj", "self_attn.v_proj"], num_layers=1)
+    fm = flop_model(model)
+    assert fm.first_trained_block == 1
+    T, H, P = 40, 10, 100
+    f = step_flops(fm, T, H, P)
+    lora = 2 * (D * 4 + 4 * D) + 2 * (D * 4 + 4 * KV)  # q and v adapters' forward per token
+    attn = 4 * D * P
+    assert f["forward"] == LAYERS * (BLOCK * T + attn) + lora * T + HEAD * H
+    # block 0: no backward; block 1: input gradients of the frozen weights (1x), adapters 2x; head input grad
+    assert f["backward"] == BLOCK * T + 2 * lora * T + 2 * attn + HEAD * H
+    model.unfreeze()  # everything trained: full fine-tuning of the same tree costs more
+    assert f["model"] < step_flops(flop_model(model), T, H, P)["model"]
+
+
+def test_checkpointing_is_hardware_only(model):
+    attach_adapters(model, rank=4, scale=2.0, keys=["self_attn.q_proj"], num_layers=-1)
+    plain = step_flops(flop_model(model), 40, 10, 100)
+    ckpt = step_flops(flop_model(model, checkpointed=True), 40, 10, 100)
+    assert ckpt["model"] == plain["model"]
+    lora = 2 * (D * 4 + 4 * D)
+    assert ckpt["hardware"] - plain["hardware"] == LAYERS * ((BLOCK + lora) * 40 + 4 * D * 100)
+
+
+def test_forward_only_and_mfu(model):
+    f = step_flops(flop_model(model), 40, 40, 0, backward=False)
+    assert f["backward"] == 0 and f["forward"] == (LAYERS * BLOCK + HEAD) * 40
+    assert mfu(1e9, None) is None and mfu(1e9, 4e9) == 0.25
