@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mlxpost.core.flops import causal_pairs, flop_model, mfu, step_flops
@@ -62,3 +64,50 @@ def test_forward_only_and_mfu(model):
     f = step_flops(flop_model(model), 40, 40, 0, backward=False)
     assert f["backward"] == 0 and f["forward"] == (LAYERS * BLOCK + HEAD) * 40
     assert mfu(1e9, None) is None and mfu(1e9, 4e9) == 0.25
+
+
+def _train(tiny_model, data, out, name, method="sft", *extra):
+    from click.testing import CliRunner
+
+    from mlxpost.cli.main import cli
+
+    r = CliRunner().invoke(cli, [method, "--model", str(tiny_model), "--data", str(data), "--out", str(out),
+                                 "--name", name, "--steps", "3", "--plain", "--set", "train.eval_every=0",
+                                 "--set", "train.batch_size=2", *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / name / "summary.json").read_text()), r.output
+
+
+def test_summary_reports_flops_and_mfu_only_with_a_measured_peak(tiny_model, sft_data, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    from mlxpost.backend import doctor
+
+    monkeypatch.setenv("MLXPOST_CACHE", str(tmp_path / "cache"))
+    summary, output = _train(tiny_model, sft_data, tmp_path, "a")
+    assert summary["mfu"] is None and summary["peak"] is None  # never measured: unknown, not invented
+    assert "MFU unknown" in output and "model FLOP/s" in output
+    # LoRA on the tiny llama: at least the forward and the frozen backward of every block over the tokens
+    floor = step_flops(_base_flop_model(tiny_model), summary["tokens"], summary["trained_tokens"], 0)["forward"]
+    assert summary["model_flops"] > floor
+    assert summary["model_flops"] / summary["model_flops_per_s"] == pytest.approx(summary["train_seconds"], abs=0.006)
+    assert summary["hardware_flops"] == summary["model_flops"]  # no checkpointing
+
+    doctor.save_peak(mx, {"float32": {"gflops": 50.0, "size": 1024}})
+    summary, output = _train(tiny_model, sft_data, tmp_path, "b", "sft", "--set", "train.grad_checkpoint=true")
+    assert summary["peak_gflops"] == 50.0 and summary["peak"] == doctor.peak_key(mx)
+    assert summary["mfu"] == pytest.approx(summary["model_flops_per_s"] / 50e9)
+    assert summary["hardware_flops"] > summary["model_flops"]  # the recomputed forward
+    assert "of a 50.0 GFLOP/s matmul peak" in output
+
+
+def _base_flop_model(path):  # the base model, frozen: only its forward is used
+    return flop_model(load_model(str(path), dtype="float32").model)
+
+
+def test_dpo_counts_the_live_reference_forward(tiny_model, pref_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXPOST_CACHE", str(tmp_path / "cache"))
+    live, _ = _train(tiny_model, pref_data, tmp_path, "live", "dpo")
+    pre, _ = _train(tiny_model, pref_data, tmp_path, "pre", "dpo", "--precompute-ref")
+    assert live["tokens"] == pre["tokens"]
+    assert live["model_flops"] > pre["model_flops"]  # the adapters-off pass of every step

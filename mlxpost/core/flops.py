@@ -133,6 +133,41 @@ def step_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: float, *
     return {"forward": fwd, "backward": bwd, "model": fwd + bwd, "hardware": hardware}
 
 
+def reference_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: float, *, shared: bool) -> float:
+    """Forward FLOPs of a live reference pass (the same weights with the adapters off).
+
+    ``shared``: the reference starts from the policy's hidden states at the
+    lowest adapted block (:mod:`mlxpost.core.shared_blocks`), so blocks below
+    it are not run again.
+
+    >>> fm = FlopModel((Linear("a", 4, 4, 0, False), Linear("b", 4, 4, 1, False), Linear("b.lora_a", 4, 1, 1, True),
+    ...                 Linear("h", 4, 10, None, False, head=True)), 2, 4)
+    >>> reference_flops(fm, 1, 1, 0, shared=False), reference_flops(fm, 1, 1, 0, shared=True)
+    (144, 112)
+    """
+    first = fm.first_trained_block or 0
+    total = 0
+    for lin in fm.linears:
+        if ".lora_" in lin.name or (shared and lin.block is not None and lin.block < first):
+            continue
+        total += lin.forward * (head_tokens if lin.head else tokens)
+    layers = fm.n_layers - (first if shared else 0)
+    return total + 4 * fm.attn_dim * pairs * layers
+
+
+def generation_flops(fm: FlopModel, prompt_tokens: float, new_tokens: float, pairs: float) -> float:
+    """Forward FLOPs of KV-cached sampling: the prompt's positions once, then one position per new token;
+    ``pairs``: the (query, key) pairs attended in all (prompt and generated); every position goes
+    through the output layer (its logits are sampled, or at least the last prompt position's).
+
+    >>> fm = FlopModel((Linear("a", 4, 4, 0, False), Linear("h", 4, 10, None, False, head=True)), 1, 4)
+    >>> generation_flops(fm, 3, 2, 15) == 5 * (32 + 80) + 4 * 4 * 15
+    True
+    """
+    n = prompt_tokens + new_tokens
+    return sum(lin.forward for lin in fm.linears) * n + 4 * fm.attn_dim * pairs * fm.n_layers
+
+
 def causal_pairs(tokens: float, rows: float) -> float:
     """(query, key) pairs of causal attention over ``rows`` rows holding ``tokens`` positions in all, each
     row taken at the mean length ``l = tokens / rows``: ``rows * l (l + 1) / 2``.
@@ -213,3 +248,21 @@ def mfu(flops_per_s: float, peak_flops_per_s: float | None) -> float | None:
     if not peak_flops_per_s:
         return None
     return flops_per_s / peak_flops_per_s
+
+
+def throughput(flops: dict, seconds: float, peak: dict | None) -> dict:
+    """The summary's fields: model and hardware FLOPs, FLOP/s and MFU against ``peak`` (``{"gflops", "key",
+    ...}`` as cached by ``mlxpost doctor``; None: MFU unknown).
+
+    >>> t = throughput({"model": 4e9, "hardware": 5e9}, 2.0, {"gflops": 10.0, "key": "cpu"})
+    >>> t["model_flops_per_s"], t["mfu"], t["hardware_flops_per_s"], t["peak_gflops"]
+    (2000000000.0, 0.2, 2500000000.0, 10.0)
+    >>> throughput({"model": 4e9, "hardware": 4e9}, 2.0, None)["mfu"] is None
+    True
+    """
+    t = max(seconds, 1e-9)
+    out = {"model_flops": flops["model"], "hardware_flops": flops["hardware"],
+           "model_flops_per_s": flops["model"] / t, "hardware_flops_per_s": flops["hardware"] / t,
+           "mfu": mfu(flops["model"] / t, peak["gflops"] * 1e9 if peak else None),
+           "peak_gflops": peak["gflops"] if peak else None, "peak": peak.get("key") if peak else None}
+    return out

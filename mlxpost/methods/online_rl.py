@@ -382,6 +382,9 @@ class OnlineRLMethod(Method):
         g = cfg.grpo
         return RLThresholds(all_equal_warn=g.all_equal_warn, kl_max=0.5 if g.beta > 0 else None)
 
+    def reference_pass(self, prep) -> str | None:
+        return "full" if prep.cfg.grpo.beta > 0 else None  # the k3 penalty's adapters-off pass
+
     def objective(self, prep) -> Objective:
         g, t = prep.cfg.grpo, self.thresholds(prep.cfg)
         return objective(prep.split, eps_low=g.epsilon_low, eps_high=g.epsilon_high, beta=g.beta,
