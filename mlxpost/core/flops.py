@@ -155,6 +155,23 @@ def reference_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: flo
     return total + 4 * fm.attn_dim * pairs * layers
 
 
+def training_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: float, reference: str | None) -> dict:
+    """:func:`step_flops` of the policy plus the forward of a live reference pass (``reference``: None,
+    ``"full"`` or ``"shared"``, as :meth:`mlxpost.methods.base.Method.reference_pass` says), in ``forward``,
+    ``model`` and ``hardware``.
+
+    >>> fm = FlopModel((Linear("a", 4, 4, 0, True), Linear("h", 4, 10, None, False, head=True)), 1, 4)
+    >>> training_flops(fm, 1, 1, 1, "full")["model"] - training_flops(fm, 1, 1, 1, None)["model"]
+    128.0
+    """
+    flops = step_flops(fm, tokens, head_tokens, pairs)
+    if reference is None:
+        return flops
+    extra = reference_flops(fm, tokens, head_tokens, pairs, shared=reference == "shared")
+    return {**flops, "forward": flops["forward"] + extra, "model": flops["model"] + extra,
+            "hardware": flops["hardware"] + extra}
+
+
 def generation_flops(fm: FlopModel, prompt_tokens: float, new_tokens: float, pairs: float) -> float:
     """Forward FLOPs of KV-cached sampling: the prompt's positions once, then one position per new token;
     ``pairs``: the (query, key) pairs attended in all (prompt and generated); every position goes

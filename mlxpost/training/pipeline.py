@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from ..backend.doctor import cached_peak
 from ..config import RunConfig, dump_yaml, method_of, with_absolute_paths
 from ..core.batches import BatchSource
-from ..core.flops import flop_model, reference_flops, step_flops, throughput
+from ..core.flops import flop_model, throughput, training_flops
 from ..core.forward import attention_chunk, set_attention_chunk
 from ..core.logprobs import HeadSplit
 from ..core.probes import resolve_attention_chunk
@@ -440,12 +440,7 @@ def run_flops(prep: Prepared, result: TrainResult) -> dict:
     model = prep.loaded.model
     fm = flop_model(model, checkpointed=prep.cfg.train.grad_checkpoint)
     head = result.trained_tokens if prep.split is not None else result.tokens
-    flops = step_flops(fm, result.tokens, head, result.attention_pairs)
-    ref = prep.method.reference_pass(prep)
-    if ref is not None:
-        extra = reference_flops(fm, result.tokens, head, result.attention_pairs, shared=ref == "shared")
-        flops = {**flops, "forward": flops["forward"] + extra, "model": flops["model"] + extra,
-                 "hardware": flops["hardware"] + extra}
+    flops = training_flops(fm, result.tokens, head, result.attention_pairs, prep.method.reference_pass(prep))
     dtype = str(next(iter(tree_flatten(model.parameters())))[1].dtype).removeprefix("mlx.core.")
     out = throughput(flops, result.train_seconds, cached_peak(mx, dtype))
     out["flops_scope"] = ("training steps; rollout generation is in train_seconds but not counted"
