@@ -111,3 +111,12 @@ def test_dpo_counts_the_live_reference_forward(tiny_model, pref_data, tmp_path, 
     pre, _ = _train(tiny_model, pref_data, tmp_path, "pre", "dpo", "--precompute-ref")
     assert live["tokens"] == pre["tokens"]
     assert live["model_flops"] > pre["model_flops"]  # the adapters-off pass of every step
+
+
+def test_a_trained_head_alone_costs_only_its_weight_gradient(model):
+    model.freeze()
+    model.model.embed_tokens.unfreeze()  # tied: the head's weight
+    fm = flop_model(model)
+    assert fm.first_trained_block is None
+    f = step_flops(fm, 40, 10, 100)
+    assert f["backward"] == HEAD * 10

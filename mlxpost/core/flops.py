@@ -83,9 +83,9 @@ class FlopModel:
 
     @property
     def first_trained_block(self) -> int | None:
-        """The lowest block holding a trained weight (0 when something below the blocks is trained); None:
-        nothing in or below the blocks is trained."""
-        blocks = [lin.block for lin in self.linears if lin.trained and not lin.head]
+        """The lowest block holding a trained weight (-1: a trained linear outside the blocks, taken as below
+        them); None: nothing but perhaps the output layer is trained."""
+        blocks = [-1 if lin.block is None else lin.block for lin in self.linears if lin.trained and not lin.head]
         return min(blocks) if blocks else None
 
 
@@ -114,10 +114,12 @@ def step_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: float, *
         n = head_tokens if lin.head else tokens
         f = lin.forward * n
         fwd += f
-        if not backward or first is None:
+        if not backward:
             continue
         if lin.head:
-            bwd += f * (1 + lin.trained)  # its input gradient always feeds the trained blocks below
+            bwd += f * ((first is not None) + lin.trained)  # input gradient: for the trained blocks below
+        elif first is None:
+            continue
         elif lin.block is None:
             bwd += f * lin.trained  # below the blocks (a projected embedding): nothing under it to feed
         elif lin.block >= first:
@@ -145,7 +147,7 @@ def reference_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: flo
     >>> reference_flops(fm, 1, 1, 0, shared=False), reference_flops(fm, 1, 1, 0, shared=True)
     (144, 112)
     """
-    first = fm.first_trained_block or 0
+    first = max(fm.first_trained_block or 0, 0)
     total = 0
     for lin in fm.linears:
         if ".lora_" in lin.name or (shared and lin.block is not None and lin.block < first):
