@@ -398,11 +398,22 @@ def run_mlxpost(setting: str, info: dict, steps: int, tag: str = "") -> dict:
     opt_s = sum(o["optimizer_s"] for o in out)
     train_fps = summary["model_flops"] / opt_s if summary.get("model_flops") and opt_s > 0 else None
     peak = summary.get("peak_gflops")
+    # Rollout generation FLOPs, apart (forward only, at the mean prompt and completion lengths; the base
+    # model's products: the adapters' small ones are left out).
+    from mlxpost.core.flops import flop_model, generation_flops, rollout_pairs
+    from mlxpost.model.load import load_model
+
+    fm = flop_model(load_model(info["model"], dtype="float32").model)
+    p_len = info["prompt_tokens_mean"]
+    roll_flops = sum(generation_flops(fm, P * p_len, P, o["tokens"], rollout_pairs(P, p_len, n, o["tokens"] / n))
+                     for o in out)
+    roll_s = sum(o["rollout_s"] for o in out)
     return summarize(f"mlxpost {setting}", setting, out, summary["peak_memory_gb"], wall,
                      extra={"train_seconds": summary.get("train_seconds"), "decode_width": n,
                             "train_model_flops": summary.get("model_flops"), "train_model_flops_per_s": train_fps,
                             "train_mfu": train_fps / (peak * 1e9) if train_fps and peak else None,
-                            "peak_gflops": peak,
+                            "peak_gflops": peak, "rollout_model_flops": roll_flops,
+                            "rollout_model_flops_per_s": roll_flops / roll_s if roll_s > 0 else None,
                             "load_before": load0, "load_after": loadavg(), "run_dir": str(run_dir),
                             "command": "mlxpost grpo " + " ".join(cli)})
 
@@ -563,7 +574,7 @@ def main():
           f"{os.cpu_count()} CPUs (shared machine: timings are noisy)")
     hdr = (f"{'trainer':<22}{'P x G':>6}{'width':>6}{'steps':>6}{'len':>6}{'sampled':>8}{'roll s':>8}"
            f"{'tok/s':>7}{'steady':>7}{'/cpu-s':>7}{'opt s':>7}{'peak GB':>8}{'wall s':>7}{'load':>6}"
-           f"{'GFLOP/s':>8}{'MFU %':>6}")
+           f"{'GFLOP/s':>8}{'MFU %':>6}{'roll GF/s':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -575,13 +586,14 @@ def main():
               f"{r['optimizer_step_s']:>7.2f}{r['peak_memory_gb']:>8.3f}{r['wall_s']:>7.0f}"
               f"{_fmt(r['load_before'], '>6.1f')}"
               f"{_fmt(r['train_model_flops_per_s'] / 1e9 if r.get('train_model_flops_per_s') else None, '>8.1f')}"
-              f"{_fmt(100 * r['train_mfu'] if r.get('train_mfu') is not None else None, '>6.1f')}")
+              f"{_fmt(100 * r['train_mfu'] if r.get('train_mfu') is not None else None, '>6.1f')}"
+              f"{_fmt(r['rollout_model_flops_per_s'] / 1e9 if r.get('rollout_model_flops_per_s') else None, '>10.1f')}")
     print("(width: completions decoded at a time; len: mean completion tokens; roll s: rollout wall time, all "
           "steps; tok/s: sampled tokens / rollout s; steady: the same after the first step; /cpu-s: sampled "
           "tokens / process CPU seconds of the rollouts; opt s: mean step time minus rollout and scoring, first "
           "step excluded; peak GB: mx.get_peak_memory(); wall s: whole process; load: 1-min load average "
           "before the run, on " + str(os.cpu_count()) + " CPUs; GFLOP/s, MFU %: the training steps' model FLOPs "
-          "over opt s, all steps, rollout FLOPs not counted)")
+          "over opt s, all steps; roll GF/s: rollout generation's model FLOPs over roll s)")
     for k, v in skipped.items():
         print(f"{k:<24}  not run: {v}")
     if ratios:
