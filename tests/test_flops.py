@@ -96,6 +96,7 @@ def test_summary_reports_flops_and_mfu_only_with_a_measured_peak(tiny_model, sft
     doctor.save_peak(mx, {"float32": {"gflops": 50.0, "size": 1024}})
     summary, output = _train(tiny_model, sft_data, tmp_path, "b", "sft", "--set", "train.grad_checkpoint=true")
     assert summary["peak_gflops"] == 50.0 and summary["peak"] == doctor.peak_key(mx)
+    assert summary["peak_dtype"] == "float32"
     assert summary["mfu"] == pytest.approx(summary["model_flops_per_s"] / 50e9)
     assert summary["hardware_flops"] > summary["model_flops"]  # the recomputed forward
     assert "of a 50.0 GFLOP/s matmul peak" in output

@@ -441,15 +441,18 @@ def run_flops(prep: Prepared, result: TrainResult) -> dict:
     fm = flop_model(model, checkpointed=prep.cfg.train.grad_checkpoint)
     head = result.trained_tokens if prep.split is not None else result.tokens
     flops = training_flops(fm, result.tokens, head, result.attention_pairs, prep.method.reference_pass(prep))
-    dtype = str(next(iter(tree_flatten(model.parameters())))[1].dtype).removeprefix("mlx.core.")
+    # The compute dtype: the first floating parameter's (a quantized model's packed weights are integers).
+    dtype = next((str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
+                  if mx.issubdtype(v.dtype, mx.floating)), "float32")
     out = throughput(flops, result.train_seconds, cached_peak(mx, dtype))
+    out["peak_dtype"] = dtype if out["peak"] else None  # the peak is of this dtype's matmuls
     out["flops_scope"] = ("training steps; rollout generation is in train_seconds but not counted"
                           if prep.method.data == "prompts" else "training steps")
     return out
 
 
 FLOP_KEYS = ("model_flops", "hardware_flops", "model_flops_per_s", "hardware_flops_per_s", "mfu", "peak_gflops",
-             "peak", "flops_scope")
+             "peak", "peak_dtype", "flops_scope")
 
 
 def flops_line(summary: dict) -> str:
