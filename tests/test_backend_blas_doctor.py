@@ -240,7 +240,8 @@ def test_find_openblas_is_a_file():
         assert os.path.isfile(path)
 
 
-def test_doctor_rows():
+def test_doctor_rows(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLXPOST_CACHE", str(tmp_path))  # no peak cached here
     rows = doctor.doctor_rows(measure=False)
     assert [r[0] for r in rows] == list(doctor.DOCTOR_ITEMS)
     for item, value, status in rows:
@@ -253,6 +254,11 @@ def test_doctor_rows():
     if jit.active():  # the test session applies the JIT flags as the CLI does
         assert d["jit flags"][2] == "ok" and "-march=native" in d["jit flags"][1]
     assert d["hf token"][1].split()[0] in {"yes", "no"}
+    import mlx.core as mx
+
+    doctor.save_peak(mx, {"float32": {"gflops": 12.5, "size": 512}})
+    d = {r[0]: r for r in doctor.doctor_rows(measure=False)}
+    assert d["matmul fp32"][1] == "not measured (cached peak: 12.5 GFLOP/s)"
 
 
 def test_doctor_never_prints_hf_token(monkeypatch):
