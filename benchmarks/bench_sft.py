@@ -189,8 +189,7 @@ def worker_mlxpost(args) -> dict:
     from mlxpost.methods import sft
     from mlxpost.training.loop import Trainer
     from mlxpost.training.pipeline import prepare as prepare_run
-    from mlxpost.training.pipeline import run_flops
-    from mlxpost.training.pipeline import total_steps
+    from mlxpost.training.pipeline import run_flops, total_steps
     from mlxpost.training.rundir import RunDir
     from mlxpost.ui import NullReporter
 

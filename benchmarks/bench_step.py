@@ -60,8 +60,8 @@ def main() -> None:
     import mlx.nn as nn
 
     from mlxpost.backend import jit, kernels
-    from mlxpost.config import build_config
     from mlxpost.backend.doctor import cached_peak
+    from mlxpost.config import build_config
     from mlxpost.core.batches import batch_from_arrays
     from mlxpost.core.flops import causal_pairs, flop_model, training_flops
     from mlxpost.core.forward import set_attention_chunk
