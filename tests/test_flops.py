@@ -121,3 +121,26 @@ def test_a_trained_head_alone_costs_only_its_weight_gradient(model):
     assert fm.first_trained_block is None
     f = step_flops(fm, 40, 10, 100)
     assert f["backward"] == HEAD * 10
+
+
+def test_grpo_counts_rollout_generation_apart(tiny_model, tmp_path, monkeypatch):
+    from mlxpost.assets import ARITH_TASKS_DIR
+    from mlxpost.config import build_config
+    from mlxpost.core.flops import generation_flops
+    from mlxpost.training.pipeline import run
+    from mlxpost.ui import NullReporter
+
+    monkeypatch.setenv("MLXPOST_CACHE", str(tmp_path / "cache"))
+    cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={ARITH_TASKS_DIR}", "grpo.group_size=2",
+                              "grpo.prompts_per_step=2", "grpo.max_new_tokens=5", "train.steps=2", "grpo.rewards=[format]",
+                              f"output.dir={tmp_path}", "output.name=g", "model.dtype=float32",
+                              "grpo.eval_prompts=0", "train.eval_every=0", "train.save_every=0"], method="grpo")
+    run_dir, _ = run(cfg, reporter=NullReporter())
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["rollout_model_flops"] > 0 and s["rollout_seconds"] > 0
+    assert s["rollout_model_flops"] / s["rollout_model_flops_per_s"] == pytest.approx(s["rollout_seconds"], abs=0.006)
+    # at least the base model's forward over the sampled tokens (the 2 x 2 x 2 completions' lengths are <= 5)
+    base = load_model(str(tiny_model), dtype="float32").model
+    assert s["rollout_model_flops"] > generation_flops(flop_model(base), 0, 0, 8, 0)
+    assert s["flops_scope"].startswith("training steps, over train_seconds less rollout_seconds")
+    assert s["model_flops"] > 0 and s["mfu"] is None

@@ -444,15 +444,18 @@ def run_flops(prep: Prepared, result: TrainResult) -> dict:
     # The compute dtype: the first floating parameter's (a quantized model's packed weights are integers).
     dtype = next((str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
                   if mx.issubdtype(v.dtype, mx.floating)), "float32")
-    out = throughput(flops, result.train_seconds, cached_peak(mx, dtype))
+    # Online RL: the steps' time less this process's rollout generation (counted apart by the method).
+    generated = getattr(prep.train, "generated", None) or {}
+    seconds = result.train_seconds - generated.get("seconds", 0.0)
+    out = throughput(flops, seconds, cached_peak(mx, dtype))
     out["peak_dtype"] = dtype if out["peak"] else None  # the peak is of this dtype's matmuls
-    out["flops_scope"] = ("training steps; rollout generation is in train_seconds but not counted"
-                          if prep.method.data == "prompts" else "training steps")
+    out["flops_scope"] = ("training steps, over train_seconds less rollout_seconds (generation: rollout_model_flops)"
+                          if generated else "training steps")
     return out
 
 
 FLOP_KEYS = ("model_flops", "hardware_flops", "model_flops_per_s", "hardware_flops_per_s", "mfu", "peak_gflops",
-             "peak", "peak_dtype", "flops_scope")
+             "peak", "peak_dtype", "flops_scope", "rollout_model_flops", "rollout_model_flops_per_s")
 
 
 def flops_line(summary: dict) -> str:
@@ -475,6 +478,8 @@ def report_summary(summary: dict, run_path: Path, rep) -> None:
     rows = [(k, v) for k, v in summary.items() if k not in skip]
     if summary.get("model_flops_per_s") is not None:
         rows.append(("model FLOP/s", flops_line(summary)))
+    if summary.get("rollout_model_flops_per_s") is not None:
+        rows.append(("rollout FLOP/s", f"{summary['rollout_model_flops_per_s'] / 1e9:.1f} GFLOP/s (generation)"))
     rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
              if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
     rep.table(f"summary: {shown_path(run_path)}", rows)
