@@ -398,22 +398,16 @@ def run_mlxpost(setting: str, info: dict, steps: int, tag: str = "") -> dict:
     opt_s = sum(o["optimizer_s"] for o in out)
     train_fps = summary["model_flops"] / opt_s if summary.get("model_flops") and opt_s > 0 else None
     peak = summary.get("peak_gflops")
-    # Rollout generation FLOPs, apart (forward only, at the mean prompt and completion lengths; the base
-    # model's products: the adapters' small ones are left out).
-    from mlxpost.core.flops import flop_model, generation_flops, rollout_pairs
-    from mlxpost.model.load import load_model
-
-    fm = flop_model(load_model(info["model"], dtype="float32").model)
-    p_len = info["prompt_tokens_mean"]
-    roll_flops = sum(generation_flops(fm, P * p_len, P, o["tokens"], rollout_pairs(P, p_len, n, o["tokens"] / n))
-                     for o in out)
+    # Rollout generation FLOPs, apart (forward only; exact prompt and completion lengths: see
+    # RolloutSource._count), over the rollouts' time as this driver measured it.
+    roll_flops = summary.get("rollout_model_flops")
     roll_s = sum(o["rollout_s"] for o in out)
     return summarize(f"mlxpost {setting}", setting, out, summary["peak_memory_gb"], wall,
                      extra={"train_seconds": summary.get("train_seconds"), "decode_width": n,
                             "train_model_flops": summary.get("model_flops"), "train_model_flops_per_s": train_fps,
                             "train_mfu": train_fps / (peak * 1e9) if train_fps and peak else None,
                             "peak_gflops": peak, "rollout_model_flops": roll_flops,
-                            "rollout_model_flops_per_s": roll_flops / roll_s if roll_s > 0 else None,
+                            "rollout_model_flops_per_s": roll_flops / roll_s if roll_flops and roll_s > 0 else None,
                             "load_before": load0, "load_after": loadavg(), "run_dir": str(run_dir),
                             "command": "mlxpost grpo " + " ".join(cli)})
 

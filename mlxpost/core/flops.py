@@ -177,8 +177,8 @@ def training_flops(fm: FlopModel, tokens: float, head_tokens: float, pairs: floa
 def generation_flops(fm: FlopModel, prompt_tokens: float, prompts: int, new_tokens: float, pairs: float) -> float:
     """Forward FLOPs of KV-cached sampling (:mod:`mlxpost.rl.rollout`): each prompt's positions once (the
     prefill, shared by its group), then one position per new token. The output layer runs on the new
-    tokens and on each prompt's last position; ``pairs``: the (query, key) pairs attended in all (see
-    :func:`rollout_pairs`). Forward only: sampling needs no gradient.
+    tokens and on each prompt's last position; ``pairs``: the (query, key) pairs attended in all (each
+    prompt's causal prefill, then ``p + t`` keys at new token ``t``: see ``RolloutSource._count``). Forward only: sampling needs no gradient.
 
     >>> fm = FlopModel((Linear("a", 4, 4, 0, False), Linear("h", 4, 10, None, False, head=True)), 1, 4)
     >>> generation_flops(fm, 3, 1, 2, 15) == 5 * 32 + 3 * 80 + 4 * 4 * 15
@@ -187,17 +187,6 @@ def generation_flops(fm: FlopModel, prompt_tokens: float, prompts: int, new_toke
     body = sum(lin.forward for lin in fm.linears if not lin.head)
     head = sum(lin.forward for lin in fm.linears if lin.head)
     return body * (prompt_tokens + new_tokens) + head * (prompts + new_tokens) + 4 * fm.attn_dim * pairs * fm.n_layers
-
-
-def rollout_pairs(prompts: int, prompt_len: float, completions: int, completion_len: float) -> float:
-    """Attention pairs of a rollout at mean lengths: each prompt's causal prefill, then each of the
-    ``completions`` new tokens ``k = 1..c`` attends to ``p + k`` keys.
-
-    >>> rollout_pairs(1, 3, 2, 2)  # prefill 6; per completion 2 * 3 + 3
-    24.0
-    """
-    c = completion_len
-    return causal_pairs(prompts * prompt_len, prompts) + completions * (c * prompt_len + c * (c + 1) / 2)
 
 
 def causal_pairs(tokens: float, rows: float) -> float:
