@@ -248,11 +248,13 @@ class RolloutSource:
         return len(self._plan_for_epoch()) * self.s.num_iterations * self.micro_per_step
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "iteration": self.iteration}
+        return {"epoch": self.epoch, "index": self.index, "iteration": self.iteration, "generated": dict(self.generated)}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.iteration = int(state.get("iteration", 0))
+        if isinstance(state.get("generated"), dict):  # a checkpoint from before the count was kept: from 0
+            self.generated = {**self.generated, **state["generated"]}
         self._plan = None
 
     @property
