@@ -447,6 +447,8 @@ def run_mlxpost(method: str, info: dict, n_pairs: int, batch_size: int, steps: i
                trained_tokens_per_s=summary["trained_tokens_per_s"], tokens=summary.get("tokens"),
                tokens_per_s=summary.get("tokens_per_s"), final_train_loss_summary=summary.get("final_train_loss"),
                run_dir=str(run_dir))
+    # Model FLOPs of the run (mlxpost.core.flops, the live reference forward included); MFU null without a peak.
+    res.update({k: summary.get(k) for k in ("model_flops", "model_flops_per_s", "mfu", "peak_gflops")})
     res["prompt_shared"] = setup.get("prompt_shared")
     res["prompt_shared_batches"] = setup.get("prompt_shared_batches")
     if precompute_ref and summary.get("precompute_ref_seconds") is not None:
@@ -644,13 +646,16 @@ def main():
     print(f"\n{n_pairs} pairs (prompt ~{t['prompt_tokens_mean']:.0f} tokens, chosen ~{t['chosen_tokens_mean']:.0f}, "
           f"rejected ~{t['rejected_tokens_mean']:.0f}), {steps} steps of {args.batch_size} pairs, "
           f"model {setup.get('params', 0) / 1e6:.1f}M params, float32, BLAS {setup['blas']}")
-    hdr = f"{'trainer':<30}{'steps':>6}{'trained tok':>12}{'seconds':>9}{'tok/s':>8}{'steady':>8}{'peak GB':>9}{'loss':>9}"
+    hdr = (f"{'trainer':<30}{'steps':>6}{'trained tok':>12}{'seconds':>9}{'tok/s':>8}{'steady':>8}{'peak GB':>9}"
+           f"{'loss':>9}{'GFLOP/s':>9}{'MFU %':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         print(f"{r['trainer']:<30}{r['steps']:>6}{r['trained_tokens']:>12}{_fmt(r['train_seconds'], '>9.1f')}"
               f"{_fmt(r['trained_tokens_per_s'], '>8.0f')}{_fmt(r['steady_trained_tokens_per_s'], '>8.0f')}"
-              f"{_fmt(r['peak_memory_gb'], '>9.3f')}{_fmt(r['final_train_loss'], '>9.4f')}")
+              f"{_fmt(r['peak_memory_gb'], '>9.3f')}{_fmt(r['final_train_loss'], '>9.4f')}"
+              f"{_fmt(r['model_flops_per_s'] / 1e9 if r.get('model_flops_per_s') else None, '>9.1f')}"
+              f"{_fmt(100 * r['mfu'] if r.get('mfu') is not None else None, '>7.1f')}")
         if r.get("precompute_seconds") is not None:
             print(f"{'  + reference pass':<30}{'':>6}{'':>12}{r['precompute_seconds']:>9.1f}"
                   f"{r['trained_tokens_per_s_incl_precompute']:>8.0f}")

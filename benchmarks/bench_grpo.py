@@ -393,8 +393,21 @@ def run_mlxpost(setting: str, info: dict, steps: int, tag: str = "") -> dict:
                     "score_s": r["score_s"], "tokens": tokens, "completions": n,
                     "optimizer_s": r["step_s"] - r["rollout_s"] - r["score_s"],
                     "completion_len": r["completion_len"], "truncated": r["truncated"], "loss": r["loss"]})
+    # The training steps' model FLOPs (mlxpost.core.flops) over the steps' time less rollout and scoring:
+    # rollout generation FLOPs are not in summary.json's count, so they are not put against its time.
+    opt_s = sum(o["optimizer_s"] for o in out)
+    train_fps = summary["model_flops"] / opt_s if summary.get("model_flops") and opt_s > 0 else None
+    peak = summary.get("peak_gflops")
+    # Rollout generation FLOPs, apart (forward only; exact prompt and completion lengths: see
+    # RolloutSource._count), over the rollouts' time as this driver measured it.
+    roll_flops = summary.get("rollout_model_flops")
+    roll_s = sum(o["rollout_s"] for o in out)
     return summarize(f"mlxpost {setting}", setting, out, summary["peak_memory_gb"], wall,
                      extra={"train_seconds": summary.get("train_seconds"), "decode_width": n,
+                            "train_model_flops": summary.get("model_flops"), "train_model_flops_per_s": train_fps,
+                            "train_mfu": train_fps / (peak * 1e9) if train_fps and peak else None,
+                            "peak_gflops": peak, "rollout_model_flops": roll_flops,
+                            "rollout_model_flops_per_s": roll_flops / roll_s if roll_flops and roll_s > 0 else None,
                             "load_before": load0, "load_after": loadavg(), "run_dir": str(run_dir),
                             "command": "mlxpost grpo " + " ".join(cli)})
 
@@ -554,7 +567,8 @@ def main():
           f"model {setup['params'] / 1e6:.1f}M params float32, LoRA r{RANK} all-linear, BLAS {setup['blas']}, "
           f"{os.cpu_count()} CPUs (shared machine: timings are noisy)")
     hdr = (f"{'trainer':<22}{'P x G':>6}{'width':>6}{'steps':>6}{'len':>6}{'sampled':>8}{'roll s':>8}"
-           f"{'tok/s':>7}{'steady':>7}{'/cpu-s':>7}{'opt s':>7}{'peak GB':>8}{'wall s':>7}{'load':>6}")
+           f"{'tok/s':>7}{'steady':>7}{'/cpu-s':>7}{'opt s':>7}{'peak GB':>8}{'wall s':>7}{'load':>6}"
+           f"{'GFLOP/s':>8}{'MFU %':>6}{'roll GF/s':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -564,12 +578,16 @@ def main():
               f"{_fmt(r['rollout_tok_s'], '>7.0f')}{_fmt(r['steady_rollout_tok_s'], '>7.0f')}"
               f"{_fmt(r['rollout_tok_per_cpu_s'], '>7.0f')}"
               f"{r['optimizer_step_s']:>7.2f}{r['peak_memory_gb']:>8.3f}{r['wall_s']:>7.0f}"
-              f"{_fmt(r['load_before'], '>6.1f')}")
+              f"{_fmt(r['load_before'], '>6.1f')}"
+              f"{_fmt(r['train_model_flops_per_s'] / 1e9 if r.get('train_model_flops_per_s') else None, '>8.1f')}"
+              f"{_fmt(100 * r['train_mfu'] if r.get('train_mfu') is not None else None, '>6.1f')}"
+              f"{_fmt(r['rollout_model_flops_per_s'] / 1e9 if r.get('rollout_model_flops_per_s') else None, '>10.1f')}")
     print("(width: completions decoded at a time; len: mean completion tokens; roll s: rollout wall time, all "
           "steps; tok/s: sampled tokens / rollout s; steady: the same after the first step; /cpu-s: sampled "
           "tokens / process CPU seconds of the rollouts; opt s: mean step time minus rollout and scoring, first "
           "step excluded; peak GB: mx.get_peak_memory(); wall s: whole process; load: 1-min load average "
-          "before the run, on " + str(os.cpu_count()) + " CPUs)")
+          "before the run, on " + str(os.cpu_count()) + " CPUs; GFLOP/s, MFU %: the training steps' model FLOPs "
+          "over opt s, all steps; roll GF/s: rollout generation's model FLOPs over roll s)")
     for k, v in skipped.items():
         print(f"{k:<24}  not run: {v}")
     if ratios:

@@ -189,7 +189,7 @@ def worker_mlxpost(args) -> dict:
     from mlxpost.methods import sft
     from mlxpost.training.loop import Trainer
     from mlxpost.training.pipeline import prepare as prepare_run
-    from mlxpost.training.pipeline import total_steps
+    from mlxpost.training.pipeline import run_flops, total_steps
     from mlxpost.training.rundir import RunDir
     from mlxpost.ui import NullReporter
 
@@ -230,7 +230,9 @@ def worker_mlxpost(args) -> dict:
     skip = max(1, len(marks) // 10)
     steady = (marks[-1][1] - marks[skip - 1][1]) / (marks[-1][0] - marks[skip - 1][0])
     losses = [h["loss"] for h in result.history if h["kind"] == "train"]
-    return {"trainer": f"mlxpost ({prep.batching})", "steps": steps, "rows_per_batch": prep.train.batch_size, "trained_tokens": result.trained_tokens,
+    flops = run_flops(prep, result)  # FLOP/s over the steps' time (mlxpost.core.flops); MFU null without a peak
+    return {"model_flops_per_s": flops["model_flops_per_s"], "mfu": flops["mfu"], "peak_gflops": flops["peak_gflops"],
+            "trainer": f"mlxpost ({prep.batching})", "steps": steps, "rows_per_batch": prep.train.batch_size, "trained_tokens": result.trained_tokens,
             "seconds": wall, "trained_tokens_per_s": result.trained_tokens / wall,
             "steady_trained_tokens_per_s": steady, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "final_train_loss": losses[-1] if losses else None,
@@ -240,6 +242,15 @@ def worker_mlxpost(args) -> dict:
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
+
+
+def gflops(r: dict) -> str:
+    """Model GFLOP/s of a row ('-' for mlx-lm's, which the FLOP model does not count)."""
+    return f"{r['model_flops_per_s'] / 1e9:.1f}" if r.get("model_flops_per_s") else "-"
+
+
+def pct(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if x is not None else "-"
 
 
 def run_worker(which: str, info: dict, batching: str, batch_size: int, tmp: Path) -> dict:
@@ -292,14 +303,15 @@ def main():
             r["memory_vs_mlx_lm"] = r["peak_memory_gb"] / base["peak_memory_gb"]
         all_results["runs"][kind] = rows
         print(f"\n{kind}-length data: {n} chats, model {info['params'] / 1e6:.1f}M params, batch {args.batch_size}")
-        hdr = f"{'trainer':<18}{'tok/s':>9}{'x':>7}{'steady':>9}{'x':>7}{'peak GB':>9}{'x':>7}{'train loss':>12}{'val loss':>10}"
+        hdr = (f"{'trainer':<18}{'tok/s':>9}{'x':>7}{'steady':>9}{'x':>7}{'peak GB':>9}{'x':>7}{'train loss':>12}"
+               f"{'val loss':>10}{'GFLOP/s':>9}{'MFU':>7}")
         print(hdr)
         print("-" * len(hdr))
         for r in rows:
             print(f"{r['trainer']:<18}{r['trained_tokens_per_s']:>9.0f}{r['speedup_vs_mlx_lm']:>7.2f}"
                   f"{r['steady_trained_tokens_per_s']:>9.0f}{r['steady_speedup_vs_mlx_lm']:>7.2f}"
                   f"{r['peak_memory_gb']:>9.3f}{r['memory_vs_mlx_lm']:>7.2f}"
-                  f"{r['final_train_loss']:>12.4f}{r['valid_loss']:>10.4f}")
+                  f"{r['final_train_loss']:>12.4f}{r['valid_loss']:>10.4f}{gflops(r):>9}{pct(r.get('mfu')):>7}")
     out = RESULTS / "sft.json"
     out.write_text(json.dumps(all_results, indent=2))
     print(f"\nwritten {out}")

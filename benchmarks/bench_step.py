@@ -64,8 +64,10 @@ def main() -> None:
     import mlx.nn as nn
 
     from mlxpost.backend import jit, kernels
+    from mlxpost.backend.doctor import cached_peak
     from mlxpost.config import build_config
     from mlxpost.core.batches import batch_from_arrays
+    from mlxpost.core.flops import causal_pairs, flop_model, training_flops
     from mlxpost.core.forward import set_attention_chunk
     from mlxpost.core.logprobs import set_fused_head
     from mlxpost.methods import get as get_method
@@ -115,24 +117,39 @@ def main() -> None:
                 mx.eval(steps[s](b.arrays()))
                 seconds[s] += time.perf_counter() - t
     per_step = {s: seconds[s] / (args.rounds * len(batches)) for s in settings}
+    # Model FLOPs of a step (the same for every setting: attention chunks change the hardware's work, not the
+    # model's), the mean over the batches; MFU against the peak mlxpost doctor cached, else unknown.
+    fm, ref = flop_model(model), get_method(args.method).reference_pass(prep)
+    step_flops = sum(training_flops(fm, b.n_tokens, b.n_targets if prep.split is not None else b.n_tokens,
+                                    causal_pairs(b.n_tokens, max(b.n_examples, b.inputs.shape[0], 1)), ref)["model"]
+                     for b in batches) / len(batches)
+    peak = cached_peak(mx, "float32")
 
     shapes = [tuple(b.inputs.shape) for b in batches]
     print(f"\n{args.method} on {args.model}: LoRA on the top {args.num_layers} blocks "
           f"(of {len(model.layers)}), batch shapes {shapes} ({prep.batching}); "
           f"{args.rounds} interleaved rounds; JIT flags: {os.environ.get(jit.ACTIVE_VAR) or 'none'}")
     base = per_step[settings[0]]
-    print(f"{'attention chunk':<18}{'kernels':<9}{'head':<7}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}")
+    print(f"{'attention chunk':<18}{'kernels':<9}{'head':<7}{'s/step':>9}{'vs first':>10}{'max |loss diff|':>17}"
+          f"{'GFLOP/s':>9}{'MFU %':>7}")
     for s in settings:
         diff = max(abs(a - b) for a, b in zip(losses[s], losses[settings[0]]))
         c, k, h = s
+        rate = step_flops / per_step[s]
+        mfu = f"{100 * rate / (peak['gflops'] * 1e9):>7.1f}" if peak else f"{'-':>7}"
         print(f"{(str(c) if c else 'whole rows'):<18}{k:<9}{h:<7}{per_step[s]:>9.3f}{base / per_step[s]:>9.2f}x"
-              f"{diff:>17.2e}")
+              f"{diff:>17.2e}{rate / 1e9:>9.1f}{mfu}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model": args.model, "method": args.method, "num_layers": args.num_layers, "batch_size": args.batch_size,
            "data": data or "bundled", "shapes": shapes, "batching": prep.batching, "rounds": args.rounds,
            "jit_flags": os.environ.get(jit.ACTIVE_VAR),
            "seconds_per_step": {f"chunk={c},kernels={k},head={h}": v for (c, k, h), v in per_step.items()},
-           "losses": {f"chunk={c},kernels={k},head={h}": v for (c, k, h), v in losses.items()}}
+           "losses": {f"chunk={c},kernels={k},head={h}": v for (c, k, h), v in losses.items()},
+           "model_flops_per_step": step_flops, "peak_gflops": peak["gflops"] if peak else None,
+           "model_flops_per_s": {f"chunk={c},kernels={k},head={h}": step_flops / v
+                                 for (c, k, h), v in per_step.items()},
+           "mfu": {f"chunk={c},kernels={k},head={h}": step_flops / v / (peak["gflops"] * 1e9) if peak else None
+                   for (c, k, h), v in per_step.items()}}
     path = RESULTS / f"step-{args.method}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"\nwritten {path}")

@@ -240,7 +240,8 @@ def test_find_openblas_is_a_file():
         assert os.path.isfile(path)
 
 
-def test_doctor_rows():
+def test_doctor_rows(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLXPOST_CACHE", str(tmp_path))  # no peak cached here
     rows = doctor.doctor_rows(measure=False)
     assert [r[0] for r in rows] == list(doctor.DOCTOR_ITEMS)
     for item, value, status in rows:
@@ -253,6 +254,11 @@ def test_doctor_rows():
     if jit.active():  # the test session applies the JIT flags as the CLI does
         assert d["jit flags"][2] == "ok" and "-march=native" in d["jit flags"][1]
     assert d["hf token"][1].split()[0] in {"yes", "no"}
+    import mlx.core as mx
+
+    doctor.save_peak(mx, {"float32": {"gflops": 12.5, "size": 512}})
+    d = {r[0]: r for r in doctor.doctor_rows(measure=False)}
+    assert d["matmul fp32"][1] == "not measured (cached peak: 12.5 GFLOP/s)"
 
 
 def test_doctor_never_prints_hf_token(monkeypatch):
@@ -263,11 +269,13 @@ def test_doctor_never_prints_hf_token(monkeypatch):
     assert dict((r[0], r[1]) for r in rows)["hf token"].startswith("yes")
 
 
-def test_doctor_measures_matmul():
+def test_doctor_measures_matmul(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLXPOST_CACHE", str(tmp_path))  # the measured peak is cached there
     rows = dict((r[0], r) for r in doctor.doctor_rows(measure=True))
     _, value, status = rows["matmul fp32"]
     assert "GFLOP/s" in value
     assert status in {"ok", "warn"}
+    assert (tmp_path / doctor.PEAK_FILE).exists()
 
 
 @pytest.mark.skipif(not LINUX, reason="LD_PRELOAD re-exec is Linux only")
@@ -284,3 +292,17 @@ def test_reexec_subprocess_uses_openblas():
         timeout=120, check=True,
     )
     assert out.stdout.strip() == "openblas", out.stderr
+
+
+def test_peak_is_measured_cached_and_read_back(tmp_path):
+    import mlx.core as mx
+
+    assert doctor.cached_peak(mx, cache=tmp_path) is None  # never measured: no peak, never an invented one
+    peaks = doctor.measure_peak(mx, ("float32",), sizes=(64, 128), runs=2)
+    assert peaks["float32"]["size"] in (64, 128) and peaks["float32"]["gflops"] > 0
+    doctor.save_peak(mx, peaks, cache=tmp_path)
+    got = doctor.cached_peak(mx, cache=tmp_path)
+    assert got["gflops"] == peaks["float32"]["gflops"] and got["key"] == doctor.peak_key(mx)
+    assert doctor.cached_peak(mx, "bfloat16", cache=tmp_path) is None
+    (tmp_path / doctor.PEAK_FILE).write_text("{not json")
+    assert doctor.cached_peak(mx, cache=tmp_path) is None

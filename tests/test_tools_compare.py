@@ -150,3 +150,22 @@ def test_table_layouts_shrink_turn_and_split():
     assert sum(len(p.header) - 1 for p in parts) == 12  # every run once
     assert (1, 4) in transpose(many).marked  # the best mark follows its cell
     assert split_columns(transpose(many), 10)[0].header == ["run", "run0"]  # at least one run each
+
+
+def test_the_flop_column_is_mfu_when_a_peak_was_measured_else_model_flop_per_s(tmp_path):
+    _sweep_run(tmp_path / "a", 4, 1e-4, 1.0)
+    _sweep_run(tmp_path / "b", 8, 1e-4, 0.9)
+    runs = collect_runs([tmp_path / "a", tmp_path / "b"])
+    assert "mfu" not in compare(runs).metrics and "model_flops_per_s" not in compare(runs).metrics  # old runs
+    for name, flops, mfu in (("a", 2.0e9, None), ("b", 3.0e9, None)):
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        (tmp_path / name / "summary.json").write_text(json.dumps({**s, "model_flops_per_s": flops, "mfu": mfu}))
+    comp = compare(collect_runs([tmp_path / "a", tmp_path / "b"]))
+    block = comp.text_blocks(120)[0]
+    col = block.header.index("model FLOP/s")
+    assert block.header[col - 1] == "tok/s" and [r[col] for r in block.rows] == ["2e+09", "3e+09 *"]
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({**s, "mfu": 0.25}))
+    block = compare(collect_runs([tmp_path / "a", tmp_path / "b"])).text_blocks(120)[0]
+    col = block.header.index("MFU")
+    assert "model FLOP/s" not in block.header and [r[col] for r in block.rows] == ["-", "0.2500"]

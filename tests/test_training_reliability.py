@@ -37,7 +37,8 @@ from mlxpost.ui import NullReporter
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-TIMING = ("train_seconds", "wall_seconds", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb", "run_dir")
+TIMING = ("train_seconds", "wall_seconds", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb", "run_dir",
+          "model_flops_per_s", "hardware_flops_per_s", "mfu", "rollout_seconds", "rollout_model_flops_per_s")
 
 
 def mlxpost(*args, cwd=None, fault: str | None = None, timeout=300) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -162,9 +163,11 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MLXPOST_CACHE") or Path.home() / ".cache" / "mlxpost").expanduser()
 
 
-def _measure_matmul(mx, n: int = 1024, reps: int = 5) -> float:
-    a = mx.random.normal((n, n), dtype=mx.float32)
-    b = mx.random.normal((n, n), dtype=mx.float32)
+def _measure_matmul(mx, n: int = 1024, reps: int = 5, dtype=None) -> float:
+    """GFLOP/s of an ``n x n`` by ``n x n`` matmul (``2 n^3`` FLOPs), the mean of ``reps`` after a warm-up."""
+    dtype = dtype or mx.float32
+    a = mx.random.normal((n, n)).astype(dtype)
+    b = mx.random.normal((n, n)).astype(dtype)
     mx.eval(a, b)
     mx.eval(a @ b)  # warm-up
     t0 = time.perf_counter()
@@ -172,6 +175,74 @@ def _measure_matmul(mx, n: int = 1024, reps: int = 5) -> float:
         mx.eval(a @ b)
     dt = (time.perf_counter() - t0) / reps
     return 2 * n**3 / dt / 1e9
+
+
+PEAK_FILE = "matmul_peak.json"
+PEAK_SIZES = (512, 1024, 2048)
+
+
+def peak_key(mx) -> str:
+    """What a measured peak belongs to: CPU model and cores, MLX device and version, the loaded BLAS.
+
+    A peak measured under another BLAS (OpenBLAS preloaded or not) or another
+    MLX is a different machine as far as matmul speed goes.
+    """
+    return " | ".join([_cpu_model(), str(mx.default_device()), f"mlx {_version('mlx')}",
+                       f"blas {loaded_blas(import_mlx=True)['name']}"])
+
+
+def measure_peak(mx, dtypes: tuple[str, ...] = ("float32",), sizes: tuple[int, ...] = PEAK_SIZES,
+                 runs: int = 3) -> dict:
+    """The best matmul GFLOP/s over ``sizes`` and ``runs`` per dtype: ``{dtype: {"gflops", "size"}}``.
+
+    The best, not the mean: a peak is what the hardware can reach, and a
+    shared machine only ever makes a run slower. Sizes above 1024 show what
+    large matmuls (a training step's) reach once the BLAS has warmed its threads.
+    """
+    out = {}
+    for name in dtypes:
+        dtype = getattr(mx, name)
+        best, at = 0.0, None
+        for n in sizes:
+            for _ in range(runs):
+                g = _measure_matmul(mx, n, reps=3 if n <= 1024 else 2, dtype=dtype)
+                if g > best:
+                    best, at = g, n
+        out[name] = {"gflops": round(best, 2), "size": at}
+    return out
+
+
+def save_peak(mx, peaks: dict, cache: Path | None = None) -> Path:
+    """Store measured peaks under this machine's :func:`peak_key` in ``<cache>/matmul_peak.json``."""
+    path = (cache or _cache_dir()) / PEAK_FILE
+    data = _read_peaks(path)
+    entry = data.setdefault(peak_key(mx), {})
+    entry.update({k: {**v, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  for k, v in peaks.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mlxpost.files: that imports mlx, see doctor_rows
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def cached_peak(mx, dtype: str = "float32", cache: Path | None = None) -> dict | None:
+    """The peak ``mlxpost doctor`` measured on this machine for ``dtype``: ``{"gflops", "size", "measured",
+    "key"}``, or None when it never did (training then reports MFU as unknown, never an invented peak)."""
+    key = peak_key(mx)
+    entry = _read_peaks((cache or _cache_dir()) / PEAK_FILE).get(key, {}).get(dtype)
+    if not isinstance(entry, dict) or not isinstance(entry.get("gflops"), (int, float)) or entry["gflops"] <= 0:
+        return None
+    return {**entry, "key": key}
+
+
+def _read_peaks(path: Path) -> dict:
+    """The peak cache; a missing or damaged file is an empty cache (it is rewritten by the next doctor)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 Row = tuple[str, str, str]  # (item, value, status): status "ok" / "warn" / "info"
@@ -271,13 +342,22 @@ def _thread_rows() -> list[Row]:
 
 
 def _matmul_row(mx, measure: bool) -> Row:
-    if not measure or mx is None:
-        return "matmul fp32", "not measured" if mx is not None else "mlx unavailable", "info"
+    """The matmul peak (fp32 and the training dtype where that differs), measured and cached for training's
+    MFU; without measuring, the cached peak if there is one."""
+    if mx is None:
+        return "matmul fp32", "mlx unavailable", "info"
+    dtypes = tuple(dict.fromkeys(("float32", "float32" if mx.default_device() == mx.cpu else "bfloat16")))
+    if not measure:
+        peak = cached_peak(mx)
+        return "matmul fp32", f"not measured (cached peak: {peak['gflops']:.1f} GFLOP/s)" if peak else "not measured", "info"
     try:
-        gflops = _measure_matmul(mx)
+        peaks = measure_peak(mx, dtypes)
+        path = save_peak(mx, peaks)
     except Exception as e:  # noqa: BLE001
         return "matmul fp32", f"failed: {type(e).__name__}: {e}", "warn"
-    return ("matmul fp32", f"{gflops:.1f} GFLOP/s (1024x1024 on {mx.default_device()})",
+    gflops = peaks["float32"]["gflops"]
+    shown = ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s ({v['size']}x{v['size']})" for k, v in peaks.items())
+    return ("matmul fp32", f"peak {shown} on {mx.default_device()}; cached in {path} for MFU",
             "ok" if gflops >= 20 else "warn")
 
 

@@ -107,8 +107,10 @@ def compare_command(paths, metrics, fmt, out, png, no_png, per_run, width):
     two runs and differ, one row per setting when a row per run is too wide.
     Markdown and JSON keep every setting that differs. The best value of each
     metric is marked among runs of the same method (lowest for losses, memory
-    and time; highest for rewards, accuracies, margins and tokens/s). Runs that
-    differ only in train.seed are grouped: mean ± std over the seeds.
+    and time; highest for rewards, accuracies, margins, tokens/s and MFU). Runs that
+    differ only in train.seed are grouped: mean ± std over the seeds. After tok/s
+    comes MFU (model FLOPs over the matmul peak mlxpost doctor measured), or
+    model FLOP/s when no run has an MFU.
     """
 
     runs = collect_runs(list(paths))

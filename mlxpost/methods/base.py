@@ -83,6 +83,11 @@ class Method:
         """The loss the training loop runs (see :class:`mlxpost.training.loop.Objective`)."""
         raise NotImplementedError(f"method {self.name!r} has no objective")
 
+    def reference_pass(self, prep: Prepared) -> str | None:
+        """The live reference forward a training step runs, for the FLOP count (:mod:`mlxpost.core.flops`):
+        None (none), ``"full"`` (every block) or ``"shared"`` (only the blocks from the lowest adapter up)."""
+        return None
+
     def setup_rows(self, prep: Prepared) -> list[tuple[str, Any]]:
         """Rows the method adds to the setup table (after the common ones)."""
         return []

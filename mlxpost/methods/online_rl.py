@@ -41,6 +41,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..backend import kernels
+from ..core.flops import flop_model, generation_flops
 from ..core.logprobs import HeadSplit, k3, token_logprobs
 from ..core.sampling import Sampling
 from ..errors import ConfigError
@@ -382,6 +383,9 @@ class OnlineRLMethod(Method):
         g = cfg.grpo
         return RLThresholds(all_equal_warn=g.all_equal_warn, kl_max=0.5 if g.beta > 0 else None)
 
+    def reference_pass(self, prep) -> str | None:
+        return "full" if prep.cfg.grpo.beta > 0 else None  # the k3 penalty's adapters-off pass
+
     def objective(self, prep) -> Objective:
         g, t = prep.cfg.grpo, self.thresholds(prep.cfg)
         return objective(prep.split, eps_low=g.epsilon_low, eps_high=g.epsilon_high, beta=g.beta,
@@ -399,5 +403,11 @@ class OnlineRLMethod(Method):
         return rows
 
     def summarize(self, prep, result, summary: dict, *, monitor=None, evals=None) -> None:
+        gen = getattr(prep.train, "generated", None)
+        if gen and gen["seconds"] > 0:  # rollout generation's own FLOPs, apart from the training steps'
+            f = generation_flops(flop_model(prep.loaded.model), gen["prompt_tokens"], gen["prompts"],
+                                 gen["new_tokens"], gen["pairs"])
+            summary.update(rollout_model_flops=f, rollout_seconds=round(gen["seconds"], 2),
+                           rollout_model_flops_per_s=f / gen["seconds"])
         last = next((h for h in reversed(result.history) if h.get("kind") == "train"), None) or {}
         summary["final_metrics"] = {k: v for k, v in last.items() if k in FINAL_METRICS or k.startswith("reward/")}

@@ -294,6 +294,11 @@ class PreferenceMethod(Method):
     reference: bool = False  # needs reference log-probs (adapters off, or precomputed)
     positive: tuple = ()  # the method's keys that must be positive
 
+    def reference_pass(self, prep) -> str | None:
+        if not self.reference or prep.cfg.preference.precompute_ref:
+            return None
+        return "shared" if prep.state.get("shared_blocks") is not None else "full"
+
     def monitor(self, cfg):
         """A factory of the run's health monitor (:class:`mlxpost.methods.preference_health.PreferenceHealth`)."""
         p = cfg.preference

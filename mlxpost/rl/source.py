@@ -223,6 +223,8 @@ class RolloutSource:
         self.batch_size = s.micro_batch
         self.micro_per_step = s.group_size * s.prompts_per_step // s.micro_batch
         self.epoch, self.index, self.iteration = 0, 0, 0
+        # What this process's rollouts generated, for their FLOP count (mlxpost.core.flops.generation_flops).
+        self.generated = {"seconds": 0.0, "prompts": 0, "prompt_tokens": 0, "new_tokens": 0, "pairs": 0.0}
         self.epoch_limit = None
         self._plan = None
         self.last_metrics: dict = {}
@@ -246,11 +248,13 @@ class RolloutSource:
         return len(self._plan_for_epoch()) * self.s.num_iterations * self.micro_per_step
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "iteration": self.iteration}
+        return {"epoch": self.epoch, "index": self.index, "iteration": self.iteration, "generated": dict(self.generated)}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.iteration = int(state.get("iteration", 0))
+        if isinstance(state.get("generated"), dict):  # a checkpoint from before the count was kept: from 0
+            self.generated = {**self.generated, **state["generated"]}
         self._plan = None
 
     @property
@@ -288,7 +292,20 @@ class RolloutSource:
         rows = [self.examples[i] for i in idx]
         ro = sample_groups(self.model, self.tok, [r.tokens for r in rows], self.s.group_size, self.s.sampling,
                            pad_id=self.pad_id)
+        self._count(rows, ro)
         return self.build(rows, ro)
+
+    def _count(self, rows: list[PromptRow], ro) -> None:
+        """Add a rollout to :attr:`generated`: each prompt prefilled once (causal pairs ``p (p + 1) / 2``),
+        then completion ``k`` of prompt ``i`` (row ``i * G + g``) attends ``p_i + t`` keys at its token ``t``."""
+        G, p = self.s.group_size, [len(r.tokens) for r in rows]
+        g = self.generated
+        g["seconds"] += ro.seconds
+        g["prompts"] += len(rows)
+        g["prompt_tokens"] += sum(p)
+        g["new_tokens"] += ro.sampled_tokens
+        g["pairs"] += sum(n * (n + 1) / 2 for n in p) + sum(
+            len(c) * p[k // G] + len(c) * (len(c) + 1) / 2 for k, c in enumerate(ro.completions))
 
     def build(self, rows: list[PromptRow], ro) -> list[Batch]:
         """Score sampled completions (``ro``: :class:`mlxpost.rl.rollout.Rollouts`) and batch them."""

@@ -53,7 +53,7 @@ RULES: list[tuple[str, str | None]] = [
     ("behaviour.", "max"),  # rates of what the bundled data teaches (JSON answers, correct, explanation first)
     ("rewards/chosen", None), ("rewards/rejected", None), ("logps", None), ("log_odds", None),
     ("_std", None), ("grad_norm", None), ("lr", None), ("epoch", None), ("len", None),
-    ("per_s", "max"), ("tok_s", "max"),
+    ("per_s", "max"), ("tok_s", "max"), ("mfu", "max"),
     ("loss", "min"), ("ppl", "min"), ("nll", "min"), ("kl", "min"), ("memory", "min"), ("seconds", "min"),
     ("step_s", "min"), ("truncated", "min"), ("all_equal", "min"),
     ("accurac", "max"), ("margin", "max"), ("_acc", "max"), ("reward", "max"), ("_rate", "max"),
@@ -75,7 +75,11 @@ EVAL_PREFIX = "eval:"  # columns of mlxpost eval's results: eval:TASK/METRIC
 
 DEFAULT_CURVES = ["loss", "val_loss"]
 
-HEADERS = {"loss": "final loss", "tokens_per_s": "tok/s", "peak_memory_gb": "peak mem GB",
+# The FLOP column: MFU when some run has one (a matmul peak was measured), else model FLOP/s.
+FLOP_METRICS = ["mfu", "model_flops_per_s"]
+
+HEADERS = {"loss": "final loss", "tokens_per_s": "tok/s", "mfu": "MFU", "model_flops_per_s": "model FLOP/s",
+           "peak_memory_gb": "peak mem GB",
            "wall_seconds": "wall s", "behaviour.json.after": "JSON after", "behaviour.correct.after": "correct after",
            "behaviour.explanation_first.after": "expl. first after"}
 
@@ -319,6 +323,8 @@ def fmt_num(v: Any) -> str:
         return f"{v:,}" if abs(v) >= 10000 else str(v)
     if not math.isfinite(v):
         return str(v)
+    if abs(v) >= 1e6:  # FLOP/s
+        return f"{v:.3g}"
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     if abs(v) >= 10:
@@ -606,9 +612,15 @@ def _stats(values: list) -> Cell:
     return Cell(mean, std, len(nums))
 
 
+def perf_metrics(runs: list[RunInfo]) -> list[str]:
+    """:data:`PERF_METRICS` with the first of :data:`FLOP_METRICS` that some run has after tokens/s."""
+    flop = next((m for m in FLOP_METRICS if any(metric_value(r, m) is not None for r in runs)), None)
+    return PERF_METRICS[:1] + ([flop] if flop else []) + PERF_METRICS[1:]
+
+
 def compare(runs: list[RunInfo], metrics: list[str] | None = None, *, group_seeds: bool = True) -> Comparison:
     """The comparison table of ``runs`` (see the module's docstring)."""
-    metrics = list(dict.fromkeys((metrics or default_metrics(runs)) + PERF_METRICS))
+    metrics = list(dict.fromkeys((metrics or default_metrics(runs)) + perf_metrics(runs)))
     diff = config_differences(runs)
     grouped = False
     rows: list[Row] = []

@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..backend import kernels
 from ..core.batches import Batch, BatchSource, batch_from_arrays
+from ..core.flops import causal_pairs
 from ..errors import MlxpostError
 from .health import HealthMonitor
 from .rundir import RunDir, load_checkpoint
@@ -66,6 +67,7 @@ class TrainResult:
     train_seconds: float
     peak_memory_gb: float
     history: list = field(default_factory=list)
+    attention_pairs: float = 0.0  # causal (query, key) pairs of the training passes, for the FLOP count
     val_metrics: dict | None = None  # the last evaluation
     health: dict | None = None  # the health monitor's summary
 
@@ -226,6 +228,7 @@ class Trainer:
         self.bad_evals = 0
         self.tokens = 0
         self.trained_tokens = 0
+        self.attention_pairs = 0.0  # see mlxpost.core.flops.causal_pairs
         self.train_seconds = 0.0
         self.history: list[dict] = []
         self.stopped: str | None = None  # set when the run ends
@@ -348,6 +351,7 @@ class Trainer:
             "patience_ref": self.patience_ref,
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
+            "attention_pairs": self.attention_pairs,
             "train_seconds": self.train_seconds,
             "world_size": self.world_size,
             "stopped": self.stopped,
@@ -375,6 +379,7 @@ class Trainer:
         self.bad_evals, self.patience_ref = state["bad_evals"], state["patience_ref"]
         self.tokens, self.trained_tokens = state["tokens"], state["trained_tokens"]
         self.train_seconds = state["train_seconds"]
+        self.attention_pairs = state.get("attention_pairs", 0.0)  # checkpoints from before it was kept: 0
         self.stopped, self.last_loss, self.val = state.get("stopped"), state.get("last_loss"), state.get("val")
         self.earlier_peak_gb = state.get("peak_memory_gb") or 0.0
 
@@ -439,7 +444,7 @@ class Trainer:
         return TrainResult(
             steps=self.step, stopped=self.stopped, final_loss=self.last_loss, best_val_loss=self.best_val,
             best_step=self.best_step, val_loss=val["val_loss"] if val else None, tokens=self.tokens,
-            trained_tokens=self.trained_tokens, train_seconds=self.train_seconds,
+            trained_tokens=self.trained_tokens, train_seconds=self.train_seconds, attention_pairs=self.attention_pairs,
             peak_memory_gb=self.peak_memory_gb(), history=self.history, val_metrics=val,
             health=self.monitor.summary(val),
         )
@@ -482,6 +487,10 @@ class Trainer:
         out["n_tokens"], out["n_trained"] = (int(x) for x in out["tokens"].tolist())  # summed over ranks
         self.tokens += out["n_tokens"]
         self.trained_tokens += out["n_trained"]
+        # Each sequence (a row, or an example packed in one) at the batch's mean sequence length; the other
+        # ranks' taken as this one's.
+        self.attention_pairs += self.world_size * sum(
+            causal_pairs(b.n_tokens, max(b.n_examples, b.inputs.shape[0], 1)) for b in used)
         self.train_seconds += dt
         # Reading one flag that the eval above already computed costs no extra
         # sync, and stops a bad step before it can reach a checkpoint.

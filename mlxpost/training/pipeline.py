@@ -25,9 +25,12 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import yaml
+from mlx.utils import tree_flatten
 
+from ..backend.doctor import cached_peak
 from ..config import RunConfig, dump_yaml, method_of, with_absolute_paths
 from ..core.batches import BatchSource
+from ..core.flops import flop_model, throughput, training_flops
 from ..core.forward import attention_chunk, set_attention_chunk
 from ..core.logprobs import HeadSplit
 from ..core.probes import resolve_attention_chunk
@@ -444,6 +447,7 @@ def summarize(prep: Prepared, kind: DataKind, result: TrainResult, t_start: floa
         "tokens_per_s": result.tokens / max(result.train_seconds, 1e-9),
         "trained_tokens_per_s": result.trained_tokens / max(result.train_seconds, 1e-9),
         "peak_memory_gb": result.peak_memory_gb, "wall_seconds": round(time.time() - t_start, 1),
+        **run_flops(prep, result),
         **prep.timings,
     }
     prep.method.summarize(prep, result, summary, monitor=monitor, evals={"before": before, "after": after})
@@ -455,9 +459,60 @@ def summarize(prep: Prepared, kind: DataKind, result: TrainResult, t_start: floa
     return summary
 
 
+def run_flops(prep: Prepared, result: TrainResult) -> dict:
+    """Model FLOPs of the run's training steps, FLOP/s and MFU (see :mod:`mlxpost.core.flops`).
+
+    The policy's forward and backward over every input position (the output
+    layer only on trained positions when the head is split), plus the live
+    reference forward a preference or KL-penalised RL step runs. MFU is
+    against the matmul peak ``mlxpost doctor`` cached for this machine and the
+    model's dtype; without one it is None. For online RL the steps' time
+    includes rollout generation, whose FLOPs are not counted here
+    (``flops_scope`` says so).
+    """
+    model = prep.loaded.model
+    fm = flop_model(model, checkpointed=prep.cfg.train.grad_checkpoint)
+    head = result.trained_tokens if prep.split is not None else result.tokens
+    flops = training_flops(fm, result.tokens, head, result.attention_pairs, prep.method.reference_pass(prep))
+    # The compute dtype: the first floating parameter's (a quantized model's packed weights are integers).
+    dtype = next((str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
+                  if mx.issubdtype(v.dtype, mx.floating)), "float32")
+    # Online RL: the steps' time less this process's rollout generation (counted apart by the method).
+    generated = getattr(prep.train, "generated", None) or {}
+    seconds = result.train_seconds - generated.get("seconds", 0.0)
+    out = throughput(flops, seconds, cached_peak(mx, dtype))
+    out["peak_dtype"] = dtype if out["peak"] else None  # the peak is of this dtype's matmuls
+    out["flops_scope"] = ("training steps, over train_seconds less rollout_seconds (generation: rollout_model_flops)"
+                          if generated else "training steps")
+    return out
+
+
+FLOP_KEYS = ("model_flops", "hardware_flops", "model_flops_per_s", "hardware_flops_per_s", "mfu", "peak_gflops",
+             "peak", "peak_dtype", "flops_scope", "rollout_model_flops", "rollout_model_flops_per_s")
+
+
+def flops_line(summary: dict) -> str:
+    """One line for the printed summary.
+
+    >>> flops_line({"model_flops_per_s": 2.5e10, "mfu": 0.25, "peak_gflops": 100.0})
+    '25.0 GFLOP/s, MFU 25.0% of a 100.0 GFLOP/s matmul peak'
+    >>> flops_line({"model_flops_per_s": 2.5e10, "mfu": None})
+    '25.0 GFLOP/s, MFU unknown (no matmul peak measured: run mlxpost doctor)'
+    """
+    rate = f"{summary['model_flops_per_s'] / 1e9:.1f} GFLOP/s"
+    if summary.get("mfu") is None:
+        return rate + ", MFU unknown (no matmul peak measured: run mlxpost doctor)"
+    return rate + f", MFU {100 * summary['mfu']:.1f}% of a {summary['peak_gflops']:.1f} GFLOP/s matmul peak"
+
+
 def report_summary(summary: dict, run_path: Path, rep) -> None:
-    skip = ("run_dir", "final_metrics", "val_metrics", "health", "eval_before", "eval_after", "eval_tasks")
+    skip = ("run_dir", "final_metrics", "val_metrics", "health", "eval_before", "eval_after", "eval_tasks",
+            *FLOP_KEYS)
     rows = [(k, v) for k, v in summary.items() if k not in skip]
+    if summary.get("model_flops_per_s") is not None:
+        rows.append(("model FLOP/s", flops_line(summary)))
+    if summary.get("rollout_model_flops_per_s") is not None:
+        rows.append(("rollout FLOP/s", f"{summary['rollout_model_flops_per_s'] / 1e9:.1f} GFLOP/s (generation)"))
     rows += [(f"val {k[4:]}", v) for k, v in (summary.get("val_metrics") or {}).items()
              if k[4:] in ("rewards/margins", "rewards/accuracies", "kl", "nll")]
     rep.table(f"summary: {shown_path(run_path)}", rows)
