@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlxpost.data.render import Renderer
 from mlxpost.model.tiny import build_tiny_model
 
 
@@ -62,6 +63,12 @@ def tiny_model_bos(models_dir) -> Path:
 def tiny_qwen(models_dir) -> Path:
     """Qwen2 architecture (q/k/v biases), untied output head."""
     return build_tiny_model(models_dir / "qwen2", model_type="qwen2", tie_word_embeddings=False)
+
+
+def prompt_ids(lm, texts) -> list[list[int]]:
+    """Token ids of each text rendered as a user prompt (chat template, generation prompt added)."""
+    r = Renderer(lm.tokenizer)
+    return [r.prompt(t)[0] for t in texts]
 
 
 def chat(user: str, reply: str, system: str | None = None) -> dict:

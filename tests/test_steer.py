@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import mlxpost_env, write_jsonl
+from conftest import mlxpost_env, prompt_ids, write_jsonl
 
 from mlxpost.data.render import Renderer
 from mlxpost.errors import MlxpostError
@@ -31,13 +31,8 @@ def lm(tiny_model):
     return load_model(str(tiny_model))
 
 
-def seqs_of(lm, texts):
-    r = Renderer(lm.tokenizer)
-    return [r.prompt(t)[0] for t in texts]
-
-
 def test_lambda_zero_is_bit_identical_and_removal_restores(lm):
-    ids = mx.array([seqs_of(lm, POS[:1])[0]])
+    ids = mx.array([prompt_ids(lm, POS[:1])[0]])
     base = lm.model(ids)
     blocks = list(model_blocks(lm.model))
     v = mx.random.normal((lm.model.args.hidden_size,))
@@ -50,7 +45,7 @@ def test_lambda_zero_is_bit_identical_and_removal_restores(lm):
 
 
 def test_steering_adds_exactly_lambda_v_and_vectors_compose(lm):
-    ids = mx.array([seqs_of(lm, POS[:1])[0]])
+    ids = mx.array([prompt_ids(lm, POS[:1])[0]])
     d = lm.model.args.hidden_size
     v, w = mx.random.normal((d,)), mx.random.normal((d,))
     with recording(lm.model, [0, 1]) as sink:
@@ -66,7 +61,7 @@ def test_steering_adds_exactly_lambda_v_and_vectors_compose(lm):
 
 @pytest.mark.parametrize("position", ["last", "mean"])
 def test_batched_extraction_equals_a_naive_per_prompt_loop(lm, position):
-    seqs = seqs_of(lm, POS + NEG)
+    seqs = prompt_ids(lm, POS + NEG)
     layers = [0, 1]
     got = hidden_states(lm.model, seqs, layers, position=position, batch_size=4, pad_id=0)
     again = hidden_states(lm.model, seqs, layers, position=position, batch_size=4, pad_id=0)
@@ -87,7 +82,7 @@ def test_adapters_off_extraction_equals_two_separately_loaded_models(tiny_model)
     for _, m in on.model.named_modules():
         if isinstance(m, LoRALinear):
             m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
-    seqs = seqs_of(on, POS)
+    seqs = prompt_ids(on, POS)
     pos, neg = from_adapters_off(on.model, seqs, [0, 1], position="mean", batch_size=3, pad_id=0)
     base = load_model(str(tiny_model))
     ref_neg = hidden_states(base.model, seqs, [0, 1], position="mean", batch_size=3, pad_id=0)
@@ -106,12 +101,12 @@ def test_adapters_off_extraction_equals_two_separately_loaded_models(tiny_model)
 def test_a_vector_from_two_prompt_sets_moves_a_score_monotonically(lm):
     """Score: the mean projection of the last block's output onto the vector, on held-out prompts."""
     layer, last = 0, len(model_blocks(lm.model)) - 1
-    pos = hidden_states(lm.model, seqs_of(lm, POS[:4]), [layer, last], position="mean")
-    neg = hidden_states(lm.model, seqs_of(lm, NEG[:4]), [layer, last], position="mean")
+    pos = hidden_states(lm.model, prompt_ids(lm, POS[:4]), [layer, last], position="mean")
+    neg = hidden_states(lm.model, prompt_ids(lm, NEG[:4]), [layer, last], position="mean")
     vectors, report = mean_difference(pos, neg)
     assert report[layer]["gap_over_spread"] > 0
     u = vectors[last] / np.linalg.norm(vectors[last])
-    held = seqs_of(lm, POS[4:] + NEG[4:])
+    held = prompt_ids(lm, POS[4:] + NEG[4:])
     scores = []
     for lam in (-2.0, -1.0, 0.0, 1.0, 2.0):
         with steered(lm.model, [SteerSpec(layer, mx.array(vectors[layer]), lam)]):
@@ -169,7 +164,7 @@ def test_sweep_scores_side_effects_and_verdicts(tmp_path, lm):
     from mlxpost.steer.sweep import run_sweep, write_outputs
 
     v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(3)) * 4
-    ps, ns = seqs_of(lm, POS[:4]), seqs_of(lm, NEG[:4])
+    ps, ns = prompt_ids(lm, POS[:4]), prompt_ids(lm, NEG[:4])
     labelled = (ps + ns, np.repeat([1, 0], 4), [0, 1], 0)
     res = run_sweep(lm.model, lm.tokenizer, SteerSpec(1, v, 1.0), [-8, 0, 8], ps, ns, score="length",
                     max_new_tokens=6, labelled=labelled)
@@ -216,8 +211,8 @@ def test_abliteration_leaves_no_component_along_r_and_the_fused_model_loads(tmp_
     from mlxpost.steer.abliterate import direction, orthogonalize, write_fused, writer_weights
 
     lm = load_model(str(tiny_model))
-    harmful = hidden_states(lm.model, seqs_of(lm, POS), [1], position="last")[1]
-    harmless = hidden_states(lm.model, seqs_of(lm, NEG), [1], position="last")[1]
+    harmful = hidden_states(lm.model, prompt_ids(lm, POS), [1], position="last")[1]
+    harmless = hidden_states(lm.model, prompt_ids(lm, NEG), [1], position="last")[1]
     r = direction(harmful, harmless)
     before = {n: np.array(m.weight) for n, m in writer_weights(lm.model).items()}
     left = orthogonalize(lm.model, r)

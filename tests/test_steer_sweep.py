@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from conftest import prompt_ids, write_jsonl
 
 from mlxpost.data.render import Renderer
 from mlxpost.errors import MlxpostError
@@ -23,11 +23,6 @@ NEUTRAL = ["The dog ran in the park.", "A dog likes bones.", "My dog is barking.
 @pytest.fixture(scope="module")
 def lm(tiny_model):
     return load_model(str(tiny_model))
-
-
-def ids_of(lm, texts):
-    r = Renderer(lm.tokenizer)
-    return [r.prompt(t)[0] for t in texts]
 
 
 def test_completion_pooling_reads_only_the_completion_tokens(tmp_path, lm):
@@ -52,7 +47,7 @@ def test_reward_functions_score_the_sweep_with_the_prompt_columns(tmp_path, lm):
         "    return [float(w in c) for c, w in zip(completions, word)]\n"
         "def words(completions, **kw):\n"
         "    return [len(c.split()) for c in completions]\n")
-    ps = ids_of(lm, PROMPTS)
+    ps = prompt_ids(lm, PROMPTS)
     plain = greedy_replies(lm.model, lm.tokenizer, ps, 6)
     word = [t.split()[0] if t.split() else "zz" for t in plain]
     word[0] = "never-said"
@@ -71,7 +66,7 @@ def test_reward_functions_score_the_sweep_with_the_prompt_columns(tmp_path, lm):
 
 
 def test_perplexity_side_effect_is_zero_at_lambda_zero_and_grows_with_lambda(lm):
-    ps, ns = ids_of(lm, PROMPTS), ids_of(lm, NEUTRAL)
+    ps, ns = prompt_ids(lm, PROMPTS), prompt_ids(lm, NEUTRAL)
     v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(3)) * 4
     res = run_sweep(lm.model, lm.tokenizer, SteerSpec(1, v, 1.0), [2, 0, 8], ps, ns, score="length",
                     max_new_tokens=6)
@@ -87,7 +82,7 @@ def test_perplexity_side_effect_is_zero_at_lambda_zero_and_grows_with_lambda(lm)
 
 
 def test_relative_lambda_is_in_units_of_the_residual_norm(lm):
-    ps = ids_of(lm, PROMPTS)
+    ps = prompt_ids(lm, PROMPTS)
     with recording(lm.model, [1]) as sink:
         norms = []
         for s in ps:
@@ -152,7 +147,7 @@ def test_a_run_steers_its_before_and_after_samples(tmp_path, tiny_model, sft_dat
         path, _ = run_training(cfg, reporter=NullReporter())
         runs[name] = __import__("json").loads((path / "samples_before.json").read_text())
     with steered(lm.model, [SteerSpec(1, mx.array(v), 1.0)]):
-        by_hand = greedy_replies(lm.model, lm.tokenizer, ids_of(lm, prompts), 6)
+        by_hand = greedy_replies(lm.model, lm.tokenizer, prompt_ids(lm, prompts), 6)
     assert runs["zero"] == runs["plain"] and runs["on"] == by_hand and runs["on"] != runs["plain"]
 
 
@@ -213,7 +208,7 @@ def test_cli_sweep_with_a_reward_relative_lambda_and_a_reference_set(tmp_path, t
 def test_steered_kv_cached_decoding_steers_every_generated_position(lm):
     """The sampler's cached decode steps go through the wrapped blocks: equal to a full recompute per token."""
     v = mx.random.normal((lm.model.args.hidden_size,), key=mx.random.key(11)) * 3
-    prompt = ids_of(lm, PROMPTS[:1])[0]
+    prompt = prompt_ids(lm, PROMPTS[:1])[0]
     with steered(lm.model, [SteerSpec(1, v, 1.0)]):
         _, got = greedy(lm.model, lm.tokenizer, [prompt], 8)
         seq = list(prompt)
@@ -238,7 +233,7 @@ def test_steer_all_adds_each_blocks_increment(tmp_path, lm):
     specs = steer_specs(lm.model, [f"{tmp_path / 'v'}@0.5:all"])
     assert [(s.layer, s.scale) for s in specs] == [(0, 0.5), (1, 0.5)]
     np.testing.assert_allclose(np.array(specs[1].vector), v1 - v0, rtol=1e-6)
-    ids = mx.array([ids_of(lm, PROMPTS[:1])[0]])
+    ids = mx.array([prompt_ids(lm, PROMPTS[:1])[0]])
     with steered(lm.model, specs), recording(lm.model, [0]) as sink:
         lm.model(ids)
         got = np.array(sink[0])
