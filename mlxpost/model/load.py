@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..errors import MlxpostError
 from ..files import safetensors_problem
@@ -166,3 +167,10 @@ def quantize_blocks(model: nn.Module, bits: int, group_size: int = 64) -> None:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def compute_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in: its first floating parameter's (a quantized model's packed
+    weights are integers, its scales and norms are not); float32 for a model without one."""
+    return next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)),
+                mx.float32)

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import yaml
-from mlx.utils import tree_flatten
 
 from ..backend.doctor import cached_peak
 from ..config import RunConfig, dump_yaml, method_of, with_absolute_paths
@@ -49,11 +48,11 @@ from ..model.adapters import (
     resolve_targets,
     trainable_count,
 )
-from ..model.load import LoadedModel, is_quantized, load_model, quantize_blocks
+from ..model.load import LoadedModel, compute_dtype, is_quantized, load_model, quantize_blocks
 from ..model.peft import load_init_adapter
+from . import memory
 from .distributed import agree, world_group
 from .faults import fault_point
-from . import memory
 from .loop import NonFiniteError, Objective, Trainer, TrainResult, steps_for_epochs
 from .resume import config_changes, resume_point
 from .rundir import RunDir, new_run_dir
@@ -474,9 +473,7 @@ def run_flops(prep: Prepared, result: TrainResult) -> dict:
     fm = flop_model(model, checkpointed=prep.cfg.train.grad_checkpoint)
     head = result.trained_tokens if prep.split is not None else result.tokens
     flops = training_flops(fm, result.tokens, head, result.attention_pairs, prep.method.reference_pass(prep))
-    # The compute dtype: the first floating parameter's (a quantized model's packed weights are integers).
-    dtype = next((str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
-                  if mx.issubdtype(v.dtype, mx.floating)), "float32")
+    dtype = str(compute_dtype(model)).removeprefix("mlx.core.")
     # Online RL: the steps' time less this process's rollout generation (counted apart by the method).
     generated = getattr(prep.train, "generated", None) or {}
     seconds = result.train_seconds - generated.get("seconds", 0.0)
