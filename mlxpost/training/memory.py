@@ -48,6 +48,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..core.logprobs import HEAD_CHUNK_BYTES
+from ..model.adapters import trainable_count
 from ..model.load import compute_dtype
 
 ACT_D = 10  # per position and block, in units of the hidden width: norms, q/k/v/o inputs, residuals, LoRA
@@ -80,12 +81,11 @@ class ModelShape:
 
         params = tree_flatten(model.parameters())
         weight_bytes = sum(v.nbytes for _, v in params)
-        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         hidden = arg("hidden_size", "d_model", "n_embd")
         return ModelShape(blocks=len(getattr(model, "layers", [])) or arg("num_hidden_layers"), hidden=hidden,
                           intermediate=arg("intermediate_size", "ffn_dim", default=4 * hidden),
                           heads=arg("num_attention_heads", "n_head", default=max(1, hidden // 64)),
-                          vocab=arg("vocab_size"), weight_bytes=weight_bytes, trainable=trainable,
+                          vocab=arg("vocab_size"), weight_bytes=weight_bytes, trainable=trainable_count(model),
                           itemsize=compute_dtype(model).size)
 
 
