@@ -43,7 +43,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from mlxpost.config import build_config  # noqa: E402
+from mlxpost.config import RunConfig, build_config  # noqa: E402
 from mlxpost.methods import get as get_method  # noqa: E402
 from mlxpost.stats import describe  # noqa: E402
 from mlxpost.tools.demo import STAGES, lookup, recipe_path  # noqa: E402
@@ -71,7 +71,7 @@ VALIDATION = {"sft": ["val_loss"], "dpo": ["val_rewards/accuracies", "val_reward
 
 
 def stage_sets(stage, length: dict, steps: int, measure_every: int, out: Path, model: str | None,
-               start: Path | None) -> list[str]:
+               start: Path | None, extra: list[str] = ()) -> list[str]:
     sets = list(stage.sets) + [
         f"train.steps={steps}", f"train.measure_every={measure_every}", f"train.eval_every={length['eval_every']}",
         f"train.save_every={max(measure_every, 10)}", f"output.dir={out}", f"output.name={stage.name}"]
@@ -81,6 +81,13 @@ def stage_sets(stage, length: dict, steps: int, measure_every: int, out: Path, m
         sets.append(f"model.path={model}")
     if start is not None:
         sets.append(f"{get_method(stage.method).from_key}={start}")
+    # --set applies, after the rest, to the stages whose method has that section (grpo.* to GRPO and RLVR),
+    # or, written STAGE:KEY=VALUE, to that stage only.
+    sections = RunConfig(stage.method).sections()
+    for x in extra:
+        where, _, setting = x.rpartition(":") if ":" in x.split("=", 1)[0] else ("", "", x)
+        if (where == stage.name) if where else setting.split("=", 1)[0].split(".")[0] in sections:
+            sets.append(setting)
     return sets
 
 
@@ -174,6 +181,9 @@ def main() -> None:
     ap.add_argument("--from", dest="start", default=None,
                     help="the run the (first) chosen method starts from (default: the stage before it in --out)")
     ap.add_argument("--out", default="benchmarks/results/learning")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the stages that have it, after the demo's (repeatable), e.g. "
+                         "--set grpo.eval_prompts=96 --set grpo:data.path=DIR (STAGE:KEY=VALUE: that stage only)")
     ap.add_argument("--plain", action="store_true", help="plain line logs")
     args = ap.parse_args()
 
@@ -198,7 +208,7 @@ def main() -> None:
             start = out / stage.from_stage
         elif stage.from_stage:
             rep.warn(f"{stage.name}: no {stage.from_stage} run in {out}: starting from the base model")
-        summary = run_stage(stage, stage_sets(stage, length, steps, every, out, args.model, start), out, rep)
+        summary = run_stage(stage, stage_sets(stage, length, steps, every, out, args.model, start, args.sets), out, rep)
         curve = curves(out / stage.name, stage.name, summary)
         result["methods"][stage.name] = {
             "run_dir": str(out / stage.name), "from": str(start) if start else None, "steps": summary["steps"],
