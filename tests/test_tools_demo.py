@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 
-from mlxpost.tools.demo import STAGES, run_demo
+from mlxpost.tools.demo import RETENTION_TASK, STAGES, run_demo
+from mlxpost.ui import NullReporter
 
 
-class _Rec:
+class _Rec(NullReporter):
+    """Keeps the tables and messages; everything else as the null reporter (progress bars included)."""
+
     def __init__(self):
+        super().__init__()
         self.grids, self.infos = [], []
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-    def status(self, *a, **k):
-        import contextlib
-
-        return contextlib.nullcontext()
 
     def grid(self, title, header, rows):
         self.grids.append((title, header, rows))
@@ -53,7 +49,19 @@ def test_demo_runs_the_four_stages_each_from_the_previous_and_measures_them(tiny
     assert s["grpo"]["eval_change"]["reward"]["n"] == 6 and "final_acc" in s["rlvr"]["eval_change"]
     title, header, rows = rep.grids[-1]
     assert [r[0] for r in rows if r[0]] == names
-    assert "95% CI" in header[4] and all("95% CI" in r[4] for r in rows)
+    measured = [r for r in rows if not r[3].startswith("general text")]
+    assert "95% CI" in header[4] and all("95% CI" in r[4] for r in measured)
+    # ... and what it cost: the general text's perplexity before and after each stage (train.eval_tasks).
+    kept = [r for r in rows if r[3].startswith("general text")]
+    assert len(kept) == 4 and all("kept" in r[4] and r[5].startswith("kept") for r in kept)
+    for name in names:
+        ev = s[name]["eval_tasks"]
+        assert ev["min_retention"] == 0.9 and set(ev["before"]) == set(ev["after"]) == {RETENTION_TASK}
+        assert ev["before"][RETENTION_TASK]["ppl"] > 1 and (out / name / "baseline_metrics.json").exists()
+    # The stage after SFT starts where SFT ended: its perplexity before is SFT's after (same text, merged stack).
+    assert abs(s["dpo"]["eval_tasks"]["before"][RETENTION_TASK]["ppl"]
+               - s["sft"]["eval_tasks"]["after"][RETENTION_TASK]["ppl"]) < 1e-3 * s["sft"]["eval_tasks"]["after"][
+        RETENTION_TASK]["ppl"]
     assert json.loads((out / "demo.json").read_text())["stages"]["rlvr"]["method"] == "rlvr"
     # A second call reuses the finished stages.
     rep2 = _Rec()

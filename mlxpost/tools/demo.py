@@ -16,7 +16,11 @@
 
 Each change is before -> after on the same prompts with its 95% interval
 (:func:`mlxpost.stats.paired_change`); the table says whether it is outside
-noise. The default settings are short, so the four stages take a few
+noise. Every stage also measures what it costs (``train.eval_tasks``, the
+machinery of ``mlxpost eval``): the perplexity of forty everyday questions'
+prose answers (:data:`mlxpost.assets.GENERAL_TEXT`, nothing like the
+training data) before and after, as the share of it kept (before / after)
+against :data:`RETENTION_MIN`. The default settings are short, so the four stages take a few
 minutes on a 2-core CPU; ``--full`` runs the recipes' lengths and also draws
 the curves (PNG). Each stage is an ordinary run directory under ``--out``
 and can be resumed, exported or compared like any other.
@@ -29,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..assets import ARITH_FACTS_DIR, ARITH_SUMS_DIR, DEFAULT_SFT_RECIPE, RECIPES_DIR
+from ..assets import ARITH_FACTS_DIR, ARITH_SUMS_DIR, DEFAULT_SFT_RECIPE, GENERAL_TEXT, RECIPES_DIR
 from ..config import RunConfig, build_config
 from ..errors import MlxpostError
 from ..methods import get as get_method
@@ -57,19 +61,25 @@ class Stage:
 _RL = ["grpo.group_size=8", "grpo.prompts_per_step=2", "grpo.temperature=0.8", "grpo.max_new_tokens=40",
        "grpo.eval_prompts=48", "train.warmup_steps=1", "train.report_every=1"]
 
+# What each stage must keep of the general text's perplexity (before / after): a narrow 20-step skill is
+# allowed to cost up to 10% of it; more is the sign of a run that is overwriting the model.
+RETENTION_MIN = 0.90
+RETENTION_TASK = f"ppl:{GENERAL_TEXT}"
+_RETAIN = [f"train.eval_tasks=[{RETENTION_TASK}]", f"train.eval_min_retention={RETENTION_MIN}"]
+
 STAGES = [
-    Stage("sft", "sft", None, [], ["train.steps=20", "train.eval_every=0", "train.eval_batches=2",
+    Stage("sft", "sft", None, [*_RETAIN], ["train.steps=20", "train.eval_every=0", "train.eval_batches=2",
                                    "train.save_every=10"],
           measured=[("behaviour.json", "JSON replies"), ("behaviour.correct", "right answers")]),
-    Stage("dpo", "dpo", "smollm2-135m-dpo.yaml", [],
+    Stage("dpo", "dpo", "smollm2-135m-dpo.yaml", [*_RETAIN],
           ["train.steps=24", "train.eval_every=0", "train.eval_batches=3", "train.save_every=12"], "sft",
           measured=[("behaviour.explanation_first", "explanation first"), ("behaviour.json", "JSON replies")]),
     Stage("grpo", "grpo", "smollm2-135m-grpo.yaml",
-          [f"data.path={ARITH_FACTS_DIR}", "grpo.rewards=[accuracy]", "train.lr=5e-4", *_RL],
+          [f"data.path={ARITH_FACTS_DIR}", "grpo.rewards=[accuracy]", "train.lr=5e-4", *_RL, *_RETAIN],
           ["train.steps=10", "train.save_every=5"], "dpo",
           measured=[("eval_change.reward", "held-out accuracy")]),
     Stage("rlvr", "rlvr", "smollm2-135m-rlvr.yaml",
-          [f"data.path={ARITH_SUMS_DIR}", "grpo.rewards=[]", "train.lr=1e-3", *_RL],
+          [f"data.path={ARITH_SUMS_DIR}", "grpo.rewards=[]", "train.lr=1e-3", *_RL, *_RETAIN],
           ["train.steps=12", "train.save_every=6"], "grpo",
           measured=[("eval_change.final_acc", "held-out final accuracy")]),
 ]
@@ -104,7 +114,34 @@ def stage_rows(stage: Stage, s: dict) -> list[list]:
         rows.append((common if i == 0 else ["", "", ""]) +
                     [f"{label} (n={n})" if n else label, shown,
                      (", ".join(warned) or "ok") if i == 0 else ""])
+    kept = retention_row(s)
+    if kept:
+        rows.append(["", "", "", *kept])
     return rows
+
+
+def retention_row(s: dict) -> list | None:
+    """``[label, before -> after (kept ..), verdict]`` of the general text's perplexity, or None without it.
+
+    >>> retention_row({"eval_tasks": {"before": {"ppl:x": {"ppl": 20.0}}, "after": {"ppl:x": {"ppl": 21.0}},
+    ...                               "min_retention": 0.9}})
+    ['general text perplexity (cost)', '20.00 -> 21.00 (kept 0.95)', 'kept >= 0.9']
+    """
+    ev = s.get("eval_tasks") or {}
+
+    def ppl(when: str):  # the retention task's perplexity (the only task of a demo stage)
+        tasks = ev.get(when) or {}
+        metrics = tasks.get(RETENTION_TASK) or (next(iter(tasks.values())) if len(tasks) == 1 else {})
+        v = (metrics or {}).get("ppl")
+        return v if isinstance(v, (int, float)) and v > 0 else None
+
+    b, a = ppl("before"), ppl("after")
+    if b is None or a is None:
+        return None
+    kept = b / a
+    ok = kept >= ev.get("min_retention", RETENTION_MIN) - 1e-9
+    return ["general text perplexity (cost)", f"{b:.2f} -> {a:.2f} (kept {kept:.2f})",
+            f"kept {'>=' if ok else '<'} {ev.get('min_retention', RETENTION_MIN)}"]
 
 
 def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | None = None, reporter,
