@@ -5,6 +5,7 @@
                                                                  # else from the base model)
     python benchmarks/bench_learning.py --method grpo --steps 100 --measure-every 10
     python benchmarks/bench_learning.py --model DIR --out benchmarks/results/learning-mine
+    python benchmarks/bench_learning.py --method grpo --set grpo.eval_prompts=96 --set grpo:data.path=DIR
 
 The stages are the demo's (:data:`mlxpost.tools.demo.STAGES`: the same
 data, recipes and settings), run longer and measured while they train
@@ -24,7 +25,9 @@ rlvr      two-digit sums (``arithmetic`` verifier),   final-answer (and step) ac
           from the GRPO run
 ========  ==========================================  ====================================================
 
-Every run is an ordinary run directory under ``--out`` (resumable: a killed
+Every stage also measures what it cost, as the demo does: the perplexity of
+the bundled everyday prose (:data:`mlxpost.assets.GENERAL_TEXT`) before and
+after, as the share kept. Every run is an ordinary run directory under ``--out`` (resumable: a killed
 benchmark continues where it stopped; a finished stage is read back, not
 rerun; delete it to rerun). Printed: a table of before -> after with the 95%
 interval of the paired change (:func:`mlxpost.stats.paired_change`), the
@@ -46,7 +49,7 @@ from pathlib import Path  # noqa: E402
 from mlxpost.config import RunConfig, build_config  # noqa: E402
 from mlxpost.methods import get as get_method  # noqa: E402
 from mlxpost.stats import describe  # noqa: E402
-from mlxpost.tools.demo import STAGES, lookup, recipe_path  # noqa: E402
+from mlxpost.tools.demo import STAGES, lookup, recipe_path, retention_row  # noqa: E402
 from mlxpost.training.pipeline import run  # noqa: E402
 from mlxpost.training.resume import resume_config  # noqa: E402
 from mlxpost.ui import make_reporter  # noqa: E402
@@ -145,6 +148,9 @@ def table_rows(method: str, summary: dict, curve: dict) -> list[list]:
         pts = curve.get(name) or []
         if len(pts) >= 2:
             rows.append(["", "", "", name, f"{pts[0][1]:.3f} -> {pts[-1][1]:.3f}", ""])
+    kept = retention_row(summary)  # what the stage cost: general text's perplexity (the demo's train.eval_tasks)
+    if kept:
+        rows.append(["", "", "", kept[0], f"{kept[1]}: {kept[2]}", ""])
     return rows
 
 
