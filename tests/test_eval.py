@@ -460,6 +460,41 @@ def test_train_eval_tasks_run_before_and_after_training(tmp_path, tiny_model, sf
     assert comp.rows[0].cells[f"eval:{ppl_key}/ppl"].mean == pytest.approx(a)
 
 
+def test_a_run_from_another_takes_its_evaluation_after_training_as_baseline(tmp_path, tiny_model, sft_data,
+                                                                          pref_data):
+    """DPO --from an SFT run that measured the same tasks after training starts from that very model: the
+    evaluation is copied, not measured again; once the SFT run's adapter changes, it is measured."""
+    from safetensors.numpy import load_file, save_file
+
+    tasks = f"train.eval_tasks=[ppl:{sft_data / 'valid.jsonl'}]"
+    common = [f"model.path={tiny_model}", "train.steps=2", tasks, "train.eval_limit=4", f"output.dir={tmp_path}",
+              "train.eval_every=0"]
+    sft = build_config(None, common + [f"data.path={sft_data}", "output.name=sft", "sft.gate_max_val_ppl=1e9"],
+                       method="sft")
+    sft_dir, _ = run_training(sft, reporter=NullReporter())
+    after = json.loads(next((sft_dir / "eval").glob("*.json")).read_text())
+
+    def dpo(name: str, *extra) -> dict:
+        cfg = build_config(None, common + [f"data.path={pref_data}", f"output.name={name}",
+                                           f"preference.from_run={sft_dir}", *extra], method="dpo")
+        path, _ = run_training(cfg, reporter=NullReporter())
+        return json.loads((path / "baseline_metrics.json").read_text())
+
+    copied = dpo("dpo")
+    assert copied["target"]["copied_from"] == str(sft_dir / "eval")
+    assert copied["tasks"] == after["tasks"]
+    # Other settings of the task (here its limit): measured.
+    assert "copied_from" not in dpo("dpo-limit", "train.eval_limit=3")["target"]
+    # The SFT run's adapter is no longer the one evaluated: measured, and the value differs.
+    weights = sft_dir / "adapters.safetensors"
+    save_file({k: v * 3 for k, v in load_file(str(weights)).items()}, str(weights))
+    measured = dpo("dpo-changed")
+    key = f"ppl:{sft_data / 'valid.jsonl'}"
+    assert "copied_from" not in measured["target"]
+    assert measured["tasks"][key]["metrics"]["ppl"]["value"] != pytest.approx(
+        after["tasks"][key]["metrics"]["ppl"]["value"], rel=1e-4)
+
+
 def test_train_eval_tasks_are_checked_before_the_model_loads(tmp_path, tiny_model, sft_data):
     cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", "train.steps=2",
                               "train.eval_tasks=[humaneval]", f"output.dir={tmp_path}"], method="sft")

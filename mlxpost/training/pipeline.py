@@ -357,7 +357,8 @@ def run(cfg: RunConfig, objective_for: Callable[[Prepared], Objective] | None = 
     if world is not None and not kind.distributed:
         raise MlxpostError(f"{cfg.method} runs in one process for now (distributed rollouts are not supported)")
     require_tracker(cfg.train.report_to)  # a missing package stops the run before its directory exists
-    stage_eval = StageEval.from_config(cfg) if rank == 0 else None  # train.eval_tasks, checked before loading
+    # train.eval_tasks, checked before loading; a --from run's evaluation after training is this run's baseline
+    stage_eval = StageEval.from_config(cfg, from_run(cfg, method)) if rank == 0 else None
     rundir = start_run(cfg, world, rank, resume, reporter)
     reporter.info(f"run directory: {shown_path(rundir.path)}")
     try:
