@@ -95,3 +95,67 @@ def test_model_shape_reads_an_mlx_lm_model(tiny_model):
     assert (s.blocks, s.hidden, s.intermediate, s.vocab) == (a.num_hidden_layers, a.hidden_size,
                                                              a.intermediate_size, a.vocab_size)
     assert s.weight_bytes == sum(v.nbytes for _, v in tree_flatten(lm.model.parameters()))
+
+
+def test_sampling_merges_the_adapters_only_while_the_copies_fit_the_budget():
+    s = memory.ModelShape(**{**QWEN05.__dict__, "merged": 1_431_000_000})
+    assert memory.plan(s, 16e9, batch_size=2, grad_accum=1, length=1024, query_chunk=96).merge
+    tight = memory.plan(s, 2.8e9, batch_size=2, grad_accum=1, length=1024, query_chunk=96)
+    assert not tight.merge and tight.fits and "adapters not merged while sampling" in tight.describe()
+    assert tight.peak == max(tight.estimate.total, memory.sampling_peak(s, False))
+    # Without merged copies to make (no adapters), sampling never breaks the budget.
+    assert memory.sampling_peak(QWEN05, True) == memory.sampling_peak(QWEN05, False)
+
+
+def test_unmerged_sampling_keeps_the_layers_and_gives_the_same_tokens(tiny_model):
+    import mlx.core as mx
+
+    from mlxpost.core.sampling import Sampling
+    from mlxpost.model.adapters import attach_adapters, resolve_targets
+    from mlxpost.model.load import load_model
+    from mlxpost.model.lora import adapter_modules, adapters_merged, merged_bytes, set_merge_for_sampling
+    from mlxpost.rl.rollout import sample_groups
+
+    lm = load_model(str(tiny_model), dtype="float32")
+    model = lm.model
+    attach_adapters(model, rank=4, scale=2.0, keys=resolve_targets(model, "all-linear"))
+    for _, m in adapter_modules(model):  # away from zero, so that merging changes the layers
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    adapted = [m.linear for _, m in adapter_modules(model)]
+    assert merged_bytes(model) == sum(w.weight.nbytes for w in adapted) > 0
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    merged = sample_groups(model, lm.tokenizer, [[1, 2, 3], [4, 5]], 1, greedy).completions
+    set_merge_for_sampling(model, False)
+    with adapters_merged(model):
+        assert all(m.linear is w and m.adapter_enabled for (_, m), w in zip(adapter_modules(model), adapted))
+    assert sample_groups(model, lm.tokenizer, [[1, 2, 3], [4, 5]], 1, greedy).completions == merged
+
+
+def test_an_rl_run_under_budget_splits_its_completions_and_samples_unmerged(tiny_model, tmp_path):
+    from mlxpost.assets import ARITH_TASKS_DIR
+    from mlxpost.model.lora import merges_for_sampling
+
+    def grpo(*sets, rep=None):
+        cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={ARITH_TASKS_DIR}", "grpo.group_size=4",
+                                  "grpo.prompts_per_step=2", "grpo.max_new_tokens=4", "grpo.max_prompt_len=256",
+                                  "grpo.rewards=[format]", "grpo.eval_prompts=0", "model.dtype=float32", *sets],
+                           method="grpo")
+        prep = prepare(cfg, rep or NullReporter())
+        return cfg, prep, dict(setup_rows(prep, data_kind(prep.method.data), total_steps(cfg, prep.train), 1))
+
+    cfg, prep, rows = grpo("train.max_memory_gb=0")
+    model = prep.loaded.model
+    assert merges_for_sampling(model) and cfg.grpo.micro_batch is None  # 8 completions in one pass
+    shape = memory.ModelShape.of(model)
+    eight, four = (memory.estimate(shape, n, 260, checkpoint=True, query_chunk=prep.chunk).total for n in (8, 4))
+    cfg, prep, rows = grpo(f"train.max_memory_gb={(four + eight) / 2 / 1e9}")
+    assert cfg.train.grad_checkpoint and cfg.grpo.micro_batch == 4
+    assert cfg.train.grad_accum == 2  # the RL source accumulates the two passes into one step
+    assert merges_for_sampling(prep.loaded.model) and "micro-batch 4" in rows["memory"]
+    # A budget below the merged copies: sampling leaves the adapters unmerged (the tiny model's training
+    # needs more than that too, so this budget is also a warning).
+    rep = Warnings()
+    between = (memory.sampling_peak(shape, False) + memory.sampling_peak(shape, True)) / 2
+    cfg, prep, rows = grpo(f"train.max_memory_gb={between / 1e9}", rep=rep)
+    assert not merges_for_sampling(prep.loaded.model) and "not merged" in rows["memory"]
+    assert cfg.grpo.micro_batch == 1 and any("over the budget" in w for w in rep.warnings)

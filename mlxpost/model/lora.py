@@ -144,6 +144,21 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
             m.adapter_enabled = b
 
 
+def set_merge_for_sampling(model: nn.Module, merge: bool) -> None:
+    """Whether :func:`adapters_merged` merges this model's adapters (True unless a memory budget says no)."""
+    object.__setattr__(model, "_mlxpost_merge_for_sampling", bool(merge))
+
+
+def merges_for_sampling(model: nn.Module) -> bool:
+    return getattr(model, "_mlxpost_merge_for_sampling", True)
+
+
+def merged_bytes(model: nn.Module) -> int:
+    """Bytes the merged copies of :func:`adapters_merged` take: the weights of the adapted float layers."""
+    return sum(m.linear.weight.nbytes for _, m in adapter_modules(model)
+               if m.adapter_enabled and not isinstance(m.linear, nn.QuantizedLinear))
+
+
 @contextmanager
 def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block every adapter on a float base layer is merged into its weight (for generation).
@@ -156,9 +171,16 @@ def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
     quantized layers stay unmerged (merging would dequantize them), and so
     do adapters that are switched off. Not for use inside a compiled
     training step: it changes the model's structure.
+
+    The merged copies take as many bytes as the adapted layers' weights
+    while they exist (1.4 GB more for LoRA on every linear layer of a
+    0.5B-parameter model in float32). A run under a memory budget that
+    cannot hold them turns merging off (:func:`set_merge_for_sampling`,
+    chosen by :mod:`mlxpost.training.memory`); the block then leaves the
+    adapters as they are.
     """
     mods = [m for _, m in adapter_modules(model)
-            if m.adapter_enabled and not isinstance(m.linear, nn.QuantizedLinear)]
+            if m.adapter_enabled and not isinstance(m.linear, nn.QuantizedLinear)] if merges_for_sampling(model) else []
     saved = [m.linear for m in mods]
     try:
         for m in mods:

@@ -49,6 +49,7 @@ from ..model.adapters import (
     trainable_count,
 )
 from ..model.load import LoadedModel, compute_dtype, is_quantized, load_model, quantize_blocks
+from ..model.lora import set_merge_for_sampling
 from ..model.peft import load_init_adapter
 from . import memory
 from .distributed import agree, world_group
@@ -216,8 +217,10 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None,
 
 def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
     """Apply ``train.max_memory_gb`` (see :mod:`mlxpost.training.memory`): may turn on gradient checkpointing
-    and split the micro-batch in ``cfg.train``; warns when the budget cannot be met. The plan, or None."""
+    and split the micro-batch in ``cfg.train`` (online RL: ``grpo.micro_batch``, completions per pass), and
+    says whether sampling may merge the adapters; warns when the budget cannot be met. The plan, or None."""
     t = cfg.train
+    set_merge_for_sampling(model, True)  # a model reused across runs (sweeps) starts from the default
     if t.max_memory_gb == 0:
         return None
     budget = memory.default_budget() if t.max_memory_gb == -1 else t.max_memory_gb * memory.GB
@@ -225,17 +228,23 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
     if method.data == "prompts":  # rollouts: completions of grpo.max_prompt_len + max_new_tokens, sized by the method
         sec = next((getattr(cfg, n) for n in method.sections if hasattr(getattr(cfg, n, None), "max_new_tokens")), None)
         length = (getattr(sec, "max_prompt_len", 0) or 0) + (getattr(sec, "max_new_tokens", 0) or 0) or cfg.data.max_seq_len
-        rows = getattr(sec, "micro_batch", None) or t.batch_size
-        p = memory.plan(shape, budget, batch_size=rows, grad_accum=t.grad_accum, length=length,
-                        checkpoint=t.grad_checkpoint, query_chunk=chunk, can_split=False)
+        settings = method.settings(cfg) if hasattr(method, "settings") else None
+        rows = settings.micro_batch if settings else (getattr(sec, "micro_batch", None) or t.batch_size)
+        # A smaller micro-batch of completions (a divisor of the step's) accumulates into the same step.
+        p = memory.plan(shape, budget, batch_size=rows, grad_accum=1, length=length, checkpoint=t.grad_checkpoint,
+                        query_chunk=chunk)
+        t.grad_checkpoint = p.checkpoint
+        if settings and p.batch_size != rows:
+            sec.micro_batch = p.batch_size
     else:
         length = cfg.data.pack_len or cfg.data.max_seq_len
         p = memory.plan(shape, budget, batch_size=t.batch_size, grad_accum=t.grad_accum, length=length,
                         rows_per_item=2 if method.data == "pairs" else 1, checkpoint=t.grad_checkpoint,
                         query_chunk=chunk)
-    t.grad_checkpoint, t.batch_size, t.grad_accum = p.checkpoint, p.batch_size, p.grad_accum
+        t.grad_checkpoint, t.batch_size, t.grad_accum = p.checkpoint, p.batch_size, p.grad_accum
+    set_merge_for_sampling(model, p.merge)
     if not p.fits:
-        rep.warn(f"train.max_memory_gb: the estimated peak memory is {p.estimate.total / memory.GB:.1f} GB "
+        rep.warn(f"train.max_memory_gb: the estimated peak memory is {p.peak / memory.GB:.1f} GB "
                  f"(weights {p.estimate.weights / memory.GB:.1f} GB) even with gradient checkpointing and a "
                  f"micro-batch of {p.batch_size}, over the budget of {budget / memory.GB:.1f} GB: shorten "
                  f"data.max_seq_len, quantize the base (--quantize 4) or raise --max-memory")
