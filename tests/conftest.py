@@ -107,8 +107,11 @@ def sft_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _seed():
+    from mlxpost.core.logprobs import set_head_chunk_bytes
+
     mx.random.seed(0)
     yield
+    set_head_chunk_bytes(None)  # a run under a tight memory budget lowers it for the process
 
 
 def mlxpost_env() -> dict:

@@ -144,7 +144,7 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(llama, tiny_qwen,
         weights = mx.random.normal(b.weights.shape)
         model = lm.model
         v0, g0 = nn.value_and_grad(model, _weighted_loss(b, split, False, weights))(model)
-        monkeypatch.setattr(lpmod, "HEAD_CHUNK_BYTES", 7 * 4 * model.args.vocab_size)  # 7 rows a chunk
+        lpmod.set_head_chunk_bytes(7 * 4 * model.args.vocab_size)  # 7 rows a chunk (conftest resets it)
         assert lpmod.head_chunk(model.args.vocab_size, 100) == 16  # never below 16 rows by default...
         monkeypatch.setattr(lpmod, "head_chunk", lambda vocab, rows, budget=None: min(rows, 7))  # ...so force 7
         for grad in (True, False):

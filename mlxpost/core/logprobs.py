@@ -47,8 +47,16 @@ from .forward import forward
 
 REDUCTIONS = ("none", "sum", "mean")
 
-# Float32 logits one chunk of positions may hold in the output layer (see the module doc).
+# Float32 logits one chunk of positions may hold in the output layer (see the module doc). A run under a
+# tight memory budget lowers it (set_head_chunk_bytes; mlxpost.training.memory): smaller chunks, more of them.
 HEAD_CHUNK_BYTES = 64 << 20
+_head_chunk_bytes = HEAD_CHUNK_BYTES
+
+
+def set_head_chunk_bytes(nbytes: int | None) -> None:
+    """Bytes of float32 logits per chunk of the output layer for this process (None: the default)."""
+    global _head_chunk_bytes
+    _head_chunk_bytes = int(nbytes) if nbytes else HEAD_CHUNK_BYTES
 
 
 @dataclass
@@ -110,7 +118,7 @@ def head_chunk(vocab: int, rows: int, budget: int | None = None) -> int:
     (110, 341, 100)
     """
     per_row = 4 * vocab
-    return max(1, min(rows, max(16, (budget or HEAD_CHUNK_BYTES) // per_row)))
+    return max(1, min(rows, max(16, (budget or _head_chunk_bytes) // per_row)))
 
 
 def head_logprobs(head: Callable, h: mx.array, targets: mx.array, *, grad: bool = False,

@@ -23,8 +23,13 @@ length`` positions through ``n`` blocks of width ``D``, MLP width ``I``,
   saved activations and their gradients while that block is recomputed
   (twice the per-block term above);
 * the output layer: the fused log-prob pass (:mod:`mlxpost.core.logprobs`)
-  keeps (T, D) gradient vectors and works on chunks of
-  ``HEAD_CHUNK_BYTES``; a few chunks are alive at a time.
+  keeps (T, D) gradient vectors and works on chunks of ``HEAD_CHUNK_BYTES``
+  of logits; ``HEAD_ALIVE`` chunks' worth are alive at the peak (fitted:
+  at Qwen2.5-0.5B's shapes, checkpointed, one row of 1024, the peak fell
+  from 3.02 to 2.59 GB when the chunks went from 64 to 16 MB, i.e. about
+  nine chunks). Under a budget that checkpointing and the smallest
+  micro-batch cannot meet, the plan lowers the chunk to 32 then 16 MB (more,
+  smaller products in the output layer).
 
 Sampling (the rollouts of online RL, the replies before and after every
 run) has its own peak: the weights, the optimizer state, and the merged
@@ -38,7 +43,9 @@ since it costs the least time.
 ``ACT_D`` and ``ACT_I`` were fitted on Qwen2.5-0.5B's shapes (hidden 896,
 MLP 4864, 24 blocks, 2 x 1024 positions, float32 on the CPU, LoRA on every
 linear): MLX's measured peak was 10.4 GB without checkpointing and 3.1 GB
-with it (estimates: 10.9 and 3.2); see
+with it (estimates: 11.3 and 3.6: on the safe side; one row of 1024,
+checkpointed: 3.02 measured, 3.10 estimated; with 16 MB chunks 2.59 and
+2.65); see
 benchmarks/bench_memory.py. The same constants are used on every backend:
 what the backward pass keeps is the graph's, not the device's.
 
@@ -63,6 +70,8 @@ from ..model.lora import merged_bytes
 
 ACT_D = 10  # per position and block, in units of the hidden width: norms, q/k/v/o inputs, residuals, LoRA
 ACT_I = 4  # ... of the MLP width: gate, up, activation, product
+HEAD_ALIVE = 9  # chunks of output-layer logits alive at the peak (see the module doc)
+HEAD_CHUNKS_TRIED = (HEAD_CHUNK_BYTES, 32 << 20, 16 << 20)  # chunk sizes the plan may choose, largest first
 GB = 1e9
 
 
@@ -112,15 +121,20 @@ class Estimate:
         return self.weights + self.optimizer + self.activations + self.head
 
 
-def estimate(shape: ModelShape, rows: int, length: int, *, checkpoint: bool, query_chunk: int | None) -> Estimate:
+def estimate(shape: ModelShape, rows: int, length: int, *, checkpoint: bool, query_chunk: int | None,
+             head_chunk_bytes: int = HEAD_CHUNK_BYTES) -> Estimate:
     """Peak bytes of one micro-batch of ``rows x length`` positions (see the module doc).
 
     >>> s = ModelShape(blocks=24, hidden=896, intermediate=4864, heads=14, vocab=151_936,
     ...                weight_bytes=1_976_000_000, trainable=4_399_104)
     >>> round(estimate(s, 2, 1024, checkpoint=False, query_chunk=96).total / 1e9, 1)  # measured: 10.42
-    10.9
+    11.3
     >>> round(estimate(s, 2, 1024, checkpoint=True, query_chunk=96).total / 1e9, 1)  # measured: 3.11
-    3.2
+    3.6
+    >>> round(estimate(s, 1, 1024, checkpoint=True, query_chunk=96).total / 1e9, 2)  # measured: 3.02
+    3.1
+    >>> round(estimate(s, 1, 1024, checkpoint=True, query_chunk=96, head_chunk_bytes=16 << 20).total / 1e9, 2)
+    2.65
     """
     T = rows * length
     seen = (length + (query_chunk or 0)) / 2 if query_chunk else length  # keys per query, on average
@@ -129,8 +143,8 @@ def estimate(shape: ModelShape, rows: int, length: int, *, checkpoint: bool, que
         activations = T * shape.blocks * shape.hidden * shape.itemsize + 2 * per_block
     else:
         activations = shape.blocks * per_block
-    head_chunk = min(T * shape.vocab * 4, HEAD_CHUNK_BYTES)
-    head = T * shape.hidden * 4 + 3 * head_chunk
+    head_chunk = min(T * shape.vocab * 4, head_chunk_bytes)
+    head = T * shape.hidden * 4 + HEAD_ALIVE * head_chunk
     return Estimate(weights=float(shape.weight_bytes), optimizer=16.0 * shape.trainable, activations=float(activations),
                     head=float(head))
 
@@ -157,6 +171,7 @@ class Plan:
     changed: bool
     merge: bool = True  # adapters merged into the weights while sampling
     sampling: float = 0.0  # estimated peak while sampling (with the chosen merge)
+    head_chunk_bytes: int = HEAD_CHUNK_BYTES  # logits per chunk of the output layer
 
     @property
     def peak(self) -> float:
@@ -170,6 +185,8 @@ class Plan:
                          + f"micro-batch {self.batch_size} x {self.grad_accum} accumulated (chosen to fit)")
         elif self.checkpoint:
             parts.append("gradient checkpointing")
+        if self.head_chunk_bytes != HEAD_CHUNK_BYTES:
+            parts.append(f"output layer in chunks of {self.head_chunk_bytes >> 20} MB of logits (chosen to fit)")
         if not self.merge:
             parts.append("adapters not merged while sampling (chosen to fit)")
         return ": ".join(parts)
@@ -206,24 +223,26 @@ def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, 
     (False, True, 1, True)
     """
     merge = sampling_peak(shape, True) <= budget
-    def est(ckpt, bs):
-        return estimate(shape, bs * rows_per_item, length, checkpoint=ckpt, query_chunk=query_chunk)
+    def est(ckpt, bs, head=HEAD_CHUNK_BYTES):
+        return estimate(shape, bs * rows_per_item, length, checkpoint=ckpt, query_chunk=query_chunk,
+                        head_chunk_bytes=head)
 
-    options = [(checkpoint, batch_size, grad_accum)]
+    given = (checkpoint, batch_size, grad_accum)
+    options = [given]
     if not checkpoint:
         options.append((True, batch_size, grad_accum))
     if can_split:  # smaller micro-batches that divide the given one: the same rows per optimizer step
         options += [(True, d, grad_accum * (batch_size // d)) for d in range(batch_size - 1, 0, -1)
                     if batch_size % d == 0]
+    options = [(*o, HEAD_CHUNK_BYTES) for o in options]
+    options += [(*options[-1][:3], head) for head in HEAD_CHUNKS_TRIED[1:]]  # last: smaller output-layer chunks
     sampling = sampling_peak(shape, merge)
-    for ckpt, b, a in options:
-        e = est(ckpt, b)
+    for ckpt, b, a, head in options:
+        e = est(ckpt, b, head)
         if e.total <= budget:
-            return Plan(budget, ckpt, b, a, e, sampling <= budget, (ckpt, b, a) != (checkpoint, batch_size, grad_accum),
-                        merge, sampling)
-    ckpt, b, a = options[-1]
-    return Plan(budget, ckpt, b, a, est(ckpt, b), False, (ckpt, b, a) != (checkpoint, batch_size, grad_accum),
-                merge, sampling)
+            return Plan(budget, ckpt, b, a, e, sampling <= budget, (ckpt, b, a) != given, merge, sampling, head)
+    ckpt, b, a, head = options[-1]
+    return Plan(budget, ckpt, b, a, est(ckpt, b, head), False, (ckpt, b, a) != given, merge, sampling, head)
 
 
 def machine_memory() -> int:

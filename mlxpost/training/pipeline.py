@@ -31,7 +31,7 @@ from ..config import RunConfig, dump_yaml, method_of, with_absolute_paths
 from ..core.batches import BatchSource
 from ..core.flops import flop_model, throughput, training_flops
 from ..core.forward import attention_chunk, set_attention_chunk
-from ..core.logprobs import HeadSplit
+from ..core.logprobs import HeadSplit, set_head_chunk_bytes
 from ..core.probes import resolve_attention_chunk
 from ..errors import MlxpostError
 from ..eval.stage import StageEval
@@ -220,7 +220,8 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
     and split the micro-batch in ``cfg.train`` (online RL: ``grpo.micro_batch``, completions per pass), and
     says whether sampling may merge the adapters; warns when the budget cannot be met. The plan, or None."""
     t = cfg.train
-    set_merge_for_sampling(model, True)  # a model reused across runs (sweeps) starts from the default
+    set_merge_for_sampling(model, True)  # a model reused across runs (sweeps) starts from the defaults
+    set_head_chunk_bytes(None)
     if t.max_memory_gb == 0:
         return None
     budget = memory.default_budget() if t.max_memory_gb == -1 else t.max_memory_gb * memory.GB
@@ -243,6 +244,7 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
                         query_chunk=chunk)
         t.grad_checkpoint, t.batch_size, t.grad_accum = p.checkpoint, p.batch_size, p.grad_accum
     set_merge_for_sampling(model, p.merge)
+    set_head_chunk_bytes(p.head_chunk_bytes)
     if not p.fits:
         rep.warn(f"train.max_memory_gb: the estimated peak memory is {p.peak / memory.GB:.1f} GB "
                  f"(weights {p.estimate.weights / memory.GB:.1f} GB) even with gradient checkpointing and a "
