@@ -87,7 +87,8 @@ def facts_with_more_held_out(out: Path, n_valid: int) -> Path:
         train, valid = fact_questions(ops="+*", max_operand=12, n_valid=n_valid, seed=0)
         d.mkdir(parents=True, exist_ok=True)
         for name, rows in (("train", train), ("valid", valid)):
-            (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                             encoding="utf-8")
     return d
 
 
