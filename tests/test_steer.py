@@ -59,6 +59,36 @@ def test_steering_adds_exactly_lambda_v_and_vectors_compose(lm):
     np.testing.assert_allclose(h0s, want, rtol=0, atol=1e-6)
 
 
+def test_prompt_only_steering_shifts_the_prefill_and_leaves_the_decode_steps(lm):
+    """``:prompt``: the prompt's pass is steered exactly as with every position; a decode step (one
+    position, KV cache) equals the unsteered step on the steered prompt's cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    ids = mx.array([prompt_ids(lm, POS[:1])[0]])
+    nxt = mx.array([[5]])
+    v = mx.random.normal((lm.model.args.hidden_size,)) * 2.0
+    every, prompt = SteerSpec(1, v, 1.5), SteerSpec(1, v, 1.5, prompt_only=True)
+
+    def run(prefill_spec, decode_spec):
+        cache = make_prompt_cache(lm.model)
+        with steered(lm.model, [prefill_spec] if prefill_spec else []):
+            first = lm.model(ids, cache=cache)
+        with steered(lm.model, [decode_spec] if decode_spec else []):
+            second = lm.model(nxt, cache=cache)
+        return np.array(first), np.array(second)
+
+    p_first, p_second = run(prompt, prompt)
+    e_first, e_second = run(every, every)
+    m_first, m_second = run(every, None)  # by hand: steered prefill, plain decode step
+    np.testing.assert_array_equal(p_first, e_first)
+    np.testing.assert_array_equal(p_second, m_second)
+    assert np.abs(p_second - e_second).max() > 1e-3  # the decode step is not steered
+    assert np.abs(p_first - run(None, None)[0]).max() > 1e-3  # the prompt is
+    with pytest.raises(MlxpostError, match="VEC_DIR"):
+        parse_steer("nowhere:prompt")
+    assert parse_steer("v@2:1:prompt") == ("v", 2.0, 1)
+
+
 @pytest.mark.parametrize("position", ["last", "mean"])
 def test_batched_extraction_equals_a_naive_per_prompt_loop(lm, position):
     seqs = prompt_ids(lm, POS + NEG)

@@ -44,6 +44,7 @@ class SteerSpec:
     vector: mx.array  # (D,)
     scale: float
     name: str = ""
+    prompt_only: bool = False  # added in the prompt's pass only (see _Steer), not in the decode steps
 
 
 class _Stand:
@@ -59,15 +60,27 @@ class _Stand:
 
 
 class _Steer(_Stand):
-    """``block(h, ...) + add`` where ``add`` (D,) is the sum of every spec's ``λ·v`` for this block."""
+    """``block(h, ...) + add`` where ``add`` (D,) is the sum of every spec's ``λ·v`` for this block.
 
-    def __init__(self, block, add: mx.array):
+    ``prompt`` (D,) is added only in passes over more than one position: the
+    prompt's prefill, where generation reads a whole prompt at once. The
+    decode steps (one position each) run unsteered; the KV cache carries the
+    shifted prompt into every later token (Turner et al. 2023's ActAdd adds
+    at prompt positions only). A vector added at every position keeps pushing
+    each new token the same way, which can repeat a format's first token
+    instead of writing the rest of it. A one-token prompt is not steered.
+    """
+
+    def __init__(self, block, add: mx.array | None, prompt: mx.array | None = None):
         super().__init__(block)
-        self.add = add
+        self.add, self.prompt = add, prompt
 
     def __call__(self, h, *args, **kwargs):
         out = self.block(h, *args, **kwargs)
-        return out + self.add.astype(out.dtype)
+        add = self.add
+        if self.prompt is not None and out.shape[1] > 1:
+            add = self.prompt if add is None else add + self.prompt
+        return out if add is None else out + add.astype(out.dtype)
 
 
 class _Record(_Stand):
@@ -107,18 +120,21 @@ def steered(model: nn.Module, specs: Sequence[SteerSpec]) -> Iterator[nn.Module]
     """Inside the block, each spec's ``scale·vector`` is added to its layer's output; vectors on one layer sum.
 
     Specs with ``scale == 0`` are not installed at all, so ``steered(model,
-    [spec at λ=0])`` runs exactly the unsteered model. On exit the original
+    [spec at λ=0])`` runs exactly the unsteered model. ``prompt_only`` specs
+    are added in the prompt's pass only (see :class:`_Steer`). On exit the original
     blocks are back in place (the same objects), whatever happened inside.
     """
-    adds: dict[int, mx.array] = {}
+    adds: dict[tuple[int, bool], mx.array] = {}  # (layer, prompt only) -> the sum of λ·v
     for s in specs:
         _check_layer(model, s.layer)
         if s.scale == 0:
             continue
         v = mx.array(s.vector).reshape(-1)
-        adds[s.layer] = adds[s.layer] + s.scale * v if s.layer in adds else s.scale * v
+        key = (s.layer, bool(s.prompt_only))
+        adds[key] = adds[key] + s.scale * v if key in adds else s.scale * v
     blocks = model_blocks(model)
-    with _swapped(model, {i: _Steer(blocks[i], a) for i, a in adds.items()}):
+    layers = sorted({layer for layer, _ in adds})
+    with _swapped(model, {i: _Steer(blocks[i], adds.get((i, False)), adds.get((i, True))) for i in layers}):
         yield model
 
 

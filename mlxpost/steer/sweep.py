@@ -150,7 +150,7 @@ def reply_perplexity(model: nn.Module, prompts: list[list[int]], replies: list[l
 
 
 def _scaled(specs: Sequence[SteerSpec], lam: float, unit: Sequence[float]) -> list[SteerSpec]:
-    return [SteerSpec(s.layer, s.vector, s.scale * lam * u, s.name) for s, u in zip(specs, unit)]
+    return [SteerSpec(s.layer, s.vector, s.scale * lam * u, s.name, s.prompt_only) for s, u in zip(specs, unit)]
 
 
 def run_sweep(model, tokenizer, spec: SteerSpec | Sequence[SteerSpec], lambdas: Sequence[float],

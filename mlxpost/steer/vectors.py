@@ -175,19 +175,33 @@ def load_vectors(directory: str | Path) -> tuple[dict[int, mx.array], dict]:
     return {int(k.split(".")[1]): v for k, v in arrays.items()}, meta
 
 
+PROMPT_ONLY = ":prompt"  # the suffix of a --steer spec added at the prompt's positions only
+
+
+def steer_positions(spec: str) -> tuple[str, bool]:
+    """``(spec without a trailing :prompt, whether it had one)``.
+
+    >>> steer_positions("v@2:18:prompt"), steer_positions("v@2")
+    (('v@2:18', True), ('v@2', False))
+    """
+    return (spec[: -len(PROMPT_ONLY)], True) if spec.endswith(PROMPT_ONLY) else (spec, False)
+
+
 def parse_steer(spec: str) -> tuple[str, float, int | str | None]:
-    """``VEC_DIR@λ[:layer|:all]`` to ``(dir, λ, layer, "all" or None)``.
+    """``VEC_DIR@λ[:layer|:all][:prompt]`` to ``(dir, λ, layer, "all" or None)`` (``:prompt``:
+    :func:`steer_positions`).
 
     >>> parse_steer("vecs/json@1.5:12")
     ('vecs/json', 1.5, 12)
     >>> parse_steer("v@-2")
     ('v', -2.0, None)
-    >>> parse_steer("v@0.3:all")
-    ('v', 0.3, 'all')
+    >>> parse_steer("v@0.3:all"), parse_steer("v@1:12:prompt")
+    (('v', 0.3, 'all'), ('v', 1.0, 12))
     """
+    spec, _ = steer_positions(spec)
     path, at, rest = spec.rpartition("@")
     if not at or not path:
-        raise MlxpostError(f"--steer {spec!r}: expected VEC_DIR@LAMBDA[:LAYER|:all], e.g. vecs/json@2:12")
+        raise MlxpostError(f"--steer {spec!r}: expected VEC_DIR@LAMBDA[:LAYER|:all][:prompt], e.g. vecs/json@2:12")
     scale, _, layer = rest.partition(":")
     try:
         return path, float(scale), (layer if layer == "all" else int(layer) if layer else None)
@@ -216,21 +230,23 @@ def increments(vectors: dict[int, mx.array | np.ndarray]) -> dict[int, np.ndarra
 
 def steer_specs(model: nn.Module, specs: Sequence[str]) -> list[SteerSpec]:
     """``--steer`` options to :class:`SteerSpec` s (the layer defaults to the directory's best layer;
-    ``all``: every block of the directory with its :func:`increments`)."""
+    ``all``: every block of the directory with its :func:`increments`; ``:prompt`` at the end: added at the
+    prompt's positions only)."""
     out = []
     n = len(model_blocks(model))
     for s in specs:
         path, scale, layer = parse_steer(s)
+        prompt_only = steer_positions(s)[1]
         vectors, meta = load_vectors(path)
         if layer == "all":
             if max(vectors) >= n:
                 raise MlxpostError(f"--steer {s}: {path} has a vector for block {max(vectors)}; the model has {n}")
-            out += [SteerSpec(l, mx.array(v), scale, path) for l, v in increments(vectors).items()]
+            out += [SteerSpec(l, mx.array(v), scale, path, prompt_only) for l, v in increments(vectors).items()]
             continue
         layer = meta.get("best_layer") if layer is None else layer
         if layer not in vectors:
             raise MlxpostError(f"--steer {s}: {path} has vectors for layers {sorted(vectors)}, not {layer}")
         if layer >= n:
             raise MlxpostError(f"--steer {s}: layer {layer} is outside the model's {n} blocks")
-        out.append(SteerSpec(layer, vectors[layer], scale, path))
+        out.append(SteerSpec(layer, vectors[layer], scale, path, prompt_only))
     return out
