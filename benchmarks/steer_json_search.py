@@ -21,11 +21,17 @@ the strict JSON-answer rate (``check_json_answer``) and the share of replies
 that start with ``{``, with Wilson 95% intervals.
 
     python benchmarks/steer_json_search.py --run runs/demo/sft --out benchmarks/results/steer_json_search.json
+    python benchmarks/steer_json_search.py --run runs/demo/sft --prompt-only --only-combos \
+        --combos 'adapter-last:all:2;adapter-last:24:1'      # steering the prompt's pass only
+
+``--prompt-only`` adds the vectors in the prompt's pass only (``--steer
+DIR@λ:prompt``): the decode steps run on the shifted KV cache, unsteered.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -97,6 +103,8 @@ def main():
                     "VECTOR:BLOCK:STRENGTH terms (BLOCK 'all': raw λ on the increments; a block: α relative)")
     ap.add_argument("--only-combos", action="store_true", help="skip the grid, run only --combos")
     ap.add_argument("--cache", help="npz of the replies' vectors and norms (written when missing)")
+    ap.add_argument("--prompt-only", action="store_true",
+                    help="add every vector at the prompt's positions only (--steer ...:prompt), not while decoding")
     args = ap.parse_args()
     t_all = time.perf_counter()
     loaded = load_for_steering(None, args.run)
@@ -162,6 +170,9 @@ def main():
           ", ".join(f"{l}:{norms[l]:.1f}" for l in layers[::6]), flush=True)
 
     def run(name, specs, **info):
+        if args.prompt_only:
+            specs = [dataclasses.replace(x, prompt_only=True) for x in specs]
+            info["positions"] = "prompt"
         t = time.perf_counter()
         with adapters_off(model), steered(model, specs):
             texts = greedy_replies(model, tok, ev_ids, args.max_new_tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -18,7 +20,15 @@ from ..steer.aqi import aqi, bootstrap_interval
 from ..steer.extract import extract, load_for_steering, read_rows, read_sequences
 from ..steer.hooks import SteerSpec, model_blocks, steered
 from ..steer.sweep import Behaviour, run_sweep, table, write_outputs
-from ..steer.vectors import hidden_states, increments, load_vectors, parse_layers, parse_steer, steer_specs
+from ..steer.vectors import (
+    hidden_states,
+    increments,
+    load_vectors,
+    parse_layers,
+    parse_steer,
+    steer_positions,
+    steer_specs,
+)
 from ..ui import make_reporter
 
 
@@ -82,7 +92,10 @@ def extract_command(model, adapter, positive, negative, against, prompts, limit,
 @click.option("--reference", type=click.Path(dir_okay=False, exists=True),
               help="SFT rows whose completions' perplexity is measured at each λ (default: the neutral "
                    "prompts with their greedy replies at λ=0).")
-@click.option("--score", type=click.Choice(["json", "refusal", "length"]), default="json", show_default=True)
+@click.option("--score", type=click.Choice(["json", "json-object", "refusal", "length"]), default="json",
+              show_default=True, help="json: the demo's exact answer object; json-object: any JSON object.")
+@click.option("--prompt-only", is_flag=True,
+              help="Add the vectors in the prompt's pass only; the decode steps run unsteered (as --steer DIR@λ:prompt).")
 @click.option("--reward", "rewards", multiple=True, metavar="SPEC[@W]",
               help="Behaviour score from reward functions as grpo takes them (accuracy, FILE.py:fn, ...), fed "
                    "the prompt rows' columns; replaces --score.")
@@ -92,8 +105,8 @@ def extract_command(model, adapter, positive, negative, against, prompts, limit,
 @click.option("--aqi", "aqi_data", type=click.Path(dir_okay=False, exists=True),
               help="Labelled JSONL (label: aligned/misaligned): AQI at each λ, mean-pooled over every block.")
 @click.option("--out", required=True, type=click.Path(), help="Directory for sweep.json, sweep.md, sweep.png.")
-def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompts, neutral, reference, score, rewards,
-                  limit, max_new_tokens, max_side_effects, aqi_data, out):
+def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompts, neutral, reference, score,
+                  prompt_only, rewards, limit, max_new_tokens, max_side_effects, aqi_data, out):
     """Answer prompts greedily at each λ: behaviour score, side effects, verdicts, table and plot.
 
     \b
@@ -106,6 +119,8 @@ def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompt
     except ValueError:
         raise MlxpostError(f"--lambdas {lambdas!r}: expected numbers separated by commas") from None
     specs = [s for v in vectors_opts for s in _sweep_specs(v, layer)]
+    if prompt_only:
+        specs = [dataclasses.replace(s, prompt_only=True) for s in specs]
     vectors = ",".join(vectors_opts)
     loaded = load_for_steering(model, adapter)
     r = Renderer(loaded.tokenizer)
@@ -126,14 +141,16 @@ def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompt
     result = run_sweep(loaded.model, loaded.tokenizer, specs, grid, ps, ns, score=behaviour,
                        max_new_tokens=max_new_tokens, max_side_effects=max_side_effects, log=rep.info,
                        labelled=labelled, relative=relative, reference=ref)
-    result.update(vectors=str(vectors), model=model or "default", adapter=adapter, prompts=str(prompts),
+    result.update(vectors=str(vectors), positions="prompt" if any(s.prompt_only for s in specs) else "all",
+                  model=model or "default", adapter=adapter, prompts=str(prompts),
                   neutral=neutral and str(neutral), reference=reference and str(reference))
     write_outputs(result, out)
     _report_sweep(rep, result, out)
 
 
 def _sweep_specs(option: str, layer: str | None) -> list[SteerSpec]:
-    """One ``--vectors DIR[@W[:LAYER|:all]]``: its vectors at weight W (λ multiplies them in the sweep)."""
+    """One ``--vectors DIR[@W[:LAYER|:all]][:prompt]``: its vectors at weight W (λ multiplies them in the sweep)."""
+    option, prompt_only = steer_positions(option)
     if "@" in option:
         path, weight, own = parse_steer(option)
     else:
@@ -141,12 +158,12 @@ def _sweep_specs(option: str, layer: str | None) -> list[SteerSpec]:
     vecs, meta = load_vectors(path)
     spec = str(own) if own is not None else layer
     if spec == "all":
-        return [SteerSpec(l, mx.array(v), weight, path) for l, v in increments(vecs).items()]
+        return [SteerSpec(l, mx.array(v), weight, path, prompt_only) for l, v in increments(vecs).items()]
     layers = [meta.get("best_layer")] if spec is None else parse_layers(spec, max(vecs) + 1)
     for l in layers:
         if l not in vecs:
             raise MlxpostError(f"--layer {l}: {path} has vectors for layers {sorted(vecs)}")
-    return [SteerSpec(l, vecs[l], weight, path) for l in layers]
+    return [SteerSpec(l, vecs[l], weight, path, prompt_only) for l in layers]
 
 
 def _reward_behaviour(rewards, prompts, renderer, limit) -> Behaviour:

@@ -6,6 +6,7 @@ never fails on them.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Sequence
 
@@ -50,6 +51,26 @@ def json_rate(texts: Sequence[str]) -> float:
     return sum(map(check_json_answer, texts)) / len(texts) if texts else 0.0
 
 
+def is_json_object(text: str) -> bool:
+    """The reply (stripped) parses as one JSON object, whatever its keys; bounded: a reply is model output."""
+    t = text.strip()
+    if not (t.startswith("{") and t.endswith("}")) or len(t) > 100_000:
+        return False
+    try:
+        return isinstance(json.loads(t), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def json_object_rate(texts: Sequence[str]) -> float:
+    """Share of replies that are a JSON object of any keys (the format, without the demo's exact keys).
+
+    >>> json_object_rate(['{"answer": 2}', '{"answer": 2} ok', "two", "{"])
+    0.25
+    """
+    return sum(map(is_json_object, texts)) / len(texts) if texts else 0.0
+
+
 def mean_length(texts: Sequence[str]) -> float:
     """Mean number of whitespace-separated words.
 
@@ -59,4 +80,4 @@ def mean_length(texts: Sequence[str]) -> float:
     return sum(len(re.findall(r"\S+", t)) for t in texts) / len(texts) if texts else 0.0
 
 
-SCORES = {"json": json_rate, "refusal": refusal_rate, "length": mean_length}
+SCORES = {"json": json_rate, "json-object": json_object_rate, "refusal": refusal_rate, "length": mean_length}
