@@ -84,6 +84,22 @@ def test_prompt_only_steering_shifts_the_prefill_and_leaves_the_decode_steps(lm)
     np.testing.assert_array_equal(p_second, m_second)
     assert np.abs(p_second - e_second).max() > 1e-3  # the decode step is not steered
     assert np.abs(p_first - run(None, None)[0]).max() > 1e-3  # the prompt is
+    # Scoring a reply after its prompt (the sweep's perplexity): the prompt is steered, the reply is not.
+    from mlxpost.steer.sweep import reply_perplexity
+    prompt_ids_, reply = [int(x) for x in np.array(ids[0])], [5, 6, 7]
+    plain = reply_perplexity(lm.model, [prompt_ids_], [reply])
+    with steered(lm.model, [prompt]):
+        p_ppl = reply_perplexity(lm.model, [prompt_ids_], [reply])
+    with steered(lm.model, [every]):
+        e_ppl = reply_perplexity(lm.model, [prompt_ids_], [reply])
+    cache = make_prompt_cache(lm.model)
+    with steered(lm.model, [every]):
+        first = lm.model(ids, cache=cache)[:, -1:]
+    rest = lm.model(mx.array([reply[:-1]]), cache=cache)
+    lg = mx.concatenate([first, rest], axis=1)[0]
+    by_hand = float(np.exp(float(mx.mean(-mx.take_along_axis(lg - mx.logsumexp(lg, axis=-1, keepdims=True),
+                                                             mx.array(reply)[:, None], axis=-1)))))
+    assert p_ppl == pytest.approx(by_hand, rel=1e-5) and len({round(x, 4) for x in (plain, p_ppl, e_ppl)}) == 3
     with pytest.raises(MlxpostError, match="VEC_DIR"):
         parse_steer("nowhere:prompt")
     assert parse_steer("v@2:1:prompt") == ("v", 2.0, 1)

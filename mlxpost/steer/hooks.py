@@ -78,7 +78,7 @@ class _Steer(_Stand):
     def __call__(self, h, *args, **kwargs):
         out = self.block(h, *args, **kwargs)
         add = self.add
-        if self.prompt is not None and out.shape[1] > 1:
+        if self.prompt is not None and out.shape[1] > 1 and not _after_prompt[0]:
             add = self.prompt if add is None else add + self.prompt
         return out if add is None else out + add.astype(out.dtype)
 
@@ -94,6 +94,21 @@ class _Record(_Stand):
         out = self.block(h, *args, **kwargs)
         self.sink[self.layer] = out
         return out
+
+
+_after_prompt = [False]  # inside after_prompt(): passes of several positions are not the prompt's
+
+
+@contextmanager
+def after_prompt() -> Iterator[None]:
+    """Inside the block, a pass of several positions continues a prompt already in the KV cache (scoring a
+    reply in one pass), so prompt-only vectors are not added to it."""
+    before = _after_prompt[0]
+    _after_prompt[0] = True
+    try:
+        yield
+    finally:
+        _after_prompt[0] = before
 
 
 @contextmanager

@@ -30,9 +30,9 @@ from ..core.sampling import Sampling
 from ..errors import MlxpostError
 from ..files import atomic_write_json
 from ..rl.rewards import RewardSet
-from ..rl.rollout import sample_groups
+from ..rl.rollout import kv_caches, sample_groups
 from .aqi import aqi, bootstrap_interval
-from .hooks import SteerSpec, recording, steered
+from .hooks import SteerSpec, after_prompt, recording, steered
 from .scores import SCORES
 from .vectors import hidden_states
 
@@ -136,14 +136,20 @@ class Behaviour:
 def reply_perplexity(model: nn.Module, prompts: list[list[int]], replies: list[list[int]]) -> float:
     """exp(mean NLL) of the reply tokens given their prompts (one sequence at a time; few, short).
 
-    The side effect on fluency: the same replies scored under the steered and the unsteered model.
+    The side effect on fluency: the same replies scored under the steered and the unsteered model. The
+    prompt is read first into a KV cache, then the reply in one more pass (:func:`after_prompt`), so
+    prompt-only steering shifts the prompt and not the reply, as it does while generating.
     """
     nll, n = 0.0, 0
     for p, c in zip(prompts, replies):
         if not c:
             continue
-        ids = mx.array([p + c])
-        logits = model(ids[:, :-1]).astype(mx.float32)[0, len(p) - 1:]
+        cache = kv_caches().make_prompt_cache(model)
+        parts = [model(mx.array([p]), cache=cache)[:, -1:]]  # predicts c[0]
+        if len(c) > 1:
+            with after_prompt():
+                parts.append(model(mx.array([c[:-1]]), cache=cache))
+        logits = mx.concatenate(parts, axis=1).astype(mx.float32)[0]
         nll += float(nn.losses.cross_entropy(logits, mx.array(c), reduction="sum"))
         n += len(c)
     return float(np.exp(nll / n)) if n else float("nan")
