@@ -98,7 +98,10 @@ REWARD = '''def spread(completions, **columns):
 METHOD_ARGS = {
     "sft": ["--batch-size", "2", "--max-seq-len", "1024", "--batching", "pad"],
     "dpo": ["--batch-size", "1", "--max-seq-len", "1024", "--batching", "pad"],
-    "grpo": ["--group-size", "16", "--prompts-per-step", "1", "--max-new-tokens", "128"],
+    # Prompts of 88 tokens: grpo.max_prompt_len 96 lets the memory plan size its passes by them (it
+    # assumes prompts as long as grpo.max_prompt_len, 512 by default).
+    "grpo": ["--group-size", "16", "--prompts-per-step", "1", "--max-new-tokens", "128",
+             "--set", "grpo.max_prompt_len=96"],
 }
 
 
