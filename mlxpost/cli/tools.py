@@ -8,9 +8,9 @@ from ..backend.doctor import doctor_rows
 from ..core.generate import stream_text
 from ..hub.export import FORMATS, export
 from ..hub.gguf_export import QUANTS
-from ..tools.chat import load_for_generation
 from ..steer.hooks import steered
 from ..steer.vectors import steer_specs
+from ..tools.chat import load_for_generation
 from ..tools.demo import STAGES, run_demo
 from ..ui import make_reporter
 from .train import show_blas_advice
