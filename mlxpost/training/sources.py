@@ -353,9 +353,7 @@ class Prompts(DataKind):
             return None
         with rep.status(f"answering {len(rl['eval_rows'])} validation prompts ({when} training)"):
             t0 = time.time()
-            with sample_steering(prep.loaded.model, prep.cfg):  # sample.steer, as the SFT samples
-                ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
-                              rewards=rl["rewards"], verifier=rl["verifier"])
+            ev = self._validate(prep)
             ev["seconds"] = round(time.time() - t0, 1)
         shown = ", ".join(f"{k} {ev[k]:.3f}" for k in ("reward", "final_acc", "step_acc") if k in ev)
         rep.info(f"validation ({when} training): {shown}")
@@ -366,11 +364,17 @@ class Prompts(DataKind):
         rl = prep.state["rl"]
         if not rl["eval_rows"]:
             return None
-        with rep.status(f"answering {len(rl['eval_rows'])} validation prompts"), \
-                sample_steering(prep.loaded.model, prep.cfg):
-            ev = evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
-                          rewards=rl["rewards"], verifier=rl["verifier"])
+        with rep.status(f"answering {len(rl['eval_rows'])} validation prompts"):
+            ev = self._validate(prep)
         return {k: ev[k] for k in ("reward", "final_acc", "step_acc") if k in ev}
+
+    @staticmethod
+    def _validate(prep: Prepared) -> dict:
+        """Greedy answers to the validation prompts, scored; steered by ``sample.steer`` as the SFT samples are."""
+        rl = prep.state["rl"]
+        with sample_steering(prep.loaded.model, prep.cfg):
+            return evaluate(prep.loaded.model, prep.loaded.tokenizer, rl["eval_rows"], rl["settings"],
+                            rewards=rl["rewards"], verifier=rl["verifier"])
 
     def summarize(self, prep: Prepared, summary: dict, before, after) -> None:
         """The evaluations' means, and (when both ran on the same prompts) each change with its 95% interval."""
