@@ -62,6 +62,10 @@ class StageEval:
         serve as the baseline."""
         return StageEval(cfg.train, cfg.to_dict(), from_run) if cfg.train.eval_tasks else None
 
+    def after_path(self, run_dir: Path) -> Path:
+        """Where a run writes these tasks' evaluation after training."""
+        return Path(run_dir) / "eval" / f"{tasks_slug(self.tasks)}.json"
+
     def start_evaluation(self, ctx, model_dir: str) -> dict | None:
         """The ``--from`` run's evaluation after training when it is of this run's starting model and tasks.
 
@@ -72,7 +76,7 @@ class StageEval:
         evaluation is measured again)."""
         if self.from_run is None:
             return None
-        path = self.from_run / "eval" / f"{tasks_slug(self.tasks)}.json"
+        path = self.after_path(self.from_run)
         try:  # anything amiss (missing, unreadable, another adapter now): measure instead
             doc = read_json(path) if path.exists() else None
             if not isinstance(doc, dict) or not isinstance(doc.get("target"), dict) or \
@@ -99,7 +103,7 @@ class StageEval:
                  "when": when}
         if when == "after":  # the final adapter is written by now: the results are this run's (--baseline RUN)
             ident["adapters"] = adapter_identity(run_dir)
-        out = run_dir / BASELINE_FILE if when == "before" else run_dir / "eval" / f"{tasks_slug(self.tasks)}.json"
+        out = run_dir / BASELINE_FILE if when == "before" else self.after_path(run_dir)
         copied = self.start_evaluation(ctx, str(loaded.path)) if when == "before" else None
         if copied is not None:
             atomic_write_json(out, copied)
