@@ -197,10 +197,11 @@ def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, 
     """The fastest settings whose estimate fits ``budget`` bytes (the given ones when they fit).
 
     ``rows_per_item``: rows a batch item puts through the model (2 for a
-    preference pair). ``can_split``: whether the micro-batch may shrink (RL
-    methods size theirs elsewhere). Order tried: as given; checkpointing;
-    then smaller micro-batches (each a divisor of the given one) with more
-    accumulation, down to one item.
+    preference pair). ``can_split``: whether the micro-batch may shrink.
+    Order tried: as given; checkpointing; then smaller micro-batches (each a
+    divisor of the given one) with more accumulation, down to one item; then
+    smaller chunks of the output layer's logits. Sampling merges the
+    adapters when their copies fit, whatever the training step chose.
 
     >>> s = ModelShape(blocks=24, hidden=896, intermediate=4864, heads=14, vocab=151_936,
     ...                weight_bytes=1_976_000_000, trainable=4_399_104)
@@ -223,6 +224,7 @@ def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, 
     (False, True, 1, True)
     """
     merge = sampling_peak(shape, True) <= budget
+
     def est(ckpt, bs, head=HEAD_CHUNK_BYTES):
         return estimate(shape, bs * rows_per_item, length, checkpoint=ckpt, query_chunk=query_chunk,
                         head_chunk_bytes=head)

@@ -226,17 +226,16 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
         return None
     budget = memory.default_budget() if t.max_memory_gb == -1 else t.max_memory_gb * memory.GB
     shape = memory.ModelShape.of(model)
-    if method.data == "prompts":  # rollouts: completions of grpo.max_prompt_len + max_new_tokens, sized by the method
-        sec = next((getattr(cfg, n) for n in method.sections if hasattr(getattr(cfg, n, None), "max_new_tokens")), None)
-        length = (getattr(sec, "max_prompt_len", 0) or 0) + (getattr(sec, "max_new_tokens", 0) or 0) or cfg.data.max_seq_len
-        settings = method.settings(cfg) if hasattr(method, "settings") else None
-        rows = settings.micro_batch if settings else (getattr(sec, "micro_batch", None) or t.batch_size)
+    if method.data == "prompts":  # rollouts: prompts of up to max_prompt_len tokens, then the completions
+        ro = method.rollout(cfg)
+        rows = ro.settings.micro_batch  # completions per forward pass
         # A smaller micro-batch of completions (a divisor of the step's) accumulates into the same step.
-        p = memory.plan(shape, budget, batch_size=rows, grad_accum=1, length=length, checkpoint=t.grad_checkpoint,
-                        query_chunk=chunk)
+        p = memory.plan(shape, budget, batch_size=rows, grad_accum=1,
+                        length=ro.max_prompt_len + ro.settings.sampling.max_new_tokens,
+                        checkpoint=t.grad_checkpoint, query_chunk=chunk)
         t.grad_checkpoint = p.checkpoint
-        if settings and p.batch_size != rows:
-            sec.micro_batch = p.batch_size
+        if p.batch_size != rows:
+            cfg.grpo.micro_batch = p.batch_size  # what the online RL methods' settings read
     else:
         length = cfg.data.pack_len or cfg.data.max_seq_len
         p = memory.plan(shape, budget, batch_size=t.batch_size, grad_accum=t.grad_accum, length=length,
