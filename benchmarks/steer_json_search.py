@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -44,49 +43,20 @@ from mlxpost.assets.behaviour import check_json_answer, heldout_questions
 from mlxpost.backend.blas import maybe_reexec
 from mlxpost.data.render import Renderer
 from mlxpost.model.lora import adapters_off
+from mlxpost.stats import rate_interval
 from mlxpost.steer.extract import load_for_steering
-from mlxpost.steer.hooks import SteerSpec, model_blocks, recording, steered
-from mlxpost.steer.sweep import greedy_replies
+from mlxpost.steer.hooks import SteerSpec, model_blocks, steered
+from mlxpost.steer.scores import is_json_object
+from mlxpost.steer.sweep import greedy_replies, residual_norms
 from mlxpost.steer.vectors import hidden_states
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    z, p = 1.96, k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
-def residual_norms(model, seqs, layers) -> dict[int, float]:
-    """Mean L2 norm of each block's output over real tokens after the first (the first token's norm is an outlier)."""
-    tot = {l: 0.0 for l in layers}
-    n = 0
-    with recording(model, layers) as sink:
-        for s in seqs:
-            model(mx.array([s]))
-            for l in layers:
-                tot[l] += float(mx.linalg.norm(sink[l][0, 1:].astype(mx.float32), axis=-1).sum())
-            n += len(s) - 1
-    return {l: tot[l] / n for l in layers}
-
-
-def is_object(text: str) -> bool:
-    """Any JSON object (the strict check also wants exactly the keys answer and explanation)."""
-    try:
-        return isinstance(json.loads(text.strip()), dict)
-    except ValueError:
-        return False
 
 
 def score(texts):
     j = sum(map(check_json_answer, texts))
-    o = sum(map(is_object, texts))
+    o = sum(map(is_json_object, texts))
     b = sum(t.lstrip().startswith("{") for t in texts)
-    return {"json": j / len(texts), "json_ci": wilson(j, len(texts)), "object": o / len(texts),
-            "object_ci": wilson(o, len(texts)), "brace": b / len(texts), "brace_ci": wilson(b, len(texts))}
+    return {"json": j / len(texts), "json_ci": rate_interval(j, len(texts)), "object": o / len(texts),
+            "object_ci": rate_interval(o, len(texts)), "brace": b / len(texts), "brace_ci": rate_interval(b, len(texts))}
 
 
 def main():
