@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import click
-import mlx.core as mx
 import numpy as np
 
 from ..data.render import Renderer
@@ -20,9 +19,8 @@ from ..steer.extract import extract, load_for_steering, read_rows, read_sequence
 from ..steer.hooks import SteerSpec, model_blocks, steered
 from ..steer.sweep import Behaviour, run_sweep, table, write_outputs
 from ..steer.vectors import (
+    directory_specs,
     hidden_states,
-    increments,
-    load_vectors,
     parse_layers,
     parse_steer,
     steer_positions,
@@ -148,21 +146,12 @@ def sweep_command(vectors_opts, layer, model, adapter, lambdas, relative, prompt
 
 
 def _sweep_specs(option: str, layer: str | None) -> list[SteerSpec]:
-    """One ``--vectors DIR[@W[:LAYER|:all]][:prompt]``: its vectors at weight W (λ multiplies them in the sweep)."""
-    option, prompt_only = steer_positions(option)
-    if "@" in option:
-        path, weight, own = parse_steer(option)
-    else:
-        path, weight, own = option, 1.0, None
-    vecs, meta = load_vectors(path)
-    spec = str(own) if own is not None else layer
-    if spec == "all":
-        return [SteerSpec(l, mx.array(v), weight, path, prompt_only) for l, v in increments(vecs).items()]
-    layers = [meta.get("best_layer")] if spec is None else parse_layers(spec, max(vecs) + 1)
-    for l in layers:
-        if l not in vecs:
-            raise MlxpostError(f"--layer {l}: {path} has vectors for layers {sorted(vecs)}")
-    return [SteerSpec(l, vecs[l], weight, path, prompt_only) for l in layers]
+    """One ``--vectors DIR[@W[:LAYER|:all]][:prompt]``: its vectors at weight W (λ multiplies them in the sweep);
+    without a layer of its own, ``--layer``'s."""
+    plain, prompt_only = steer_positions(option)
+    path, weight, own = parse_steer(plain) if "@" in plain else (plain, 1.0, None)
+    return directory_specs(path, weight, own if own is not None else layer, option=f"--vectors {option}",
+                           prompt_only=prompt_only)
 
 
 def _reward_behaviour(rewards, prompts, renderer, limit) -> Behaviour:

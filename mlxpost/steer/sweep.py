@@ -3,7 +3,7 @@
 Per λ, the behaviour prompts and the neutral prompts are answered greedily
 (the batched KV-cached sampler of :mod:`mlxpost.rl.rollout`, inside
 :func:`~mlxpost.steer.hooks.steered`, so every position is steered: the
-prompt's and each generated token's). The behaviour score is a built-in of
+prompt's and each generated token's; a prompt-only spec, the prompt's alone). The behaviour score is a built-in of
 :mod:`.scores` or the mean weighted total of reward functions with the RL API
 (:class:`Behaviour`, :mod:`mlxpost.rl.rewards`). Two side effects: the share
 of neutral prompts whose greedy reply differs from the reply at λ=0, and the

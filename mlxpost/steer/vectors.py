@@ -228,25 +228,40 @@ def increments(vectors: dict[int, mx.array | np.ndarray]) -> dict[int, np.ndarra
     return out
 
 
+def directory_specs(path: str, scale: float, layers: int | str | None, *, option: str, prompt_only: bool = False,
+                    n_blocks: int | None = None) -> list[SteerSpec]:
+    """The :class:`SteerSpec` s of one vector directory at ``scale``.
+
+    ``layers``: None, the directory's best block; ``"all"``, every block with
+    its :func:`increments`; a block; or a list such as ``"12,18"``
+    (:func:`parse_layers`), each block its own vector. ``option`` names what
+    the user typed in errors; ``n_blocks``, when known, the model's blocks.
+    """
+    vectors, meta = load_vectors(path)
+    if layers == "all":
+        chosen = sorted(vectors)
+    elif layers is None or isinstance(layers, int):
+        chosen = [meta.get("best_layer") if layers is None else layers]
+    else:
+        chosen = parse_layers(layers, max(vectors) + 1)
+    for l in chosen:
+        if l not in vectors:
+            raise MlxpostError(f"{option}: {path} has vectors for layers {sorted(vectors)}, not {l}")
+        if n_blocks is not None and l >= n_blocks:
+            raise MlxpostError(f"{option}: {path} has a vector for block {l}; the model has {n_blocks} blocks")
+    if layers == "all":
+        return [SteerSpec(l, mx.array(v), scale, path, prompt_only) for l, v in increments(vectors).items()]
+    return [SteerSpec(l, vectors[l], scale, path, prompt_only) for l in chosen]
+
+
 def steer_specs(model: nn.Module, specs: Sequence[str]) -> list[SteerSpec]:
     """``--steer`` options to :class:`SteerSpec` s (the layer defaults to the directory's best layer;
     ``all``: every block of the directory with its :func:`increments`; ``:prompt`` at the end: added at the
     prompt's positions only)."""
-    out = []
     n = len(model_blocks(model))
+    out = []
     for s in specs:
         path, scale, layer = parse_steer(s)
-        prompt_only = steer_positions(s)[1]
-        vectors, meta = load_vectors(path)
-        if layer == "all":
-            if max(vectors) >= n:
-                raise MlxpostError(f"--steer {s}: {path} has a vector for block {max(vectors)}; the model has {n}")
-            out += [SteerSpec(l, mx.array(v), scale, path, prompt_only) for l, v in increments(vectors).items()]
-            continue
-        layer = meta.get("best_layer") if layer is None else layer
-        if layer not in vectors:
-            raise MlxpostError(f"--steer {s}: {path} has vectors for layers {sorted(vectors)}, not {layer}")
-        if layer >= n:
-            raise MlxpostError(f"--steer {s}: layer {layer} is outside the model's {n} blocks")
-        out.append(SteerSpec(layer, vectors[layer], scale, path, prompt_only))
+        out += directory_specs(path, scale, layer, option=f"--steer {s}", prompt_only=steer_positions(s)[1],
+                               n_blocks=n)
     return out
