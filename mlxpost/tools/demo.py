@@ -36,6 +36,7 @@ from pathlib import Path
 from ..assets import ARITH_FACTS_DIR, ARITH_SUMS_DIR, DEFAULT_SFT_RECIPE, GENERAL_TEXT, RECIPES_DIR
 from ..config import RunConfig, build_config
 from ..errors import MlxpostError
+from ..eval.retention import retention, verdict
 from ..methods import get as get_method
 from ..model.adapters import ADAPTER_WEIGHTS, own_adapter_dir
 from ..stats import describe
@@ -138,10 +139,10 @@ def retention_row(s: dict) -> list | None:
     b, a = ppl("before"), ppl("after")
     if b is None or a is None:
         return None
-    kept = b / a
-    ok = kept >= ev.get("min_retention", RETENTION_MIN) - 1e-9
+    least = ev.get("min_retention", RETENTION_MIN)
+    kept = retention(b, a, higher_is_better=False)  # before / after: perplexity is lower-is-better
     return ["general text perplexity (cost)", f"{b:.2f} -> {a:.2f} (kept {kept:.2f})",
-            f"kept {'>=' if ok else '<'} {ev.get('min_retention', RETENTION_MIN)}"]
+            f"kept {'>=' if verdict(kept, least) == 'pass' else '<'} {least}"]
 
 
 def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | None = None, reporter,
