@@ -103,8 +103,9 @@ def _pack_scales_mins(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([b0, b1, b2], axis=1).astype(np.uint8)
 
 
-def _affine_superblocks(x: np.ndarray, nmax: int, rmin: float, nstep: int):
-    """Shared Q4_K/Q5_K step: (nb, 256) -> fp16 d, dmin (nb, 1), 6-bit sc, m (nb, 8), codes (nb, 8, 32)."""
+def _affine_superblocks(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shared Q4_K/Q5_K step: (nb, 256) -> the block's first 16 bytes (fp16 d, fp16 dmin, the 12-byte
+    scales-and-mins field) (nb, 16), and the codes (nb, 8, 32)."""
     xs = x.reshape(-1, 8, 32)
     scale, mn = _fit_affine(xs, nmax, rmin, 0.1, nstep)
     d = _f16(scale.max(axis=1, keepdims=True) / 63)
@@ -114,7 +115,8 @@ def _affine_superblocks(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     eff_s, eff_m = (d * sc)[..., None], (dmin * m)[..., None]
     q = np.clip(np.rint((xs + eff_m) / np.where(eff_s > 0, eff_s, 1.0)), 0, nmax)
     q = np.where(eff_s > 0, q, 0).astype(np.uint8)
-    return d, dmin, sc, m, q
+    head = [d.astype(np.float16).view(np.uint8), dmin.astype(np.float16).view(np.uint8), _pack_scales_mins(sc, m)]
+    return np.concatenate(head, axis=1), q
 
 
 def _nibbles(q: np.ndarray) -> np.ndarray:
@@ -124,17 +126,15 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _q4_k_chunk(x: np.ndarray) -> np.ndarray:
-    d, dmin, sc, m, q = _affine_superblocks(x, 15, -1.0, 20)
-    head = np.concatenate([d.astype(np.float16).view(np.uint8), dmin.astype(np.float16).view(np.uint8)], axis=1)
-    return np.concatenate([head, _pack_scales_mins(sc, m), _nibbles(q)], axis=1)
+    head, q = _affine_superblocks(x, 15, -1.0, 20)
+    return np.concatenate([head, _nibbles(q)], axis=1)
 
 
 def _q5_k_chunk(x: np.ndarray) -> np.ndarray:
-    d, dmin, sc, m, q = _affine_superblocks(x, 31, -0.5, 15)
-    head = np.concatenate([d.astype(np.float16).view(np.uint8), dmin.astype(np.float16).view(np.uint8)], axis=1)
+    head, q = _affine_superblocks(x, 31, -0.5, 15)
     high = (q >> 4) & 1  # (nb, 8, 32): bit j of byte i is sub-block j's fifth bit at position i
     qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1).astype(np.uint8)
-    return np.concatenate([head, _pack_scales_mins(sc, m), qh, _nibbles(q)], axis=1)
+    return np.concatenate([head, qh, _nibbles(q)], axis=1)
 
 
 def _fit_symmetric(x: np.ndarray, nmax: int, nstep: int) -> np.ndarray:
