@@ -119,7 +119,7 @@ _ARCH_BLOCK_NAMES = {
                "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"},
     # Gemma 3 adds Qwen3-style RMSNorms over each head's queries and keys.
-    "gemma3_text": {**{k: v for k, v in _BLOCK_NAMES.items()},
+    "gemma3_text": {**_BLOCK_NAMES,
                     "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                     "post_ffw_norm": "post_feedforward_layernorm"},
 }
