@@ -47,6 +47,8 @@ import mlx.nn as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 
+from bench_grpo import loadavg  # noqa: E402  (the 1-minute load average, as bench_grpo reports it)
+
 from mlxpost.model.load import load_model  # noqa: E402
 from mlxpost.rl.rollout import _batch_cache, sample_next  # noqa: E402
 
@@ -153,14 +155,7 @@ def profile(spec: str, rows: int, context: int, rounds: int) -> dict:
             "products_share_cpu": prod_cpu / step_cpu, "step_gflops": flops / step / 1e9,
             "products_gflops": flops / prod / 1e9, "rollout_tok_s": rows / step,
             "head_cpu_ms": part["head"], "sampler_cpu_ms": part["sampler"],
-            "cache_attention_cpu_ms": 1e3 * step_cpu - part["no_cache"] - part["sampler"], "load": _load()}
-
-
-def _load() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return None
+            "cache_attention_cpu_ms": 1e3 * step_cpu - part["no_cache"] - part["sampler"], "load": loadavg()}
 
 
 def main() -> None:
