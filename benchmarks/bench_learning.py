@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 
 from mlxpost.config import RunConfig, build_config  # noqa: E402
 from mlxpost.methods import get as get_method  # noqa: E402
-from mlxpost.rl.tasks import fact_questions  # noqa: E402
+from mlxpost.rl.tasks import fact_questions, write_split  # noqa: E402
 from mlxpost.stats import describe  # noqa: E402
 from mlxpost.tools.demo import STAGES, lookup, recipe_path, retention_row  # noqa: E402
 from mlxpost.training.pipeline import run  # noqa: E402
@@ -84,11 +84,7 @@ def facts_with_more_held_out(out: Path, n_valid: int) -> Path:
     """
     d = out / f"facts-{n_valid}"
     if not (d / "valid.jsonl").exists():
-        train, valid = fact_questions(ops="+*", max_operand=12, n_valid=n_valid, seed=0)
-        d.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("train", train), ("valid", valid)):
-            (d / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                             encoding="utf-8")
+        write_split(d, *fact_questions(ops="+*", max_operand=12, n_valid=n_valid, seed=0))
     return d
 
 

@@ -38,7 +38,6 @@ Harder tasks, e.g.::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from mlxpost.errors import MlxpostError
-from mlxpost.rl.tasks import ARITH_TASKS_DIR, fact_questions, write_task_files
+from mlxpost.rl.tasks import ARITH_TASKS_DIR, fact_questions, write_split, write_task_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         except MlxpostError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("train", train), ("valid", valid)):
-            (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                                    encoding="utf-8")
+        write_split(args.out, train, valid)
         print(f"wrote {len(train)} questions to {args.out / 'train.jsonl'} and {len(valid)} to "
               f"{args.out / 'valid.jsonl'}")
         return 0

@@ -205,6 +205,11 @@ def write_task_files(out_dir: str | Path, *, n_train: int = 512, n_valid: int = 
     valid, train = tasks[:n_valid], tasks[n_valid:]
     if sft:
         valid, train = to_sft_rows(valid), to_sft_rows(train)
+    return write_split(out_dir, train, valid)
+
+
+def write_split(out_dir: str | Path, train: list[dict], valid: list[dict]) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``valid.jsonl`` (one JSON object a line, UTF-8) into ``out_dir``; their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
