@@ -46,11 +46,11 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from mlxpost.config import RunConfig, build_config  # noqa: E402
+from mlxpost.config import build_config  # noqa: E402
 from mlxpost.methods import get as get_method  # noqa: E402
 from mlxpost.rl.tasks import fact_questions, write_split  # noqa: E402
 from mlxpost.stats import describe  # noqa: E402
-from mlxpost.tools.demo import STAGES, lookup, recipe_path, retention_row  # noqa: E402
+from mlxpost.tools.demo import STAGES, lookup, recipe_path, retention_row, stage_settings  # noqa: E402
 from mlxpost.training.pipeline import run  # noqa: E402
 from mlxpost.training.resume import resume_config  # noqa: E402
 from mlxpost.ui import make_reporter  # noqa: E402
@@ -102,14 +102,7 @@ def stage_sets(stage, length: dict, steps: int, measure_every: int, out: Path, m
         sets.append(f"model.path={model}")
     if start is not None:
         sets.append(f"{get_method(stage.method).from_key}={start}")
-    # --set applies, after the rest, to the stages whose method has that section (grpo.* to GRPO and RLVR),
-    # or, written STAGE:KEY=VALUE, to that stage only.
-    sections = RunConfig(stage.method).sections()
-    for x in extra:
-        where, _, setting = x.rpartition(":") if ":" in x.split("=", 1)[0] else ("", "", x)
-        if (where == stage.name) if where else setting.split("=", 1)[0].split(".")[0] in sections:
-            sets.append(setting)
-    return sets
+    return sets + stage_settings(stage, extra)  # --set, after the rest, as the demo applies it
 
 
 def run_stage(stage, sets: list[str], out: Path, rep) -> dict:

@@ -103,7 +103,9 @@ def doctor(no_measure):
 @click.option("--model", help="Another base model (default: SmolLM2-135M-Instruct).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice([s.name for s in STAGES]),
               help="Run only these stages (each needs the one before it in --out).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key in every stage that has it (grpo.* in the RL stages).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a key in every stage that has it (grpo.* in the RL stages); STAGE:KEY=VALUE: in that "
+                   "stage only.")
 @click.option("--plain", is_flag=True, default=False, help="Plain line logs instead of the live display.")
 def demo(out, full, model, stages, sets, plain):
     """The whole pipeline on the built-in model, each stage measured on held-out data: SFT, DPO, GRPO, RLVR.

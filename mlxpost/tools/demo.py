@@ -86,6 +86,23 @@ STAGES = [
 ]
 
 
+def stage_settings(stage: Stage, extra: list[str]) -> list[str]:
+    """The ``--set KEY=VALUE`` options that apply to ``stage``: those whose section its method has (grpo.* to
+    the RL stages, ...), and ``STAGE:KEY=VALUE`` written for this stage by name.
+
+    >>> [stage_settings(s, ["grpo.beta=0.1", "rlvr:train.lr=1e-4", "train.seed=3"]) for s in STAGES[2:]]
+    [['grpo.beta=0.1', 'train.seed=3'], ['grpo.beta=0.1', 'train.lr=1e-4', 'train.seed=3']]
+    """
+    sections = RunConfig(stage.method).sections()
+    out = []
+    for x in extra:
+        key = x.split("=", 1)[0]
+        where, _, setting = x.partition(":") if ":" in key else ("", "", x)
+        if where == stage.name if where else key.split(".")[0] in sections:
+            out.append(setting)
+    return out
+
+
 def recipe_path(stage: Stage) -> Path:
     if stage.recipe is None:
         return DEFAULT_SFT_RECIPE
@@ -174,8 +191,7 @@ def run_demo(out: str | Path = "runs/demo", *, full: bool = False, model: str | 
                                    f"from the start (or delete {out})")
             key = get_method(stage.method).from_key
             sets.append(f"{key}={src}")
-        # --set applies to the stages whose method has that setting (grpo.* to the RL stages, ...).
-        sets += [x for x in extra_sets if x.split("=", 1)[0].split(".")[0] in RunConfig(stage.method).sections()]
+        sets += stage_settings(stage, extra_sets)
         rep.info(f"== stage {stage.name}: mlxpost {stage.method} --config {recipe_path(stage)} "
                  + " ".join(f"--set {x}" for x in sets))
         if any((run_dir / "checkpoints").glob("step-*")):  # a stage killed after a checkpoint
