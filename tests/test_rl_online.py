@@ -45,7 +45,10 @@ def _naive_greedy(model, prompt, n, eos):
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])
-def test_batched_greedy_rollouts_equal_one_by_one_decoding(which, request):
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_greedy_rollouts_equal_one_by_one_decoding(which, fused, request, monkeypatch):
+    from mlxpost.backend import kernels
+
     lm = request.getfixturevalue(which)
     model, tok = lm.model, lm.tokenizer
     prompts = [tok.encode("hello world and more words"), tok.encode("a b"), tok.encode("the quick brown fox")]
@@ -53,7 +56,16 @@ def test_batched_greedy_rollouts_equal_one_by_one_decoding(which, request):
     # steps and the finished ones are filtered out of the batch.
     free = [_naive_greedy(model, p, 12, set()) for p in prompts]
     eos = {free[0][3], free[1][7]}
-    got = sample_groups(model, tok, prompts, 3, Sampling(temperature=0.0, max_new_tokens=12), eos_ids=eos)
+    # Where the fused kernels are on (the CPU with the JIT flags), the rollout's attention (left-padding
+    # masks in the prefill, the cache in the decode steps) goes through kernels.attention; elsewhere MLX's own.
+    calls = []
+    monkeypatch.setattr(kernels, "attention", lambda *a, _real=kernels.attention, **k: calls.append(1) or _real(*a, **k))
+    kernels.set_enabled(fused)
+    try:
+        got = sample_groups(model, tok, prompts, 3, Sampling(temperature=0.0, max_new_tokens=12), eos_ids=eos)
+    finally:
+        kernels.set_enabled(None)
+    assert bool(calls) == fused
     for i, p in enumerate(prompts):
         want = _naive_greedy(model, p, 12, eos)
         for g in range(3):
