@@ -410,3 +410,23 @@ def test_training_log_probs_and_gradients_are_the_same_with_the_kernels(llama, c
         assert v1 == pytest.approx(v0, rel=1e-6)
         for k in g0:
             np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_softmax_over_one_key_after_longer_rows_and_a_rollout_from_a_one_token_prompt(tiny_model):
+    # A one-token prompt's prefill attends over one key. The compiled softmax, once traced at another
+    # length, corrupted the heap on a last axis of length 1 (a segfault here); such calls run uncompiled.
+    from mlxpost.model.load import load_model
+    from mlxpost.rl.rollout import Sampling, sample_groups
+
+    mx.eval(kernels.softmax(mx.random.normal((4, 2, 1, 65))))
+    x = mx.random.normal((4, 2, 1, 1))
+    assert np.allclose(np.array(kernels.softmax(x)), 1.0)
+    g = mx.grad(lambda a: (kernels.softmax(a) * 3.0).sum())(x)
+    assert np.allclose(np.array(g), 0.0)
+    lm = load_model(str(tiny_model), dtype="float32")
+    kernels.set_enabled(True)
+    try:
+        got = sample_groups(lm.model, lm.tokenizer, [[5]], 2, Sampling(temperature=0.0, max_new_tokens=4), eos_ids=set())
+    finally:
+        kernels.set_enabled(None)
+    assert [len(c) for c in got.completions] == [4, 4] and got.completions[0] == got.completions[1]

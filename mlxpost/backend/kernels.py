@@ -91,13 +91,17 @@ _softmax_backward_c = mx.compile(_softmax_backward, shapeless=True)
 
 @mx.custom_function
 def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis (``mx.softmax(x, axis=-1)``, float rounding aside)."""
-    return _softmax_forward_c(x)
+    """Softmax over the last axis (``mx.softmax(x, axis=-1)``, float rounding aside).
+
+    An axis of length 1 (one key: a one-token prompt's prefill) runs uncompiled: MLX's shapeless
+    compiled function, once traced at another length, corrupts the heap on it (mlx 0.32.4, CPU).
+    """
+    return (_softmax_forward_c if x.shape[-1] > 1 else _softmax_forward)(x)
 
 
 @softmax.vjp
 def _softmax_vjp(primals, cotangent, output):
-    return (_softmax_backward_c(output, cotangent),)
+    return ((_softmax_backward_c if output.shape[-1] > 1 else _softmax_backward)(output, cotangent),)
 
 
 def _logsumexp_forward(x: mx.array) -> mx.array:
