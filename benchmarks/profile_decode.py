@@ -49,6 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 from bench_grpo import loadavg  # noqa: E402  (the 1-minute load average, as bench_grpo reports it)
 
+from mlxpost.backend import kernels  # noqa: E402
 from mlxpost.model.load import load_model  # noqa: E402
 from mlxpost.rl.rollout import _batch_cache, sample_next  # noqa: E402
 
@@ -103,7 +104,8 @@ def time_steps(model: nn.Module, rows: int, context: int, steps: int) -> tuple[f
     times = []
     for _ in range(steps + 2):
         t0 = clock()
-        logits = model(y[:, None], cache=cache)[:, -1, :]
+        with kernels.cpu_attention():  # as sample_groups runs its steps
+            logits = model(y[:, None], cache=cache)[:, -1, :]
         y = sample_next(logits, 1.0)
         mx.eval(y)
         t1 = clock()
@@ -122,7 +124,11 @@ def time_parts(model: nn.Module, rows: int, reps: int) -> dict:
     head = getattr(model, "lm_head", None) or emb.as_linear
     logits = mx.random.normal((rows, emb.weight.shape[0]))
     mx.eval(h, logits)
-    parts = {"no_cache": lambda: mx.eval(model(y)), "head": lambda: mx.eval(head(h)),
+    def no_cache():
+        with kernels.cpu_attention():
+            mx.eval(model(y))
+
+    parts = {"no_cache": no_cache, "head": lambda: mx.eval(head(h)),
              "sampler": lambda: mx.eval(sample_next(logits, 1.0))}
     out = {}
     for name, f in parts.items():
