@@ -96,6 +96,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     grad_checkpoint: bool = False
+    split_rows: bool = False  # one backward pass per row (a pair's two sides apart): one row's peak, +1 forward
     max_memory_gb: float = -1.0  # peak-memory budget (GB) for checkpointing / micro-batch; -1: auto; 0: none
     attention_chunk: int = -1  # query chunk of training passes (positions); -1: auto (CPU: 96, GPU: off); 0: off
     compile: bool = True
@@ -522,6 +523,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.quantize: expected 2, 3, 4, 6 or 8 bits, got {cfg.model.quantize}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.split_rows and cfg.lora.dropout:
+        raise ConfigError(f"train.split_rows cannot be combined with lora.dropout={cfg.lora.dropout}: the pass that "
+                          "weighs each row and the row's own backward pass would draw different dropout masks "
+                          "(set one of them off)")
     if not 0 <= cfg.data.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.train.steps is not None and cfg.train.steps <= 0:

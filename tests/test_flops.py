@@ -112,6 +112,12 @@ def test_dpo_counts_the_live_reference_forward(tiny_model, pref_data, tmp_path, 
     pre, _ = _train(tiny_model, pref_data, tmp_path, "pre", "dpo", "--precompute-ref")
     assert live["tokens"] == pre["tokens"]
     assert live["model_flops"] > pre["model_flops"]  # the adapters-off pass of every step
+    # Rows apart: the same model FLOPs; the pass that weighs the rows is hardware FLOPs only.
+    apart, _ = _train(tiny_model, pref_data, tmp_path, "apart", "dpo", "--set", "train.split_rows=true")
+    assert apart["tokens"] == live["tokens"] and live["hardware_flops"] == live["model_flops"]
+    assert apart["model_flops"] == pytest.approx(live["model_flops"], rel=1e-9)
+    policy_forward = step_flops(flop_model(load_model(str(tiny_model), dtype="float32").model), 1, 1, 0)
+    assert apart["hardware_flops"] - apart["model_flops"] > policy_forward["forward"] * apart["tokens"] * 0.5
 
 
 def test_a_trained_head_alone_costs_only_its_weight_gradient(model):

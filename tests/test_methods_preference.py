@@ -446,6 +446,60 @@ def test_shared_lower_blocks_with_query_chunks(tiny_model, pref_data):
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.parametrize("method,sets", [
+    ("dpo", ("data.batching=pad",)),
+    ("dpo", ("data.batching=pack", "preference.share_prompt=off", "train.grad_checkpoint=true")),
+    ("dpo", ("data.batching=pack", "preference.share_prompt=on", "lora.num_layers=1")),  # per-entry log-probs
+    ("orpo", ("data.batching=pad", "train.compile=false")),
+])
+def test_one_backward_pass_per_row_gives_the_same_training(tmp_path, tiny_model, method, sets):
+    """``train.split_rows``: each row's backward pass on its own, weighted by the loss's gradient with respect
+    to its log-probs, trains exactly as the whole micro-batch at once: the same losses, metrics and weights."""
+    rows = preference_rows(12, seed=6)
+    for i, r in enumerate(rows):  # replies of different lengths
+        if isinstance(r["rejected"], str):
+            r["rejected"] += " Let me explain why." * (i % 3)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = {}
+    for split in ("false", "true"):
+        cfg = pref_cfg(tiny_model, data, method, "train.steps=3", "train.batch_size=4", "train.optimizer=sgd",
+                       "train.lr=0.5", "train.max_grad_norm=null", f"train.split_rows={split}", *sets)
+        prep = prepare(cfg, NullReporter())
+        model = prep.loaded.model
+        mx.random.seed(5)  # the same adapters in both runs, away from the reference
+        for _, m in model.named_modules():
+            if hasattr(m, "lora_b"):
+                m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+        tr = Trainer(model, get(method).objective(prep), cfg.train, total_steps=3, run=RunDir(tmp_path / split),
+                     reporter=NullReporter(), adapter_cfg=prep.adapter_cfg)
+        calls = []
+        if split == "true":
+            rows_of = tr._row_grads
+            tr._row_grads = lambda *a: calls.append(a[0]["inputs"].shape[0]) or rows_of(*a)
+        result = tr.fit(prep.train, None)
+        out[split] = ([h for h in result.history if h["kind"] == "train"],
+                      {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())})
+        if split == "true":
+            assert calls and set(calls) == {1}  # one row per backward pass
+    (h1, w1), (h2, w2) = out["false"], out["true"]
+    for a1, a2 in zip(h1, h2):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+            if k in a1:
+                assert a2[k] == pytest.approx(a1[k], rel=1e-4, abs=1e-5), k
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_split_rows_configuration_errors(tmp_path, tiny_model, sft_data, pref_data):
+    with pytest.raises(ConfigError, match="train.split_rows cannot be combined with lora.dropout"):
+        build_config(None, ["train.split_rows=true", "lora.dropout=0.1"], method="dpo")
+    cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", "train.split_rows=true"])
+    prep = prepare(cfg, NullReporter())
+    with pytest.raises(ConfigError, match="train.split_rows: this method's loss"):
+        Trainer(prep.loaded.model, get("sft").objective(prep), cfg.train, total_steps=1, run=RunDir(tmp_path / "r"),
+                reporter=NullReporter(), adapter_cfg=prep.adapter_cfg)
+
+
 def test_a_compiled_dpo_run_with_shared_lower_blocks_learns(tmp_path, tiny_model, pref_data):
     cfg = pref_cfg(tiny_model, pref_data, "dpo", "train.steps=8", "train.lr=5e-3", "train.batch_size=4",
                    "lora.num_layers=1", f"output.dir={tmp_path}", "output.name=t")

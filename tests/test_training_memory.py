@@ -80,6 +80,24 @@ def test_a_run_under_budget_checkpoints_and_splits_its_micro_batch(tiny_model, s
     assert "gradient checkpointing, micro-batch 2 x 2 accumulated" in rows["memory"]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_pair_that_fits_only_rows_apart_is_trained_one_row_per_backward_pass(tiny_model, pref_data, dropout):
+    def prep_with(*sets):
+        cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={pref_data}", "train.batch_size=1",
+                                  f"lora.dropout={dropout}", *sets], method="dpo")
+        prep = prepare(cfg, NullReporter())
+        return cfg, prep, dict(setup_rows(prep, data_kind("pairs"), total_steps(cfg, prep.train), 1))
+
+    cfg, prep, _ = prep_with("train.max_memory_gb=0")
+    shape = memory.ModelShape.of(prep.loaded.model)
+    length = cfg.data.pack_len or cfg.data.max_seq_len
+    one, two = (memory.estimate(shape, n, length, checkpoint=True, query_chunk=prep.chunk).total for n in (1, 2))
+    cfg, prep, rows = prep_with(f"train.max_memory_gb={(one + two) / 2 / 1e9}")
+    assert cfg.train.grad_checkpoint and cfg.train.batch_size == 1
+    assert cfg.train.split_rows == (dropout == 0)  # dropout would draw other masks in the row passes
+    assert ("one backward pass per row" in rows["memory"]) == (dropout == 0)
+
+
 def test_a_budget_that_cannot_be_met_is_a_warning_before_training(tiny_model, sft_data):
     rep = Warnings()
     cfg, prep, rows = _prepare(tiny_model, sft_data, "train.max_memory_gb=0.000001", rep=rep)

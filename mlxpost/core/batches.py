@@ -79,6 +79,57 @@ def batch_from_arrays(arrays: dict) -> Batch:
                  positions=arrays.get("positions"))
 
 
+def rows_apart(batch: Batch, cotangent: mx.array, bucket: int = 64) -> list[tuple[Batch, mx.array]]:
+    """The batch's rows as one-row batches, each with its share of ``cotangent``.
+
+    ``cotangent``: the gradient of a loss with respect to the batch's
+    per-token log-probs (:func:`mlxpost.core.logprobs.token_logprobs`: (B, L),
+    or (K,) per selected entry). For each row that trains a position, a
+    :class:`Batch` of that row alone (its inputs, targets, weights, segments,
+    branches, positions, and a selection of its own entries, padded to a
+    multiple of ``bucket``) and the cotangent of its log-probs, so that
+    ``sum over rows of (cotangent_r * log-probs of row r)`` has the batch's
+    gradient (see ``train.split_rows`` in :mod:`mlxpost.training.loop`).
+    Rows training nothing are left out.
+    """
+    B, L = batch.inputs.shape
+    weights = np.array(batch.weights)
+    entries = batch.entries
+    if batch.select is not None:
+        index, valid = np.array(batch.select[0]), np.array(batch.select[1]) > 0
+        row_of = np.where(valid, index // L, -1)
+        g_host = np.array(cotangent) if entries else None
+    out = []
+
+    def take(a, r):
+        return None if a is None else a[r:r + 1]
+
+    for r in range(B):
+        if not weights[r].any() and not (entries and (row_of == r).any()):
+            continue
+        select, g = None, take(cotangent, r)
+        if batch.select is not None:
+            keep = np.flatnonzero(row_of == r)
+            k = bucketed(len(keep), bucket) if entries else min(bucketed(len(keep), bucket), L)
+            idx = np.zeros(k, np.int32)
+            ok = np.zeros(k, np.float32)
+            idx[: len(keep)] = index[keep] - r * L
+            ok[: len(keep)] = 1.0
+            select = (mx.array(idx), mx.array(ok))
+            if entries:
+                tgt = np.zeros(k, np.int32)
+                tgt[: len(keep)] = np.array(batch.select[2])[keep]
+                select = (*select, mx.array(tgt))
+                gr = np.zeros(k, np.float32)
+                gr[: len(keep)] = g_host[keep]
+                g = mx.array(gr)
+        row = Batch(take(batch.inputs, r), take(batch.targets, r), take(batch.weights, r), take(batch.segments, r),
+                    n_tokens=int((weights[r] > 0).sum()), select=select, branches=take(batch.branches, r),
+                    positions=take(batch.positions, r))
+        out.append((row, g))
+    return out
+
+
 def bucketed(n: int, bucket: int) -> int:
     """``n`` rounded up to a multiple of ``bucket`` (at least one bucket)."""
     return max(bucket, -(-n // bucket) * bucket)

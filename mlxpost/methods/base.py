@@ -24,7 +24,10 @@ Declared (class attributes):
   earlier run), when the method has it;
 * ``bundled``: what runs when neither ``--data`` nor ``--config`` is given;
 * ``path_keys`` and ``plugin_keys``: its settings that name files (paths,
-  and ``file.py:function`` specs), stored absolute in a run's config.yaml.
+  and ``file.py:function`` specs), stored absolute in a run's config.yaml;
+* ``rows_apart``: its objective gives ``tokens`` (see
+  :class:`mlxpost.training.loop.Objective`), so a memory budget may run
+  one backward pass per row (``train.split_rows``).
 
 Hooks (methods with defaults that do nothing): :meth:`validate`,
 :meth:`without_data`, :meth:`prepare`, :meth:`objective` (the one a method
@@ -66,6 +69,7 @@ class Method:
     bundled: ClassVar[Bundled | None] = None
     path_keys: ClassVar[tuple] = ()  # settings naming files or directories (stored absolute in config.yaml)
     plugin_keys: ClassVar[tuple] = ()  # settings holding file.py:function specs (their files made absolute)
+    rows_apart: ClassVar[bool] = False  # its objective has ``tokens`` (train.split_rows can apply)
 
     # -- configuration ---------------------------------------------------------
     def validate(self, cfg: RunConfig) -> None:

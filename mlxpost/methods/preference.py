@@ -208,10 +208,17 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
     it over every pair of the optimizer step.
     """
 
-    def loss(model, batch):
-        live = shared_blocks if reference and not (batch.extra and "ref_logps" in batch.extra) else None
-        with live.policy() if live is not None else nullcontext():
-            tok = logprobs(model, batch, reduction="none", split=split, select=batch.select, grad=True)
+    def tokens(model, batch, grad=True):
+        return logprobs(model, batch, reduction="none", split=split, select=batch.select, grad=grad)
+
+    def loss(model, batch, tok=None):
+        # Given ``tok`` (train.split_rows: the policy's log-probs from a pass of their own), the live reference
+        # runs whole: no policy pass here records the hidden states it would start from.
+        precomputed = batch.extra and "ref_logps" in batch.extra
+        live = shared_blocks if reference and tok is None and not precomputed else None
+        if tok is None:
+            with live.policy() if live is not None else nullcontext():
+                tok = tokens(model, batch)
         ref_tok = reference_token_logprobs(model, batch, split, shared_blocks=live) if reference else None
         extra = batch.extra or {}
         weights = batch.select[1] if batch.entries else batch.weights  # per entry (K,) or per position
@@ -234,7 +241,7 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
         v = lp.valid
         return (out.losses * v).sum(), v.sum(), {k: mx.stop_gradient(m * v).sum() for k, m in metrics.items()}
 
-    return Objective(loss=loss, unit="pair", perplexity=False, display=DISPLAY, monitor=monitor)
+    return Objective(loss=loss, unit="pair", perplexity=False, display=DISPLAY, monitor=monitor, tokens=tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -292,12 +299,15 @@ class PreferenceMethod(Method):
     path_keys = ("preference.ref_cache_dir",)
     bundled = Bundled("no --data and no --config: the bundled example preference pairs")
     reference: bool = False  # needs reference log-probs (adapters off, or precomputed)
+    rows_apart = True  # pair_objective's loss is a function of per-row log-probs
     positive: tuple = ()  # the method's keys that must be positive
 
     def reference_pass(self, prep) -> str | None:
         if not self.reference or prep.cfg.preference.precompute_ref:
             return None
-        return "shared" if prep.state.get("shared_blocks") is not None else "full"
+        # Rows apart (train.split_rows), the policy's log-probs come from a pass of their own: nothing to share.
+        shared = prep.state.get("shared_blocks") is not None and not prep.cfg.train.split_rows
+        return "shared" if shared else "full"
 
     def monitor(self, cfg):
         """A factory of the run's health monitor (:class:`mlxpost.methods.preference_health.PreferenceHealth`)."""

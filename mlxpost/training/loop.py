@@ -31,9 +31,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..backend import kernels
-from ..core.batches import Batch, BatchSource, batch_from_arrays
+from ..core.batches import Batch, BatchSource, batch_from_arrays, rows_apart
 from ..core.flops import causal_pairs
-from ..errors import MlxpostError
+from ..errors import ConfigError, MlxpostError
 from .health import HealthMonitor
 from .rundir import RunDir, load_checkpoint
 
@@ -52,6 +52,10 @@ class Objective:
     # A factory ``monitor(total_steps) -> HealthMonitor`` (see mlxpost.training.health); its findings are
     # shown live and logged. None: the base monitor (the checks every run has).
     monitor: Callable | None = None
+    # ``tokens(model, batch, grad=True) -> per-token log-probs`` when the loss depends on the model only
+    # through them and each row's depend on that row alone; ``loss`` then also takes them,
+    # ``loss(model, batch, tok=...)``. With it, ``train.split_rows`` can run one backward pass per row.
+    tokens: Callable | None = None
 
 
 @dataclass
@@ -221,6 +225,9 @@ class Trainer:
         self.optimizer.init(model.trainable_parameters())
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(model)
+        if cfg.split_rows and objective.tokens is None:
+            raise ConfigError("train.split_rows: this method's loss is not a function of per-row log-probs; "
+                              "lower train.batch_size (a micro-batch of one row) instead")
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
@@ -287,14 +294,62 @@ class Trainer:
             loss_sum, count, metrics = loss_fn(model, batch_from_arrays(arrays))
             return loss_sum, count, metrics
 
+        tokens = self.objective.tokens
+
+        def row_stats(arrays):
+            # The loss at the model's log-probs (no gradient through the model), and its gradient with
+            # respect to them: the cotangent each row's backward pass starts from.
+            batch = batch_from_arrays(arrays)
+            with kernels.no_grad_pass():
+                tok = mx.stop_gradient(tokens(model, batch, grad=False))
+
+            def at(t):
+                loss_sum, count, metrics = loss_fn(model, batch, tok=t)
+                return loss_sum, (count, metrics)
+
+            (loss_sum, (count, metrics)), g = mx.value_and_grad(at)(tok)
+            return {"loss": loss_sum, "count": count, "metrics": metrics, "cotangent": g}
+
+        row_value_and_grad = nn.value_and_grad(
+            model, lambda model, arrays, g: (tokens(model, batch_from_arrays(arrays), grad=True) * g).sum())
+
+        def row_grads(arrays, g, acc):
+            _, grads = row_value_and_grad(model, arrays, g)
+            return _sum_trees(acc, grads)
+
         state = [model.state, opt.state, mx.random.state]
         if cfg.compile:
             self._micro = mx.compile(micro, inputs=state, outputs=state)
             self._update = mx.compile(update, inputs=state, outputs=state)
             self._eval = mx.compile(evaluate, inputs=state, outputs=state)
+            self._row_stats = mx.compile(row_stats, inputs=state, outputs=state)
+            self._row_grads = mx.compile(row_grads, inputs=state, outputs=state)
         else:
             self._micro, self._update, self._eval = micro, update, evaluate
+            self._row_stats, self._row_grads = row_stats, row_grads
         self._state = state
+
+    def _micro_rows(self, batch: Batch, acc: dict | None) -> dict:
+        """A micro-batch with one backward pass per row (``train.split_rows``): the peak memory of one row.
+
+        The loss is a function of the rows' per-token log-probs, ``L(t_1, ..., t_B)``, so its gradient is
+        ``sum_r (dL/dt_r) . dt_r/dtheta``: one forward pass without gradient gives every ``t_r`` and the
+        cotangents ``dL/dt_r``; then each row's forward and backward pass alone, its log-probs weighted
+        by its cotangent, adds its share. Exact (to float rounding) for a loss that couples the rows
+        (a preference pair's two sides), at the cost of one more forward pass; LoRA dropout would draw
+        different masks in the two passes, so the configuration forbids the two together.
+        """
+        stats = self._row_stats(batch.arrays())
+        mx.eval(stats)
+        grads = acc["grads"] if acc is not None else None
+        for row, g in rows_apart(batch, stats["cotangent"]):
+            grads = self._row_grads(row.arrays(), g, grads)
+            mx.eval(grads)  # one row's graph at a time
+        out = {"grads": grads, "loss": stats["loss"], "count": stats["count"], "metrics": stats["metrics"]}
+        if acc is not None:
+            out.update(loss=acc["loss"] + out["loss"], count=acc["count"] + out["count"],
+                       metrics=_sum_trees(acc["metrics"], out["metrics"]))
+        return out
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self, source: BatchSource | None, max_batches: int = -1) -> dict | None:
@@ -474,7 +529,7 @@ class Trainer:
         for i in range(self.cfg.grad_accum):
             batch = next(batches)
             used.append(batch)
-            acc = self._micro(batch.arrays(), acc)
+            acc = self._micro_rows(batch, acc) if self.cfg.split_rows else self._micro(batch.arrays(), acc)
             # Bound memory to one micro-batch's graph, the last one's too: evaluated together with the
             # update, MLX allocated ahead and the peak grew by half the activations (Qwen2.5-0.5B's shapes,
             # checkpointed, 2 x 1024 positions: 4.03 GB against 3.07 GB).

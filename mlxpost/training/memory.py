@@ -172,6 +172,7 @@ class Plan:
     merge: bool = True  # adapters merged into the weights while sampling
     sampling: float = 0.0  # estimated peak while sampling (with the chosen merge)
     head_chunk_bytes: int = HEAD_CHUNK_BYTES  # logits per chunk of the output layer
+    split_rows: bool = False  # one backward pass per row (train.split_rows)
 
     @property
     def peak(self) -> float:
@@ -185,6 +186,8 @@ class Plan:
                          + f"micro-batch {self.batch_size} x {self.grad_accum} accumulated (chosen to fit)")
         elif self.checkpoint:
             parts.append("gradient checkpointing")
+        if self.split_rows:
+            parts.append("one backward pass per row, a pair's two sides apart (chosen to fit)")
         if self.head_chunk_bytes != HEAD_CHUNK_BYTES:
             parts.append(f"output layer in chunks of {self.head_chunk_bytes >> 20} MB of logits (chosen to fit)")
         if not self.merge:
@@ -193,15 +196,20 @@ class Plan:
 
 
 def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, length: int, rows_per_item: int = 1,
-         checkpoint: bool = False, query_chunk: int | None = None, can_split: bool = True) -> Plan:
+         checkpoint: bool = False, query_chunk: int | None = None, can_split: bool = True,
+         can_split_rows: bool = False) -> Plan:
     """The fastest settings whose estimate fits ``budget`` bytes (the given ones when they fit).
 
     ``rows_per_item``: rows a batch item puts through the model (2 for a
     preference pair). ``can_split``: whether the micro-batch may shrink.
+    ``can_split_rows``: whether the loss allows one backward pass per row
+    (``train.split_rows``: a pair's two sides apart, one more forward pass).
     Order tried: as given; checkpointing; then smaller micro-batches (each a
     divisor of the given one) with more accumulation, down to one item; then
-    smaller chunks of the output layer's logits. Sampling merges the
-    adapters when their copies fit, whatever the training step chose.
+    smaller chunks of the output layer's logits; then (items of several
+    rows) one backward pass per row, with each chunk size again. Sampling
+    merges the adapters when their copies fit, whatever the training step
+    chose.
 
     >>> s = ModelShape(blocks=24, hidden=896, intermediate=4864, heads=14, vocab=151_936,
     ...                weight_bytes=1_976_000_000, trainable=4_399_104)
@@ -222,12 +230,23 @@ def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, 
     >>> p = plan(s, 3.0e9, batch_size=2, grad_accum=1, length=1024, query_chunk=96)
     >>> p.merge, p.checkpoint, p.batch_size, p.fits
     (False, True, 1, True)
+
+    A preference pair (two rows of 1024) under 2.8 GB: only with its two sides' backward passes apart.
+
+    >>> p = plan(s, 2.8e9, batch_size=1, grad_accum=1, length=1024, rows_per_item=2, query_chunk=96)
+    >>> p.split_rows, p.fits
+    (False, False)
+    >>> p = plan(s, 2.8e9, batch_size=1, grad_accum=1, length=1024, rows_per_item=2, query_chunk=96,
+    ...          can_split_rows=True)
+    >>> p.split_rows, p.checkpoint, p.head_chunk_bytes >> 20, round(p.estimate.total / 1e9, 2), p.fits
+    (True, True, 16, 2.65, True)
     """
     merge = sampling_peak(shape, True) <= budget
 
-    def est(ckpt, bs, head=HEAD_CHUNK_BYTES):
-        return estimate(shape, bs * rows_per_item, length, checkpoint=ckpt, query_chunk=query_chunk,
-                        head_chunk_bytes=head)
+    def est(ckpt, bs, head=HEAD_CHUNK_BYTES, rows_apart=False):
+        # Rows apart: each backward pass holds one row; the pass that weighs them keeps no activations.
+        return estimate(shape, 1 if rows_apart else bs * rows_per_item, length, checkpoint=ckpt,
+                        query_chunk=query_chunk, head_chunk_bytes=head)
 
     given = (checkpoint, batch_size, grad_accum)
     options = [given]
@@ -236,15 +255,19 @@ def plan(shape: ModelShape, budget: float, *, batch_size: int, grad_accum: int, 
     if can_split:  # smaller micro-batches that divide the given one: the same rows per optimizer step
         options += [(True, d, grad_accum * (batch_size // d)) for d in range(batch_size - 1, 0, -1)
                     if batch_size % d == 0]
-    options = [(*o, HEAD_CHUNK_BYTES) for o in options]
-    options += [(*options[-1][:3], head) for head in HEAD_CHUNKS_TRIED[1:]]  # last: smaller output-layer chunks
+    options = [(*o, HEAD_CHUNK_BYTES, False) for o in options]
+    options += [(*options[-1][:3], head, False) for head in HEAD_CHUNKS_TRIED[1:]]  # smaller output-layer chunks
+    if can_split_rows and rows_per_item * options[-1][1] > 1:
+        options += [(*options[-1][:3], head, True) for head in HEAD_CHUNKS_TRIED]
     sampling = sampling_peak(shape, merge)
-    for ckpt, b, a, head in options:
-        e = est(ckpt, b, head)
+    for ckpt, b, a, head, apart in options:
+        e = est(ckpt, b, head, apart)
         if e.total <= budget:
-            return Plan(budget, ckpt, b, a, e, sampling <= budget, (ckpt, b, a) != given, merge, sampling, head)
-    ckpt, b, a, head = options[-1]
-    return Plan(budget, ckpt, b, a, est(ckpt, b, head), False, (ckpt, b, a) != given, merge, sampling, head)
+            return Plan(budget, ckpt, b, a, e, sampling <= budget, (ckpt, b, a) != given, merge, sampling, head,
+                        apart)
+    ckpt, b, a, head, apart = options[-1]
+    return Plan(budget, ckpt, b, a, est(ckpt, b, head, apart), False, (ckpt, b, a) != given, merge, sampling, head,
+                apart)
 
 
 def machine_memory() -> int:

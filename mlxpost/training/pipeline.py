@@ -29,7 +29,7 @@ import yaml
 from ..backend.doctor import cached_peak
 from ..config import RunConfig, dump_yaml, method_of, with_absolute_paths
 from ..core.batches import BatchSource
-from ..core.flops import flop_model, throughput, training_flops
+from ..core.flops import flop_model, step_flops, throughput, training_flops
 from ..core.forward import attention_chunk, set_attention_chunk
 from ..core.logprobs import HeadSplit, set_head_chunk_bytes
 from ..core.probes import resolve_attention_chunk
@@ -240,8 +240,9 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
         length = cfg.data.pack_len or cfg.data.max_seq_len
         p = memory.plan(shape, budget, batch_size=t.batch_size, grad_accum=t.grad_accum, length=length,
                         rows_per_item=2 if method.data == "pairs" else 1, checkpoint=t.grad_checkpoint,
-                        query_chunk=chunk)
+                        query_chunk=chunk, can_split_rows=method.rows_apart and not cfg.lora.dropout)
         t.grad_checkpoint, t.batch_size, t.grad_accum = p.checkpoint, p.batch_size, p.grad_accum
+        t.split_rows = t.split_rows or p.split_rows
     set_merge_for_sampling(model, p.merge)
     set_head_chunk_bytes(p.head_chunk_bytes)
     if not p.fits:
@@ -484,6 +485,8 @@ def run_flops(prep: Prepared, result: TrainResult) -> dict:
     fm = flop_model(model, checkpointed=prep.cfg.train.grad_checkpoint)
     head = result.trained_tokens if prep.split is not None else result.tokens
     flops = training_flops(fm, result.tokens, head, result.attention_pairs, prep.method.reference_pass(prep))
+    if prep.cfg.train.split_rows:  # the forward pass that weighs the rows: hardware FLOPs, not model FLOPs
+        flops["hardware"] += step_flops(fm, result.tokens, head, result.attention_pairs, backward=False)["forward"]
     dtype = str(compute_dtype(model)).removeprefix("mlx.core.")
     # Online RL: the steps' time less this process's rollout generation (counted apart by the method).
     generated = getattr(prep.train, "generated", None) or {}
