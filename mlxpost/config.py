@@ -527,6 +527,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.split_rows cannot be combined with lora.dropout={cfg.lora.dropout}: the pass that "
                           "weighs each row and the row's own backward pass would draw different dropout masks "
                           "(set one of them off)")
+    if cfg.train.split_rows and not get_method(cfg.method).rows_apart:
+        raise ConfigError(f"train.split_rows: {cfg.method}'s loss is not a function of per-row log-probs (only the "
+                          "preference methods' is); lower train.batch_size for a micro-batch of one row instead")
     if not 0 <= cfg.data.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.train.steps is not None and cfg.train.steps <= 0:

@@ -493,8 +493,14 @@ def test_one_backward_pass_per_row_gives_the_same_training(tmp_path, tiny_model,
 def test_split_rows_configuration_errors(tmp_path, tiny_model, sft_data, pref_data):
     with pytest.raises(ConfigError, match="train.split_rows cannot be combined with lora.dropout"):
         build_config(None, ["train.split_rows=true", "lora.dropout=0.1"], method="dpo")
-    cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", "train.split_rows=true"])
+    with pytest.raises(ConfigError, match="train.split_rows: sft's loss is not a function of per-row"):
+        build_config(None, ["train.split_rows=true"])
+    with pytest.raises(ConfigError, match="train.split_rows: grpo's loss"):
+        build_config(None, ["train.split_rows=true"], method="grpo")
+    # An objective without per-row log-probs given to the loop is refused there too.
+    cfg = build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}"])
     prep = prepare(cfg, NullReporter())
+    cfg.train.split_rows = True
     with pytest.raises(ConfigError, match="train.split_rows: this method's loss"):
         Trainer(prep.loaded.model, get("sft").objective(prep), cfg.train, total_steps=1, run=RunDir(tmp_path / "r"),
                 reporter=NullReporter(), adapter_cfg=prep.adapter_cfg)
