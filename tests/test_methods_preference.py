@@ -644,6 +644,50 @@ def test_dpo_from_an_sft_run(tmp_path, tiny_model, sft_data, pref_data):
         resolve_from_run(other, get("dpo"))
 
 
+def test_a_run_from_another_starts_from_its_replies_after_training(tmp_path, tiny_model, sft_data, pref_data,
+                                                                   monkeypatch):
+    """The --from run's replies after training are this run's before (the same model, prompts and sampling), not
+    sampled again; other sampling settings, or an adapter written after those replies, sample again."""
+    import os
+
+    from mlxpost.training import sources
+
+    common = ["train.steps=2", "train.eval_every=0", "train.save_every=0", "train.eval_at_start=false",
+              "sample.prompts=[\"Say hi\", \"What is 2 + 2?\"]", "sample.max_tokens=6", f"output.dir={tmp_path}"]
+    sft_dir, _ = run(build_config(None, [f"model.path={tiny_model}", f"data.path={sft_data}", "train.lr=1e-2",
+                                         "output.name=sft", *common]), reporter=NullReporter())
+    after = [r["after"] for r in json.loads((sft_dir / "samples.json").read_text())]
+    sampled = []
+    real = sources.run_samples
+    monkeypatch.setattr(sources, "run_samples", lambda *a: sampled.append(a[2]) or real(*a))
+
+    class Said(NullReporter):
+        def __init__(self):
+            self.said = []
+
+        def info(self, msg):
+            self.said.append(msg)
+
+    def dpo(name, *sets):
+        rep = Said()
+        cfg = build_config(None, [f"data.path={pref_data}", f"preference.from_run={sft_dir}", "train.batch_size=4",
+                                  *common, f"output.name={name}", *sets], method="dpo")
+        path, _ = run(cfg, reporter=rep)
+        return json.loads((path / "samples_before.json").read_text()), rep.said
+
+    before, said = dpo("carried")
+    assert before == after and len(sampled) == 1  # only the replies after training were sampled
+    assert any("replies before training: those of" in m and "sft" in m for m in said)
+    sampled.clear()
+    dpo("other", "sample.max_tokens=5")
+    assert len(sampled) == 2  # other sampling settings: sampled before and after
+    sampled.clear()
+    weights = sft_dir / "adapters.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))  # the adapter written since
+    dpo("rewritten")
+    assert len(sampled) == 2
+
+
 # ---------------------------------------------------------------------------
 # Resume, configuration, health checks
 # ---------------------------------------------------------------------------

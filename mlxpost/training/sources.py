@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import yaml
 
 from ..assets import ARITH_TASKS_DIR, behaviour, pref_behaviour
 from ..core.batches import BatchSource
@@ -40,6 +41,9 @@ from ..data.load import (
 )
 from ..data.render import Renderer
 from ..errors import MlxpostError
+from ..files import read_json
+from ..methods.base import value
+from ..model.adapters import ADAPTER_WEIGHTS, own_adapter_dir
 from ..rl.evaluate import evaluate
 from ..rl.rewards import RewardSet, parse_reward_option
 from ..rl.source import RolloutSource
@@ -132,6 +136,43 @@ class DataKind:
         """Put what :meth:`measure` found in the summary."""
 
 
+def carried_replies(prep: Prepared, prompts: list[str]) -> tuple[Path, list[str]] | None:
+    """The ``--from`` run's replies after its training, when they are this run's replies before it.
+
+    A run trained on top of another starts from that run's model (its
+    adapter stack merged into the same base). When that run finished
+    (``summary.json``), answered the same prompts after its adapter was last
+    written, with the same sampling settings (``sample``, the seed, the
+    model's dtype and quantization), sampling again would give the same
+    replies: in the demo's chain the DPO stage's 60 replies before training
+    equalled the SFT stage's after, one by one. Anything else (an adapter
+    directory, a run resumed since, other settings): None, and the run samples.
+    """
+    src = prep.method.from_key and value(prep.cfg, prep.method.from_key)
+    if not src:
+        return None
+    d = Path(src)
+    try:
+        rows = read_json(d / "samples.json")
+        old = yaml.safe_load((d / "config.yaml").read_text())
+        weights = own_adapter_dir(d) / ADAPTER_WEIGHTS
+        if not (d / "summary.json").exists() or (d / "samples.json").stat().st_mtime < weights.stat().st_mtime:
+            return None
+    except (OSError, ValueError, yaml.YAMLError, MlxpostError):
+        return None
+    new = prep.cfg.to_dict()
+    if not isinstance(old, dict) or not isinstance(rows, list) or len(rows) != len(prompts):
+        return None
+    same = [old.get("sample") == new["sample"],
+            *((old.get(sec) or {}).get(key) == new[sec][key]
+              for sec, key in (("train", "seed"), ("model", "dtype"), ("model", "quantize"),
+                               ("model", "quantize_group_size")))]
+    if not all(same) or any(not isinstance(r, dict) or r.get("prompt") != p or not isinstance(r.get("after"), str)
+                            for r, p in zip(rows, prompts)):
+        return None
+    return d, [r["after"] for r in rows]
+
+
 class Rows(DataKind):
     """Rows trained on their completion tokens (SFT): padded or packed batches."""
 
@@ -221,8 +262,14 @@ class Rows(DataKind):
         if not prompts:
             return None
         model, tok = prep.loaded.model, prep.loaded.tokenizer
-        with rep.status(f"answering {len(prompts)} prompts {when} training"):
-            replies = run_samples(model, tok, prompts, prep.cfg)
+        carried = carried_replies(prep, prompts) if when == "before" else None
+        if carried is not None:
+            rep.info(f"replies before training: those of {carried[0]} after its training (the model this run "
+                     "starts from, the same prompts and sampling settings)")
+            replies = carried[1]
+        else:
+            with rep.status(f"answering {len(prompts)} prompts {when} training"):
+                replies = run_samples(model, tok, prompts, prep.cfg)
         if when == "before":
             rundir.write_json("samples_before.json", replies)
             return replies
