@@ -223,11 +223,11 @@ class Trainer:
         self.world_size = world.size() if world is not None else 1
         self.optimizer = build_optimizer(cfg, total_steps)
         self.optimizer.init(model.trainable_parameters())
-        if cfg.grad_checkpoint:
-            enable_grad_checkpoint(model)
         if cfg.split_rows and objective.tokens is None:
             raise ConfigError("train.split_rows: this method's loss is not a function of per-row log-probs; "
                               "lower train.batch_size (a micro-batch of one row) instead")
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(model)
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None

@@ -248,7 +248,8 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
     if not p.fits:
         rep.warn(f"train.max_memory_gb: the estimated peak memory is {p.peak / memory.GB:.1f} GB "
                  f"(weights {p.estimate.weights / memory.GB:.1f} GB) even with gradient checkpointing and a "
-                 f"micro-batch of {p.batch_size}, over the budget of {budget / memory.GB:.1f} GB: shorten "
+                 f"micro-batch of {p.batch_size}{' (one backward pass per row)' if p.split_rows else ''}, "
+                 f"over the budget of {budget / memory.GB:.1f} GB: shorten "
                  f"data.max_seq_len, quantize the base (--quantize 4) or raise --max-memory")
     return p
 
