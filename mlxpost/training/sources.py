@@ -144,8 +144,9 @@ def carried_replies(prep: Prepared, prompts: list[str]) -> tuple[Path, list[str]
     (``summary.json``), answered the same prompts after its adapter was last
     written, with the same sampling settings (``sample``, the seed, the
     model's dtype and quantization), sampling again would give the same
-    replies: in the demo's chain the DPO stage's 60 replies before training
-    equalled the SFT stage's after, one by one. Anything else (an adapter
+    replies up to the float rounding of merging the adapter into the base:
+    in the demo's chain the DPO stage's 60 replies before training equalled
+    the SFT stage's after, one by one. Anything else (an adapter
     directory, a run resumed since, other settings): None, and the run samples.
     """
     src = prep.method.from_key and value(prep.cfg, prep.method.from_key)
