@@ -208,17 +208,21 @@ def pair_objective(score: Callable[[PairLogps], PairLoss], *, split: HeadSplit |
     it over every pair of the optimizer step.
     """
 
-    def tokens(model, batch, grad=True):
-        return logprobs(model, batch, reduction="none", split=split, select=batch.select, grad=grad)
+    def live_for(batch):
+        return shared_blocks if reference and not (batch.extra and "ref_logps" in batch.extra) else None
+
+    def tokens(model, batch, grad=True, for_loss=False):
+        # ``for_loss``: the loss on this batch follows (train.split_rows' weighing pass): the policy pass records
+        # the hidden states the live reference starts from, as in ``loss``.
+        live = live_for(batch) if for_loss else None
+        with live.policy() if live is not None else nullcontext():
+            return logprobs(model, batch, reduction="none", split=split, select=batch.select, grad=grad)
 
     def loss(model, batch, tok=None):
-        # Given ``tok`` (train.split_rows: the policy's log-probs from a pass of their own), the live reference
-        # runs whole: no policy pass here records the hidden states it would start from.
-        precomputed = batch.extra and "ref_logps" in batch.extra
-        live = shared_blocks if reference and tok is None and not precomputed else None
+        # ``tok``: the policy's log-probs from ``tokens(..., for_loss=True)`` just before (train.split_rows).
+        live = live_for(batch)
         if tok is None:
-            with live.policy() if live is not None else nullcontext():
-                tok = tokens(model, batch)
+            tok = tokens(model, batch, for_loss=True)
         ref_tok = reference_token_logprobs(model, batch, split, shared_blocks=live) if reference else None
         extra = batch.extra or {}
         weights = batch.select[1] if batch.entries else batch.weights  # per entry (K,) or per position
@@ -305,9 +309,7 @@ class PreferenceMethod(Method):
     def reference_pass(self, prep) -> str | None:
         if not self.reference or prep.cfg.preference.precompute_ref:
             return None
-        # Rows apart (train.split_rows), the policy's log-probs come from a pass of their own: nothing to share.
-        shared = prep.state.get("shared_blocks") is not None and not prep.cfg.train.split_rows
-        return "shared" if shared else "full"
+        return "shared" if prep.state.get("shared_blocks") is not None else "full"
 
     def monitor(self, cfg):
         """A factory of the run's health monitor (:class:`mlxpost.methods.preference_health.PreferenceHealth`)."""

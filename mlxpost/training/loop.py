@@ -52,9 +52,11 @@ class Objective:
     # A factory ``monitor(total_steps) -> HealthMonitor`` (see mlxpost.training.health); its findings are
     # shown live and logged. None: the base monitor (the checks every run has).
     monitor: Callable | None = None
-    # ``tokens(model, batch, grad=True) -> per-token log-probs`` when the loss depends on the model only
-    # through them and each row's depend on that row alone; ``loss`` then also takes them,
-    # ``loss(model, batch, tok=...)``. With it, ``train.split_rows`` can run one backward pass per row.
+    # ``tokens(model, batch, grad=True, for_loss=False) -> per-token log-probs`` when the loss depends on the
+    # model only through them and each row's depend on that row alone; ``loss`` then also takes them,
+    # ``loss(model, batch, tok=...)``, right after a ``tokens(..., for_loss=True)`` pass on the same batch
+    # (which may record what the loss's own passes reuse). With it, ``train.split_rows`` can run one
+    # backward pass per row.
     tokens: Callable | None = None
 
 
@@ -301,7 +303,7 @@ class Trainer:
             # respect to them: the cotangent each row's backward pass starts from.
             batch = batch_from_arrays(arrays)
             with kernels.no_grad_pass():
-                tok = mx.stop_gradient(tokens(model, batch, grad=False))
+                tok = mx.stop_gradient(tokens(model, batch, grad=False, for_loss=True))
 
             def at(t):
                 loss_sum, count, metrics = loss_fn(model, batch, tok=t)
