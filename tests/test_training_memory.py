@@ -170,7 +170,11 @@ def test_an_rl_run_under_budget_splits_its_completions_and_samples_unmerged(tiny
     model = prep.loaded.model
     assert merges_for_sampling(model) and cfg.grpo.micro_batch is None  # 8 completions in one pass
     shape = memory.ModelShape.of(model)
-    eight, four = (memory.estimate(shape, n, 260, checkpoint=True, query_chunk=prep.chunk).total for n in (8, 4))
+    # Sized by the longest training prompt (not grpo.max_prompt_len=256) and the 4 new tokens.
+    length = max(len(r.tokens) for r in prep.train.examples) + 4
+    assert length < 256
+    eight, four = (memory.estimate(shape, n, length, checkpoint=True, query_chunk=prep.chunk).total
+                   for n in (8, 4))
     cfg, prep, rows = grpo(f"train.max_memory_gb={(four + eight) / 2 / 1e9}")
     assert cfg.train.grad_checkpoint and cfg.grpo.micro_batch == 4
     assert cfg.train.grad_accum == 2  # the RL source accumulates the two passes into one step

@@ -207,18 +207,21 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None,
     prep = Prepared(cfg, method, loaded, HeadSplit.find(model), adapter_cfg, trainable)
     set_attention_chunk(model, None)  # the probes run whole rows
     prep.chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, warn=rep.warn)
-    prep.memory = fit_memory(cfg, method, model, prep.chunk, rep)
     kind = data_kind(method.data)
+    # Online RL: the rollouts' passes are sized by the longest prompt read, not grpo.max_prompt_len.
+    longest = kind.longest(prep, rep) if method.data == "prompts" else None
+    prep.memory = fit_memory(cfg, method, model, prep.chunk, rep, prompt_len=longest)
     kind.read(prep, rep, rank=rank, world=world_size, cache=cache)
     set_attention_chunk(model, prep.chunk)  # after the data kind's probes (packing runs whole rows)
     method.prepare(prep, rep)
     return prep
 
 
-def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
+def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep, prompt_len: int | None = None):
     """Apply ``train.max_memory_gb`` (see :mod:`mlxpost.training.memory`): may turn on gradient checkpointing
     and split the micro-batch in ``cfg.train`` (online RL: ``grpo.micro_batch``, completions per pass), and
-    says whether sampling may merge the adapters; warns when the budget cannot be met. The plan, or None."""
+    says whether sampling may merge the adapters; warns when the budget cannot be met. The plan, or None.
+    ``prompt_len``: online RL's longest prompt (default: ``grpo.max_prompt_len``)."""
     t = cfg.train
     set_merge_for_sampling(model, True)  # a model reused across runs (sweeps) starts from the defaults
     set_head_chunk_bytes(None)
@@ -231,7 +234,8 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep):
         rows = ro.settings.micro_batch  # completions per forward pass
         # A smaller micro-batch of completions (a divisor of the step's) accumulates into the same step.
         p = memory.plan(shape, budget, batch_size=rows, grad_accum=1,
-                        length=ro.max_prompt_len + ro.settings.sampling.max_new_tokens,
+                        length=min(prompt_len or ro.max_prompt_len, ro.max_prompt_len)
+                        + ro.settings.sampling.max_new_tokens,
                         checkpoint=t.grad_checkpoint, query_chunk=chunk)
         t.grad_checkpoint = p.checkpoint
         if p.batch_size != rows:

@@ -359,7 +359,16 @@ class Prompts(DataKind):
     before_file = "rl_eval_before.json"
     after_file = "rl_eval_after.json"
 
-    def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
+    def longest(self, prep: Prepared, rep) -> int | None:
+        """The longest training prompt (tokens): the memory plan sizes the rollouts' training passes by it
+        rather than by ``grpo.max_prompt_len``. Reads the prompts (kept for :meth:`read`)."""
+        train = self._load(prep, rep)[0]
+        return max((len(p.tokens) for p in train), default=None)
+
+    def _load(self, prep: Prepared, rep) -> tuple:
+        """``(train, valid, tstats, vstats, files)``: the tokenized prompts, read once per run."""
+        if "prompts" in prep.state:
+            return prep.state["prompts"]
         cfg, d, loaded = prep.cfg, prep.cfg.data, prep.loaded
         plan = prep.method.rollout(cfg)
         files = self.files(cfg)
@@ -375,6 +384,14 @@ class Prompts(DataKind):
         if tstats.dropped_too_long:
             rep.warn(f"{tstats.dropped_too_long} prompts longer than grpo.max_prompt_len={plan.max_prompt_len} "
                      "tokens were dropped")
+        prep.state["prompts"] = (train, valid, tstats, vstats, files)
+        return prep.state["prompts"]
+
+    def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
+        cfg, d, loaded = prep.cfg, prep.cfg.data, prep.loaded
+        plan = prep.method.rollout(cfg)  # after the memory plan, which may have set grpo.micro_batch
+        train, valid, tstats, vstats, files = self._load(prep, rep)
+        prep.state.pop("prompts")
         rewards = RewardSet([parse_reward_option(r) for r in plan.rewards]) if plan.rewards else None
         verifier = StepVerifier(plan.verifier) if plan.verifier else None
         prep.train = RolloutSource(loaded.model, loaded.tokenizer, train, plan.settings, rewards=rewards,
