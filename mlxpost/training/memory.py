@@ -9,7 +9,7 @@ and counts over micro-batches before it divides), then smaller chunks of the
 output layer, then, for a preference pair (one item, two rows), one backward
 pass per row (``train.split_rows``: the same gradients, one more forward
 pass; on Qwen2.5-0.5B's shapes a pair of 2 x 1024 peaked at 2.59 GB instead
-of 3.10, at 86 s a step against the defaults' 59). The choice is a row of the
+of 3.10, at 83 s a step against the defaults' 57). The choice is a row of the
 setup table; a budget that even one row with checkpointing cannot meet is a
 warning before training starts, not an error.
 
