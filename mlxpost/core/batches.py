@@ -95,10 +95,10 @@ def rows_apart(batch: Batch, cotangent: mx.array, bucket: int = 64) -> list[tupl
     B, L = batch.inputs.shape
     weights = np.array(batch.weights)
     entries = batch.entries
-    if batch.select is not None:
+    if entries:
         index, valid = np.array(batch.select[0]), np.array(batch.select[1]) > 0
         row_of = np.where(valid, index // L, -1)
-        g_host = np.array(cotangent) if entries else None
+        targets, g_host = np.array(batch.select[2]), np.array(cotangent)
     out = []
 
     def take(a, r):
@@ -107,22 +107,19 @@ def rows_apart(batch: Batch, cotangent: mx.array, bucket: int = 64) -> list[tupl
     for r in range(B):
         if not weights[r].any() and not (entries and (row_of == r).any()):
             continue
-        select, g = None, take(cotangent, r)
-        if batch.select is not None:
+        if entries:  # each entry its own (position, target): the row's entries, re-indexed, and their cotangents
             keep = np.flatnonzero(row_of == r)
-            k = bucketed(len(keep), bucket) if entries else min(bucketed(len(keep), bucket), L)
-            idx = np.zeros(k, np.int32)
-            ok = np.zeros(k, np.float32)
+            k = bucketed(len(keep), bucket)
+            idx, tgt = np.zeros(k, np.int32), np.zeros(k, np.int32)
+            ok, gr = np.zeros(k, np.float32), np.zeros(k, np.float32)
             idx[: len(keep)] = index[keep] - r * L
             ok[: len(keep)] = 1.0
-            select = (mx.array(idx), mx.array(ok))
-            if entries:
-                tgt = np.zeros(k, np.int32)
-                tgt[: len(keep)] = np.array(batch.select[2])[keep]
-                select = (*select, mx.array(tgt))
-                gr = np.zeros(k, np.float32)
-                gr[: len(keep)] = g_host[keep]
-                g = mx.array(gr)
+            tgt[: len(keep)] = targets[keep]
+            gr[: len(keep)] = g_host[keep]
+            select, g = (mx.array(idx), mx.array(ok), mx.array(tgt)), mx.array(gr)
+        else:  # per position: the row's trained positions (its log-probs are weighted by them anyway)
+            select = selection(weights[r:r + 1], bucket) if batch.select is not None else None
+            g = take(cotangent, r)
         row = Batch(take(batch.inputs, r), take(batch.targets, r), take(batch.weights, r), take(batch.segments, r),
                     n_tokens=int((weights[r] > 0).sum()), select=select, branches=take(batch.branches, r),
                     positions=take(batch.positions, r))
