@@ -131,6 +131,11 @@ def value(cfg: RunConfig, key: str) -> Any:
     return obj
 
 
+def from_run(cfg: RunConfig, method: Method) -> str | None:
+    """The run (or adapter directory) this run trains on top of, when the method has ``--from`` and it is set."""
+    return value(cfg, method.from_key) if method.from_key else None
+
+
 def check_choice(cfg: RunConfig, key: str, choices: tuple) -> None:
     v = value(cfg, key)
     if v not in choices:

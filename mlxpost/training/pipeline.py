@@ -36,7 +36,7 @@ from ..core.probes import resolve_attention_chunk
 from ..errors import MlxpostError
 from ..eval.stage import StageEval
 from ..files import file_sha256, shown_path
-from ..methods.base import Method, value
+from ..methods.base import Method, from_run
 from ..model.adapters import (
     ADAPTER_WEIGHTS,
     adapter_config,
@@ -92,11 +92,6 @@ class Prepared:
 # ---------------------------------------------------------------------------
 # Training on top of an earlier run (--from)
 # ---------------------------------------------------------------------------
-
-
-def from_run(cfg: RunConfig, method: Method) -> str | None:
-    """The run (or adapter directory) this run trains on top of, when the method has ``--from`` and it is set."""
-    return value(cfg, method.from_key) if method.from_key else None
 
 
 def resolve_from_run(cfg: RunConfig, method: Method) -> None:
@@ -221,7 +216,8 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep, pr
     """Apply ``train.max_memory_gb`` (see :mod:`mlxpost.training.memory`): may turn on gradient checkpointing
     and split the micro-batch in ``cfg.train`` (online RL: ``grpo.micro_batch``, completions per pass), and
     says whether sampling may merge the adapters; warns when the budget cannot be met. The plan, or None.
-    ``prompt_len``: online RL's longest prompt (default: ``grpo.max_prompt_len``)."""
+    ``prompt_len``: online RL's longest prompt (at most ``grpo.max_prompt_len``: longer ones are dropped when
+    read; default: that bound)."""
     t = cfg.train
     set_merge_for_sampling(model, True)  # a model reused across runs (sweeps) starts from the defaults
     set_head_chunk_bytes(None)
@@ -234,8 +230,7 @@ def fit_memory(cfg: RunConfig, method: Method, model, chunk: int | None, rep, pr
         rows = ro.settings.micro_batch  # completions per forward pass
         # A smaller micro-batch of completions (a divisor of the step's) accumulates into the same step.
         p = memory.plan(shape, budget, batch_size=rows, grad_accum=1,
-                        length=min(prompt_len or ro.max_prompt_len, ro.max_prompt_len)
-                        + ro.settings.sampling.max_new_tokens,
+                        length=(prompt_len or ro.max_prompt_len) + ro.settings.sampling.max_new_tokens,
                         checkpoint=t.grad_checkpoint, query_chunk=chunk)
         t.grad_checkpoint = p.checkpoint
         if p.batch_size != rows:

@@ -42,7 +42,7 @@ from ..data.load import (
 from ..data.render import Renderer
 from ..errors import MlxpostError
 from ..files import read_json
-from ..methods.base import value
+from ..methods.base import from_run
 from ..model.adapters import ADAPTER_WEIGHTS, own_adapter_dir
 from ..rl.evaluate import evaluate
 from ..rl.rewards import RewardSet, parse_reward_option
@@ -149,7 +149,7 @@ def carried_replies(prep: Prepared, prompts: list[str]) -> tuple[Path, list[str]
     the SFT stage's after, one by one. Anything else (an adapter
     directory, a run resumed since, other settings): None, and the run samples.
     """
-    src = prep.method.from_key and value(prep.cfg, prep.method.from_key)
+    src = from_run(prep.cfg, prep.method)
     if not src:
         return None
     d = Path(src)
