@@ -78,6 +78,46 @@ def test_batched_greedy_rollouts_equal_one_by_one_decoding(which, fused, request
     assert got.sampled_tokens == sum(len(c) for c in got.completions)
 
 
+@pytest.mark.parametrize("which", ["llama", "qwen"])
+def test_a_prefix_every_prompt_shares_is_prefilled_once(which, request, monkeypatch):
+    """Prompts opening with the same tokens (a system message): the prefix goes through the model once, and the
+    greedy completions are those of one-by-one decoding, also for a row padded by more than the prefix."""
+    from mlxpost.rl import rollout
+
+    lm = request.getfixturevalue(which)
+    model, tok = lm.model, lm.tokenizer
+    head = tok.encode("system: be brief and kind. user:")
+    tails = [tok.encode(" hi"), tok.encode(" what is the sum of two and three, and why is it that? " * 3),
+             tok.encode(" ok then")]
+    assert len(head) >= rollout.MIN_SHARED_PREFIX and len(tails[1]) - len(tails[0]) > len(head)
+    prompts = [head + t for t in tails]
+    free = [_naive_greedy(model, p, 10, set()) for p in prompts]
+    eos = {free[0][4]}
+    passes = []
+    monkeypatch.setattr(rollout, "_prefix_cache", lambda *a, _real=rollout._prefix_cache: passes.append(a[1]) or _real(*a))
+    got = sample_groups(model, tok, prompts, 2, Sampling(temperature=0.0, max_new_tokens=10), eos_ids=eos)
+    assert passes == [head[:got.shared_prefix]] and got.shared_prefix >= len(head)
+    for i, p in enumerate(prompts):
+        want = _naive_greedy(model, p, 10, eos)
+        assert got.completions[2 * i] == want and got.completions[2 * i + 1] == want
+    # The logits after the prefill, and after a decode step on each cache, are the plain batch pass's.
+    k = got.shared_prefix
+    left = [max(map(len, prompts)) - len(p) for p in prompts]
+    x = mx.array([[0] * n + p for n, p in zip(left, prompts)], mx.int32)
+    plain = rollout._batch_cache(model, left)
+    a = model(x, cache=plain)[:, -1, :]
+    shared = rollout._prefix_cache(model, head[:k], left)
+    b = model(x[:, k:], cache=shared)[:, -1, :]
+    np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-4)
+    y = mx.argmax(a, axis=-1)[:, None]
+    np.testing.assert_allclose(np.array(model(y, cache=shared)), np.array(model(y, cache=plain)), atol=1e-4)
+    # Too short a common prefix, or one prompt: the plain batch pass.
+    assert rollout._shared_prefix([head[:8] + [1, 2], head[:8] + [3]]) == 0
+    assert rollout._shared_prefix([head + [1]]) == 0
+    assert rollout._shared_prefix([head + [1, 2], head + [1, 2]]) == len(head)  # two positions left to the batch
+    assert rollout._shared_prefix([head + [1, 2, 3], head + [1, 9, 9]]) == len(head) + 1
+
+
 def test_run_samples_batched_equal_generating_one_prompt_at_a_time(tiny_model):
     # The before/after samples of every run decode all prompts in one batch;
     # greedy, they are what mlx-lm's generate gives for each prompt alone.
