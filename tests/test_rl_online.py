@@ -86,10 +86,14 @@ def test_a_prefix_every_prompt_shares_is_prefilled_once(which, request, monkeypa
 
     lm = request.getfixturevalue(which)
     model, tok = lm.model, lm.tokenizer
-    head = tok.encode("system: be brief and kind. user:")
-    tails = [tok.encode(" hi"), tok.encode(" what is the sum of two and three, and why is it that? " * 3),
-             tok.encode(" ok then")]
-    assert len(head) >= rollout.MIN_SHARED_PREFIX and len(tails[1]) - len(tails[0]) > len(head)
+    head = tok.encode("system: be brief and kind, answer in a line. user:")
+    tails = [tok.encode(" hi"), tok.encode(" what is the sum of two and three, and why? tell me more about it, please."),
+             tok.encode(" what is the sum of two and three, and why?"), tok.encode(" ok then")]
+    pads = [max(map(len, tails)) - len(t) for t in tails]
+    # Rows padded by more than the prefix (all padding in the shared columns), by less (padding, then part of
+    # the prefix: the gather), and not at all.
+    assert len(head) >= rollout.MIN_SHARED_PREFIX and max(pads) > len(head) and 0 in pads
+    assert any(0 < n < len(head) for n in pads)
     prompts = [head + t for t in tails]
     free = [_naive_greedy(model, p, 10, set()) for p in prompts]
     eos = {free[0][4]}
@@ -97,6 +101,7 @@ def test_a_prefix_every_prompt_shares_is_prefilled_once(which, request, monkeypa
     monkeypatch.setattr(rollout, "_prefix_cache", lambda *a, _real=rollout._prefix_cache: passes.append(a[1]) or _real(*a))
     got = sample_groups(model, tok, prompts, 2, Sampling(temperature=0.0, max_new_tokens=10), eos_ids=eos)
     assert passes == [head[:got.shared_prefix]] and got.shared_prefix >= len(head)
+    assert any(0 < n < got.shared_prefix for n in pads)
     for i, p in enumerate(prompts):
         want = _naive_greedy(model, p, 10, eos)
         assert got.completions[2 * i] == want and got.completions[2 * i + 1] == want
