@@ -198,14 +198,12 @@ def _prefix_cache(model: nn.Module, prefix: list[int], left: list[int]) -> list:
     model(mx.array([prefix], mx.int32), cache=one)
     col = mx.arange(p)[None, :] - mx.array(left)[:, None]  # (B, p): position in the prefix, < 0 under padding
     take, real = mx.maximum(col, 0), (col >= 0)[:, None, :, None]
-    caches = []
-    for c in one:
+    caches = _batch_cache(model, left)
+    for c, bc in zip(one, caches):
         keys, values = (a[0, :, :p, :] for a in (c.keys, c.values))  # (H, p, D)
-        bc = kv_caches().BatchKVCache(left)
         bc.state = (mx.where(real, keys[:, take].transpose(1, 0, 2, 3), 0),
                     mx.where(real, values[:, take].transpose(1, 0, 2, 3), 0),
                     mx.array([p - n for n in left]), mx.array(left), p)
-        caches.append(bc)
     return caches
 
 
@@ -349,7 +347,7 @@ def sample_groups(model: nn.Module, tokenizer, prompts: list[list[int]], group_s
     eos = set(eos_ids if eos_ids is not None else getattr(tokenizer, "eos_token_ids", None) or
               {tokenizer.eos_token_id})
     book = _Book(tokenizer, len(prompts) * G, eos, sampling)
-    stats = {"decode_steps": 0, "row_steps": []}
+    stats = {"decode_steps": 0, "row_steps": [], "shared_prefix": 0}
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -372,5 +370,5 @@ def sample_groups(model: nn.Module, tokenizer, prompts: list[list[int]], group_s
         texts.append(text)
     return Rollouts(group_size=G, completions=book.out, texts=texts, truncated=book.truncated,
                     seconds=time.perf_counter() - t0, prefill_tokens=sum(len(p) for p in prompts),
-                    shared_prefix=stats.get("shared_prefix", 0),
+                    shared_prefix=stats["shared_prefix"],
                     decode_steps=stats["decode_steps"], row_steps=stats["row_steps"])

@@ -204,8 +204,7 @@ def prepare(cfg: RunConfig, rep, rank: int = 0, world_size: int = 1, cache=None,
     prep.chunk = resolve_attention_chunk(cfg.train.attention_chunk, model, warn=rep.warn)
     kind = data_kind(method.data)
     # Online RL: the rollouts' passes are sized by the longest prompt read, not grpo.max_prompt_len.
-    longest = kind.longest(prep, rep) if method.data == "prompts" else None
-    prep.memory = fit_memory(cfg, method, model, prep.chunk, rep, prompt_len=longest)
+    prep.memory = fit_memory(cfg, method, model, prep.chunk, rep, prompt_len=kind.longest(prep, rep))
     kind.read(prep, rep, rank=rank, world=world_size, cache=cache)
     set_attention_chunk(model, prep.chunk)  # after the data kind's probes (packing runs whole rows)
     method.prepare(prep, rep)

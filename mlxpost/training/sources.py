@@ -115,6 +115,11 @@ class DataKind:
     def files(self, cfg: RunConfig) -> dict[str, Path]:
         return resolve_data_files(cfg.data.path or self.bundled, cfg.data.valid)
 
+    def longest(self, prep: Prepared, rep) -> int | None:
+        """The longest prompt (tokens) the memory plan sizes online RL's training passes by; None: not known
+        before :meth:`read` (the plan then uses the configured lengths)."""
+        return None
+
     def read(self, prep: Prepared, rep, *, rank: int, world: int, cache=None) -> None:
         """Fill ``prep``'s batch sources, statistics and setup rows."""
         raise NotImplementedError
@@ -360,8 +365,8 @@ class Prompts(DataKind):
     after_file = "rl_eval_after.json"
 
     def longest(self, prep: Prepared, rep) -> int | None:
-        """The longest training prompt (tokens): the memory plan sizes the rollouts' training passes by it
-        rather than by ``grpo.max_prompt_len``. Reads the prompts (kept for :meth:`read`)."""
+        """The longest training prompt (tokens), rather than ``grpo.max_prompt_len``. Reads the prompts (kept
+        for :meth:`read`)."""
         train = self._load(prep, rep)[0]
         return max((len(p.tokens) for p in train), default=None)
 
